@@ -1,0 +1,72 @@
+"""Grouped-query attention with learned per-head sinks, on sliding-window or full causal layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import GptOssConfig
+from model.rotary import apply_rotary
+
+
+def sink_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor,
+    *,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Reference attention: q [B, T, Hq, D], k/v [B, S, Hkv, D], sinks [Hq] -> [B, T, Hq, D].
+
+    Query i sees key j when k_pos[j] <= q_pos[i] and, on sliding layers, q_pos[i] - k_pos[j] < window. Each head's
+    sink is one more logit in the softmax denominator that attends to nothing, so a head may attend "nowhere".
+    Softmax runs in float32.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    groups = Hq // Hkv
+    qg = q.view(B, T, Hkv, groups, D)
+    scores = torch.einsum("bthgd,bshd->bhgts", qg, k).float() * scale  # [B, Hkv, G, T, S]
+    distance = q_positions[:, None] - k_positions[None, :]  # [T, S]
+    visible = distance >= 0
+    if window is not None:
+        visible &= distance < window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sink = sinks.float().view(1, Hkv, groups, 1, 1).expand(B, Hkv, groups, T, 1)
+    logits = torch.cat((scores, sink), dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]  # drop the sink
+    out = torch.einsum("bhgts,bshd->bthgd", probs.to(v.dtype), v)
+    return out.reshape(B, T, Hq, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_size, bias=True)
+        self.k_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.v_proj = nn.Linear(hidden, kv_size, bias=True)
+        self.o_proj = nn.Linear(q_size, hidden, bias=True)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.window = config.sliding_window if config.is_sliding(layer) else None
+        self.scale = self.head_dim**-0.5
+
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [..., hidden] -> rotated q [..., Hq, D], rotated k and v [..., Hkv, D]."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Full causal attention over x [B, T, hidden] at positions [T], no cache."""
+        q, k, v = self.project_qkv(x, cos, sin)
+        out = sink_attention(q, k, v, self.sinks, q_positions=positions, k_positions=positions,
+                             window=self.window, scale=self.scale)
+        return self.o_proj(out.flatten(-2))

@@ -1,0 +1,68 @@
+"""The experts of one MoE layer, and the narrow interface through which the model reaches them.
+
+The model never holds expert weights itself: each MoE layer is handed an object that takes routed tokens and
+returns their weighted expert outputs. `LocalExperts` computes them in this process (colocated mode, and the
+shard an expert-parallel worker holds); another implementation may send the tokens to other processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from model.config import GptOssConfig
+
+
+class Experts(Protocol):
+    def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> sum_k weights * expert_k(hidden), [N, H]."""
+        ...
+
+
+# layer index -> that layer's experts; lets the caller decide where experts live without touching the model
+ExpertsFactory = Callable[[int], Experts]
+
+
+def swiglu(gate_up: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved [..., 2I] gate/up columns -> [..., I]."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(alpha * gate))
+
+
+class LocalExperts(nn.Module):
+    """Experts [first, first + count) of one layer, weights in this process, in transformers' layout.
+
+    Tokens routed to experts outside the range contribute nothing here: summing the outputs of disjoint shards
+    gives the full layer, which is what expert parallelism relies on.
+    """
+
+    def __init__(self, config: GptOssConfig, *, first: int = 0, count: int | None = None) -> None:
+        super().__init__()
+        self.first = first
+        self.count = config.num_local_experts - first if count is None else count
+        if not (0 <= first and first + self.count <= config.num_local_experts and self.count > 0):
+            raise ValueError(f"expert range [{first}, {first + self.count}) is outside 0..{config.num_local_experts}")
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.count, hidden, 2 * inter))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.count, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)  # [N, H]
+        local_ids = expert_ids - self.first  # [N, K]
+        hit = local_ids[(local_ids >= 0) & (local_ids < self.count)].unique()
+        for expert in hit.tolist():
+            token, slot = torch.where(local_ids == expert)
+            x = hidden[token]  # [n, H]
+            act = swiglu(x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert],
+                         alpha=self.alpha, limit=self.limit)  # [n, I]
+            y = act @ self.down_proj[expert] + self.down_proj_bias[expert]  # [n, H]
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out

@@ -1,0 +1,37 @@
+"""The MoE block: a top-k router over all experts, and injected experts that compute the routed tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import GptOssConfig
+from model.experts import Experts
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.empty(config.num_local_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> expert ids [N, K], weights [N, K] (softmax over the K selected logits)."""
+        logits = nn.functional.linear(x, self.weight, self.bias)  # [N, E]
+        top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
+        return expert_ids, torch.softmax(top_logits, dim=-1)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: GptOssConfig, experts: Experts) -> None:
+        super().__init__()
+        self.router = Router(config)
+        # assigned as an attribute: an nn.Module (local experts) registers its weights here; a remote proxy doesn't
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]"""
+        flat = x.reshape(-1, x.shape[-1])  # [N, H]
+        expert_ids, weights = self.router(flat)
+        return self.experts(flat, expert_ids, weights).view_as(x)

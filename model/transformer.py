@@ -1,0 +1,71 @@
+"""gpt-oss as a plain nn.Module: embeddings, decoder blocks (attention + MoE), final norm, unembedding.
+
+Parameter names follow the checkpoints (`model.layers.N.self_attn.q_proj.weight`, ...), so loading is a
+name-for-name copy. How experts are reached is injected through `experts_factory`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import Attention
+from model.config import GptOssConfig
+from model.experts import ExpertsFactory, LocalExperts
+from model.moe import MoE
+from model.norm import RMSNorm
+from model.rotary import RotaryEmbedding
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int, experts_factory: ExpertsFactory) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoE(config, experts_factory(layer))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The stack under the unembedding; named `model` in the causal LM, as in the checkpoints."""
+
+    def __init__(self, config: GptOssConfig, experts_factory: ExpertsFactory) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config, i, experts_factory) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, config: GptOssConfig, *, experts_factory: ExpertsFactory | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config, experts_factory or (lambda layer: LocalExperts(config)))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> float32 logits [B, T, vocab], full causal attention from position 0, no cache."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+        cos, sin = self.model.rotary_emb(positions)  # [T, D/2]
+        x = self.model.embed_tokens(input_ids)  # [B, T, H]
+        for block in self.model.layers:
+            x = block(x, cos, sin, positions)
+        return self.lm_head(self.model.norm(x)).float()
