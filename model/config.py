@@ -22,8 +22,9 @@ class YarnScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     original_max_position_embeddings: int = 4096
-    # gpt-oss ships truncate=false: the correction range keeps its fractional ends (OpenAI's reference does too)
-    truncate: bool = True
+    # gpt-oss ships truncate=false: the correction range keeps its fractional ends (OpenAI's reference does too);
+    # a config.json without the key means true, as in transformers
+    truncate: bool = False
 
 
 @dataclass(frozen=True)

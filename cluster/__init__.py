@@ -1,0 +1,1 @@
+"""The runtime around the model: the inference engine and, later, the expert-parallel cluster pieces."""

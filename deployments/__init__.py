@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the OpenAI-compatible ingress, the router and the attention replicas."""

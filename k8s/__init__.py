@@ -1,0 +1,1 @@
+"""Kubernetes (KubeRay) manifests; a package so tests can find and validate them."""

@@ -1,0 +1,34 @@
+"""Shared fixtures: random tiny checkpoints in the exact HF layout, written once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.synthetic import write_preset
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory):
+    """Random tiny checkpoint with bf16 experts, sharded in two files with an index."""
+    return write_preset(tmp_path_factory.mktemp("tiny-bf16"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mxfp4(tmp_path_factory):
+    """The same seed with MXFP4 expert weights (blocks + scales), as OpenAI ships them."""
+    return write_preset(tmp_path_factory.mktemp("tiny-mxfp4"), "tiny", mxfp4_experts=True, seed=1)
+
+
+@pytest.fixture(params=["bf16", "mxfp4"])
+def tiny_checkpoint(request, tiny_bf16, tiny_mxfp4):
+    return tiny_bf16 if request.param == "bf16" else tiny_mxfp4

@@ -1,0 +1,50 @@
+"""Expert shards add up to the whole layer, which is what expert parallelism relies on."""
+
+from __future__ import annotations
+
+import torch
+
+from model import LocalExperts, load_model
+from model.checkpoint import CheckpointReader
+from model.transformer import GptOssForCausalLM
+
+
+def loaded_experts(path, layer, first, count):
+    with CheckpointReader(path) as reader:
+        experts = LocalExperts(reader.config, first=first, count=count).float()
+        with torch.no_grad():
+            for key, tensor in reader.read_experts(layer, first=first, count=count, dtype=torch.float32).items():
+                getattr(experts, key).copy_(tensor)
+    return experts
+
+
+def test_shards_sum_to_the_full_layer(tiny_checkpoint):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 64, generator=gen)
+    expert_ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(50)])
+    weights = torch.softmax(torch.randn(50, 4, generator=gen), dim=-1)
+    full = loaded_experts(tiny_checkpoint, 2, 0, 8)(hidden, expert_ids, weights)
+    shards = sum(loaded_experts(tiny_checkpoint, 2, first, 2)(hidden, expert_ids, weights) for first in (0, 2, 4, 6))
+    torch.testing.assert_close(shards, full, rtol=1e-5, atol=1e-6)
+
+
+def test_injected_experts_see_every_routed_token(tiny_bf16):
+    """A factory replaces the experts; the model never reads expert weights it does not hold."""
+    calls = []
+    local = load_model(tiny_bf16, dtype=torch.float32)
+
+    class Recording:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, hidden, expert_ids, weights):
+            calls.append((self.layer, hidden.shape[0], tuple(expert_ids.shape)))
+            return local.model.layers[self.layer].mlp.experts(hidden, expert_ids, weights)
+
+    remote = load_model(tiny_bf16, dtype=torch.float32, experts_factory=Recording)
+    assert not any(".experts." in name for name, _ in remote.named_parameters())
+    ids = torch.randint(0, 201088, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(remote(ids), local(ids), rtol=0, atol=0)
+    assert calls == [(layer, 14, (14, 4)) for layer in range(4)]
+    assert isinstance(remote, GptOssForCausalLM)
