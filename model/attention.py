@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -43,6 +45,27 @@ def sink_attention(
     return out.reshape(B, T, Hq, D)
 
 
+class AttentionBackend(Protocol):
+    """How attention reaches keys and values: the model computes q/k/v, the backend owns any cache.
+
+    q [..., Hq, D], k/v [..., Hkv, D] for the new tokens -> [..., Hq, D]. The runtime's paged KV cache is one
+    backend; `CausalAttention` (no cache, whole sequences) is the reference one.
+    """
+
+    def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class CausalAttention:
+    """No cache: q/k/v [B, T, H, D] are whole sequences at `positions` [T]."""
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+
+    def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sink_attention(q, k, v, layer.sinks, q_positions=self.positions, k_positions=self.positions,
+                              window=layer.window, scale=layer.scale)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GptOssConfig, layer: int) -> None:
         super().__init__()
@@ -54,19 +77,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_size, bias=True)
         self.o_proj = nn.Linear(q_size, hidden, bias=True)
         self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.layer = layer
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = self.head_dim**-0.5
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [..., hidden] -> rotated q [..., Hq, D], rotated k and v [..., Hkv, D]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
+        """x [..., hidden], cos/sin [..., D/2] for the same tokens -> [..., hidden]."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Full causal attention over x [B, T, hidden] at positions [T], no cache."""
-        q, k, v = self.project_qkv(x, cos, sin)
-        out = sink_attention(q, k, v, self.sinks, q_positions=positions, k_positions=positions,
-                             window=self.window, scale=self.scale)
+        out = attend(self, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # [..., Hq, D]
         return self.o_proj(out.flatten(-2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Attention
+from model.attention import Attention, AttentionBackend, CausalAttention
 from model.config import GptOssConfig
 from model.experts import ExpertsFactory, LocalExperts
 from model.moe import MoE
@@ -25,8 +25,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoE(config, experts_factory(layer))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -39,6 +39,14 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(config, i, experts_factory) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
+        """input_ids [...] at positions (broadcastable to them) -> final-normed hidden states [..., H]."""
+        cos, sin = self.rotary_emb(positions)  # [..., D/2]
+        x = self.embed_tokens(input_ids)  # [..., H]
+        for block in self.layers:
+            x = block(x, cos, sin, attend)
+        return self.norm(x)
 
 
 class GptOssForCausalLM(nn.Module):
@@ -64,8 +72,8 @@ class GptOssForCausalLM(nn.Module):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
                              f"{int(input_ids.min())}..{int(input_ids.max())}")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        cos, sin = self.model.rotary_emb(positions)  # [T, D/2]
-        x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        for block in self.model.layers:
-            x = block(x, cos, sin, positions)
-        return self.lm_head(self.model.norm(x)).float()
+        return self.compute_logits(self.model(input_ids, positions, CausalAttention(positions)))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., H] -> float32 logits [..., vocab]; the runtime calls it only where it samples."""
+        return self.lm_head(hidden).float()
