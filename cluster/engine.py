@@ -1,0 +1,220 @@
+"""The inference engine of one attention replica: continuous batching over a paged KV cache.
+
+    engine.add_request(request_id, prompt_token_ids, sampling_params)
+    while engine.has_unfinished_requests:
+        for out in engine.step(): ...     # schedule -> run -> postprocess
+
+Requests join at any step and leave when they finish; `abort` frees a request's blocks at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.block_manager import BlockManager
+from cluster.detokenizer import StreamingText
+from cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
+from cluster.kv_cache import KVCache
+from cluster.model_runner import ModelRunner
+from cluster.sampler import Sampler, SamplingState, TokenLogprobs
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import Scheduler, SchedulerConfig
+from cluster.sequence import Sequence, Status
+from model.experts import ExpertsFactory
+from model.loader import load_model
+from model.tokenizer import Tokenizer, load_tokenizer
+from model.transformer import GptOssForCausalLM
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta), plus the request's totals so far."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request, as `generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    sampling: SamplingState
+    text: StreamingText
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+
+
+class LLMEngine:
+    def __init__(self, model: GptOssForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), *,
+                 default_stop_token_ids: tuple[int, ...] | None = None) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.num_blocks = resolve_num_blocks(config, model.config, dtype=model.dtype, device=model.device)
+        self.max_model_len = resolve_max_model_len(config, model.config, self.num_blocks)
+        self.blocks = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
+                                   sliding_window=model.config.sliding_window,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.blocks)
+        self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
+                                                 block_size=config.block_size, dtype=model.dtype, device=model.device))
+        self.sampler = Sampler()
+        self.default_stop_token_ids = tuple(default_stop_token_ids or tokenizer.stop_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        torch.manual_seed(config.seed)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, config: EngineConfig = EngineConfig(),
+                        experts_factory: ExpertsFactory | None = None) -> LLMEngine:
+        model = load_model(path_or_hub_id, device=device, dtype=dtype, experts_factory=experts_factory)
+        return cls(model, load_tokenizer(), config)
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
+                             f"(the prompt plus at least one generated token must fit)")
+        room = self.max_model_len - len(prompt)
+        max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
+        seq = Sequence(request_id, prompt, sampling_params, arrival=next(self._arrivals))
+        stops = sampling_params.stop_token_ids
+        self.requests[request_id] = _Request(
+            seq=seq,
+            sampling=SamplingState(sampling_params, seq.prompt_token_ids, seq.output_token_ids,
+                                   default_stop_token_ids=self.default_stop_token_ids),
+            text=StreamingText(self.tokenizer, stop=sampling_params.stop,
+                               include_stop=sampling_params.include_stop_str_in_output,
+                               skip_special=sampling_params.skip_special_tokens),
+            max_tokens=max_tokens,
+            stop_token_ids=frozenset(self.default_stop_token_ids if stops is None else stops),
+        )
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks; unknown or finished ids are ignored. True if it was running."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.finish(request.seq, "abort")
+        return True
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.run(scheduled)  # [S, vocab] for the sequences that sample
+        sampling = []
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.after_step(seq)
+            if seq.num_computed_tokens == len(seq):
+                sampling.append(self.requests[seq.request_id])
+        if not sampling:
+            return []
+        sampled = self.sampler.sample(logits, [r.sampling for r in sampling])
+        return [self._append(r, token, lp) for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs)]
+
+    def _append(self, request: _Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
+        seq = request.seq
+        seq.output_token_ids.append(token)
+        text = request.text.feed(token)
+        reason, stop_reason = None, None
+        n = len(seq.output_token_ids)
+        if token in request.stop_token_ids and not seq.params.ignore_eos and n >= seq.params.min_tokens:
+            reason, stop_reason = "stop", token
+        elif request.text.stopped:
+            reason, stop_reason = "stop", request.text.stop_hit
+        elif n >= request.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            text += request.text.flush()
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
+            finish_reason=reason, stop_reason=stop_reason, logprobs=[logprobs] if logprobs else [],
+            num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens)
+
+    # ---- offline API ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """Runs prompts (text, or token ids) to completion; outputs in the prompts' order."""
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        names = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        for name, prompt, p in zip(names, ids, params):
+            self.add_request(name, prompt, p)
+        done: dict[str, CompletionOutput] = {
+            name: CompletionOutput(name, prompt, [], "", "", [] if p.logprobs is not None else None)
+            for name, prompt, p in zip(names, ids, params)}
+        while any(name in self.requests for name in names):
+            for out in self.step():
+                result = done.get(out.request_id)
+                if result is None:
+                    continue
+                result.token_ids += out.new_token_ids
+                result.text += out.new_text
+                if result.logprobs is not None:
+                    result.logprobs += out.logprobs
+                if out.finished:
+                    result.finish_reason = out.finish_reason
+        return [done[name] for name in names]
+
+    # ---- introspection (metrics, placement) ---------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free_blocks
+
+    def is_idle(self) -> bool:
+        """No request left and every block back in the pool (cached prefix blocks count as free)."""
+        return not self.requests and self.blocks.num_free_blocks == self.num_blocks - 1

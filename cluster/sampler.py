@@ -1,0 +1,229 @@
+"""Turns a batch of next-token logits into one token per request, each with its own sampling options.
+
+The order is vLLM's: repetition, frequency and presence penalties, stop tokens held back until min_tokens, temperature,
+top-k, top-p, min-p, then argmax (greedy) or a draw from the softmax. Logprobs come from the raw model logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
+
+
+class SamplingState:
+    """What the sampler needs to know about one request; the engine keeps one for the request's life.
+
+    `output_token_ids` is the engine's own list, appended to as tokens come out: the penalties read it live.
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        output_token_ids: list[int] | None = None,
+        *,
+        default_stop_token_ids: Sequence[int] = HARMONY_STOP_TOKEN_IDS,
+    ) -> None:
+        self.params = params
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids = output_token_ids if output_token_ids is not None else []
+        stop = params.stop_token_ids if params.stop_token_ids is not None else tuple(default_stop_token_ids)
+        # with ignore_eos no stop token ends the request, so none needs holding back for min_tokens either
+        self.stop_token_ids: tuple[int, ...] = () if params.ignore_eos else stop
+        self._generator: torch.Generator | None = None
+        # penalty inputs, built once on the logits' device; output counts are brought up to date each step
+        self._prompt_mask: Tensor | None = None  # [V] bool
+        self._output_counts: Tensor | None = None  # [V] float32
+        self._counted = 0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """This request's own random stream, or None without a seed; made on first use, on the logits' device."""
+        if self.params.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        elif self._generator.device != device:
+            # a fresh generator would replay the samples already drawn
+            raise RuntimeError(f"request seeded on {self._generator.device} cannot sample on {device}")
+        return self._generator
+
+    def token_stats(self, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Which tokens the prompt holds ([V] bool) and how often each came out so far ([V] float32)."""
+        if self._prompt_mask is None or self._prompt_mask.device != device:
+            self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if self.prompt_token_ids:
+                self._prompt_mask[torch.tensor(self.prompt_token_ids, device=device)] = True
+            self._output_counts, self._counted = None, 0
+        output = self.output_token_ids
+        if self._output_counts is None or len(output) < self._counted:
+            # first use, or the engine rewound the output: count from scratch
+            self._output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self._counted = 0
+        # only the tokens appended since the last step are counted: the per-step work does not grow with the output
+        if len(output) > self._counted:
+            new = torch.tensor(output[self._counted:], device=device)  # [N]
+            self._output_counts.scatter_add_(0, new, torch.ones(new.shape, device=device))
+            self._counted = len(output)
+        return self._prompt_mask, self._output_counts
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float  # of the sampled token, under the raw model distribution
+    rank: int  # 1 + how many tokens the model found strictly likelier
+    top: list[tuple[int, float]]  # the params.logprobs likeliest (token id, logprob), likeliest first
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # None where the request asked for none
+
+
+class Sampler:
+    """Stateless: every per-request thing lives in the SamplingStates passed in."""
+
+    def sample(self, logits: Tensor, requests: list[SamplingState]) -> SamplerOutput:
+        """logits: [B, V], one row per request, in the order of `requests`."""
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"logits must be [{len(requests)}, V], got {list(logits.shape)}")
+        params = [state.params for state in requests]
+        raw = logits
+        logits = logits.to(torch.float32, copy=True)  # [B, V], changed in place below
+        _apply_penalties(logits, requests)
+        _suppress_stop_tokens(logits, requests)
+
+        tokens = logits.argmax(dim=-1)  # [B]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=logits.device)  # [R]
+            chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
+            tokens = tokens.index_copy(0, rows, chosen)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, tokens, token_ids, params))
+
+
+def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
+    rows = [
+        i for i, state in enumerate(requests)
+        if state.params.repetition_penalty != 1.0
+        or state.params.frequency_penalty != 0.0
+        or state.params.presence_penalty != 0.0
+    ]
+    if not rows:
+        return
+    vocab_size, device = logits.shape[1], logits.device
+    masks, counts = zip(*(requests[i].token_stats(vocab_size, device) for i in rows))
+    in_prompt = torch.stack(masks)  # [P, V]
+    counts = torch.stack(counts)  # [P, V]
+    in_output = counts > 0  # [P, V]
+    p = [requests[i].params for i in rows]
+    penalties = torch.tensor(
+        [[q.repetition_penalty, q.frequency_penalty, q.presence_penalty] for q in p], device=device
+    )  # [P, 3]
+    repetition, frequency, presence = penalties.split(1, dim=1)  # [P, 1] each
+    index = torch.tensor(rows, device=device)  # [P]
+    picked = logits[index]  # [P, V]
+    # vLLM's (and CTRL's) rule: a seen token's logit moves towards -inf whatever its sign
+    penalized = torch.where(picked > 0, picked / repetition, picked * repetition)  # [P, V]
+    picked = torch.where(in_prompt | in_output, penalized, picked)  # [P, V]
+    picked = picked - frequency * counts - presence * in_output  # [P, V]
+    logits.index_copy_(0, index, picked)
+
+
+def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None:
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    token_ids: list[int] = []
+    for i, state in enumerate(requests):
+        if len(state.output_token_ids) < state.params.min_tokens:
+            # a stop id past this vocabulary (a small test model) cannot come out anyway
+            stops = [t for t in state.stop_token_ids if t < vocab_size]
+            rows += [i] * len(stops)
+            token_ids += stops
+    if rows:
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(token_ids, device=logits.device)] = -math.inf
+
+
+def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:
+    """One token per row of logits [R, V], drawn from its softmax after temperature, top-k, top-p and min-p."""
+    rows, vocab_size = logits.shape
+    device = logits.device
+    params = [state.params for state in requests]
+    options = torch.tensor(
+        [[p.temperature, min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size, p.top_p, p.min_p] for p in params],
+        device=device,
+    )  # [R, 4]
+    temperature, top_k, top_p, min_p = options.split(1, dim=1)  # [R, 1] each
+    logits = logits / temperature  # [R, V]
+
+    wants_top_k = any(0 < p.top_k < vocab_size for p in params)
+    wants_top_p = any(p.top_p < 1.0 for p in params)
+    if wants_top_p:
+        logits = _mask_top_k_top_p(logits, top_k.long(), top_p)
+    elif wants_top_k:
+        # no full sort needed: the k-th largest logit of each row is the cut
+        k_max = max(p.top_k for p in params if 0 < p.top_k < vocab_size)
+        largest = logits.topk(k_max, dim=-1).values  # [R, k_max]
+        kth = largest.gather(1, top_k.long().clamp(max=k_max) - 1)  # [R, 1]
+        kth = kth.masked_fill(top_k >= vocab_size, -math.inf)  # rows with top-k off keep every token
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if any(p.min_p > 0.0 for p in params):
+        # p < min_p * p_max, in logits: the softmax's normalizer cancels out
+        cut = logits.max(dim=-1, keepdim=True).values + min_p.log()  # [R, 1]
+        logits = logits.masked_fill(logits < cut, -math.inf)
+
+    probs = logits.softmax(dim=-1)  # [R, V]
+    # exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) is token i with probability p_i, for every row at once
+    noise = torch.empty_like(probs)  # [R, V]
+    seeded = [(row, state.generator(device)) for row, state in enumerate(requests) if state.params.seed is not None]
+    if len(seeded) < rows:
+        noise.exponential_()
+    for row, generator in seeded:
+        # a fresh [V] draw per seeded row: its stream never depends on the rest of the batch
+        noise[row] = torch.empty(vocab_size, device=device).exponential_(generator=generator)
+    # an Exp(1) draw of exactly 0 would turn a masked token's 0 / 0 into NaN, which argmax picks
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)  # [R]
+
+
+def _mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """logits [R, V]; top_k [R, 1] (V: off); top_p [R, 1] (1: off). Returns logits with the cut tokens at -inf."""
+    ordered, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    kth = ordered.gather(1, top_k - 1)  # [R, 1]
+    ordered = ordered.masked_fill(ordered < kth, -math.inf)
+    probs = ordered.softmax(dim=-1)  # [R, V]
+    # keep the likeliest tokens until their mass reaches top_p: a token goes once the mass before it does;
+    # the first token always stays, and rows at top_p 1 stay whole despite cumsum's rounding
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]
+    ordered = ordered.masked_fill((mass_before >= top_p) & (top_p < 1.0), -math.inf)
+    return torch.empty_like(logits).scatter_(1, order, ordered)  # [R, V]
+
+
+def _logprobs(
+    raw: Tensor, tokens: Tensor, token_ids: list[int], params: list[SamplingParams]
+) -> list[TokenLogprobs | None]:
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(params)
+    if not wanted:
+        return out
+    index = torch.tensor(wanted, device=raw.device)  # [L]
+    logprobs = raw[index].float().log_softmax(dim=-1)  # [L, V]
+    chosen = logprobs.gather(1, tokens[index].unsqueeze(1))  # [L, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1  # [L]
+    n = min(max(params[i].logprobs for i in wanted), raw.shape[1])
+    top_values, top_ids = logprobs.topk(n, dim=-1)  # [L, n]
+    # one transfer for everything, not one per request
+    chosen_lp, rank, top_lp, top_id = chosen.squeeze(1).tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        k = params[i].logprobs
+        top = list(zip(top_id[j][:k], top_lp[j][:k]))
+        out[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen_lp[j], rank=rank[j], top=top)
+    return out

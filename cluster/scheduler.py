@@ -1,0 +1,99 @@
+"""Decides what runs each step: continuing sequences first, then new ones, under a token and sequence budget.
+
+Prompts are prefilled in chunks of at most the step's remaining token budget, so a long prompt never stalls the
+decoding sequences. When the cache has no room for a running sequence's next tokens, the most recently admitted
+sequence is preempted: its blocks are freed and it waits to be recomputed (its prefix may still be cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.block_manager import BlockManager
+from cluster.sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens of admitted sequences, looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found there
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """-> (sequence, number of new tokens to compute) for this step."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                break
+            while not self.blocks.can_append(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.append(seq, n)
+            scheduled.append((seq, n))
+            budget -= n
+        # admit new sequences only when nothing had to make room this step (avoids thrashing)
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            self.blocks.allocate_prompt(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_append(seq, n):
+                self.blocks.free_sequence(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            self.prefix_queries += len(seq)
+            self.prefix_hits += seq.num_cached_tokens
+            self.blocks.append(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Marks a sequence finished (or aborted) wherever it is, and frees its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_tables:
+            self.blocks.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

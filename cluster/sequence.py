@@ -1,0 +1,47 @@
+"""One request as the engine tracks it: its tokens, how many are in the KV cache, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cluster.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order; preemption takes the latest first
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
+    num_cached_tokens: int = 0  # of those, how many came from the prefix cache at admission
+    # one block table per KV group (full-attention layers, sliding-window layers); 0 is the null block
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
+    num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

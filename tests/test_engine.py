@@ -1,0 +1,176 @@
+"""The engine's greedy output equals no-cache forward passes and transformers' generate, token for token,
+through continuous batching, chunked prefill, sliding windows, block boundaries, prefix hits and preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine import LLMEngine
+from cluster.engine_config import EngineConfig
+from cluster.sampling_params import SamplingParams
+from model import load_model
+from model.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bf16):
+    return load_model(tiny_bf16, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def engine(model, tokenizer, **config) -> LLMEngine:
+    return LLMEngine(model, tokenizer, EngineConfig(**{"num_kv_blocks": 128, "max_model_len": 512, **config}))
+
+
+def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 200_000, (n,), generator=gen).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Repeated full forward passes without any cache."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_to_end(eng: LLMEngine, joins: dict[int, list[tuple[str, list[int], SamplingParams]]] | None = None):
+    """Steps the engine, adding requests at the given steps; returns request id -> output tokens."""
+    joins = dict(joins or {})
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while eng.has_unfinished_requests or joins:
+        for request_id, prompt, params in joins.pop(step, []):
+            eng.add_request(request_id, prompt, params)
+        for out in eng.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        step += 1
+    return tokens
+
+
+def test_requests_joining_mid_way_match_the_reference(model, tokenizer):
+    eng = engine(model, tokenizer, max_num_batched_tokens=48)  # 48-token chunks: long prompts take several steps
+    ps = prompts(5, 70, 33, 120, 16)
+    joins = {0: [("a", ps[0], GREEDY), ("b", ps[1], GREEDY)], 3: [("c", ps[2], GREEDY)],
+             9: [("d", ps[3], GREEDY), ("e", ps[4], GREEDY)]}
+    out = run_to_end(eng, joins)
+    for name, prompt in zip("abcde", ps):
+        assert out[name] == reference_greedy(model, prompt, GREEDY.max_tokens), name
+    assert eng.is_idle()
+
+
+def test_matches_transformers_generate(model, tokenizer, tiny_bf16):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GptOssForCausalLM.from_pretrained(tiny_bf16, dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
+    ps = prompts(30, 65, seed=1)
+    results = engine(model, tokenizer).generate(ps, GREEDY)
+    for prompt, result in zip(ps, results):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert result.token_ids == expected
+
+
+def test_prefix_cache_reuses_a_shared_system_prompt(model, tokenizer):
+    eng = engine(model, tokenizer)
+    system = prompts(50, seed=2)[0]
+    first, second = system + prompts(7, seed=3)[0], system + prompts(12, seed=4)[0]
+    assert eng.generate([first], GREEDY)[0].token_ids == reference_greedy(model, first, GREEDY.max_tokens)
+    hits = eng.scheduler.prefix_hits
+    out = eng.generate([second], GREEDY)[0]
+    assert eng.scheduler.prefix_hits - hits == 48  # three full 16-token blocks of the shared 50
+    assert out.token_ids == reference_greedy(model, second, GREEDY.max_tokens)
+    # the same prompt again: every full block but the one holding the last token comes from the cache
+    again = eng.generate([second], GREEDY)[0]
+    assert again.token_ids == out.token_ids and eng.is_idle()
+
+
+def test_preemption_when_the_cache_runs_out(model, tokenizer):
+    eng = engine(model, tokenizer, num_kv_blocks=24, max_model_len=200, max_num_batched_tokens=32)
+    ps = prompts(60, 45, 70, 52, seed=5)
+    results = eng.generate(ps, GREEDY)
+    assert eng.scheduler.num_preemptions > 0
+    for prompt, result in zip(ps, results):
+        assert result.token_ids == reference_greedy(model, prompt, GREEDY.max_tokens)
+    assert eng.is_idle()
+
+
+def test_no_prefix_caching_gives_the_same_tokens(model, tokenizer):
+    ps = prompts(40, 40, seed=6)
+    ps[1][:32] = ps[0][:32]
+    cached = engine(model, tokenizer).generate(ps, GREEDY)
+    plain = engine(model, tokenizer, enable_prefix_caching=False).generate(ps, GREEDY)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
+
+
+def test_finish_reasons_and_stops(model, tokenizer):
+    eng = engine(model, tokenizer)
+    prompt = prompts(10, seed=7)[0]
+    free = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    # stop on the 5th generated token's id
+    stop_id = free.token_ids[4]
+    first = free.token_ids.index(stop_id)
+    stopped = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first + 1]
+    # a stop string taken from the middle of the free-running text ends the text right before it
+    text = free.text
+    needle = text[len(text) // 2: len(text) // 2 + 3]
+    if needle.strip():
+        by_string = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[needle]))[0]
+        assert by_string.finish_reason == "stop" and by_string.text == text[: text.index(needle)]
+    assert eng.is_idle()
+
+
+def test_seeded_sampling_is_reproducible_and_logprobs_come_back(model, tokenizer):
+    eng = engine(model, tokenizer)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True, logprobs=3)
+    ps = prompts(20, 25, seed=8)
+    a = eng.generate([ps[0], ps[1]], p)
+    b = eng.generate([ps[1], ps[0]], p)
+    assert a[0].token_ids == b[1].token_ids and a[1].token_ids == b[0].token_ids
+    assert len(a[0].logprobs) == 10 and all(len(lp.top) == 3 for lp in a[0].logprobs)
+    assert [lp.token_id for lp in a[0].logprobs] == a[0].token_ids
+
+
+@pytest.mark.parametrize("params, field", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(stop=5), "stop"),
+])
+def test_invalid_sampling_values_name_the_field(params, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**params)
+
+
+def test_bad_requests_raise_and_aborts_are_harmless(model, tokenizer):
+    eng = engine(model, tokenizer, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        eng.add_request("long", list(range(64)), GREEDY)
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request("empty", [], GREEDY)
+    with pytest.raises(ValueError, match="prompt token ids"):
+        eng.add_request("bad", [-1, 5], GREEDY)
+    assert eng.abort("never-added") is False
+    eng.add_request("x", list(range(40)), GREEDY)
+    with pytest.raises(ValueError, match="already running"):
+        eng.add_request("x", list(range(3)), GREEDY)
+    eng.step()
+    assert eng.num_free_blocks < eng.num_blocks - 1
+    assert eng.abort("x") is True and eng.abort("x") is False
+    assert eng.is_idle() and eng.step() == []
+
+
+def test_max_model_len_must_fit_the_cache(model, tokenizer):
+    with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
+        engine(model, tokenizer, num_kv_blocks=16, max_model_len=4096)
