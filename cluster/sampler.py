@@ -53,24 +53,22 @@ class SamplingState:
             raise RuntimeError(f"request seeded on {self._generator.device} cannot sample on {device}")
         return self._generator
 
-    def token_stats(self, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Which tokens the prompt holds ([V] bool) and how often each came out so far ([V] float32)."""
-        if self._prompt_mask is None or self._prompt_mask.device != device:
+    def _penalty_inputs(self, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, list[int], list[int]]:
+        """The request's prompt mask ([V] bool) and output counts ([V] float32) as last stored, with the prompt
+        tokens still to mark and the output tokens still to count; the sampler adds those and stores the result."""
+        fresh = self._prompt_mask is None or self._prompt_mask.device != device
+        if fresh:
             self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if self.prompt_token_ids:
-                self._prompt_mask[torch.tensor(self.prompt_token_ids, device=device)] = True
-            self._output_counts, self._counted = None, 0
+            self._output_counts = None
         output = self.output_token_ids
         if self._output_counts is None or len(output) < self._counted:
             # first use, or the engine rewound the output: count from scratch
             self._output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
             self._counted = 0
-        # only the tokens appended since the last step are counted: the per-step work does not grow with the output
-        if len(output) > self._counted:
-            new = torch.tensor(output[self._counted:], device=device)  # [N]
-            self._output_counts.scatter_add_(0, new, torch.ones(new.shape, device=device))
-            self._counted = len(output)
-        return self._prompt_mask, self._output_counts
+        # only the tokens appended since the last step are new: the per-step work does not grow with the output
+        new = output[self._counted:]
+        self._counted = len(output)
+        return self._prompt_mask, self._output_counts, self.prompt_token_ids if fresh else [], new
 
 
 @dataclass(frozen=True)
@@ -100,12 +98,16 @@ class Sampler:
         _apply_penalties(logits, requests)
         _suppress_stop_tokens(logits, requests)
 
-        tokens = logits.argmax(dim=-1)  # [B]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            rows = torch.tensor(random_rows, device=logits.device)  # [R]
-            chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
-            tokens = tokens.index_copy(0, rows, chosen)
+        if len(random_rows) == len(requests):
+            tokens = _draw(logits, requests)  # [B]
+        else:
+            # greedy: the argmax after penalties; temperature and the cuts cannot move it
+            tokens = logits.argmax(dim=-1)  # [B]
+            if random_rows:
+                rows = torch.tensor(random_rows, device=logits.device)  # [R]
+                chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
+                tokens = tokens.index_copy(0, rows, chosen)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, tokens, token_ids, params))
 
@@ -120,13 +122,23 @@ def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
     if not rows:
         return
     vocab_size, device = logits.shape[1], logits.device
-    masks, counts = zip(*(requests[i].token_stats(vocab_size, device) for i in rows))
-    in_prompt = torch.stack(masks)  # [P, V]
-    counts = torch.stack(counts)  # [P, V]
+    inputs = [requests[i]._penalty_inputs(vocab_size, device) for i in rows]
+    in_prompt = torch.stack([mask for mask, _, _, _ in inputs])  # [P, V]
+    counts = torch.stack([count for _, count, _, _ in inputs])  # [P, V]
+    # what changed since the last step goes in with one transfer and one kernel for the whole batch, not one per row
+    marks = [row * vocab_size + t for row, (_, _, prompt, _) in enumerate(inputs) for t in prompt]
+    if marks:
+        in_prompt.view(-1)[torch.tensor(marks, device=device)] = True
+        _store(in_prompt, [(row, mask) for row, (mask, _, prompt, _) in enumerate(inputs) if prompt])
+    new = [row * vocab_size + t for row, (_, _, _, tokens) in enumerate(inputs) for t in tokens]
+    if new:
+        counts.view(-1).index_add_(0, torch.tensor(new, device=device), torch.ones(len(new), device=device))
+        _store(counts, [(row, count) for row, (_, count, _, tokens) in enumerate(inputs) if tokens])
+
     in_output = counts > 0  # [P, V]
-    p = [requests[i].params for i in rows]
     penalties = torch.tensor(
-        [[q.repetition_penalty, q.frequency_penalty, q.presence_penalty] for q in p], device=device
+        [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in (requests[i].params for i in rows)],
+        device=device,
     )  # [P, 3]
     repetition, frequency, presence = penalties.split(1, dim=1)  # [P, 1] each
     index = torch.tensor(rows, device=device)  # [P]
@@ -136,6 +148,12 @@ def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
     picked = torch.where(in_prompt | in_output, penalized, picked)  # [P, V]
     picked = picked - frequency * counts - presence * in_output  # [P, V]
     logits.index_copy_(0, index, picked)
+
+
+def _store(batch: Tensor, targets: list[tuple[int, Tensor]]) -> None:
+    """Copies rows of batch [P, V] back into the requests' own [V] tensors, in a few kernels whatever P is."""
+    rows = batch.unbind(0)
+    torch._foreach_copy_([target for _, target in targets], [rows[row] for row, _ in targets])
 
 
 def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None:
@@ -157,24 +175,18 @@ def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:
     rows, vocab_size = logits.shape
     device = logits.device
     params = [state.params for state in requests]
+    ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]  # vocab_size: top-k off
     options = torch.tensor(
-        [[p.temperature, min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size, p.top_p, p.min_p] for p in params],
-        device=device,
+        [[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], device=device
     )  # [R, 4]
     temperature, top_k, top_p, min_p = options.split(1, dim=1)  # [R, 1] each
     logits = logits / temperature  # [R, V]
 
-    wants_top_k = any(0 < p.top_k < vocab_size for p in params)
-    wants_top_p = any(p.top_p < 1.0 for p in params)
-    if wants_top_p:
-        logits = _mask_top_k_top_p(logits, top_k.long(), top_p)
-    elif wants_top_k:
-        # no full sort needed: the k-th largest logit of each row is the cut
-        k_max = max(p.top_k for p in params if 0 < p.top_k < vocab_size)
-        largest = logits.topk(k_max, dim=-1).values  # [R, k_max]
-        kth = largest.gather(1, top_k.long().clamp(max=k_max) - 1)  # [R, 1]
-        kth = kth.masked_fill(top_k >= vocab_size, -math.inf)  # rows with top-k off keep every token
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    cut_rows = [k for p, k in zip(params, ks) if k < vocab_size or p.top_p < 1.0]
+    if cut_rows:
+        # top-p needs every token in order, unless top-k cut the row first: then its k leading tokens are enough,
+        # and torch.topk over a few leading tokens is far cheaper than sorting the whole vocabulary
+        logits = _mask_top_k_top_p(logits, top_k.long(), top_p, leading=max(cut_rows))
     if any(p.min_p > 0.0 for p in params):
         # p < min_p * p_max, in logits: the softmax's normalizer cancels out
         cut = logits.max(dim=-1, keepdim=True).values + min_p.log()  # [R, 1]
@@ -187,24 +199,35 @@ def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:
     if len(seeded) < rows:
         noise.exponential_()
     for row, generator in seeded:
-        # a fresh [V] draw per seeded row: its stream never depends on the rest of the batch
-        noise[row] = torch.empty(vocab_size, device=device).exponential_(generator=generator)
+        # exactly V draws from the request's own stream: what it samples never depends on the rest of the batch
+        noise[row].exponential_(generator=generator)
     # an Exp(1) draw of exactly 0 would turn a masked token's 0 / 0 into NaN, which argmax picks
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)  # [R]
 
 
-def _mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """logits [R, V]; top_k [R, 1] (V: off); top_p [R, 1] (1: off). Returns logits with the cut tokens at -inf."""
-    ordered, order = logits.sort(dim=-1, descending=True)  # [R, V]
-    kth = ordered.gather(1, top_k - 1)  # [R, 1]
-    ordered = ordered.masked_fill(ordered < kth, -math.inf)
-    probs = ordered.softmax(dim=-1)  # [R, V]
+def _mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, *, leading: int) -> Tensor:
+    """logits [R, V]; top_k [R, 1] (V: off); top_p [R, 1] (1: off). Returns logits with the cut tokens at -inf.
+
+    leading: how many of each row's likeliest tokens to rank, enough for every row whose top-k or top-p is on.
+    """
+    vocab_size = logits.shape[1]
+    if leading < vocab_size:
+        ordered, order = logits.topk(leading, dim=-1)  # [R, K], likeliest first
+    else:
+        ordered, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    position = torch.arange(ordered.shape[1], device=logits.device)  # [K]
+    ordered = ordered.masked_fill(position >= top_k, -math.inf)  # [R, K]
+    probs = ordered.softmax(dim=-1)  # [R, K]
     # keep the likeliest tokens until their mass reaches top_p: a token goes once the mass before it does;
     # the first token always stays, and rows at top_p 1 stay whole despite cumsum's rounding
-    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, K]
     ordered = ordered.masked_fill((mass_before >= top_p) & (top_p < 1.0), -math.inf)
-    return torch.empty_like(logits).scatter_(1, order, ordered)  # [R, V]
+    if leading == vocab_size:
+        return torch.empty_like(logits).scatter_(1, order, ordered)  # [R, V]
+    masked = torch.full_like(logits, -math.inf).scatter_(1, order, ordered)  # [R, V]
+    # rows with top-k off were not cut to K tokens (their top-p is off too, or K would be V): they stay whole
+    return torch.where(top_k >= vocab_size, logits, masked)
 
 
 def _logprobs(

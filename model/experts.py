@@ -56,13 +56,22 @@ class LocalExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)  # [N, H]
-        local_ids = expert_ids - self.first  # [N, K]
-        hit = local_ids[(local_ids >= 0) & (local_ids < self.count)].unique()
-        for expert in hit.tolist():
-            token, slot = torch.where(local_ids == expert)
-            x = hidden[token]  # [n, H]
-            act = swiglu(x @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert],
+        K = expert_ids.shape[1]
+        local_ids = (expert_ids - self.first).flatten()  # [N * K]
+        # group the (token, slot) pairs by expert with one sort; one host sync for the group sizes
+        order = torch.argsort(local_ids, stable=True)
+        # buckets: [below the shard, expert 0 .. count-1, above the shard]; sorted order follows them
+        below, *counts, _ = torch.bincount(local_ids.clamp(-1, self.count) + 1, minlength=self.count + 2).tolist()
+        start = below
+        flat_weights = weights.flatten()
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]  # [n] indices into the flattened [N, K]
+            start += n
+            token = pairs // K
+            act = swiglu(hidden[token] @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert],
                          alpha=self.alpha, limit=self.limit)  # [n, I]
             y = act @ self.down_proj[expert] + self.down_proj_bias[expert]  # [n, H]
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+            out.index_add_(0, token, (y * flat_weights[pairs, None]).to(out.dtype))
         return out

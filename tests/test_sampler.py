@@ -134,6 +134,20 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     torch.testing.assert_close(freq, torch.tensor([0, 2 / 9, 3 / 9, 4 / 9]), atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("companion", [SamplingParams(), SamplingParams(top_p=0.5)])
+def test_top_p_applies_to_what_top_k_left(companion):
+    """Rows cut by top-k rank only their k leading tokens, unless a companion's top-p needs the whole order."""
+    torch.manual_seed(0)
+    logits = PROBS.log().expand(30000, 4)  # [B, V]
+    params = [SamplingParams(top_k=3, top_p=0.6) if i % 2 else companion for i in range(30000)]
+    tokens = sample(logits, *params)
+    # top-k 3 leaves 0.2, 0.3, 0.4, renormalized to 2/9, 3/9, 4/9; 4/9 < 0.6 <= 7/9 keeps two of them
+    torch.testing.assert_close(frequencies(tokens[1::2], 4), torch.tensor([0, 0, 3 / 7, 4 / 7]), atol=0.015, rtol=0)
+    # top-p 0.5 alone: 0.4 < 0.5 <= 0.7 keeps two tokens
+    expected = PROBS if companion.top_p == 1.0 else torch.tensor([0, 0, 3 / 7, 4 / 7])
+    torch.testing.assert_close(frequencies(tokens[0::2], 4), expected, atol=0.015, rtol=0)
+
+
 def test_min_p_masks_unlikely_tokens():
     torch.manual_seed(0)
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20000, 4)  # [B, V]

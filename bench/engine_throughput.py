@@ -1,0 +1,150 @@
+"""Engine throughput: decode tokens/s at several batch sizes and prefill tokens/s, beside HF transformers.
+
+    python -m bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-len 128] [--output-len 128]
+    python -m bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
+
+Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens generated after every
+request of the batch has its first token; prefill tokens/s is prompt tokens over the time to those first tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.engine import LLMEngine
+from cluster.engine_config import EngineConfig
+from cluster.sampling_params import SamplingParams
+from model.loader import load_model
+from model.synthetic import write_preset
+from model.tokenizer import load_tokenizer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 199_000, (batch, length), generator=gen).tolist()
+
+
+def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    device = engine.model.device
+    for i, prompt in enumerate(random_prompts(batch, prompt_len, seed=batch)):
+        engine.add_request(f"b{batch}-{i}", prompt, params)
+    sync(device)
+    start = time.perf_counter()
+    started: set[str] = set()
+    first_token_at = None
+    generated_after = 0
+    steps = 0
+    while engine.has_unfinished_requests:
+        outputs = engine.step()
+        steps += 1
+        if first_token_at is None:
+            started.update(o.request_id for o in outputs)
+            if len(started) == batch:
+                sync(device)
+                first_token_at = time.perf_counter()
+        else:
+            generated_after += len(outputs)
+    sync(device)
+    end = time.perf_counter()
+    decode_time = end - first_token_at
+    return {"batch": batch, "prompt_len": prompt_len, "output_len": output_len, "steps": steps,
+            "prefill_tokens_per_s": batch * prompt_len / (first_token_at - start),
+            "decode_tokens_per_s": generated_after / decode_time if decode_time > 0 else float("nan"),
+            "total_s": end - start}
+
+
+def run_hf(path: Path, device: torch.device, batch: int, prompt_len: int, output_len: int, hf_model=None) -> dict:
+    """transformers' generate on the same prompts (its own dequantized bf16 load for MXFP4 checkpoints)."""
+    ids = torch.tensor(random_prompts(batch, prompt_len, seed=batch), device=device)
+    hf_model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
+                      do_sample=False, eos_token_id=None, pad_token_id=0)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"batch": batch, "hf_tokens_per_s": batch * output_len / elapsed, "hf_total_s": elapsed}
+
+
+def load_hf(path: Path, device: torch.device):
+    import transformers
+
+    config = json.loads((path / "config.json").read_text())
+    extra = {}
+    if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
+        extra["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
+    try:
+        import accelerate  # noqa: F401  (lets transformers load straight onto the device)
+        placement = {"device_map": str(device)}
+    except ImportError:
+        placement = {}
+    model = transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **placement, **extra)
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory or hub id")
+    parser.add_argument("--preset", choices=["tiny", "20b", "120b"], help="write a random checkpoint instead")
+    parser.add_argument("--mxfp4", action="store_true", help="with --preset: MXFP4 experts")
+    parser.add_argument("--write-to", default="/tmp/gptoss-bench", help="with --preset: where to write it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--hf", action="store_true", help="also time transformers' generate")
+    parser.add_argument("--hf-batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+
+    path = Path(args.model) if args.model else None
+    if path is None:
+        if not args.preset:
+            parser.error("give --model DIR or --preset")
+        path = Path(args.write_to)
+        if not (path / "config.json").exists():
+            t = time.perf_counter()
+            write_preset(path, args.preset, mxfp4_experts=args.mxfp4)
+            print(f"wrote random {args.preset} checkpoint in {time.perf_counter() - t:.0f} s")
+    device = torch.device(args.device)
+    t = time.perf_counter()
+    model = load_model(path, device=device)
+    print(f"loaded in {time.perf_counter() - t:.1f} s on {device}")
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(max_num_seqs=max(args.batches),
+                                                             max_model_len=args.prompt_len + args.output_len + 16))
+    print(f"KV cache: {engine.num_blocks} blocks of {engine.config.block_size} tokens")
+    run_engine(engine, 2, 16, 4)  # warm-up
+    results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+               "checkpoint": str(path), "engine": [], "hf": []}
+    for batch in args.batches:
+        r = run_engine(engine, batch, args.prompt_len, args.output_len)
+        results["engine"].append(r)
+        print(f"engine  batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
+              f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)")
+    if args.hf:
+        del engine, model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        hf_model = load_hf(path, device)
+        for batch in args.hf_batches:
+            r = run_hf(path, device, batch, args.prompt_len, args.output_len, hf_model)
+            results["hf"].append(r)
+            print(f"HF      batch {batch:4d}: {r['hf_tokens_per_s']:9.1f} output tok/s (generate, prefill included, "
+                  f"{r['hf_total_s']:.1f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The same checks on a CUDA device (skipped without one): logits against transformers, the engine's greedy
+output against no-cache forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.engine import LLMEngine
+from cluster.engine_config import EngineConfig
+from cluster.sampling_params import SamplingParams
+from model import load_model
+from model.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.gpu
+
+
+def test_logits_match_transformers_on_gpu(tiny_checkpoint):
+    transformers = pytest.importorskip("transformers")
+    ours = load_model(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if ours.config.quantization else {}
+    hf = transformers.GptOssForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32,
+                                                         attn_implementation="eager", **extra).cuda().eval()
+    ids = torch.randint(0, 201088, (2, 90), device="cuda")
+    with torch.no_grad():
+        expected = hf(ids).logits.float()
+        assert ((ours(ids) - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_engine_greedy_on_gpu(tiny_mxfp4):
+    model = load_model(tiny_mxfp4, device="cuda", dtype=torch.float32)
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=64, max_model_len=256,
+                                                             max_num_batched_tokens=40))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 200_000, (n,), generator=gen).tolist() for n in (7, 50, 90)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for prompt, out in zip(prompts, engine.generate(prompts, params)):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(40):
+                ids.append(int(model(torch.tensor([ids], device="cuda"))[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt):]
+    assert engine.is_idle()
