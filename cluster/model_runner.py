@@ -7,6 +7,7 @@ sample (their chunk reaches the end of their tokens).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -14,19 +15,21 @@ import torch
 from cluster.block_manager import FULL, SLIDING
 from cluster.kv_cache import KVCache
 from cluster.sequence import Sequence
-from kernels.paged_attention import paged_attention_reference
+from kernels.paged_attention import paged_decode_reference, paged_prefill_reference
 from model.attention import Attention
 from model.transformer import GptOssForCausalLM
 
 
 @dataclass
 class StepBatch:
-    """Per-step metadata shared by all layers."""
+    """Per-step metadata shared by all layers, built once per step."""
 
-    query_lens: list[int]
-    context_lens: list[int]
     block_tables: dict[str, torch.Tensor]  # group -> [B, max blocks]
     slot_mapping: dict[str, torch.Tensor]  # group -> [N] flat cache slot of each new token
+    decode_seqs: torch.Tensor  # [Bd] sequences with one new token
+    decode_rows: torch.Tensor  # [Bd] their token's row in the step
+    decode_context_lens: torch.Tensor  # [Bd]
+    prefills: list[tuple[int, int, int, int]]  # (sequence, first row, rows, context length) of longer chunks
 
 
 class PagedAttention:
@@ -37,14 +40,22 @@ class PagedAttention:
 
     def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = SLIDING if layer.window else FULL
+        batch = self.batch
         key_cache, value_cache = self.cache.layer(layer.layer)
-        slots = self.batch.slot_mapping[group]
+        slots = batch.slot_mapping[group]
         key_cache.view(-1, *k.shape[1:])[slots] = k.to(key_cache.dtype)
         value_cache.view(-1, *v.shape[1:])[slots] = v.to(value_cache.dtype)
-        return paged_attention_reference(
-            q, key_cache, value_cache, block_tables=self.batch.block_tables[group],
-            query_lens=self.batch.query_lens, context_lens=self.batch.context_lens,
-            sinks=layer.sinks, window=layer.window, scale=layer.scale)
+        tables = batch.block_tables[group]
+        out = torch.empty_like(q)  # [N, Hq, D]
+        options = dict(sinks=layer.sinks, window=layer.window, scale=layer.scale)
+        if batch.decode_rows.numel():
+            out[batch.decode_rows] = paged_decode_reference(
+                q[batch.decode_rows], key_cache, value_cache, block_tables=tables[batch.decode_seqs],
+                context_lens=batch.decode_context_lens, **options)
+        for seq, start, n, context_len in batch.prefills:
+            out[start:start + n] = paged_prefill_reference(
+                q[start:start + n], key_cache, value_cache, block_table=tables[seq], context_len=context_len, **options)
+        return out
 
 
 class ModelRunner:
@@ -72,8 +83,15 @@ class ModelRunner:
         width = max(len(seq.block_tables[g]) for seq, _ in scheduled for g in seq.block_tables)
         tables = {g: torch.tensor([seq.block_tables[g] + [0] * (width - len(seq.block_tables[g]))
                                    for seq, _ in scheduled], device=self.device) for g in slots}
-        batch = StepBatch(query_lens, context_lens, tables,
-                          {g: torch.tensor(s, device=self.device) for g, s in slots.items()})
+        decode = [b for b, n in enumerate(query_lens) if n == 1]
+        rows = [0, *itertools.accumulate(query_lens)]  # first row of each sequence
+        batch = StepBatch(
+            block_tables=tables,
+            slot_mapping={g: torch.tensor(s, device=self.device) for g, s in slots.items()},
+            decode_seqs=torch.tensor(decode, dtype=torch.long, device=self.device),
+            decode_rows=torch.tensor([rows[b] for b in decode], dtype=torch.long, device=self.device),
+            decode_context_lens=torch.tensor([context_lens[b] for b in decode], dtype=torch.long, device=self.device),
+            prefills=[(b, rows[b], n, context_lens[b]) for b, n in enumerate(query_lens) if n > 1])
         hidden = self.model.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                                   PagedAttention(self.cache, batch))  # [N, H]
         return self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])

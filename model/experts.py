@@ -55,10 +55,34 @@ class LocalExperts(nn.Module):
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if _grouped_mm_supported(hidden):
+            return self.forward_grouped(hidden, expert_ids, weights)
+        return self.forward_loop(hidden, expert_ids, weights)
+
+    def forward_grouped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped matrix products, with no host sync (so it can be captured in a graph)."""
+        N, K = expert_ids.shape
+        local = (expert_ids - self.first).flatten()  # [N * K]
+        valid = (local >= 0) & (local < self.count)
+        bucket = torch.where(valid, local, self.count)  # pairs outside the shard sort last and are dropped
+        order = torch.argsort(bucket, stable=True)  # [N * K]
+        ends = torch.bincount(bucket, minlength=self.count + 1)[: self.count].cumsum(0).to(torch.int32)  # [E]
+        expert = bucket[order].clamp(max=self.count - 1)  # [N * K] expert of each sorted row
+        x = hidden[order // K]  # [N * K, H]
+        gate_up = torch._grouped_mm(x, self.gate_up_proj, offs=ends) + self.gate_up_proj_bias[expert]
+        act = swiglu(gate_up, alpha=self.alpha, limit=self.limit)  # [N * K, I]
+        y = torch._grouped_mm(act, self.down_proj, offs=ends) + self.down_proj_bias[expert]  # [N * K, H]
+        # rows past the last group are not written by the product: select, never multiply, them away
+        y = torch.where(valid[order, None], y * weights.flatten()[order, None].to(y.dtype), 0)
+        # un-sort and add each token's K outputs: deterministic, unlike an atomic index_add
+        unsorted = torch.empty_like(y).index_copy_(0, order, y)
+        return unsorted.view(N, K, -1).sum(dim=1).to(hidden.dtype)
+
+    def forward_loop(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The reference: one expert at a time (one host sync for the group sizes)."""
         out = torch.zeros_like(hidden)  # [N, H]
         K = expert_ids.shape[1]
         local_ids = (expert_ids - self.first).flatten()  # [N * K]
-        # group the (token, slot) pairs by expert with one sort; one host sync for the group sizes
         order = torch.argsort(local_ids, stable=True)
         # buckets: [below the shard, expert 0 .. count-1, above the shard]; sorted order follows them
         below, *counts, _ = torch.bincount(local_ids.clamp(-1, self.count) + 1, minlength=self.count + 2).tolist()
@@ -75,3 +99,12 @@ class LocalExperts(nn.Module):
             y = act @ self.down_proj[expert] + self.down_proj_bias[expert]  # [n, H]
             out.index_add_(0, token, (y * flat_weights[pairs, None]).to(out.dtype))
         return out
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on the CPU, and on CUDA for bf16 (Hopper and later)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9

@@ -48,3 +48,18 @@ def test_injected_experts_see_every_routed_token(tiny_bf16):
         torch.testing.assert_close(remote(ids), local(ids), rtol=0, atol=0)
     assert calls == [(layer, 14, (14, 4)) for layer in range(4)]
     assert isinstance(remote, GptOssForCausalLM)
+
+
+def test_grouped_path_matches_the_loop(tiny_checkpoint):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 64, generator=gen)
+    expert_ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(37)])
+    weights = torch.softmax(torch.randn(37, 4, generator=gen), dim=-1)
+    for first, count in ((0, 8), (2, 3), (6, 2)):
+        experts = loaded_experts(tiny_checkpoint, 1, first, count)
+        torch.testing.assert_close(experts.forward_grouped(hidden, expert_ids, weights),
+                                   experts.forward_loop(hidden, expert_ids, weights), rtol=1e-5, atol=1e-6)
+    # a token none of whose experts are in the shard gets zeros
+    empty = loaded_experts(tiny_checkpoint, 1, 0, 1).forward_grouped(hidden[:1], torch.tensor([[1, 2, 3, 4]]),
+                                                                      weights[:1])
+    assert torch.equal(empty, torch.zeros_like(empty))
