@@ -1,0 +1,127 @@
+"""Sending one streaming request and checking what comes back; every fault ends up in the record."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from bench.loadtest.config import Endpoint
+from bench.loadtest.record import (CHUNK_MISMATCH, CONNECTION, EMPTY_OUTPUT, MALFORMED_SSE, MISSING_DONE, MISSING_USAGE,
+                                   TIMEOUT, TOKEN_MISMATCH, RequestRecord)
+from bench.loadtest.sse import DONE, StreamFault, Usage, chunk_text, chunk_usage, parse_line
+from bench.loadtest.workload import RequestSpec
+
+PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+def build_payload(spec: RequestSpec, *, endpoint: Endpoint, model: str, temperature: float, ignore_eos: bool,
+                  extra_body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": spec.prompt}]
+    else:
+        body["prompt"] = spec.prompt
+    body |= {
+        "max_tokens": spec.output_len,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if ignore_eos:
+        # vLLM's extra fields: without them a model may stop early and output lengths stop being controlled
+        body |= {"ignore_eos": True, "min_tokens": spec.output_len}
+    return body | dict(extra_body or {})
+
+
+class ServerError(RuntimeError):
+    """The server could not tell us which model it serves (the run has not started)."""
+
+
+async def fetch_model(client: httpx.AsyncClient) -> str:
+    """The first model id the server lists under GET /v1/models."""
+    try:
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        models = response.json()["data"]
+        return str(models[0]["id"])
+    except httpx.HTTPError as exc:
+        raise ServerError(f"GET /v1/models failed ({type(exc).__name__}: {exc}); is the server up?") from None
+    except (ValueError, LookupError, TypeError, AttributeError):
+        raise ServerError("GET /v1/models lists no model id; pass --model") from None
+
+
+async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endpoint: Endpoint,
+                       payload: dict[str, Any], timeout: float, ignore_eos: bool) -> None:
+    """Sends one request and fills `record`; never raises for a failed request (cancellation goes through)."""
+    record.start = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", PATHS[endpoint], json=payload) as response:
+                if not response.is_success:
+                    body = await response.aread()
+                    record.fail(str(response.status_code), body.decode("utf-8", errors="replace"))
+                    return
+                usage = await _read_stream(response, record, chat=endpoint == "chat")
+    except StreamFault as fault:
+        record.fail(fault.reason, fault.detail)
+        return
+    except (TimeoutError, httpx.TimeoutException) as exc:  # before TransportError: timeouts are transport errors too
+        record.fail(TIMEOUT, f"no complete answer within {timeout:g} s ({type(exc).__name__})")
+        return
+    except httpx.TransportError as exc:
+        record.fail(CONNECTION, f"{type(exc).__name__}: {exc}")
+        return
+    except (httpx.HTTPError, UnicodeDecodeError) as exc:  # e.g. a body that does not decode
+        record.fail(MALFORMED_SSE, f"{type(exc).__name__}: {exc}")
+        return
+    _check(record, usage, ignore_eos=ignore_eos)
+    record.finished = True
+
+
+async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat: bool) -> Usage:
+    usage: Usage | None = None
+    done = False
+    last = record.start
+    async for line in response.aiter_lines():
+        now = time.monotonic()  # taken first: parsing time must not count as server latency
+        event = parse_line(line)
+        if event is None:
+            continue
+        if done:
+            raise StreamFault(MALFORMED_SSE, "data after [DONE]")
+        if event is DONE:
+            done = True
+            continue
+        assert isinstance(event, dict)
+        if text := chunk_text(event, chat=chat):
+            if record.ttft is None:
+                record.ttft = now - record.start
+            else:
+                record.itl.append(now - last)
+            last = now
+            record.chunks += 1
+            record.output_chars += len(text)
+        if (found := chunk_usage(event)) is not None:
+            usage = found
+    record.latency = time.monotonic() - record.start  # before the connection goes back to the pool
+    if not done:
+        raise StreamFault(MISSING_DONE, "the stream ended without data: [DONE]")
+    if usage is None:
+        raise StreamFault(MISSING_USAGE, "no chunk carried usage (stream_options.include_usage was asked)")
+    return usage
+
+
+def _check(record: RequestRecord, usage: Usage, *, ignore_eos: bool) -> None:
+    record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    got, asked = usage.completion_tokens, record.output_len
+    if record.chunks == 0 or got == 0:
+        record.fail(EMPTY_OUTPUT, f"{record.chunks} text chunks, usage.completion_tokens={got}")
+    elif (got != asked) if ignore_eos else (got > asked):
+        record.fail(TOKEN_MISMATCH, f"usage.completion_tokens={got}, asked for {asked}")
+    elif record.chunks > got:
+        # a chunk may carry several tokens (or none, for control tokens), but never less than one
+        record.fail(CHUNK_MISMATCH, f"{record.chunks} text chunks but usage.completion_tokens={got}")

@@ -1,0 +1,144 @@
+"""Driving a run: send requests on the load shape, bounded in count and time, and collect the records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tqdm import tqdm
+
+from bench.loadtest.arrivals import arrival_gaps
+from bench.loadtest.client import build_payload, fetch_model, send_request
+from bench.loadtest.config import LoadConfig
+from bench.loadtest.connections import ClientShards
+from bench.loadtest.metrics import LoadResult
+from bench.loadtest.record import CANCELLED, CLIENT_ERROR, RequestRecord
+from bench.loadtest.safety import check_target
+from bench.loadtest.workload import Workload
+
+# Prompts built before the clock starts; beyond this, a --duration run builds them as it goes (about 1 ms each).
+PREPARE_LIMIT = 10_000
+
+
+async def run_load(config: LoadConfig, *, workload: Workload | None = None, progress: bool = False) -> LoadResult:
+    """Runs one load test and returns its figures. Raises ConfigError or UnsafeTargetError before sending."""
+    config.validate()
+    check_target(config.url, allow_hosts=config.allow_hosts)
+    workload = workload or Workload.from_config(config)
+    workload.prepare(min(config.num_requests or PREPARE_LIMIT, PREPARE_LIMIT))
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    async with ClientShards(base_url=config.url, timeout=config.timeout, headers=headers) as clients:
+        model = config.model or await fetch_model(clients.first)
+        shape = f"c={config.concurrency}" if config.request_rate is None else f"r={config.request_rate:g}/s"
+        bar = tqdm(total=config.num_requests, desc=f"{config.label or model} {shape}", unit="req",
+                   dynamic_ncols=True, disable=not progress, leave=False)
+        with bar:
+            driver = _Driver(config, clients=clients, model=model, workload=workload, bar=bar)
+            await driver.run()
+    return LoadResult.from_records(config, model=model, records=driver.records, duration=driver.duration,
+                                   max_concurrent_requests=driver.peak, client_cpu=driver.cpu)
+
+
+class _Driver:
+    def __init__(self, config: LoadConfig, *, clients: ClientShards, model: str, workload: Workload,
+                 bar: tqdm) -> None:
+        self.config, self.clients, self.model, self.workload, self.bar = config, clients, model, workload, bar
+        self.records: list[RequestRecord] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(config.concurrency) if config.concurrency else None
+        self.in_flight = self.peak = self.failed = 0
+        self.duration = 0.0
+        self.cpu = 0.0  # this process's CPU seconds per second of the run: near 1, our own loop was the bottleneck
+
+    async def run(self) -> None:
+        c = self.config
+        start, cpu_start = time.monotonic(), time.process_time()
+        deadline = start + c.duration if c.duration is not None else None
+        gaps = arrival_gaps(rate=c.effective_rate, burstiness=c.burstiness, seed=c.seed)
+        send_at = start
+        index = 0
+        while c.num_requests is None or index < c.num_requests:
+            if index:
+                # targets add up from the start, so a late wake-up does not push every later arrival back
+                send_at += next(gaps)
+                if not await _sleep_until(send_at, deadline):
+                    break
+            if self.slots is not None and not await _acquire(self.slots, deadline):
+                break
+            if deadline is not None and time.monotonic() >= deadline:  # a free slot does not make us late
+                if self.slots is not None:
+                    self.slots.release()
+                break
+            self._launch(index)
+            index += 1
+        await self._drain(deadline)
+        self.duration = time.monotonic() - start
+        self.cpu = (time.process_time() - cpu_start) / max(self.duration, 1e-9)
+
+    def _launch(self, index: int) -> None:
+        spec = self.workload.spec(index)
+        record = RequestRecord(index=index, prompt_len=spec.prompt_len, output_len=spec.output_len)
+        self.records.append(record)
+        payload = build_payload(spec, endpoint=self.config.endpoint, model=self.model,
+                                temperature=self.config.temperature, ignore_eos=self.config.ignore_eos,
+                                extra_body=self.config.extra_body)
+        task = asyncio.create_task(self._one(record, payload))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _one(self, record: RequestRecord, payload: dict) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        slot, client = self.clients.acquire()
+        try:
+            await send_request(client, record, endpoint=self.config.endpoint, payload=payload,
+                               timeout=self.config.timeout, ignore_eos=self.config.ignore_eos)
+        except Exception as exc:  # a bug of ours must show as a failure, not vanish as a "cancelled" request
+            record.fail(CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.clients.release(slot)
+            self.in_flight -= 1
+            if self.slots is not None:
+                self.slots.release()
+            if record.finished:
+                self.bar.update(1)
+                if record.failed:
+                    self.failed += 1
+                    self.bar.set_postfix(failed=self.failed, refresh=False)
+
+    async def _drain(self, deadline: float | None) -> None:
+        """Waits for requests in flight; after --duration they get the grace period, then are cancelled."""
+        if not self.tasks:
+            return
+        timeout = None if deadline is None else max(0.0, deadline + self.config.grace_period - time.monotonic())
+        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for record in self.records:
+            if not record.finished:
+                record.error, record.detail = CANCELLED, "still running when the grace period ended"
+
+
+async def _sleep_until(when: float, deadline: float | None) -> bool:
+    """Sleeps until `when`; if the deadline comes first, sleeps until the deadline and returns False (a run
+    with no request in flight still lasts its --duration, which request rates are divided by)."""
+    if deadline is not None and when >= deadline:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+        return False
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
+    return True
+
+
+async def _acquire(slots: asyncio.Semaphore, deadline: float | None) -> bool:
+    """Takes a concurrency slot; False if the deadline comes first."""
+    if deadline is None:
+        await slots.acquire()
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await slots.acquire()
+    except TimeoutError:
+        return False
+    return True
+

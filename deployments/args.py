@@ -1,0 +1,68 @@
+"""The application's arguments: one pydantic model, validated in the builder before any replica starts.
+
+The same fields come from a Serve config's `args:`, `serve run ... key=value`, or KubeRay's serveConfigV2.
+`model` may also come from the GPTOSS_MODEL environment variable; with neither, the app serves the embedded
+default: the random `tiny` checkpoint, written once to a cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_ENV = "GPTOSS_MODEL"
+
+
+class EngineArgs(BaseModel):
+    """Limits of the engine inside each attention replica (see cluster/engine_config.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_num_seqs: int = Field(256, ge=1, description="requests decoded together in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens a step computes (prefill chunk size)")
+    max_model_len: int | None = Field(None, ge=2, description="longest prompt + output; default: what fits")
+    block_size: int = Field(16, ge=1, le=256)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    num_kv_blocks: int | None = Field(None, ge=2, description="fixed KV-cache size instead of a memory budget")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache budget on the CPU (default 0.5)")
+    enable_prefix_caching: bool = True
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description=f"checkpoint directory or hub id; default ${MODEL_ENV}, "
+                                                "else the embedded tiny random model")
+    served_model_name: str = Field("gpt-oss", min_length=1, description="the `model` clients ask for")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    num_attention_replicas: int = Field(1, ge=1, description="AttentionReplica deployments (one engine each)")
+    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs (or a fraction) for each attention replica")
+    num_cpus_per_replica: float = Field(1, ge=0)
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica serves at once")
+    max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
+    router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
+    router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
+                                                             "while replicas are busy (never when idle)")
+    route_prefix: str = "/"
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if self.device == "cuda" and self.num_gpus_per_replica == 0:
+            raise ValueError("num_gpus_per_replica must be > 0 when device is 'cuda'")
+        if self.device == "cpu" and self.num_gpus_per_replica > 0:
+            raise ValueError("num_gpus_per_replica must be 0 when device is 'cpu'")
+        return self
+
+    @property
+    def resolved_model(self) -> str | None:
+        return self.model or os.environ.get(MODEL_ENV) or None
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.num_gpus_per_replica > 0 else "cpu"

@@ -1,0 +1,162 @@
+"""AttentionReplica: one inference engine, fed batches of requests by the Router.
+
+A batch is one streaming handle call: the replica first yields its own replica id (so the Router can aim an
+abort at it), then lists of StreamItems, each step's outputs of the whole batch together, until every request
+of the batch has finished. Requests of one batch still finish, fail and abort one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from cluster.async_engine import AsyncEngine, EngineDeadError
+from cluster.engine import LLMEngine, RequestOutput
+from cluster.engine_config import EngineConfig
+from deployments.args import AppArgs
+from deployments.default_model import default_model_dir
+from deployments.messages import EngineRequest, StreamItem
+from deployments.metrics import ReplicaMetrics
+from model.loader import load_model
+from model.tokenizer import load_tokenizer
+
+STATS_PERIOD_S = 1.0
+
+
+def engine_config(args: AppArgs) -> EngineConfig:
+    e = args.engine
+    return EngineConfig(
+        block_size=e.block_size, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        max_model_len=e.max_model_len, gpu_memory_utilization=e.gpu_memory_utilization,
+        num_kv_blocks=e.num_kv_blocks, kv_cache_bytes=int(e.kv_cache_gib * 2**30) if e.kv_cache_gib else None,
+        enable_prefix_caching=e.enable_prefix_caching)
+
+
+def build_engine(args: AppArgs, *, experts_factory=None) -> LLMEngine:
+    device = args.resolved_device
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    model = load_model(args.resolved_model or default_model_dir(), device=device, dtype=dtype,
+                       experts_factory=experts_factory)
+    return LLMEngine(model, load_tokenizer(), engine_config(args))
+
+
+def current_replica_id() -> str:
+    """This Serve replica's unique id ("local" outside Serve, as in unit tests)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not inside a Serve replica
+        return "local"
+
+
+class AttentionReplica:
+    def __init__(self, args: AppArgs) -> None:
+        self.args = args
+        self.replica_id = current_replica_id()
+        self.engine = AsyncEngine(build_engine(args))
+        self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.stats: dict[str, float | str] = self._read_stats(self.engine.engine)
+        self._prefix_seen = (0, 0)
+        self._stats_task: asyncio.Task | None = None
+
+    # ---- the Router's calls ---------------------------------------------------------------------------------
+    async def generate_batch(self, requests: list[EngineRequest], *, target_replica: str | None = None):
+        """Streams this replica's id, then lists of StreamItems until every request has ended."""
+        self._ensure_stats_task()
+        items: asyncio.Queue[StreamItem | None] = asyncio.Queue()
+        for request in requests:
+            self.tasks[request.request_id] = asyncio.create_task(self._pump(request, items))
+        remaining = len(requests)
+        try:
+            yield self.replica_id
+            while remaining:
+                batch = [await items.get()]
+                while not items.empty():
+                    batch.append(items.get_nowait())
+                remaining -= batch.count(None)
+                if out := [item for item in batch if item is not None]:
+                    yield out
+        finally:  # the Router went away: nothing of this batch may keep running
+            for request in requests:
+                task = self.tasks.pop(request.request_id, None)
+                if task is not None:
+                    task.cancel()
+
+    async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
+        """Stops requests (their clients left); their blocks are freed."""
+        for request_id in request_ids:
+            task = self.tasks.pop(request_id, None)
+            if task is not None:
+                task.cancel()
+
+    def record_routing_stats(self) -> dict:
+        """Serve hands these to the request router, which places batches on the replica with the most room."""
+        return dict(self.stats)
+
+    def check_health(self) -> None:
+        if self.engine.error is not None:
+            raise RuntimeError(f"engine stopped: {self.engine.error!r}")
+
+    # ---- inside -----------------------------------------------------------------------------------------------
+    async def _pump(self, request: EngineRequest, items: asyncio.Queue) -> None:
+        last = None
+        try:
+            async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params):
+                last = self._observe(request, out, last)
+                items.put_nowait(StreamItem(request.request_id, output=out))
+        except ValueError as e:
+            items.put_nowait(StreamItem(request.request_id, error=str(e), status=400))
+        except EngineDeadError as e:
+            items.put_nowait(StreamItem(request.request_id, error=str(e), status=503))
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # noqa: BLE001 - a request's failure must not end its batch
+            items.put_nowait(StreamItem(request.request_id, error=f"{type(e).__name__}: {e}", status=500))
+        finally:
+            self.tasks.pop(request.request_id, None)
+            items.put_nowait(None)
+
+    def _observe(self, request: EngineRequest, out: RequestOutput, last: float | None) -> float:
+        now, m, tags = time.time(), self.metrics, self.metrics.tags
+        if last is None:
+            m.ttft.observe(now - request.arrival_time, tags=tags)
+        else:
+            m.itl.observe(now - last, tags=tags)
+        m.generation_tokens.inc(len(out.new_token_ids), tags=tags)
+        if out.finished:
+            m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
+            m.e2e.observe(now - request.arrival_time, tags=tags)
+            m.requests.inc(1, tags={**tags, "finish_reason": out.finish_reason or "unknown"})
+        return now
+
+    def _ensure_stats_task(self) -> None:
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
+
+    async def _refresh_stats(self) -> None:
+        while True:
+            stats = await self.engine.call(self._read_stats)
+            self.stats = stats
+            m, tags = self.metrics, self.metrics.tags
+            m.running.set(stats["running"], tags=tags)
+            m.waiting.set(stats["waiting"], tags=tags)
+            m.kv_usage.set(stats["kv_usage"], tags=tags)
+            # the engine keeps running totals; the counters get what was added since the last look
+            queries, hits = stats["prefix_queries"], stats["prefix_hits"]
+            if queries > self._prefix_seen[0]:
+                m.prefix_queries.inc(queries - self._prefix_seen[0], tags=tags)
+            if hits > self._prefix_seen[1]:
+                m.prefix_hits.inc(hits - self._prefix_seen[1], tags=tags)
+            self._prefix_seen = (queries, hits)
+            await asyncio.sleep(STATS_PERIOD_S)
+
+    def _read_stats(self, engine: LLMEngine) -> dict:
+        return {"replica_id": self.replica_id, "free_blocks": engine.num_free_blocks, "num_blocks": engine.num_blocks,
+                "running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": engine.blocks.usage,
+                "prefix_queries": engine.scheduler.prefix_queries, "prefix_hits": engine.scheduler.prefix_hits,
+                "max_model_len": engine.max_model_len, "time": time.time()}

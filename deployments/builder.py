@@ -1,0 +1,65 @@
+"""The application builder that a Serve config's `import_path` names: deployments are bound only here.
+
+    serve run deployments.builder:build_app                       # the embedded tiny model, on the CPU
+    serve run config.yaml                                         # the same, from the config file
+    serve run deployments.builder:build_app model=/path/to/gpt-oss-20b num_gpus_per_replica=1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from deployments.args import AppArgs
+from deployments.attention_replica import AttentionReplica
+from deployments.openai_ingress import OpenAIIngress
+from deployments.router import Router
+
+ROUTING_STATS_PERIOD_S = 1.0
+
+
+def parse_args(raw: dict[str, Any] | AppArgs) -> AppArgs:
+    """Validates the args; a bad value fails here, before any replica starts, naming the field."""
+    if isinstance(raw, AppArgs):
+        return raw
+    # `serve run import_path key=value` passes strings; nested engine limits may be given as engine.key=value
+    nested: dict[str, Any] = {}
+    for key, value in raw.items():
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            nested.setdefault(outer, {})[inner] = value
+        else:
+            nested[key] = value
+    try:
+        return AppArgs.model_validate(nested)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid gptoss-serve app args: {problems}") from None
+
+
+def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
+    args = parse_args(raw_args or {})
+    replica = serve.deployment(
+        AttentionReplica,
+        name="AttentionReplica",
+        num_replicas=args.num_attention_replicas,
+        max_ongoing_requests=10_000,  # a call is a whole batch; the engine queues, not Serve
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
+        request_router_config=RequestRouterConfig(
+            request_router_class="deployments.placement:MostRoomRouter",
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
+        ),
+        health_check_period_s=5,
+        health_check_timeout_s=30,
+    ).bind(args)
+    router = serve.deployment(Router, name="Router", max_ongoing_requests=100_000,
+                              ray_actor_options={"num_cpus": 0}).bind(
+        replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
+        max_wait_ms=args.router_max_wait_ms)
+    ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress",
+                               max_ongoing_requests=args.max_ongoing_requests + args.max_queued_requests + 16,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(router, args)

@@ -1,0 +1,51 @@
+"""Prometheus metrics of the app, through Ray's metrics agent (scraped at each node's metrics export port).
+
+Ray prefixes every name with `ray_` and counters get `_total`: `ray_gptoss_generation_tokens_total`, ...
+Each carries the tags `model` and `replica` (the Serve replica id). The README lists them.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TAGS = ("model", "replica")
+
+
+class ReplicaMetrics:
+    """What an attention replica reports: load, tokens, latencies, cache."""
+
+    def __init__(self, *, model: str, replica: str) -> None:
+        self.tags = {"model": model, "replica": replica}
+        self.running = Gauge("gptoss_requests_running", description="requests in the engine's running batch",
+                             tag_keys=TAGS)
+        self.waiting = Gauge("gptoss_requests_waiting", description="requests waiting for the engine",
+                             tag_keys=TAGS)
+        self.prompt_tokens = Counter("gptoss_prompt_tokens", description="prompt tokens of finished requests",
+                                     tag_keys=TAGS)
+        self.generation_tokens = Counter("gptoss_generation_tokens", description="tokens generated",
+                                         tag_keys=TAGS)
+        self.requests = Counter("gptoss_requests_finished", description="finished requests, by finish reason",
+                                tag_keys=(*TAGS, "finish_reason"))
+        self.ttft = Histogram("gptoss_time_to_first_token_seconds", description="arrival to first token",
+                              boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+        self.itl = Histogram("gptoss_inter_token_latency_seconds", description="time between two tokens",
+                             boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+        self.e2e = Histogram("gptoss_e2e_request_latency_seconds", description="arrival to last token",
+                             boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+        self.kv_usage = Gauge("gptoss_kv_cache_usage_ratio", description="fraction of KV blocks in use",
+                              tag_keys=TAGS)
+        self.prefix_queries = Counter("gptoss_prefix_cache_queries", description="prompt tokens looked up",
+                                      tag_keys=TAGS)
+        self.prefix_hits = Counter("gptoss_prefix_cache_hits", description="prompt tokens found in the cache",
+                                   tag_keys=TAGS)
+
+
+class RouterMetrics:
+    def __init__(self, *, model: str, replica: str) -> None:
+        self.tags = {"model": model, "replica": replica}
+        self.batch_size = Histogram("gptoss_router_batch_size", description="requests per router batch",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=TAGS)
+        self.batch_wait = Histogram("gptoss_router_batch_wait_seconds",
+                                    description="time a request waited for its batch to leave",
+                                    boundaries=LATENCY_BUCKETS, tag_keys=TAGS)

@@ -1,0 +1,224 @@
+"""OpenAIIngress: the FastAPI front (OpenAI-compatible), validating, rendering harmony, streaming SSE.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Every error is in
+OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.args import AppArgs
+from deployments.messages import EngineRequest, StreamItem
+from deployments.openai_responses import ChatChoice, CompletionChoice, usage
+from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from model import harmony
+from model.tokenizer import load_tokenizer
+
+def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
+    """The HTTP routes of one ingress instance (Serve calls this in the replica; tests call it directly)."""
+    app = FastAPI(title="gptoss-serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(APIError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
+
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    return app
+
+
+class ChoiceStream:
+    """The Router's stream for one engine request."""
+
+    def __init__(self, response) -> None:
+        self.response = response
+
+    async def first(self) -> list[StreamItem]:
+        """The first items, raising APIError when the request failed before producing anything."""
+        items = await self.response.__anext__()
+        _raise_if_error(items)
+        return items
+
+    async def rest(self) -> AsyncIterator[list[StreamItem]]:
+        async for items in self.response:
+            yield items
+
+    def cancel(self) -> None:
+        self.response.cancel()
+
+
+def _raise_if_error(items: list[StreamItem]) -> None:
+    for item in items:
+        if item.error is not None:
+            raise APIError(item.status, item.error, param="prompt" if item.status == 400 else None)
+
+
+class OpenAIIngress:
+    def __init__(self, router, args: AppArgs) -> None:
+        self.router = router.options(stream=True)
+        self.args = args
+        self.tokenizer = load_tokenizer()
+        self.in_flight = 0
+        self.capacity = args.max_ongoing_requests + args.max_queued_requests
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve's hook: the replica builds its FastAPI app around this instance."""
+        return build_fastapi_app(self)
+
+    # ---- routes ---------------------------------------------------------------------------------------------
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.args.served_model_name, "object": "model",
+                                            "created": 0, "owned_by": "gptoss-serve"}]}
+
+    async def chat_completions(self, body: ChatCompletionRequest):
+        self._check_model(body.model)
+        try:
+            prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+        choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs) for i in range(body.n)]
+        return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs)
+
+    async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+        vocab = self.tokenizer.vocab_size
+        if any(not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids) for ids in prompts):
+            raise APIError(400, f"prompt must be non-empty text or token ids in [0, {vocab})", param="prompt")
+        choices = [CompletionChoice(p * body.n + j, self.tokenizer, logprobs=body.logprobs is not None,
+                                    prefix=self.tokenizer.decode(ids) if body.echo else "")
+                   for p, ids in enumerate(prompts) for j in range(body.n)]
+        return await self._respond(body, prompts, choices, "text_completion", body.max_tokens, body.logprobs)
+
+    # ---- plumbing -----------------------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.args.served_model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves "
+                                f"{self.args.served_model_name!r}", param="model", code="model_not_found")
+
+    async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs):
+        if self.in_flight >= self.capacity:
+            raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
+        base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        now = time.time()
+        requests = []
+        for p, ids in enumerate(prompts):
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
+                requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
+        self.in_flight += 1
+        streams = [ChoiceStream(self.router.generate.remote(r)) for r in requests]
+        try:
+            firsts = await asyncio.gather(*(s.first() for s in streams))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            self.in_flight -= 1
+            raise
+        header = {"id": base, "object": kind + ".chunk" if kind == "chat.completion" else kind,
+                  "created": int(now), "model": self.args.served_model_name}
+        if body.stream:
+            events = self._sse(streams, firsts, choices, header, kind, body.include_usage, len(prompts))
+            return StreamingResponse(events, media_type="text/event-stream")
+        try:
+            for stream, first, choice in zip(streams, firsts, choices):
+                self._feed(choice, first)
+                async for items in stream.rest():
+                    _raise_if_error(items)
+                    self._feed(choice, items)
+        finally:
+            for s in streams:
+                s.cancel()
+            self.in_flight -= 1
+        return {**header, "object": kind,
+                "choices": [c.message() if kind == "chat.completion" else c.body() for c in choices],
+                "usage": usage(choices, num_prompts=len(prompts))}
+
+    @staticmethod
+    def _feed(choice, items: list[StreamItem]) -> list:
+        return [choice.feed(item.output) for item in items if item.output is not None]
+
+    async def _sse(self, streams, firsts, choices, header, kind, include_usage, num_prompts):
+        """Server-sent events: chunks as they come from all choices, then usage, then [DONE]."""
+        chat = kind == "chat.completion"
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                await merged.put((index, firsts[index]))
+                async for items in streams[index].rest():
+                    await merged.put((index, items))
+            finally:
+                await merged.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+        try:
+            if chat:
+                for c in choices:
+                    yield _event({**header, "choices": [{"index": c.index, "delta": {"role": "assistant"},
+                                                         "logprobs": None, "finish_reason": None}]})
+            open_streams = len(streams)
+            while open_streams:
+                index, items = await merged.get()
+                if items is None:
+                    open_streams -= 1
+                    continue
+                for item in items:
+                    if item.error is not None:
+                        yield _event(APIError(item.status, item.error).body())
+                        continue
+                    chunk = self._chunk(choices[index], item, chat)
+                    if chunk is not None:
+                        yield _event({**header, "choices": [chunk]})
+            if include_usage:
+                yield _event({**header, "choices": [], "usage": usage(choices, num_prompts=num_prompts)})
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects: stop every choice's request
+            for t in tasks:
+                t.cancel()
+            for s in streams:
+                s.cancel()
+            self.in_flight -= 1
+
+    @staticmethod
+    def _chunk(choice, item: StreamItem, chat: bool) -> dict | None:
+        """A choice's chunk for one engine output; None when it has nothing to show (harmony headers)."""
+        if chat:
+            delta, logprobs = choice.feed(item.output)
+            if not delta and not logprobs and choice.finish_reason is None:
+                return None
+            return {"index": choice.index, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
+                    "finish_reason": choice.finish_reason}
+        text, logprobs = choice.feed(item.output)
+        return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

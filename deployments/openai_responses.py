@@ -1,0 +1,124 @@
+"""Turns engine outputs into OpenAI response bodies and stream chunks, one choice at a time.
+
+Chat output goes through the harmony parser: the analysis channel becomes `reasoning_content`, the final
+channel `content`, and commentary addressed to `functions.*` becomes `tool_calls`.
+"""
+
+from __future__ import annotations
+
+from cluster.engine import RequestOutput
+from cluster.sampler import TokenLogprobs
+from model.harmony import HarmonyDelta, HarmonyStreamParser
+from model.tokenizer import Tokenizer
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode_bytes([token_id]).decode("utf-8", errors="replace")
+
+
+class ChatChoice:
+    """One choice of a chat completion, fed the engine's outputs as they come."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool) -> None:
+        self.index, self.tokenizer, self.want_logprobs = index, tokenizer, logprobs
+        self.parser = HarmonyStreamParser()
+        self.finish_reason: str | None = None
+        self.num_tokens = 0
+        self.num_prompt_tokens = self.num_cached_tokens = 0
+        self.logprobs: list[dict] = []
+        self.tool_ids: dict[int, str] = {}
+
+    def feed(self, out: RequestOutput) -> tuple[dict, list[dict]]:
+        """-> (the chunk delta for this output, {} when nothing visible happened; its logprobs entries)."""
+        self.num_tokens = out.num_output_tokens
+        self.num_prompt_tokens, self.num_cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+        deltas = [d for token in out.new_token_ids for d in self.parser.feed(token)]
+        if out.finished:
+            deltas += self.parser.flush()
+            self.finish_reason = "tool_calls" if self.tool_ids and out.finish_reason == "stop" else (
+                "length" if out.finish_reason == "length" else "stop")
+        lp = [chat_logprob(self.tokenizer, x) for x in out.logprobs] if self.want_logprobs else []
+        self.logprobs += lp
+        return self._delta(deltas), lp
+
+    def _delta(self, deltas: list[HarmonyDelta]) -> dict:
+        delta: dict = {}
+        for d in deltas:
+            if d.kind == "reasoning":
+                delta["reasoning_content"] = delta.get("reasoning_content", "") + d.text
+            elif d.kind == "content":
+                delta["content"] = delta.get("content", "") + d.text
+            elif d.kind == "tool_call":
+                call: dict = {"index": d.tool_index}
+                if d.tool_index not in self.tool_ids:
+                    self.tool_ids[d.tool_index] = d.id
+                    call |= {"id": d.id, "type": "function", "function": {"name": d.name, "arguments": d.arguments or ""}}
+                else:
+                    call["function"] = {"arguments": d.arguments or ""}
+                delta.setdefault("tool_calls", []).append(call)
+        return delta
+
+    def message(self) -> dict:
+        """The whole choice, for a non-streaming response."""
+        result = self.parser.finish()
+        message: dict = {"role": "assistant", "content": result.content, "reasoning_content": result.reasoning_content}
+        if result.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in result.tool_calls]
+        return {"index": self.index, "message": message,
+                "logprobs": {"content": self.logprobs} if self.want_logprobs else None,
+                "finish_reason": self.finish_reason}
+
+
+def chat_logprob(tokenizer: Tokenizer, lp: TokenLogprobs) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        return {"token": token_text(tokenizer, token_id), "logprob": logprob,
+                "bytes": list(tokenizer.decode_bytes([token_id]))}
+
+    return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+
+
+class CompletionChoice:
+    """One choice of a text completion."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool, prefix: str = "") -> None:
+        self.index, self.tokenizer, self.want_logprobs = index, tokenizer, logprobs
+        self.text = prefix
+        self.finish_reason: str | None = None
+        self.num_tokens = self.num_prompt_tokens = self.num_cached_tokens = 0
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def feed(self, out: RequestOutput) -> tuple[str, dict | None]:
+        """-> (new text, this output's logprobs in the completions shape or None)."""
+        self.num_tokens = out.num_output_tokens
+        self.num_prompt_tokens, self.num_cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+        if out.finished:
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        offset = len(self.text)
+        self.text += out.new_text
+        if not self.want_logprobs:
+            return out.new_text, None
+        piece = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in out.logprobs:
+            piece["tokens"].append(token_text(self.tokenizer, lp.token_id))
+            piece["token_logprobs"].append(lp.logprob)
+            piece["top_logprobs"].append({token_text(self.tokenizer, t): v for t, v in lp.top})
+            piece["text_offset"].append(offset)
+        for key, values in piece.items():
+            self.logprobs[key] += values
+        return out.new_text, piece
+
+    def body(self) -> dict:
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs if self.want_logprobs else None,
+                "finish_reason": self.finish_reason}
+
+
+def usage(choices: list, *, num_prompts: int) -> dict:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI bills them."""
+    per_prompt = len(choices) // max(num_prompts, 1)
+    prompt = sum(c.num_prompt_tokens for c in choices[::per_prompt]) if per_prompt else 0
+    cached = sum(c.num_cached_tokens for c in choices[::per_prompt]) if per_prompt else 0
+    completion = sum(c.num_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

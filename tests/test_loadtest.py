@@ -1,0 +1,320 @@
+"""bench.loadtest against a fake OpenAI-compatible server on 127.0.0.1 whose timings and faults we choose.
+
+The fake server streams one token per chunk: the first after FIRST_DELAY, the others TOKEN_DELAY apart, and
+counts prompt tokens with the real tokenizer (plus CHAT_TEMPLATE_TOKENS for chat), so every figure the load
+generator reports can be checked against what the server did. The model name picks the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+from collections import Counter
+from itertools import islice
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bench.loadtest import (ConfigError, LoadConfig, UnsafeTargetError, Workload, check_target, make_prompt,
+                            parse_goodput, run_load)
+from bench.loadtest.arrivals import arrival_gaps
+from bench.loadtest.cli import main
+from bench.loadtest.lengths import LengthSampler
+from model.tokenizer import load_tokenizer
+
+FIRST_DELAY = 0.05
+TOKEN_DELAY = 0.004
+CHAT_TEMPLATE_TOKENS = 7
+ERROR_CYCLE = ("429", "missing_usage", "token_mismatch", "stream_error", "missing_done", "ok")
+
+VLLM_KEYS = {
+    "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput",
+    "total_token_throughput", "request_goodput", "duration", "max_concurrency", "request_rate", "burstiness",
+    "num_prompts", "model_id", "backend", "date",
+    *(f"{stat}_{name}_ms" for stat in ("mean", "median", "p99", "std") for name in ("ttft", "tpot", "itl", "e2el")),
+}
+
+
+# --------------------------------------------------------------------------- the fake server
+
+
+def _fake_app(seen: Counter) -> FastAPI:
+    app = FastAPI()
+    tok = load_tokenizer()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake-ok", "object": "model"}, {"id": "fake-errors"}]}
+
+    async def generate(request: Request, *, chat: bool):
+        body = await request.json()
+        model = body["model"]
+        seen[model] += 1
+        fault = ERROR_CYCLE[(seen[model] - 1) % len(ERROR_CYCLE)] if model == "fake-errors" else "ok"
+        if fault == "429":
+            return JSONResponse({"error": {"message": "too many requests", "code": 429}}, status_code=429)
+        n = body["max_tokens"]
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+        usage = {"prompt_tokens": len(tok.encode(prompt)) + (CHAT_TEMPLATE_TOKENS if chat else 0),
+                 "completion_tokens": n + (fault == "token_mismatch")}
+
+        def chunk(i: int) -> dict:
+            if not chat:
+                return {"choices": [{"index": 0, "text": f" t{i}"}]}
+            # a reasoning model streams its analysis first: both kinds of text are output
+            key = "reasoning_content" if i < 2 else "content"
+            return {"choices": [{"index": 0, "delta": {key: f" t{i}"}}]}
+
+        async def stream():
+            if chat:
+                yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            if model == "fake-slow":
+                await asyncio.sleep(2.0)
+            if model == "fake-malformed":
+                yield "this is not server-sent events\n\n"
+            for i in range(n):
+                await asyncio.sleep(FIRST_DELAY if i == 0 else TOKEN_DELAY)
+                if fault == "stream_error" and i == 2:
+                    yield _sse({"error": {"message": "engine died", "type": "internal_error"}})
+                    return
+                yield _sse(chunk(i))
+            if fault != "missing_usage":
+                yield _sse({"choices": [], "usage": usage})
+            if fault != "missing_done":
+                yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.seen: Counter = Counter()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race for a "free" port
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(_fake_app(self.seen), log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> FakeServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "fake server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fresh(server):
+    server.seen.clear()
+    return server
+
+
+def _config(server: FakeServer, **kw) -> LoadConfig:
+    defaults = dict(url=server.url, endpoint="completions", model="fake-ok", concurrency=4, num_requests=12,
+                    input_len=32, output_len=8, timeout=10.0)
+    return LoadConfig(**(defaults | kw))
+
+
+def _run(config: LoadConfig):
+    return asyncio.run(run_load(config))
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def test_length_draws_stay_within_bounds():
+    rng = random.Random(0)
+    fixed = LengthSampler.build(dist="fixed", mean=100)
+    assert {fixed.draw(rng) for _ in range(100)} == {100}
+    uniform = LengthSampler.build(dist="uniform", mean=100, range_ratio=0.25)
+    draws = [uniform.draw(rng) for _ in range(5000)]
+    assert (uniform.low, uniform.high) == (75, 125) and min(draws) == 75 and max(draws) == 125
+    for mean, sigma in ((216, 1.0), (200, 0.8), (30, 1.0)):
+        sharegpt = LengthSampler.build(dist="sharegpt", mean=mean, sigma=sigma)
+        draws = [sharegpt.draw(rng) for _ in range(20000)]
+        assert sharegpt.low <= min(draws) and max(draws) <= sharegpt.high == 5 * mean
+        assert abs(statistics.mean(draws) - mean) < 0.04 * mean
+        assert statistics.median(draws) < mean  # skewed right, as ShareGPT's lengths are
+
+
+def test_prompts_have_exact_token_counts_and_are_reproducible():
+    tok = load_tokenizer()
+    rng = random.Random(1)
+    for length in (1, 2, 7, 100, 1024, 3000):
+        assert len(tok.encode(make_prompt(tok, length, rng))) == length
+    config = LoadConfig(url="http://127.0.0.1:1", concurrency=1, num_requests=1, length_dist="uniform",
+                        input_len=64, output_len=16, seed=3)
+    a, b = Workload.from_config(config), Workload.from_config(config)
+    other = Workload.from_config(config.replace(seed=4))
+    for i in range(20):
+        spec = a.spec(i)
+        assert len(tok.encode(spec.prompt)) == spec.prompt_len and 32 <= spec.prompt_len <= 96
+        assert 8 <= spec.output_len <= 24
+        assert spec == b.spec(i) and spec.prompt != other.spec(i).prompt
+
+
+def test_arrival_gaps_have_the_asked_mean():
+    for burstiness in (1.0, 0.5):
+        gaps = list(islice(arrival_gaps(rate=20.0, burstiness=burstiness, seed=0), 20000))
+        assert abs(statistics.mean(gaps) - 0.05) < 0.003
+        # the coefficient of variation of a gamma is 1/sqrt(shape): burstier means more spread
+        assert abs(statistics.stdev(gaps) / statistics.mean(gaps) - burstiness ** -0.5) < 0.05
+
+
+# --------------------------------------------------------------------------- safety and options
+
+
+def test_only_loopback_targets_unless_allowed(capsys):
+    for url in ("http://127.0.0.1:8000", "http://127.9.9.9", "http://[::1]:8000/", "http://localhost:1"):
+        check_target(url)
+    for url in ("http://10.0.0.1:8000", "http://example.com", "http://8.8.8.8", "ftp://127.0.0.1"):
+        with pytest.raises(UnsafeTargetError):
+            check_target(url)
+    assert check_target("http://Bench-Box:8000", allow_hosts=["bench-box"]) == "bench-box"
+    with pytest.raises(UnsafeTargetError):
+        asyncio.run(run_load(LoadConfig(url="http://192.0.2.1", concurrency=1, num_requests=1)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--url", "http://192.0.2.1:8000", "--concurrency", "1", "--num-requests", "1", "--no-progress"])
+    assert exit_.value.code == 2
+    assert "refusing to send load to '192.0.2.1'" in capsys.readouterr().err
+
+
+def test_bad_options_are_refused():
+    for kw in (dict(num_requests=None), dict(concurrency=None), dict(concurrency=0), dict(range_ratio=1.0),
+               dict(goodput={"latency": 5})):
+        with pytest.raises(ConfigError):
+            LoadConfig(**(dict(url="http://127.0.0.1", concurrency=1, num_requests=1) | kw)).validate()
+    assert parse_goodput(["ttft:500", "TPOT:50.5"]) == {"ttft": 500.0, "tpot": 50.5}
+    with pytest.raises(ConfigError):
+        parse_goodput(["ttft=500"])
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_concurrency_run_figures_match_the_server(fresh):
+    result = _run(_config(fresh, concurrency=4, num_requests=12, goodput={"ttft": 5000}))
+    assert (result.completed, result.failed, result.cancelled) == (12, 0, 0)
+    assert fresh.seen["fake-ok"] == 12
+    assert result.total_output_tokens == 12 * 8
+    assert result.total_input_tokens == sum(r.prompt_len for r in result.records) == 12 * 32
+    assert result.max_concurrent_requests == 4
+    assert FIRST_DELAY * 1000 <= result.ttft.median < FIRST_DELAY * 1000 + 150  # stats are in ms
+    assert TOKEN_DELAY * 1000 <= result.tpot.median < TOKEN_DELAY * 1000 + 20
+    assert result.itl.count == 12 * 7 and result.e2el.count == 12
+    assert result.e2el.p99 >= result.e2el.p90 >= result.e2el.median >= result.ttft.median
+    assert result.output_throughput == pytest.approx(96 / result.duration)
+    assert result.request_goodput == pytest.approx(result.request_throughput)
+    assert result.errors_by_status == {}
+
+
+def test_chat_counts_reasoning_chunks_and_templated_prompt(fresh):
+    result = _run(_config(fresh, endpoint="chat", model=None, num_requests=6, goodput={"ttft": 1}))
+    assert result.model == "fake-ok"  # taken from GET /v1/models
+    assert (result.completed, result.failed) == (6, 0)
+    assert result.total_input_tokens == 6 * (32 + CHAT_TEMPLATE_TOKENS)
+    # the empty role chunk is not a token; the first reasoning chunk is
+    assert all(r.chunks == 8 for r in result.records)
+    assert result.ttft.median >= FIRST_DELAY * 1000
+    assert result.request_goodput == 0.0  # nobody answers within 1 ms
+
+
+def test_failures_are_counted_by_reason_and_not_retried(fresh):
+    result = _run(_config(fresh, model="fake-errors", num_requests=12, concurrency=3))
+    assert fresh.seen["fake-errors"] == 12  # no retries
+    assert (result.completed, result.failed) == (2, 10)
+    assert result.errors_by_status == {"429": 2, "missing_done": 2, "missing_usage": 2, "stream_error": 2,
+                                       "token_mismatch": 2}
+    assert result.total_output_tokens == 2 * 8  # failures never count as throughput
+    assert "engine died" in result.error_examples["stream_error"]
+
+
+def test_timeouts_malformed_streams_and_refused_connections(fresh):
+    slow = _run(_config(fresh, model="fake-slow", num_requests=2, timeout=0.3))
+    assert slow.errors_by_status == {"timeout": 2} and slow.duration < 1.5
+    garbled = _run(_config(fresh, model="fake-malformed", num_requests=2))
+    assert garbled.errors_by_status == {"malformed_sse": 2}
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        refused = _run(_config(fresh, url=url, num_requests=3))
+        assert refused.errors_by_status == {"connection": 3} and refused.completed == 0
+        # with no --model, the run stops at the model lookup and says so
+        assert main(["--url", url, "--concurrency", "1", "--num-requests", "1", "--no-progress"]) == 1
+
+
+def test_poisson_run_stops_at_its_duration(fresh):
+    begin = time.monotonic()
+    result = _run(_config(fresh, concurrency=None, request_rate=40.0, num_requests=100_000, duration=0.5))
+    assert time.monotonic() - begin < 3.0
+    assert 5 <= result.num_prompts <= 60  # about 20 expected
+    assert result.completed == result.num_prompts and result.failed == 0
+    assert result.to_json_dict()["request_rate"] == 40.0
+
+
+def test_requests_still_running_after_the_grace_period_are_cancelled(fresh):
+    begin = time.monotonic()
+    result = _run(_config(fresh, model="fake-slow", concurrency=2, num_requests=50, duration=0.2,
+                          grace_period=0.2))
+    assert time.monotonic() - begin < 1.5
+    assert (result.num_prompts, result.cancelled, result.failed, result.completed) == (2, 2, 0, 0)
+
+
+def test_result_json_has_vllm_keys(fresh):
+    data = _run(_config(fresh, num_requests=4)).to_json_dict(detailed=True)
+    assert data.keys() >= VLLM_KEYS
+    assert {"errors_by_status", "p90_ttft_ms", "p90_tpot_ms", "p90_itl_ms", "p90_e2el_ms"} <= data.keys()
+    assert data["request_rate"] == "inf" and data["max_concurrency"] == 4
+    assert len(data["ttfts"]) == 4 and data["output_lens"] == [8] * 4
+    json.dumps(data, allow_nan=False)  # strict JSON: no NaN or Infinity
+
+
+def test_sweep_writes_json_table_and_png_with_a_comparison(fresh, tmp_path, capsys):
+    common = ["--url", fresh.url, "--endpoint", "completions", "--model", "fake-ok", "--num-requests", "6",
+              "--input-len", "16", "--output-len", "4", "--no-progress"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert main([*common, "--sweep", "--concurrencies", "1,3", "--label", "ours", "--result-json", str(first)]) == 0
+    sweep = json.loads(first.read_text())
+    assert sweep["swept"] == "max_concurrency" and [p["max_concurrency"] for p in sweep["points"]] == [1, 3]
+    assert all(p["completed"] == 6 and p["total_output_tokens"] == 24 for p in sweep["points"])
+    assert "out tok/s" in capsys.readouterr().out
+    plot = tmp_path / "cmp.png"
+    assert main([*common, "--sweep", "--request-rates", "50,100", "--label", "theirs", "--result-json",
+                 str(second), "--plot", str(plot), "--compare", str(first)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    assert [p["request_rate"] for p in json.loads(second.read_text())["points"]] == [50.0, 100.0]
