@@ -35,8 +35,9 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid body"))
+        location = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = location[0] if location else None  # the request field; the message has the full path
+        message = f"{'.'.join(location)}: {first.get('msg', 'invalid value')}" if location else "invalid request body"
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
     @app.exception_handler(Exception)

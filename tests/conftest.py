@@ -32,3 +32,29 @@ def tiny_mxfp4(tmp_path_factory):
 @pytest.fixture(params=["bf16", "mxfp4"])
 def tiny_checkpoint(request, tiny_bf16, tiny_mxfp4):
     return tiny_bf16 if request.param == "bf16" else tiny_mxfp4
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every Ray test of the session, with a known metrics port."""
+    ray = pytest.importorskip("ray")
+    import os
+
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    metrics_port, http_port = free_port(), free_port()
+    # workers import the project as installed (`pip install -e .`)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    yield {"metrics_url": f"http://127.0.0.1:{metrics_port}/metrics", "http_url": f"http://127.0.0.1:{http_port}"}
+    serve.shutdown()
+    ray.shutdown()

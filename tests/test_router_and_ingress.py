@@ -1,0 +1,143 @@
+"""The Router's batching window and the ingress's error paths, in-process (no Ray): the deployments are plain
+classes, so they run here with a stand-in for the handles they are given."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from cluster.engine import RequestOutput
+from cluster.sampling_params import SamplingParams
+from deployments.args import AppArgs
+from deployments.messages import EngineRequest, StreamItem
+from deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from deployments.router import Router
+
+
+class FakeReplicas:
+    """Stands in for the AttentionReplica handle: each request yields `tokens` outputs, `delay` apart."""
+
+    def __init__(self, *, tokens: int = 3, delay: float = 0.05) -> None:
+        self.tokens, self.delay = tokens, delay
+        self.batches: list[list[str]] = []
+        self.aborted: list[str] = []
+        outer = self
+
+        class Method:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def remote(self, *args, **kwargs):
+                return self.fn(*args, **kwargs)
+
+        self.generate_batch = Method(self._generate_batch)
+
+        async def abort(ids, target_replica=None):
+            outer.aborted += ids
+
+        self.abort = Method(abort)
+
+    def options(self, **kwargs):
+        return self
+
+    async def _generate_batch(self, requests: list[EngineRequest]):
+        self.batches.append([r.request_id for r in requests])
+        yield "replica-0"
+        for n in range(1, self.tokens + 1):
+            await asyncio.sleep(self.delay)
+            yield [StreamItem(r.request_id, output=RequestOutput(r.request_id, [7], "x", n == self.tokens,
+                                                                 "length" if n == self.tokens else None,
+                                                                 num_output_tokens=n)) for r in requests]
+
+
+def request(i: int) -> EngineRequest:
+    return EngineRequest(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), arrival_time=time.time())
+
+
+async def collect(router: Router, req: EngineRequest) -> list[StreamItem]:
+    return [item async for items in router.generate(req) for item in items]
+
+
+def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
+    async def main():
+        replicas = FakeReplicas(tokens=3, delay=0.05)
+        router = Router(replicas, model_name="m", max_batch_size=8, max_wait_ms=50)
+        start = time.monotonic()
+        first = asyncio.create_task(collect(router, request(0)))
+        await asyncio.sleep(0.01)
+        assert replicas.batches == [["r0"]] and time.monotonic() - start < 0.04  # idle: no waiting window
+        # replicas busy now: the next arrivals wait together for a short window
+        rest = [asyncio.create_task(collect(router, request(i))) for i in range(1, 4)]
+        outputs = await asyncio.gather(first, *rest)
+        assert replicas.batches[1:] == [["r1", "r2", "r3"]]
+        assert all(len(items) == 3 and items[-1].output.finished for items in outputs)
+        assert router.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_client_leaving_aborts_on_its_replica():
+    async def main():
+        replicas = FakeReplicas(tokens=50, delay=0.02)
+        router = Router(replicas, model_name="m")
+        stream = router.generate(request(9))
+        await stream.__anext__()
+        await stream.aclose()
+        await asyncio.sleep(0.05)
+        assert replicas.aborted == ["r9"]
+
+    asyncio.run(main())
+
+
+def test_a_failing_replica_fails_its_requests_with_503():
+    class Broken(FakeReplicas):
+        async def _generate_batch(self, requests):
+            yield "replica-0"
+            raise RuntimeError("replica died")
+
+    async def main():
+        router = Router(Broken(), model_name="m")
+        items = await collect(router, request(1))
+        assert items[-1].status == 503 and "replica died" in items[-1].error
+
+    asyncio.run(main())
+
+
+class ExplodingRouter:
+    def options(self, **kwargs):
+        return self
+
+    class generate:  # noqa: N801 - mimics handle.generate.remote(...)
+        @staticmethod
+        def remote(request):
+            raise RuntimeError("secret internal detail\nTraceback (most recent call last): ...")
+
+
+@pytest.fixture
+def client():
+    app = build_fastapi_app(OpenAIIngress(ExplodingRouter(), AppArgs()))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
+
+
+def test_internal_errors_are_500_without_a_traceback(client):
+    async def main():
+        async with client:
+            r = await client.post("/v1/completions", json={"model": "gpt-oss", "prompt": "hi"})
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "internal_server_error"
+        assert "Traceback" not in r.text and "secret" not in r.text
+
+    asyncio.run(main())
+
+
+def test_malformed_json_is_a_400(client):
+    async def main():
+        async with client:
+            r = await client.post("/v1/chat/completions", content=b"{not json",
+                                  headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+    asyncio.run(main())
