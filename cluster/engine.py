@@ -18,6 +18,7 @@ import torch
 from cluster.block_manager import BlockManager
 from cluster.detokenizer import StreamingText
 from cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
+from cluster.expert_exchange import ExpertsUnavailableError
 from cluster.kv_cache import KVCache
 from cluster.model_runner import ModelRunner
 from cluster.sampler import Sampler, SamplingState, TokenLogprobs
@@ -44,6 +45,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    error: str | None = None  # set when the request failed in a step (finish_reason "error")
 
 
 @dataclass
@@ -69,7 +71,7 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, model: GptOssForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), *,
-                 default_stop_token_ids: tuple[int, ...] | None = None) -> None:
+                 default_stop_token_ids: tuple[int, ...] | None = None, micro_batches: int = 1) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.num_blocks = resolve_num_blocks(config, model.config, dtype=model.dtype, device=model.device)
         self.max_model_len = resolve_max_model_len(config, model.config, self.num_blocks)
@@ -79,7 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.blocks)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
-                                                 block_size=config.block_size, dtype=model.dtype, device=model.device))
+                                                 block_size=config.block_size, dtype=model.dtype, device=model.device),
+                                  micro_batches=micro_batches)
         self.sampler = Sampler()
         self.default_stop_token_ids = tuple(default_stop_token_ids or tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -141,7 +144,10 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.run(scheduled)  # [S, vocab] for the sequences that sample
+        try:
+            logits = self.runner.run(scheduled)  # [S, vocab] for the sequences that sample
+        except ExpertsUnavailableError as e:  # the step's requests fail; the engine and the others go on
+            return [self._fail(seq, str(e)) for seq, _ in scheduled]
         sampling = []
         for seq, n in scheduled:
             seq.num_computed_tokens += n
@@ -173,6 +179,13 @@ class LLMEngine:
             request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
             finish_reason=reason, stop_reason=stop_reason, logprobs=[logprobs] if logprobs else [],
             num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens)
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        self.scheduler.finish(seq, "error")
+        self.requests.pop(seq.request_id, None)
+        return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
+                             finish_reason="error", error=error, num_prompt_tokens=len(seq.prompt_token_ids),
+                             num_output_tokens=len(seq.output_token_ids))
 
     # ---- offline API ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]],

@@ -59,14 +59,43 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: GptOssForCausalLM, cache: KVCache) -> None:
+    def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1) -> None:
+        """micro_batches > 1 splits a step into that many groups of sequences, run ping-pong (see
+        Decoder.forward_interleaved): worth it when experts are remote, so their exchange hides behind attention."""
         self.model, self.cache = model, cache
         self.device = model.device
+        self.micro_batches = micro_batches
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """(sequence, number of new tokens) pairs -> float32 logits [S, vocab] for the S sequences that sample,
         in the order given."""
+        groups = self._split(scheduled)
+        prepared = [self._prepare(group) for group in groups]
+        if len(prepared) == 1:
+            ids, positions, attend, rows = prepared[0]
+            hidden = [self.model.model(ids, positions, attend)]  # [N, H]
+        else:
+            hidden = self.model.model.forward_interleaved([(ids, pos, attend) for ids, pos, attend, _ in prepared])
+        return torch.cat([self.model.compute_logits(h[rows]) for h, (_, _, _, rows) in zip(hidden, prepared)])
+
+    def _split(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """Contiguous groups with about the same number of tokens each (order kept: logits follow it)."""
+        k = min(self.micro_batches, len(scheduled))
+        if k <= 1:
+            return [scheduled]
+        total = sum(n for _, n in scheduled)
+        groups, current, done = [], [], 0
+        for seq, n in scheduled:
+            current.append((seq, n))
+            done += n
+            if len(groups) < k - 1 and done >= total * (len(groups) + 1) / k:
+                groups.append(current)
+                current = []
+        return groups + ([current] if current else [])
+
+    def _prepare(self, scheduled: list[tuple[Sequence, int]]):
+        """-> (token ids [N], positions [N], the attention backend, rows [S] of the sampling sequences)."""
         block_size = self.cache.block_size
         ids, positions, query_lens, context_lens, last_rows = [], [], [], [], []
         slots: dict[str, list[int]] = {g: [] for g in scheduled[0][0].block_tables}
@@ -87,11 +116,10 @@ class ModelRunner:
         rows = [0, *itertools.accumulate(query_lens)]  # first row of each sequence
         batch = StepBatch(
             block_tables=tables,
-            slot_mapping={g: torch.tensor(s, device=self.device) for g, s in slots.items()},
+            slot_mapping={g: torch.tensor(s, dtype=torch.long, device=self.device) for g, s in slots.items()},
             decode_seqs=torch.tensor(decode, dtype=torch.long, device=self.device),
             decode_rows=torch.tensor([rows[b] for b in decode], dtype=torch.long, device=self.device),
             decode_context_lens=torch.tensor([context_lens[b] for b in decode], dtype=torch.long, device=self.device),
             prefills=[(b, rows[b], n, context_lens[b]) for b, n in enumerate(query_lens) if n > 1])
-        hidden = self.model.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                                  PagedAttention(self.cache, batch))  # [N, H]
-        return self.model.compute_logits(hidden[torch.tensor(last_rows, dtype=torch.long, device=self.device)])
+        return (torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                PagedAttention(self.cache, batch), torch.tensor(last_rows, dtype=torch.long, device=self.device))

@@ -48,6 +48,13 @@ class AppArgs(BaseModel):
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
                                                              "while replicas are busy (never when idle)")
     route_prefix: str = "/"
+    # expert parallelism: 0 workers keeps the experts inside each attention replica (colocated)
+    num_moe_workers: int = Field(0, ge=0, description="MoEWorker actors sharing every layer's experts evenly")
+    num_gpus_per_moe_worker: float = Field(0, ge=0)
+    num_cpus_per_moe_worker: float = Field(1, ge=0)
+    expert_transport: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, else gloo")
+    micro_batches: int = Field(2, ge=1, le=8, description="ping-pong micro-batches a step (with MoE workers)")
+    expert_timeout_s: float = Field(10.0, gt=0, description="longest a replica waits for a worker's answer")
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
@@ -55,7 +62,31 @@ class AppArgs(BaseModel):
             raise ValueError("num_gpus_per_replica must be > 0 when device is 'cuda'")
         if self.device == "cpu" and self.num_gpus_per_replica > 0:
             raise ValueError("num_gpus_per_replica must be 0 when device is 'cpu'")
+        if self.expert_transport == "nccl" and self.num_moe_workers and not (
+                self.num_gpus_per_moe_worker and self.resolved_device == "cuda"):
+            raise ValueError("expert_transport 'nccl' needs GPUs for the attention replicas and the MoE workers")
         return self
+
+    @property
+    def resolved_transport(self) -> str:
+        if self.expert_transport != "auto":
+            return self.expert_transport
+        return "nccl" if self.resolved_device == "cuda" and self.num_gpus_per_moe_worker > 0 else "gloo"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def resolved_model_dir(self):
+        """The local checkpoint directory (a hub id is downloaded; the default model written on first use)."""
+        from deployments.default_model import default_model_dir
+        from model.hub import resolve_checkpoint
+
+        return resolve_checkpoint(self.resolved_model) if self.resolved_model else default_model_dir()
 
     @property
     def resolved_model(self) -> str | None:

@@ -15,8 +15,9 @@ import torch
 from cluster.async_engine import AsyncEngine, EngineDeadError
 from cluster.engine import LLMEngine, RequestOutput
 from cluster.engine_config import EngineConfig
+from cluster.remote_experts import ExpertLink, RemoteExperts
 from deployments.args import AppArgs
-from deployments.default_model import default_model_dir
+from deployments.expert_pool import current_app_name, worker_name
 from deployments.messages import EngineRequest, StreamItem
 from deployments.metrics import ReplicaMetrics
 from model.loader import load_model
@@ -34,13 +35,31 @@ def engine_config(args: AppArgs) -> EngineConfig:
         enable_prefix_caching=e.enable_prefix_caching)
 
 
-def build_engine(args: AppArgs, *, experts_factory=None) -> LLMEngine:
+def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> LLMEngine:
+    """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer."""
     device = args.resolved_device
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = load_model(args.resolved_model or default_model_dir(), device=device, dtype=dtype,
-                       experts_factory=experts_factory)
-    return LLMEngine(model, load_tokenizer(), engine_config(args))
+    factory, micro_batches = None, 1
+    if expert_workers:
+        link = ExpertLink(expert_workers, backend=args.resolved_transport, device=torch.device(device),
+                          timeout_s=args.expert_timeout_s)
+        factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
+    model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
+    return LLMEngine(model, load_tokenizer(), engine_config(args), micro_batches=micro_batches)
+
+
+def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:
+    """The ExpertPool's workers, by name (the pool may still be creating them)."""
+    import ray
+
+    names = [worker_name(current_app_name(), i) for i in range(args.num_moe_workers)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return [ray.get_actor(name) for name in names]
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MoE workers {names} did not appear within {timeout_s:.0f} s") from None
+            time.sleep(1)
 
 
 def current_replica_id() -> str:
@@ -54,10 +73,12 @@ def current_replica_id() -> str:
 
 
 class AttentionReplica:
-    def __init__(self, args: AppArgs) -> None:
+    def __init__(self, args: AppArgs, *, expert_pool=None) -> None:
+        """expert_pool: the ExpertPool deployment (bound so that Serve starts it first), or None: colocated."""
         self.args = args
         self.replica_id = current_replica_id()
-        self.engine = AsyncEngine(build_engine(args))
+        workers = find_expert_workers(args) if args.num_moe_workers else None
+        self.engine = AsyncEngine(build_engine(args, expert_workers=workers))
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.tasks: dict[str, asyncio.Task] = {}
         self.stats: dict[str, float | str] = self._read_stats(self.engine.engine)
@@ -107,6 +128,9 @@ class AttentionReplica:
         last = None
         try:
             async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params):
+                if out.error is not None:  # the step failed (a MoE worker was lost): this request ends
+                    items.put_nowait(StreamItem(request.request_id, error=out.error, status=503))
+                    break
                 last = self._observe(request, out, last)
                 items.put_nowait(StreamItem(request.request_id, output=out))
         except ValueError as e:

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from pathlib import Path
+
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.args import AppArgs
 from deployments.attention_replica import AttentionReplica
+from deployments.expert_pool import NO_MULTICAST, ExpertPool
 from deployments.openai_ingress import OpenAIIngress
 from deployments.router import Router
+from model.config import GptOssConfig
+from model.errors import CheckpointError
+from model.synthetic import preset_config
 
 ROUTING_STATS_PERIOD_S = 1.0
 
@@ -40,21 +46,59 @@ def parse_args(raw: dict[str, Any] | AppArgs) -> AppArgs:
         raise ValueError(f"invalid gptoss-serve app args: {problems}") from None
 
 
+def model_config(args: AppArgs) -> GptOssConfig:
+    """The model's config.json, without loading (or downloading) any weights."""
+    if not args.resolved_model:
+        return preset_config("tiny")
+    path = Path(args.resolved_model).expanduser()
+    if path.is_dir():
+        return GptOssConfig.from_file(path / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return GptOssConfig.from_file(hf_hub_download(args.resolved_model, "config.json"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - no network, unknown id
+        raise ValueError(f"invalid gptoss-serve app args: model: cannot read config.json of "
+                         f"{args.resolved_model!r} ({type(e).__name__}: {e})") from None
+
+
+def check_expert_split(args: AppArgs) -> None:
+    """Every worker must hold the same number of experts of every layer."""
+    if not args.num_moe_workers:
+        return
+    experts = model_config(args).num_local_experts
+    if args.num_moe_workers > experts:
+        raise ValueError(f"invalid gptoss-serve app args: num_moe_workers: {args.num_moe_workers} workers for "
+                         f"{experts} experts; at most one worker per expert")
+    if experts % args.num_moe_workers:
+        raise ValueError(f"invalid gptoss-serve app args: num_moe_workers: {experts} experts do not divide evenly "
+                         f"over {args.num_moe_workers} workers")
+
+
 def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
     args = parse_args(raw_args or {})
+    check_expert_split(args)
+    pool = None
+    if args.num_moe_workers:
+        # it owns the workers' placement group; the attention replicas find the workers by name
+        pool = serve.deployment(ExpertPool, name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                                health_check_period_s=2).bind(args)
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
         num_replicas=args.num_attention_replicas,
         max_ongoing_requests=10_000,  # a call is a whole batch; the engine queues, not Serve
-        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
+        ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
+                           "runtime_env": {"env_vars": NO_MULTICAST}},
         request_router_config=RequestRouterConfig(
             request_router_class="deployments.placement:MostRoomRouter",
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
         health_check_period_s=5,
         health_check_timeout_s=30,
-    ).bind(args)
+    ).bind(args, expert_pool=pool)
     router = serve.deployment(Router, name="Router", max_ongoing_requests=100_000,
                               ray_actor_options={"num_cpus": 0}).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,

@@ -26,6 +26,14 @@ class Experts(Protocol):
 ExpertsFactory = Callable[[int], Experts]
 
 
+class SplitExperts(Protocol):
+    """Experts that can start a layer and finish it later (remote ones overlap other work in between)."""
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> object: ...
+
+    def combine(self, pending: object) -> torch.Tensor: ...
+
+
 def swiglu(gate_up: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss's clamped SwiGLU on interleaved [..., 2I] gate/up columns -> [..., I]."""
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
@@ -53,6 +61,12 @@ class LocalExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
         self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once
+
+    def combine(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if _grouped_mm_supported(hidden):

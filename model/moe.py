@@ -35,3 +35,12 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [N, H]
         expert_ids, weights = self.router(flat)
         return self.experts(flat, expert_ids, weights).view_as(x)
+
+    def begin(self, x: torch.Tensor) -> object:
+        """Routes x [..., H] and hands it to the experts without waiting for them (see `end`)."""
+        flat = x.reshape(-1, x.shape[-1])
+        expert_ids, weights = self.router(flat)
+        return self.experts.dispatch(flat, expert_ids, weights)
+
+    def end(self, pending: object, like: torch.Tensor) -> torch.Tensor:
+        return self.experts.combine(pending).view_as(like)

@@ -29,6 +29,14 @@ class DecoderBlock(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def begin(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend):
+        """forward, split where the experts are: attention, routing, dispatch -> (residual, pending)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x, self.mlp.begin(self.post_attention_layernorm(x))
+
+    def end(self, x: torch.Tensor, pending: object) -> torch.Tensor:
+        return x + self.mlp.end(pending, x)
+
 
 class Decoder(nn.Module):
     """The stack under the unembedding; named `model` in the causal LM, as in the checkpoints."""
@@ -47,6 +55,18 @@ class Decoder(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, attend)
         return self.norm(x)
+
+    def forward_interleaved(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, AttentionBackend]]):
+        """Several micro-batches layer by layer, ping-pong: while one micro-batch is with the experts, the next
+        one's attention runs. Same result as `forward` on each. -> final-normed hidden states, one per batch."""
+        states = []
+        for input_ids, positions, _ in micro_batches:
+            states.append((self.embed_tokens(input_ids), self.rotary_emb(positions)))
+        for block in self.layers:
+            started = [block.begin(x, cos, sin, attend)
+                       for (x, (cos, sin)), (_, _, attend) in zip(states, micro_batches)]
+            states = [(block.end(x, pending), rope) for (x, pending), (_, rope) in zip(started, states)]
+        return [self.norm(x) for x, _ in states]
 
 
 class GptOssForCausalLM(nn.Module):

@@ -210,3 +210,11 @@ def test_async_engine_streams_deltas_and_aborts_on_disconnect(model, tokenizer):
             front.shutdown()
 
     asyncio.run(main())
+
+
+def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
+    ps = prompts(9, 41, 70, 23, seed=10)
+    plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)).generate(ps, GREEDY)
+    split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512),
+                      micro_batches=2).generate(ps, GREEDY)
+    assert [r.token_ids for r in split] == [r.token_ids for r in plain]

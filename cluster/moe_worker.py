@@ -1,0 +1,64 @@
+"""MoEWorker: holds experts [first, first + count) of every layer and serves attention replicas' layers.
+
+A plain class; the ExpertPool deployment runs N of them as Ray actors in a placement group. Its shard is read
+straight from the checkpoint (rows of the expert tensors), never the whole model. Each attention replica that
+joins gets its own process group and its own serving thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from cluster.expert_exchange import make_group, serve_replica
+from model.checkpoint import CheckpointReader
+from model.experts import LocalExperts
+
+
+def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
+    """(first, count) of worker `index`; the split must be even (checked when the app is built)."""
+    per = num_experts // num_workers
+    return index * per, per
+
+
+class MoEWorker:
+    def __init__(self, checkpoint: str, *, index: int, num_workers: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.index, self.device = index, torch.device(device)
+        with CheckpointReader(checkpoint, device=self.device) as reader:
+            self.config = reader.config
+            self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)
+            self.experts = []
+            for layer in range(self.config.num_hidden_layers):
+                experts = LocalExperts(self.config, first=self.first, count=self.count).to(dtype).to(self.device)
+                weights = reader.read_experts(layer, first=self.first, count=self.count, dtype=dtype)
+                with torch.no_grad():
+                    for key, tensor in weights.items():
+                        getattr(experts, key).copy_(tensor)
+                self.experts.append(experts.requires_grad_(False))
+        self.links: dict[str, threading.Thread] = {}
+
+    def shard(self) -> tuple[int, int]:
+        return self.first, self.count
+
+    def ping(self) -> dict:
+        return {"index": self.index, "links": sum(t.is_alive() for t in self.links.values())}
+
+    def join(self, *, host: str, port: int, rank: int, world_size: int, prefix: str, backend: str) -> bool:
+        """Joins one replica's process group (blocks until every member has joined), then serves it."""
+        group, _store = make_group(backend=backend, host=host, port=port, rank=rank, world_size=world_size,
+                                  is_master=False, prefix=prefix)
+        staging = self.device if backend == "nccl" else torch.device("cpu")
+
+        def serve() -> None:
+            try:
+                serve_replica(group, self.experts, hidden_size=self.config.hidden_size,
+                              top_k=self.config.num_experts_per_tok, device=self.device, staging=staging)
+            except RuntimeError:
+                pass  # the replica went away or reconnected: this link is over
+
+        thread = threading.Thread(target=serve, name=f"moe-link-{prefix}", daemon=True)
+        thread.start()
+        self.links[prefix] = thread
+        return True

@@ -1,0 +1,92 @@
+"""The replica's side of expert parallelism: per-layer Experts that live on MoE workers, and the link to them.
+
+`ExpertLink` forms the replica's process group with the workers (through one Ray call per worker, at start and
+after a failure, never per step) and rebuilds it when a worker was restarted. `RemoteExperts` is what each MoE
+layer of the model is handed instead of local experts.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import ray
+import torch
+
+from cluster.expert_exchange import ExpertClient, ExpertsUnavailableError, PendingExchange, Shard, make_group
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+def _host_ip() -> str:
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - outside Ray (tests)
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ExpertLink:
+    def __init__(self, workers: list, *, backend: str, device: torch.device, timeout_s: float = 10.0) -> None:
+        """workers: Ray actor handles of the MoE workers, in rank order."""
+        self.workers, self.backend, self.device, self.timeout_s = workers, backend, device, timeout_s
+        self.shards = [Shard(*shard) for shard in ray.get([w.shard.remote() for w in workers])]
+        self.client: ExpertClient | None = None
+        self.reconnects = 0
+
+    def get(self) -> ExpertClient:
+        if self.client is None:
+            self.connect()
+        return self.client
+
+    def connect(self) -> None:
+        try:
+            ray.get([w.ping.remote() for w in self.workers], timeout=5)
+        except Exception as e:  # noqa: BLE001 - dead, restarting or hung: fail fast, retry next step
+            raise ExpertsUnavailableError(f"MoE workers are not ready ({type(e).__name__})") from None
+        host, port, prefix = _host_ip(), _free_port(), f"link-{uuid.uuid4().hex[:12]}"
+        world = len(self.workers) + 1
+        joins = [w.join.remote(host=host, port=port, rank=i + 1, world_size=world, prefix=prefix,
+                               backend=self.backend) for i, w in enumerate(self.workers)]
+        group, self._store = make_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
+                                        is_master=True, prefix=prefix)
+        try:
+            ray.get(joins, timeout=CONNECT_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001
+            raise ExpertsUnavailableError(f"MoE workers did not join ({type(e).__name__}: {e})") from None
+        staging = self.device if self.backend == "nccl" else torch.device("cpu")
+        self.client = ExpertClient(group, self.shards, device=self.device, timeout_s=self.timeout_s, staging=staging)
+        self.reconnects += 1
+
+    def reset(self) -> None:
+        """After a failure: the next step reconnects (the workers may have been restarted meanwhile)."""
+        self.client = None
+
+
+class RemoteExperts:
+    """One MoE layer's experts, on the workers."""
+
+    def __init__(self, layer: int, link: ExpertLink) -> None:
+        self.layer, self.link = layer, link
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> PendingExchange:
+        try:
+            return self.link.get().dispatch(self.layer, hidden, expert_ids, weights)
+        except ExpertsUnavailableError:
+            self.link.reset()
+            raise
+
+    def combine(self, pending: PendingExchange) -> torch.Tensor:
+        try:
+            return pending.client.combine(pending)
+        except ExpertsUnavailableError:
+            self.link.reset()
+            raise
+
+    def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.dispatch(hidden, expert_ids, weights))
