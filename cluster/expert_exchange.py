@@ -14,7 +14,8 @@ Ray does the placement and the rendezvous (who is which rank, where the store is
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,17 @@ class PendingExchange:
     client: ExpertClient | None = None
 
 
+@dataclass
+class ExchangeStats:
+    """What the exchange did since the last look (the replica turns it into metrics)."""
+
+    tokens_per_worker: list[int]
+    tokens_per_expert: list[int]
+    dispatch_seconds: list[float] = field(default_factory=list)  # per layer: routing + sending
+    combine_seconds: list[float] = field(default_factory=list)  # per layer: waiting for the answers
+    step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
+
+
 class ExpertClient:
     """The replica's side: dispatch a layer's routed tokens to the workers, combine their answers."""
 
@@ -70,19 +82,35 @@ class ExpertClient:
         # gloo moves CPU tensors: GPU activations go through host memory
         self.staging = staging or device
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.bytes_sent = self.bytes_received = 0
-        self.tokens_per_worker = [0] * len(shards)
+        self.num_experts = shards[-1].first + shards[-1].count
+        self.stats = self._fresh_stats()
+        self._step_bytes, self._last_layer = 0, -1
+
+    def _fresh_stats(self) -> ExchangeStats:
+        return ExchangeStats([0] * len(self.shards), [0] * self.num_experts)
+
+    def drain(self) -> ExchangeStats:
+        stats, self.stats = self.stats, self._fresh_stats()
+        return stats
 
     def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> PendingExchange:
         """hidden [T, H], expert_ids/weights [T, K] -> an exchange in flight (nothing waits here)."""
+        start = time.perf_counter()
+        if layer == 0 and self._last_layer != 0:  # a new step begins (its micro-batches all start at layer 0)
+            if self._step_bytes:
+                self.stats.step_bytes.append(self._step_bytes)
+            self._step_bytes = 0
+        self._last_layer = layer
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).tolist()
+        self.stats.tokens_per_expert = [a + b for a, b in zip(self.stats.tokens_per_expert, counts)]
         out = torch.zeros_like(hidden)
         parts, sends = [], []
         for worker, shard in enumerate(self.shards):
             local = (expert_ids >= shard.first) & (expert_ids < shard.first + shard.count)  # [T, K]
             rows = local.any(dim=1).nonzero().flatten()  # [n] tokens this worker must see
             n = rows.numel()
-            self.tokens_per_worker[worker] += n
+            self.stats.tokens_per_worker[worker] += n
             rank = worker + 1
             header = torch.tensor([layer, n, 1], dtype=torch.int64)
             try:
@@ -94,14 +122,16 @@ class ExpertClient:
                 w = weights[rows].to(self.staging, torch.float32).contiguous()
                 for tensor, tag in ((x, HIDDEN), (ids, IDS), (w, WEIGHTS)):
                     sends.append((self.group.send([tensor], rank, tag), tensor))
-                    self.bytes_sent += tensor.numel() * tensor.element_size()
+                    self._step_bytes += tensor.numel() * tensor.element_size()
                 result = torch.empty_like(x)
                 parts.append((rows, result, self.group.recv([result], rank, RESULT)))
             except RuntimeError as e:
                 raise ExpertsUnavailableError(f"MoE worker {worker} is unreachable ({e})") from None
+        self.stats.dispatch_seconds.append(time.perf_counter() - start)
         return PendingExchange(out, parts, sends, self)
 
     def combine(self, pending: PendingExchange) -> torch.Tensor:
+        start = time.perf_counter()
         works = [work for work, _ in pending.sends] + [work for _, _, work in pending.parts]
         for worker_rows, result, work in pending.parts:
             try:
@@ -111,8 +141,9 @@ class ExpertClient:
             except RuntimeError as e:
                 raise ExpertsUnavailableError(
                     f"a MoE worker did not answer within {self.timeout.total_seconds():.0f} s ({e})") from None
-            self.bytes_received += result.numel() * result.element_size()
+            self._step_bytes += result.numel() * result.element_size()
             pending.out.index_add_(0, worker_rows, result.to(pending.out.device, pending.out.dtype))
+        self.stats.combine_seconds.append(time.perf_counter() - start)
         return pending.out
 
     def close(self) -> None:

@@ -63,6 +63,10 @@ class ExpertLink:
         self.client = ExpertClient(group, self.shards, device=self.device, timeout_s=self.timeout_s, staging=staging)
         self.reconnects += 1
 
+    def drain_stats(self):
+        """The exchange's stats since the last call (None while disconnected)."""
+        return self.client.drain() if self.client is not None else None
+
     def reset(self) -> None:
         """After a failure: the next step reconnects (the workers may have been restarted meanwhile)."""
         self.client = None

@@ -19,7 +19,7 @@ from cluster.remote_experts import ExpertLink, RemoteExperts
 from deployments.args import AppArgs
 from deployments.expert_pool import current_app_name, worker_name
 from deployments.messages import EngineRequest, StreamItem
-from deployments.metrics import ReplicaMetrics
+from deployments.metrics import ExpertMetrics, ReplicaMetrics
 from model.loader import load_model
 from model.tokenizer import load_tokenizer
 
@@ -35,16 +35,16 @@ def engine_config(args: AppArgs) -> EngineConfig:
         enable_prefix_caching=e.enable_prefix_caching)
 
 
-def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> LLMEngine:
-    """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer."""
+def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> tuple[LLMEngine, ExpertLink | None]:
+    """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer, and their link."""
     device = args.resolved_device
-    factory, micro_batches = None, 1
+    factory, micro_batches, link = None, 1, None
     if expert_workers:
         link = ExpertLink(expert_workers, backend=args.resolved_transport, device=torch.device(device),
                           timeout_s=args.expert_timeout_s)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
-    return LLMEngine(model, load_tokenizer(), engine_config(args), micro_batches=micro_batches)
+    return LLMEngine(model, load_tokenizer(), engine_config(args), micro_batches=micro_batches), link
 
 
 def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:
@@ -78,8 +78,11 @@ class AttentionReplica:
         self.args = args
         self.replica_id = current_replica_id()
         workers = find_expert_workers(args) if args.num_moe_workers else None
-        self.engine = AsyncEngine(build_engine(args, expert_workers=workers))
+        engine, self.expert_link = build_engine(args, expert_workers=workers)
+        self.engine = AsyncEngine(engine)
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
+        self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \
+            if self.expert_link is not None else None
         self.tasks: dict[str, asyncio.Task] = {}
         self.stats: dict[str, float | str] = self._read_stats(self.engine.engine)
         self._prefix_seen = (0, 0)
@@ -177,6 +180,10 @@ class AttentionReplica:
             if hits > self._prefix_seen[1]:
                 m.prefix_hits.inc(hits - self._prefix_seen[1], tags=tags)
             self._prefix_seen = (queries, hits)
+            if self.expert_link is not None:
+                exchange = await self.engine.call(lambda engine: self.expert_link.drain_stats())
+                if exchange is not None:
+                    self.expert_metrics.record(exchange)
             await asyncio.sleep(STATS_PERIOD_S)
 
     def _read_stats(self, engine: LLMEngine) -> dict:

@@ -49,3 +49,35 @@ class RouterMetrics:
         self.batch_wait = Histogram("gptoss_router_batch_wait_seconds",
                                     description="time a request waited for its batch to leave",
                                     boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+
+
+class ExpertMetrics:
+    """Expert parallelism, seen from an attention replica: load balance, exchange latency and volume."""
+
+    def __init__(self, *, model: str, replica: str) -> None:
+        self.tags = {"model": model, "replica": replica}
+        self.worker_tokens = Counter("gptoss_expert_tokens_dispatched", description="tokens sent to each MoE worker",
+                                     tag_keys=(*TAGS, "worker"))
+        self.expert_tokens = Counter("gptoss_expert_tokens_routed", description="(token, expert) pairs per expert",
+                                     tag_keys=(*TAGS, "expert"))
+        self.dispatch = Histogram("gptoss_expert_dispatch_seconds", description="routing and sending, per layer",
+                                  boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+        self.combine = Histogram("gptoss_expert_combine_seconds", description="waiting for experts, per layer",
+                                 boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
+        self.step_bytes = Histogram("gptoss_expert_exchange_bytes_per_step", description="bytes sent + received",
+                                    boundaries=[2**k for k in range(10, 34, 2)], tag_keys=TAGS)
+
+    def record(self, stats) -> None:
+        tags = self.tags
+        for worker, n in enumerate(stats.tokens_per_worker):
+            if n:
+                self.worker_tokens.inc(n, tags={**tags, "worker": str(worker)})
+        for expert, n in enumerate(stats.tokens_per_expert):
+            if n:
+                self.expert_tokens.inc(n, tags={**tags, "expert": str(expert)})
+        for seconds in stats.dispatch_seconds:
+            self.dispatch.observe(seconds, tags=tags)
+        for seconds in stats.combine_seconds:
+            self.combine.observe(seconds, tags=tags)
+        for n in stats.step_bytes:
+            self.step_bytes.observe(n, tags=tags)

@@ -79,6 +79,25 @@ def test_same_tokens_as_colocated_and_transformers(app, tiny_bf16):
         assert reference == expected
 
 
+def test_exchange_metrics_per_worker_and_expert(app, ray_cluster):
+    from tests.test_serve_app import scrape_samples
+
+    complete(app, prompts()[2])
+    deadline = time.monotonic() + 40
+    while True:
+        samples = scrape_samples(ray_cluster["metrics_url"], MODEL)
+        workers = {labels["worker"] for name, labels, _ in samples
+                   if name == "ray_gptoss_expert_tokens_dispatched_total"}
+        experts = {labels["expert"] for name, labels, _ in samples if name == "ray_gptoss_expert_tokens_routed_total"}
+        names = {name for name, _, _ in samples}
+        if workers == {"0", "1"} and len(experts) > 1 and {
+                "ray_gptoss_expert_dispatch_seconds_count", "ray_gptoss_expert_combine_seconds_count",
+                "ray_gptoss_expert_exchange_bytes_per_step_count"} <= names:
+            break
+        assert time.monotonic() < deadline, (workers, experts, sorted(n for n in names if "expert" in n))
+        time.sleep(2)
+
+
 def test_lost_worker_fails_requests_fast_then_service_resumes(app):
     import ray
 

@@ -183,15 +183,21 @@ def test_full_queue_gets_429_with_retry_after(app):
     wait_until_idle()
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Sums each metric over its label sets (one replica here)."""
+def scrape_samples(url: str, model: str) -> list[tuple[str, dict, float]]:
+    """(name, labels, value) of our series for one served model."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return [(sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+            for sample in family.samples
+            if sample.name.startswith("ray_gptoss_") and sample.labels.get("model") == model]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums each metric over its label sets (one replica here)."""
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
-        for sample in family.samples:
-            if sample.name.startswith("ray_gptoss_") and sample.labels.get("model") == MODEL:
-                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    for name, _, value in scrape_samples(url, MODEL):
+        totals[name] = totals.get(name, 0.0) + value
     return totals
 
 
