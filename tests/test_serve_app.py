@@ -224,3 +224,34 @@ def test_metrics_agree_with_responses(app, ray_cluster):
                  "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_ratio",
                  "ray_gptoss_requests_running"):
         assert name in after, name
+
+
+def wait_for_counters(url: str, before: dict, expected: dict, timeout: float = 45) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(url)
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in expected}
+        if delta == expected or time.monotonic() > deadline:
+            return delta
+        time.sleep(2)
+
+
+def test_load_generator_figures_agree_with_the_server(app, ray_cluster):
+    """A short bounded load through bench.loadtest; its token totals equal the server's Prometheus counters."""
+    import asyncio
+
+    from bench.loadtest import LoadConfig, run_load
+
+    wait_until_idle()
+    time.sleep(12)  # earlier requests' counts reach the exporter first
+    before = scrape(ray_cluster["metrics_url"])
+    result = asyncio.run(run_load(LoadConfig(url=app, endpoint="completions", model=MODEL, concurrency=3,
+                                             num_requests=6, input_len=16, output_len=8, timeout=60)))
+    assert result.completed == 6 and result.failed == 0, result.errors_by_status
+    assert result.total_output_tokens == 6 * 8
+    assert result.ttft.median > 0 and result.tpot.median > 0 and result.output_throughput > 0
+    delta = wait_for_counters(ray_cluster["metrics_url"], before, {
+        "ray_gptoss_generation_tokens_total": result.total_output_tokens,
+        "ray_gptoss_prompt_tokens_total": result.total_input_tokens})
+    assert delta == {"ray_gptoss_generation_tokens_total": result.total_output_tokens,
+                     "ray_gptoss_prompt_tokens_total": result.total_input_tokens}
