@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -134,19 +135,21 @@ class OpenAIIngress:
                 seed = None if body.seed is None else body.seed + j
                 params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
-        self.in_flight += 1
+        slot = self._take_slot()
         streams = [ChoiceStream(self.router.generate.remote(r)) for r in requests]
         try:
             firsts = await asyncio.gather(*(s.first() for s in streams))
         except BaseException:
             for s in streams:
                 s.cancel()
-            self.in_flight -= 1
+            slot()
             raise
         header = {"id": base, "object": kind + ".chunk" if kind == "chat.completion" else kind,
                   "created": int(now), "model": self.args.served_model_name}
         if body.stream:
-            events = self._sse(streams, firsts, choices, header, kind, body.include_usage, len(prompts))
+            events = self._sse(streams, firsts, choices, header, kind, body.include_usage, len(prompts), slot)
+            # a stream dropped before it starts never runs its `finally`: give the slot back when it is collected
+            weakref.finalize(events, slot)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             for stream, first, choice in zip(streams, firsts, choices):
@@ -157,7 +160,7 @@ class OpenAIIngress:
         finally:
             for s in streams:
                 s.cancel()
-            self.in_flight -= 1
+            slot()
         return {**header, "object": kind,
                 "choices": [c.message() if kind == "chat.completion" else c.body() for c in choices],
                 "usage": usage(choices, num_prompts=len(prompts))}
@@ -166,7 +169,20 @@ class OpenAIIngress:
     def _feed(choice, items: list[StreamItem]) -> list:
         return [choice.feed(item.output) for item in items if item.output is not None]
 
-    async def _sse(self, streams, firsts, choices, header, kind, include_usage, num_prompts):
+    def _take_slot(self):
+        """Counts a request in; the returned callable counts it out, once, however often it is called."""
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        return release
+
+    async def _sse(self, streams, firsts, choices, header, kind, include_usage, num_prompts, slot):
         """Server-sent events: chunks as they come from all choices, then usage, then [DONE]."""
         chat = kind == "chat.completion"
         merged: asyncio.Queue = asyncio.Queue()
@@ -206,7 +222,7 @@ class OpenAIIngress:
                 t.cancel()
             for s in streams:
                 s.cancel()
-            self.in_flight -= 1
+            slot()
 
     @staticmethod
     def _chunk(choice, item: StreamItem, chat: bool) -> dict | None:
