@@ -14,6 +14,7 @@ import torch
 from cluster.expert_exchange import make_group, serve_replica
 from model.checkpoint import CheckpointReader
 from model.experts import LocalExperts
+from model.hub import resolve_checkpoint
 
 
 def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
@@ -25,8 +26,9 @@ def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
 class MoEWorker:
     def __init__(self, checkpoint: str, *, index: int, num_workers: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
+        """checkpoint: a directory or a hub id, resolved on this worker's own node."""
         self.index, self.device = index, torch.device(device)
-        with CheckpointReader(checkpoint, device=self.device) as reader:
+        with CheckpointReader(resolve_checkpoint(checkpoint), device=self.device) as reader:
             self.config = reader.config
             self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)
             self.experts = []

@@ -35,7 +35,8 @@ def current_app_name() -> str:
 class ExpertPool:
     def __init__(self, args: AppArgs) -> None:
         self.args, self.app_name = args, current_app_name()
-        checkpoint = str(args.resolved_model_dir())
+        # a hub id is resolved by each worker on its own node; the default model is written here
+        checkpoint = args.resolved_model or str(args.resolved_model_dir())
         n = args.num_moe_workers
         bundle = {"CPU": max(args.num_cpus_per_moe_worker, 0.01)}
         if args.num_gpus_per_moe_worker:

@@ -9,6 +9,8 @@ from model.errors import CheckpointError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json"]
+# the openai repos also hold the weights again in OpenAI's own layouts: never fetch those
+OTHER_LAYOUTS = ["original/*", "metal/*"]
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path, *, revision: str | None = None) -> Path:
@@ -24,7 +26,8 @@ def resolve_checkpoint(path_or_hub_id: str | Path, *, revision: str | None = Non
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=CHECKPOINT_FILES))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=CHECKPOINT_FILES,
+                                      ignore_patterns=OTHER_LAYOUTS))
     except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
         raise CheckpointError(
             f"{text}: not a local directory, and downloading it from the Hugging Face Hub failed "

@@ -141,4 +141,5 @@ def test_hub_id_is_downloaded_through_huggingface_hub(monkeypatch, tiny_bf16):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
     model = load_model("openai/gpt-oss-20b", dtype=torch.float32)
     assert asked["repo_id"] == "openai/gpt-oss-20b" and "*.safetensors" in asked["allow_patterns"]
+    assert "original/*" in asked["ignore_patterns"]
     assert model.config.num_hidden_layers == 4
