@@ -201,31 +201,6 @@ def scrape(url: str) -> dict[str, float]:
     return totals
 
 
-def test_metrics_agree_with_responses(app, ray_cluster):
-    wait_until_idle()
-    before = scrape(ray_cluster["metrics_url"])
-    time.sleep(12)  # let every earlier request's counts reach the exporter
-    before = scrape(ray_cluster["metrics_url"])
-    prompt = completion = 0
-    for i in range(3):
-        usage = post(app, "/v1/completions", {"model": MODEL, "prompt": f"metric {i}", "max_tokens": 7,
-                                              "ignore_eos": True}).json()["usage"]
-        prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
-    deadline = time.monotonic() + 45
-    while True:
-        after = scrape(ray_cluster["metrics_url"])
-        generated = after.get("ray_gptoss_generation_tokens_total", 0) - before.get("ray_gptoss_generation_tokens_total", 0)
-        prompted = after.get("ray_gptoss_prompt_tokens_total", 0) - before.get("ray_gptoss_prompt_tokens_total", 0)
-        if (generated, prompted) == (completion, prompt) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert (generated, prompted) == (completion, prompt)
-    for name in ("ray_gptoss_time_to_first_token_seconds_count", "ray_gptoss_e2e_request_latency_seconds_count",
-                 "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_ratio",
-                 "ray_gptoss_requests_running"):
-        assert name in after, name
-
-
 def wait_for_counters(url: str, before: dict, expected: dict, timeout: float = 45) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -234,6 +209,24 @@ def wait_for_counters(url: str, before: dict, expected: dict, timeout: float = 4
         if delta == expected or time.monotonic() > deadline:
             return delta
         time.sleep(2)
+
+
+def test_metrics_agree_with_responses(app, ray_cluster):
+    wait_until_idle()
+    time.sleep(12)  # let every earlier request's counts reach the exporter
+    before = scrape(ray_cluster["metrics_url"])
+    prompt = completion = 0
+    for i in range(3):
+        usage = post(app, "/v1/completions", {"model": MODEL, "prompt": f"metric {i}", "max_tokens": 7,
+                                              "ignore_eos": True}).json()["usage"]
+        prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
+    expected = {"ray_gptoss_generation_tokens_total": completion, "ray_gptoss_prompt_tokens_total": prompt}
+    assert wait_for_counters(ray_cluster["metrics_url"], before, expected) == expected
+    after = scrape(ray_cluster["metrics_url"])
+    for name in ("ray_gptoss_time_to_first_token_seconds_count", "ray_gptoss_e2e_request_latency_seconds_count",
+                 "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_ratio",
+                 "ray_gptoss_requests_running"):
+        assert name in after, name
 
 
 def test_load_generator_figures_agree_with_the_server(app, ray_cluster):
