@@ -24,7 +24,7 @@ from cluster.model_runner import ModelRunner
 from cluster.sampler import Sampler, SamplingState, TokenLogprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
-from cluster.sequence import Sequence, Status
+from cluster.sequence import Sequence
 from model.experts import ExpertsFactory
 from model.loader import load_model
 from model.tokenizer import Tokenizer, load_tokenizer
