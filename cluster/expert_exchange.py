@@ -67,7 +67,7 @@ class ExchangeStats:
     """What the exchange did since the last look (the replica turns it into metrics)."""
 
     tokens_per_worker: list[int]
-    tokens_per_expert: list[int]
+    tokens_per_expert: list[int]  # filled in by drain()
     dispatch_seconds: list[float] = field(default_factory=list)  # per layer: routing + sending
     combine_seconds: list[float] = field(default_factory=list)  # per layer: waiting for the answers
     step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
@@ -87,10 +87,14 @@ class ExpertClient:
         self._step_bytes, self._last_layer = 0, -1
 
     def _fresh_stats(self) -> ExchangeStats:
+        self._expert_counts = None  # [E] on the activations' device, summed without a host sync
         return ExchangeStats([0] * len(self.shards), [0] * self.num_experts)
 
     def drain(self) -> ExchangeStats:
+        counts = self._expert_counts
         stats, self.stats = self.stats, self._fresh_stats()
+        if counts is not None:
+            stats.tokens_per_expert = counts.tolist()
         return stats
 
     def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
@@ -102,8 +106,8 @@ class ExpertClient:
                 self.stats.step_bytes.append(self._step_bytes)
             self._step_bytes = 0
         self._last_layer = layer
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts).tolist()
-        self.stats.tokens_per_expert = [a + b for a, b in zip(self.stats.tokens_per_expert, counts)]
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
+        self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
         out = torch.zeros_like(hidden)
         parts, sends = [], []
         for worker, shard in enumerate(self.shards):

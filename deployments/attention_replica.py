@@ -17,9 +17,10 @@ from cluster.engine import LLMEngine, RequestOutput
 from cluster.engine_config import EngineConfig
 from cluster.remote_experts import ExpertLink, RemoteExperts
 from deployments.args import AppArgs
-from deployments.expert_pool import current_app_name, worker_name
+from deployments.expert_pool import worker_name
 from deployments.messages import EngineRequest, StreamItem
 from deployments.metrics import ExpertMetrics, ReplicaMetrics
+from deployments.replica_context import current_app_name, current_replica_id
 from model.loader import load_model
 from model.tokenizer import load_tokenizer
 
@@ -60,16 +61,6 @@ def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"MoE workers {names} did not appear within {timeout_s:.0f} s") from None
             time.sleep(1)
-
-
-def current_replica_id() -> str:
-    """This Serve replica's unique id ("local" outside Serve, as in unit tests)."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 - not inside a Serve replica
-        return "local"
 
 
 class AttentionReplica:

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.moe_worker import MoEWorker
 from deployments.args import AppArgs
+from deployments.replica_context import current_app_name
 
 PING_PERIOD_S = 2.0
 PING_TIMEOUT_S = 10.0
@@ -22,14 +23,6 @@ PING_TIMEOUT_S = 10.0
 def worker_name(app: str, index: int) -> str:
     return f"gptoss-moe-worker:{app}:{index}"
 
-
-def current_app_name() -> str:
-    from ray import serve
-
-    try:
-        return serve.get_replica_context().app_name
-    except Exception:  # noqa: BLE001 - outside Serve
-        return "local"
 
 
 class ExpertPool:

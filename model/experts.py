@@ -7,6 +7,7 @@ shard an expert-parallel worker holds); another implementation may send the toke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -121,4 +122,9 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_capability(x.device.index) >= 9
+
+
+@functools.cache
+def _cuda_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
