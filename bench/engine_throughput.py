@@ -1,7 +1,7 @@
 """Engine throughput: decode tokens/s at several batch sizes and prefill tokens/s, beside HF transformers.
 
-    python -m bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-len 128] [--output-len 128]
-    python -m bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
+    python -m gptoss_serve.bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-len 128] [--output-len 128]
+    python -m gptoss_serve.bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
 
 Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens generated after every
 request of the batch has its first token; prefill tokens/s is prompt tokens over the time to those first tokens.
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
-from model.loader import load_model
-from model.synthetic import write_preset
-from model.tokenizer import load_tokenizer
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.synthetic import write_preset
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 
 def sync(device: torch.device) -> None:

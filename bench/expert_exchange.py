@@ -1,6 +1,6 @@
 """Dispatch + combine time of one MoE layer against the number of tokens, over the real exchange.
 
-    python -m bench.expert_exchange [--workers 2] [--tokens 1 16 64 256 1024] [--device cpu|cuda] [--backend gloo]
+    python -m gptoss_serve.bench.expert_exchange [--workers 2] [--tokens 1 16 64 256 1024] [--device cpu|cuda] [--backend gloo]
 
 The replica is this process; each worker is a process of its own whose experts echo their input (so the figure
 is the exchange alone: routing, sending, receiving, combining). gpt-oss-20b shapes: hidden 2880, 32 experts,
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from cluster.expert_exchange import ExpertClient, Shard, make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import ExpertClient, Shard, make_group, serve_replica
 
 
 class Echo(torch.nn.Module):

@@ -1,6 +1,6 @@
 """Where an engine step's time goes: torch.profiler over a few decode steps at one batch size.
 
-    python -m bench.profile_step --model DIR [--batch 1] [--steps 8] [--trace trace.json]
+    python -m gptoss_serve.bench.profile_step --model DIR [--batch 1] [--steps 8] [--trace trace.json]
 
 Prints the ops that take the most device (or CPU) time, and the steps' wall time.
 """
@@ -13,12 +13,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.engine_throughput import random_prompts, sync
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
-from model.loader import load_model
-from model.tokenizer import load_tokenizer
+from gptoss_serve.bench.engine_throughput import random_prompts, sync
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

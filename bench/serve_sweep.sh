@@ -10,10 +10,10 @@ command -v ray >/dev/null || ray() { python -m ray.scripts.scripts "$@"; }
 command -v serve >/dev/null || serve() { python -m ray.serve.scripts "$@"; }
 ray start --head --metrics-export-port=8080 --disable-usage-stats >"$out/ray.log" 2>&1
 trap 'ray stop --force >/dev/null 2>&1 || true' EXIT
-serve run deployments.builder:build_app model="$model" num_gpus_per_replica=1 "$@" >"$out/serve.log" 2>&1 &
+serve run gptoss_serve.deployments.builder:build_app model="$model" num_gpus_per_replica=1 "$@" >"$out/serve.log" 2>&1 &
 for _ in $(seq 1 300); do curl -sf 127.0.0.1:8000/health >/dev/null && break; sleep 1; done
 curl -sf 127.0.0.1:8000/health >/dev/null || { tail -30 "$out/serve.log"; exit 1; }
-python -m bench.loadtest --url http://127.0.0.1:8000 --endpoint completions --sweep --concurrencies "$conc" \
+python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --endpoint completions --sweep --concurrencies "$conc" \
     --duration 30 --grace-period 20 --input-len "$input_len" --output-len "$output_len" --label ours-h100 \
     --result-json "$out/sweep.json" --plot "$out/sweep.png" --no-progress
 curl -s 127.0.0.1:8080/metrics | grep -E '^ray_gptoss_(generation|prompt)_tokens_total' > "$out/metrics.txt" || true

@@ -14,8 +14,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 
-from cluster.engine import LLMEngine, RequestOutput
-from cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
+from gptoss_serve.cluster.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

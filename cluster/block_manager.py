@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cluster.sequence import Sequence
+from gptoss_serve.cluster.sequence import Sequence
 
 FULL, SLIDING = "full", "sliding"
 NULL_BLOCK = 0  # never allocated; stands for released sliding-window blocks

@@ -6,7 +6,7 @@ receives characters that a stop string later takes back.
 
 from __future__ import annotations
 
-from model.tokenizer import IncrementalDecoder, Tokenizer
+from gptoss_serve.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class StreamingText:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.kv_cache import blocks_for_budget, bytes_per_block
-from model.config import GptOssConfig
+from gptoss_serve.cluster.kv_cache import blocks_for_budget, bytes_per_block
+from gptoss_serve.model.config import GptOssConfig
 
 CPU_DEFAULT_KV_BYTES = 512 << 20  # on the CPU there is no free-memory probe: a fixed, modest cache
 ACTIVATION_RESERVE_BYTES = 2 << 30  # kept free on a GPU for activations, logits and the allocator's slack

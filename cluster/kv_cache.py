@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from model.config import GptOssConfig
+from gptoss_serve.model.config import GptOssConfig
 
 
 def layer_slots(config: GptOssConfig) -> list[int]:

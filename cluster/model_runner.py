@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.block_manager import FULL, SLIDING
-from cluster.kv_cache import KVCache
-from cluster.sequence import Sequence
-from kernels.paged_attention import paged_decode_reference, paged_prefill_reference
-from model.attention import Attention
-from model.transformer import GptOssForCausalLM
+from gptoss_serve.cluster.block_manager import FULL, SLIDING
+from gptoss_serve.cluster.kv_cache import KVCache
+from gptoss_serve.cluster.sequence import Sequence
+from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
+from gptoss_serve.model.attention import Attention
+from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
 @dataclass

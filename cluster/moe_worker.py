@@ -11,10 +11,10 @@ import threading
 
 import torch
 
-from cluster.expert_exchange import make_group, serve_replica
-from model.checkpoint import CheckpointReader
-from model.experts import LocalExperts
-from model.hub import resolve_checkpoint
+from gptoss_serve.cluster.expert_exchange import make_group, serve_replica
+from gptoss_serve.model.checkpoint import CheckpointReader
+from gptoss_serve.model.experts import LocalExperts
+from gptoss_serve.model.hub import resolve_checkpoint
 
 
 def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:

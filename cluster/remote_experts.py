@@ -13,7 +13,8 @@ import uuid
 import ray
 import torch
 
-from cluster.expert_exchange import ExpertClient, ExpertsUnavailableError, PendingExchange, Shard, make_group
+from gptoss_serve.cluster.expert_exchange import (ExpertClient, ExpertsUnavailableError, PendingExchange, Shard,
+                                                  make_group)
 
 CONNECT_TIMEOUT_S = 30.0
 

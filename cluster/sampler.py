@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
+from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
 
 
 class SamplingState:

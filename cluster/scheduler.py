@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from cluster.block_manager import BlockManager
-from cluster.sequence import Sequence, Status
+from gptoss_serve.cluster.block_manager import BlockManager
+from gptoss_serve.cluster.sequence import Sequence, Status
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -83,8 +83,8 @@ class AppArgs(BaseModel):
 
     def resolved_model_dir(self):
         """The local checkpoint directory (a hub id is downloaded; the default model written on first use)."""
-        from deployments.default_model import default_model_dir
-        from model.hub import resolve_checkpoint
+        from gptoss_serve.deployments.default_model import default_model_dir
+        from gptoss_serve.model.hub import resolve_checkpoint
 
         return resolve_checkpoint(self.resolved_model) if self.resolved_model else default_model_dir()
 

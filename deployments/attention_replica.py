@@ -12,17 +12,17 @@ import time
 
 import torch
 
-from cluster.async_engine import AsyncEngine, EngineDeadError
-from cluster.engine import LLMEngine, RequestOutput
-from cluster.engine_config import EngineConfig
-from cluster.remote_experts import ExpertLink, RemoteExperts
-from deployments.args import AppArgs
-from deployments.expert_pool import worker_name
-from deployments.messages import EngineRequest, StreamItem
-from deployments.metrics import ExpertMetrics, ReplicaMetrics
-from deployments.replica_context import current_app_name, current_replica_id
-from model.loader import load_model
-from model.tokenizer import load_tokenizer
+from gptoss_serve.cluster.async_engine import AsyncEngine, EngineDeadError
+from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.expert_pool import worker_name
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.metrics import ExpertMetrics, ReplicaMetrics
+from gptoss_serve.deployments.replica_context import current_app_name, current_replica_id
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 STATS_PERIOD_S = 1.0
 

@@ -1,8 +1,8 @@
 """The application builder that a Serve config's `import_path` names: deployments are bound only here.
 
-    serve run deployments.builder:build_app                       # the embedded tiny model, on the CPU
+    serve run gptoss_serve.deployments.builder:build_app                       # the embedded tiny model, on the CPU
     serve run config.yaml                                         # the same, from the config file
-    serve run deployments.builder:build_app model=/path/to/gpt-oss-20b num_gpus_per_replica=1
+    serve run gptoss_serve.deployments.builder:build_app model=/path/to/gpt-oss-20b num_gpus_per_replica=1
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.args import AppArgs
-from deployments.attention_replica import AttentionReplica
-from deployments.expert_pool import NO_MULTICAST, ExpertPool
-from deployments.openai_ingress import OpenAIIngress
-from deployments.router import Router
-from model.config import GptOssConfig
-from model.errors import CheckpointError
-from model.synthetic import preset_config
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.attention_replica import AttentionReplica
+from gptoss_serve.deployments.expert_pool import NO_MULTICAST, ExpertPool
+from gptoss_serve.deployments.openai_ingress import OpenAIIngress
+from gptoss_serve.deployments.router import Router
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.errors import CheckpointError
+from gptoss_serve.model.synthetic import preset_config
 
 ROUTING_STATS_PERIOD_S = 1.0
 

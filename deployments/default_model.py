@@ -7,7 +7,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from model.synthetic import write_preset
+from gptoss_serve.model.synthetic import write_preset
 
 CACHE_ENV = "GPTOSS_CACHE_DIR"
 

@@ -12,9 +12,9 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.moe_worker import MoEWorker
-from deployments.args import AppArgs
-from deployments.replica_context import current_app_name
+from gptoss_serve.cluster.moe_worker import MoEWorker
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.replica_context import current_app_name
 
 PING_PERIOD_S = 2.0
 PING_TIMEOUT_S = 10.0

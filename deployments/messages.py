@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.engine import RequestOutput
-from cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.args import AppArgs
-from deployments.messages import EngineRequest, StreamItem
-from deployments.openai_responses import ChatChoice, CompletionChoice, usage
-from deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from model import harmony
-from model.tokenizer import load_tokenizer
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.openai_responses import ChatChoice, CompletionChoice, usage
+from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from gptoss_serve.model import harmony
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     """The HTTP routes of one ingress instance (Serve calls this in the replica; tests call it directly)."""

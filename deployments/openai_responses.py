@@ -6,10 +6,10 @@ channel `content`, and commentary addressed to `functions.*` becomes `tool_calls
 
 from __future__ import annotations
 
-from cluster.engine import RequestOutput
-from cluster.sampler import TokenLogprobs
-from model.harmony import HarmonyDelta, HarmonyStreamParser
-from model.tokenizer import Tokenizer
+from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.sampler import TokenLogprobs
+from gptoss_serve.model.harmony import HarmonyDelta, HarmonyStreamParser
+from gptoss_serve.model.tokenizer import Tokenizer
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:

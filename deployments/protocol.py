@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.sampling_params import SamplingParams
 
 
 class APIError(Exception):

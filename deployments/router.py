@@ -11,8 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from deployments.messages import EngineRequest, StreamItem
-from deployments.metrics import RouterMetrics
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.metrics import RouterMetrics
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model.attention import sink_attention
+from gptoss_serve.model.attention import sink_attention
 
 
 def paged_decode_reference(

@@ -1,10 +1,10 @@
 """gpt-oss in pure PyTorch: config, layers, checkpoint loading, tokenizer and harmony format. No Ray, no HTTP."""
 
-from model.config import GptOssConfig
-from model.errors import CheckpointError
-from model.experts import Experts, ExpertsFactory, LocalExperts
-from model.loader import load_model
-from model.transformer import GptOssForCausalLM
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.errors import CheckpointError
+from gptoss_serve.model.experts import Experts, ExpertsFactory, LocalExperts
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.transformer import GptOssForCausalLM
 
 __all__ = ["CheckpointError", "Experts", "ExpertsFactory", "GptOssConfig", "GptOssForCausalLM", "LocalExperts",
            "load_model"]

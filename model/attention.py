@@ -7,8 +7,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from model.config import GptOssConfig
-from model.rotary import apply_rotary
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.rotary import apply_rotary
 
 
 def sink_attention(

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from model import mxfp4
-from model.config import GptOssConfig
-from model.errors import CheckpointError
+from gptoss_serve.model import mxfp4
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

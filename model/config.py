@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import CheckpointError
+from gptoss_serve.model.errors import CheckpointError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from model.config import GptOssConfig
+from gptoss_serve.model.config import GptOssConfig
 
 
 class Experts(Protocol):

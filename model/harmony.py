@@ -20,7 +20,7 @@ from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncod
                             ReasoningEffort, Role, StreamableParser, SystemContent, ToolDescription,
                             load_harmony_encoding)
 
-from model.tokenizer import IncrementalDecoder, load_tokenizer, resolve_vocab_file
+from gptoss_serve.model.tokenizer import IncrementalDecoder, load_tokenizer, resolve_vocab_file
 
 __all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "ToolCall", "load_encoding", "parse_completion",
            "render_chat", "stop_token_ids"]

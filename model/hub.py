@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from model.errors import CheckpointError
+from gptoss_serve.model.errors import CheckpointError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "generation_config.json"]

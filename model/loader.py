@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointReader, expert_tensor_names
-from model.errors import CheckpointError
-from model.experts import ExpertsFactory, LocalExperts
-from model.hub import resolve_checkpoint
-from model.transformer import GptOssForCausalLM
+from gptoss_serve.model.checkpoint import CheckpointReader, expert_tensor_names
+from gptoss_serve.model.errors import CheckpointError
+from gptoss_serve.model.experts import ExpertsFactory, LocalExperts
+from gptoss_serve.model.hub import resolve_checkpoint
+from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
 def load_model(path_or_hub_id: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, *,

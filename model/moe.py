@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.config import GptOssConfig
-from model.experts import Experts
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.experts import Experts
 
 
 class Router(nn.Module):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from model.config import GptOssConfig
+from gptoss_serve.model.config import GptOssConfig
 
 
 def yarn_inverse_frequencies(config: GptOssConfig) -> tuple[torch.Tensor, float]:

@@ -1,6 +1,6 @@
 """Random gpt-oss checkpoints in the exact layout of openai/gpt-oss-*, for tests and benchmarks.
 
-    python -m model.synthetic --preset {tiny,20b,120b} --out DIR [--mxfp4] [--seed N]
+    python -m gptoss_serve.model.synthetic --preset {tiny,20b,120b} --out DIR [--mxfp4] [--seed N]
 
 `tiny` keeps the real 201,088-token vocabulary (the real tokenizer works with it) and is small enough for CPU
 tests; `20b` and `120b` have the real shapes. Each tensor's values depend only on (seed, tensor name), so the
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model import mxfp4
-from model.checkpoint import EXPERT_BIASES, INDEX_FILE, expert_prefix
-from model.config import FULL, SLIDING, GptOssConfig
+from gptoss_serve.model import mxfp4
+from gptoss_serve.model.checkpoint import EXPERT_BIASES, INDEX_FILE, expert_prefix
+from gptoss_serve.model.config import FULL, SLIDING, GptOssConfig
 
 _REAL = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
              num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128)

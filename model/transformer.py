@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import Attention, AttentionBackend, CausalAttention
-from model.config import GptOssConfig
-from model.experts import ExpertsFactory, LocalExperts
-from model.moe import MoE
-from model.norm import RMSNorm
-from model.rotary import RotaryEmbedding
+from gptoss_serve.model.attention import Attention, AttentionBackend, CausalAttention
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.experts import ExpertsFactory, LocalExperts
+from gptoss_serve.model.moe import MoE
+from gptoss_serve.model.norm import RMSNorm
+from gptoss_serve.model.rotary import RotaryEmbedding
 
 
 class DecoderBlock(nn.Module):

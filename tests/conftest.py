@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.synthetic import write_preset
+from gptoss_serve.model.synthetic import write_preset
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import CheckpointError, load_model
-from model.checkpoint import INDEX_FILE
+from gptoss_serve.model import CheckpointError, load_model
+from gptoss_serve.model.checkpoint import INDEX_FILE
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from model import CheckpointError, GptOssConfig
-from model.synthetic import preset_config
+from gptoss_serve.model import CheckpointError, GptOssConfig
+from gptoss_serve.model.synthetic import preset_config
 
 # config.json of openai/gpt-oss-20b as published (transformers 4.55 layout)
 GPT_OSS_20B = {

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
-from model import load_model
-from model.tokenizer import load_tokenizer
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.model import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -179,7 +179,7 @@ def test_max_model_len_must_fit_the_cache(model, tokenizer):
 def test_async_engine_streams_deltas_and_aborts_on_disconnect(model, tokenizer):
     import asyncio
 
-    from cluster.async_engine import AsyncEngine
+    from gptoss_serve.cluster.async_engine import AsyncEngine
 
     eng = engine(model, tokenizer)
     ps = prompts(12, 40, seed=9)

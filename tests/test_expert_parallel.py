@@ -11,13 +11,13 @@ import httpx
 import pytest
 import torch
 
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
-from deployments.builder import build_app
-from deployments.expert_pool import worker_name
-from model import load_model
-from model.tokenizer import load_tokenizer
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.deployments.builder import build_app
+from gptoss_serve.deployments.expert_pool import worker_name
+from gptoss_serve.model import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 APP = "gptoss-ep"
 MODEL = "gpt-oss-ep"

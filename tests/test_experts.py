@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from model import LocalExperts, load_model
-from model.checkpoint import CheckpointReader
-from model.transformer import GptOssForCausalLM
+from gptoss_serve.model import LocalExperts, load_model
+from gptoss_serve.model.checkpoint import CheckpointReader
+from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
 def loaded_experts(path, layer, first, count):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.engine import LLMEngine
-from cluster.engine_config import EngineConfig
-from cluster.sampling_params import SamplingParams
-from model import load_model
-from model.tokenizer import load_tokenizer
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.model import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.gpu
 

@@ -8,9 +8,9 @@ import random
 import pytest
 import tiktoken.load
 
-import model.harmony as hm
-import model.tokenizer as tk
-from model.harmony import HarmonyDelta, HarmonyOutput, HarmonyStreamParser, parse_completion, render_chat
+import gptoss_serve.model.harmony as hm
+import gptoss_serve.model.tokenizer as tk
+from gptoss_serve.model.harmony import HarmonyDelta, HarmonyOutput, HarmonyStreamParser, parse_completion, render_chat
 
 WEATHER_TOOL = {
     "type": "function",

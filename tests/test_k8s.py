@@ -22,8 +22,8 @@ import pytest
 import ray
 import yaml
 
-from k8s.manifests import (GPU, K8S, cluster, containers, crd_schema, groups, image_ray_version, label_matches, load,
-                           manifest_paths, node_labels, ray_container, ray_resources)
+from gptoss_serve.k8s.manifests import (GPU, K8S, cluster, containers, crd_schema, groups, image_ray_version,
+                                        label_matches, load, manifest_paths, node_labels, ray_container, ray_resources)
 
 REPO = K8S.parent
 SCHEMAS = K8S / "schemas"  # the copy the tests use; ../shared/k8s-schemas is where it comes from
@@ -31,7 +31,7 @@ SHARED_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
 CRD_FILES = ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml")
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 MOE_FIELDS = {"num_moe_workers", "num_gpus_per_moe_worker", "num_cpus_per_moe_worker", "expert_transport"}
-PRESETS = {"gpt-oss-20b": "20b", "gpt-oss-120b": "120b"}  # checkpoint name -> model.synthetic preset (its shapes)
+PRESETS = {"gpt-oss-20b": "20b", "gpt-oss-120b": "120b"}  # checkpoint name -> gptoss_serve.model.synthetic preset (its shapes)
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}  # the operator's; the CRD says string
 MAX_RAYSERVICE_NAME = 47  # KubeRay: 53 for a RayCluster, less the 6 characters it appends
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -51,7 +51,7 @@ def serve_apps(svc: dict) -> list[dict]:
 
 def app_args(app: dict) -> dict:
     """The app's args, or a skip while AppArgs lacks the expert-parallel fields a manifest uses."""
-    from deployments.args import AppArgs
+    from gptoss_serve.deployments.args import AppArgs
 
     args = app.get("args") or {}
     if missing := sorted((MOE_FIELDS & args.keys()) - AppArgs.model_fields.keys()):
@@ -61,11 +61,11 @@ def app_args(app: dict) -> dict:
 
 def build(app: dict, model_dir: Path) -> dict:
     """{deployment name: Deployment} as Serve builds the app from import_path and args. The model is replaced by a
-    config.json of the same shapes (model.synthetic's preset), so nothing is downloaded or read from /models."""
+    config.json of the same shapes (gptoss_serve.model.synthetic's preset), so nothing is downloaded or read from /models."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
 
-    from model.synthetic import preset_config
+    from gptoss_serve.model.synthetic import preset_config
 
     args = dict(app_args(app))
     if args.get("model"):
@@ -94,7 +94,7 @@ def built(tmp_path_factory):
 def actors(app: dict, deployments: dict) -> list[tuple[str, dict[str, float], dict[str, str]]]:
     """(what, Ray resources, label selector) of every actor the app may run at its largest: each deployment at its
     max replicas (the config's overrides applied as Serve applies them), then the MoE workers' bundles."""
-    from deployments.builder import parse_args
+    from gptoss_serve.deployments.builder import parse_args
 
     overrides = {o["name"]: o for o in app.get("deployments", [])}
     found = []
@@ -250,7 +250,7 @@ def test_serve_config_passes_the_serve_schema(svc):
 
 @pytest.mark.parametrize("svc", RAYSERVICES)
 def test_app_args_pass_the_builder(svc):
-    from deployments.builder import parse_args
+    from gptoss_serve.deployments.builder import parse_args
 
     for app in serve_apps(svc):
         parse_args(app_args(app))

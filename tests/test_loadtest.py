@@ -1,4 +1,4 @@
-"""bench.loadtest against a fake OpenAI-compatible server on 127.0.0.1 whose timings and faults we choose.
+"""gptoss_serve.bench.loadtest against a fake OpenAI-compatible server on 127.0.0.1 whose timings and faults we choose.
 
 The fake server streams one token per chunk: the first after FIRST_DELAY, the others TOKEN_DELAY apart, and
 counts prompt tokens with the real tokenizer (plus CHAT_TEMPLATE_TOKENS for chat), so every figure the load
@@ -22,12 +22,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench.loadtest import (ConfigError, LoadConfig, UnsafeTargetError, Workload, check_target, make_prompt,
-                            parse_goodput, run_load)
-from bench.loadtest.arrivals import arrival_gaps
-from bench.loadtest.cli import main
-from bench.loadtest.lengths import LengthSampler
-from model.tokenizer import load_tokenizer
+from gptoss_serve.bench.loadtest import (ConfigError, LoadConfig, UnsafeTargetError, Workload, check_target,
+                                         make_prompt, parse_goodput, run_load)
+from gptoss_serve.bench.loadtest.arrivals import arrival_gaps
+from gptoss_serve.bench.loadtest.cli import main
+from gptoss_serve.bench.loadtest.lengths import LengthSampler
+from gptoss_serve.model.tokenizer import load_tokenizer
 
 FIRST_DELAY = 0.05
 TOKEN_DELAY = 0.004

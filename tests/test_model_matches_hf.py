@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import load_model
+from gptoss_serve.model import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import mxfp4
+from gptoss_serve.model import mxfp4
 
 
 def naive_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

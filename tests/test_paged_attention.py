@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_attention import paged_decode_reference, paged_prefill_reference
-from model.attention import sink_attention
+from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
+from gptoss_serve.model.attention import sink_attention
 
 BLOCK, HQ, HKV, D = 4, 6, 2, 8
 

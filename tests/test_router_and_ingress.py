@@ -9,12 +9,12 @@ import time
 import httpx
 import pytest
 
-from cluster.engine import RequestOutput
-from cluster.sampling_params import SamplingParams
-from deployments.args import AppArgs
-from deployments.messages import EngineRequest, StreamItem
-from deployments.openai_ingress import OpenAIIngress, build_fastapi_app
-from deployments.router import Router
+from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from gptoss_serve.deployments.router import Router
 
 
 class FakeReplicas:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from deployments.builder import build_app
+from gptoss_serve.deployments.builder import build_app
 
 MODEL = "gpt-oss"
 ARGS = {"served_model_name": MODEL, "num_attention_replicas": 1, "max_ongoing_requests": 6,
@@ -74,7 +74,7 @@ def test_completions_text_and_token_ids(app):
     choice = text["choices"][0]
     assert text["object"] == "text_completion" and text["usage"]["completion_tokens"] == 6
     assert len(choice["logprobs"]["tokens"]) == 6 and all(len(t) == 2 for t in choice["logprobs"]["top_logprobs"])
-    from model.tokenizer import load_tokenizer
+    from gptoss_serve.model.tokenizer import load_tokenizer
 
     ids = load_tokenizer().encode("Hello there")
     by_ids = post(app, "/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 6, "temperature": 0,
@@ -230,10 +230,10 @@ def test_metrics_agree_with_responses(app, ray_cluster):
 
 
 def test_load_generator_figures_agree_with_the_server(app, ray_cluster):
-    """A short bounded load through bench.loadtest; its token totals equal the server's Prometheus counters."""
+    """A short bounded load through gptoss_serve.bench.loadtest; its token totals equal the server's Prometheus counters."""
     import asyncio
 
-    from bench.loadtest import LoadConfig, run_load
+    from gptoss_serve.bench.loadtest import LoadConfig, run_load
 
     wait_until_idle()
     time.sleep(12)  # earlier requests' counts reach the exporter first

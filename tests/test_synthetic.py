@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model import load_model
-from model.checkpoint import INDEX_FILE
-from model.synthetic import main, preset_config, tensor_layout
+from gptoss_serve.model import load_model
+from gptoss_serve.model.checkpoint import INDEX_FILE
+from gptoss_serve.model.synthetic import main, preset_config, tensor_layout
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,8 +11,8 @@ import pathlib
 import pytest
 import tiktoken.load
 
-import model.tokenizer as tk
-from model.tokenizer import (
+import gptoss_serve.model.tokenizer as tk
+from gptoss_serve.model.tokenizer import (
     HARMONY_SPECIAL_TOKENS,
     VOCAB_FILENAME,
     VOCAB_SHA256,
@@ -138,7 +138,7 @@ def test_corrupt_candidates_are_skipped_and_reported(tmp_path, monkeypatch, voca
     bad.parent.mkdir()
     bad.write_bytes(vocab_bytes[:-10] + b"corrupted!")
     monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(bad.parent))  # corrupt too
-    with caplog.at_level(logging.WARNING, logger="model.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="gptoss_serve.model.tokenizer"):
         got = resolve_vocab_file(bad)
     assert got == _our_file(tmp_path)  # came from bpe-openai
     assert got.read_bytes() == vocab_bytes

@@ -1,6 +1,6 @@
 """HTTP load generator for OpenAI-compatible streaming servers (ours, vLLM, ...), with vLLM bench serve's figures.
 
-    python -m bench.loadtest --url http://127.0.0.1:8000 --concurrency 8 --num-requests 100
+    python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --concurrency 8 --num-requests 100
 
 From code:
 
@@ -19,14 +19,14 @@ How the figures are taken, where it matters for comparing with `vllm bench serve
   than measure it (one Python event loop read about 8-9k chunks/s on the core we tried).
 """
 
-from bench.loadtest.client import ServerError
-from bench.loadtest.config import ConfigError, LoadConfig, parse_goodput
-from bench.loadtest.metrics import LatencyStats, LoadResult
-from bench.loadtest.record import RequestRecord
-from bench.loadtest.runner import run_load
-from bench.loadtest.safety import UnsafeTargetError, check_target
-from bench.loadtest.sweep import SweepResult, run_sweep
-from bench.loadtest.workload import RequestSpec, Workload, make_prompt
+from gptoss_serve.bench.loadtest.client import ServerError
+from gptoss_serve.bench.loadtest.config import ConfigError, LoadConfig, parse_goodput
+from gptoss_serve.bench.loadtest.metrics import LatencyStats, LoadResult
+from gptoss_serve.bench.loadtest.record import RequestRecord
+from gptoss_serve.bench.loadtest.runner import run_load
+from gptoss_serve.bench.loadtest.safety import UnsafeTargetError, check_target
+from gptoss_serve.bench.loadtest.sweep import SweepResult, run_sweep
+from gptoss_serve.bench.loadtest.workload import RequestSpec, Workload, make_prompt
 
 __all__ = ["ConfigError", "LatencyStats", "LoadConfig", "LoadResult", "RequestRecord", "RequestSpec", "ServerError",
            "SweepResult", "UnsafeTargetError", "Workload", "check_target", "make_prompt", "parse_goodput",

@@ -1,5 +1,5 @@
-"""python -m bench.loadtest: see bench/loadtest/cli.py or --help."""
+"""python -m gptoss_serve.bench.loadtest: see bench/loadtest/cli.py or --help."""
 
-from bench.loadtest.cli import main
+from gptoss_serve.bench.loadtest.cli import main
 
 raise SystemExit(main())

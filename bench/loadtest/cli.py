@@ -1,4 +1,4 @@
-"""Command line: python -m bench.loadtest --url URL (--concurrency N | --request-rate R)
+"""Command line: python -m gptoss_serve.bench.loadtest --url URL (--concurrency N | --request-rate R)
     (--num-requests N | --duration S) [--sweep ...] [--result-json F] [--plot F]
 """
 
@@ -13,21 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.loadtest.client import ServerError
-from bench.loadtest.config import ENDPOINTS, LENGTH_DISTS, ConfigError, LoadConfig, parse_goodput
-from bench.loadtest.lengths import SHAREGPT_SIGMA_INPUT, SHAREGPT_SIGMA_OUTPUT
-from bench.loadtest.metrics import CPU_BOUND
-from bench.loadtest.plot import PLOT_STATS, plot_curves
-from bench.loadtest.report import CLIENT_BOUND_WARNING, format_result, format_sweep
-from bench.loadtest.runner import run_load
-from bench.loadtest.safety import UnsafeTargetError, check_target
-from bench.loadtest.sweep import curve_of, load_curve, run_sweep
+from gptoss_serve.bench.loadtest.client import ServerError
+from gptoss_serve.bench.loadtest.config import ENDPOINTS, LENGTH_DISTS, ConfigError, LoadConfig, parse_goodput
+from gptoss_serve.bench.loadtest.lengths import SHAREGPT_SIGMA_INPUT, SHAREGPT_SIGMA_OUTPUT
+from gptoss_serve.bench.loadtest.metrics import CPU_BOUND
+from gptoss_serve.bench.loadtest.plot import PLOT_STATS, plot_curves
+from gptoss_serve.bench.loadtest.report import CLIENT_BOUND_WARNING, format_result, format_sweep
+from gptoss_serve.bench.loadtest.runner import run_load
+from gptoss_serve.bench.loadtest.safety import UnsafeTargetError, check_target
+from gptoss_serve.bench.loadtest.sweep import curve_of, load_curve, run_sweep
 
 EPILOG = f"""
 examples:
-  python -m bench.loadtest --url http://127.0.0.1:8000 --concurrency 16 --num-requests 200
-  python -m bench.loadtest --url http://127.0.0.1:8000 --request-rate 4 --duration 60 --goodput ttft:500 tpot:50
-  python -m bench.loadtest --url http://127.0.0.1:8000 --sweep --concurrencies 1,8,32 --num-requests 100 \\
+  python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --concurrency 16 --num-requests 200
+  python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --request-rate 4 --duration 60 --goodput ttft:500 tpot:50
+  python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --sweep --concurrencies 1,8,32 --num-requests 100 \\
       --label ours --result-json ours.json --plot ours.png --compare vllm.json
 
 lengths: fixed and uniform default to 1024 prompt / 128 output tokens (vLLM's random dataset); sharegpt draws
@@ -46,7 +46,7 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.loadtest", epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m gptoss_serve.bench.loadtest", epilog=EPILOG,
                                 description="Load generator for OpenAI-compatible streaming servers.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_argument_group("target")

@@ -9,11 +9,11 @@ from typing import Any
 
 import httpx
 
-from bench.loadtest.config import Endpoint
-from bench.loadtest.record import (CHUNK_MISMATCH, CONNECTION, EMPTY_OUTPUT, MALFORMED_SSE, MISSING_DONE, MISSING_USAGE,
-                                   TIMEOUT, TOKEN_MISMATCH, RequestRecord)
-from bench.loadtest.sse import DONE, StreamFault, Usage, chunk_text, chunk_usage, parse_line
-from bench.loadtest.workload import RequestSpec
+from gptoss_serve.bench.loadtest.config import Endpoint
+from gptoss_serve.bench.loadtest.record import (CHUNK_MISMATCH, CONNECTION, EMPTY_OUTPUT, MALFORMED_SSE, MISSING_DONE,
+                                                MISSING_USAGE, TIMEOUT, TOKEN_MISMATCH, RequestRecord)
+from gptoss_serve.bench.loadtest.sse import DONE, StreamFault, Usage, chunk_text, chunk_usage, parse_line
+from gptoss_serve.bench.loadtest.workload import RequestSpec
 
 PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 

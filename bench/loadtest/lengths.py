@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from bench.loadtest.config import LengthDist, LoadConfig
+from gptoss_serve.bench.loadtest.config import LengthDist, LoadConfig
 
 SHAREGPT_SIGMA_INPUT = 1.0
 SHAREGPT_SIGMA_OUTPUT = 0.8

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadtest.config import LoadConfig
-from bench.loadtest.record import RequestRecord
+from gptoss_serve.bench.loadtest.config import LoadConfig
+from gptoss_serve.bench.loadtest.record import RequestRecord
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 # Above this share of one core, the load generator's own event loop delays the chunks it timestamps.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.loadtest.sweep import Curve
+from gptoss_serve.bench.loadtest.sweep import Curve
 
 PLOT_STATS = ("median", "mean", "p90", "p99")
 _PANELS = (("ttft", "TTFT"), ("tpot", "TPOT"))

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.loadtest.metrics import LoadResult
+from gptoss_serve.bench.loadtest.metrics import LoadResult
 
 WIDTH = 50
 CLIENT_BOUND_WARNING = ("WARNING: the load generator was CPU-bound: its own event loop delayed the chunks it timed, "

@@ -7,14 +7,14 @@ import time
 
 from tqdm import tqdm
 
-from bench.loadtest.arrivals import arrival_gaps
-from bench.loadtest.client import build_payload, fetch_model, send_request
-from bench.loadtest.config import LoadConfig
-from bench.loadtest.connections import ClientShards
-from bench.loadtest.metrics import LoadResult
-from bench.loadtest.record import CANCELLED, CLIENT_ERROR, RequestRecord
-from bench.loadtest.safety import check_target
-from bench.loadtest.workload import Workload
+from gptoss_serve.bench.loadtest.arrivals import arrival_gaps
+from gptoss_serve.bench.loadtest.client import build_payload, fetch_model, send_request
+from gptoss_serve.bench.loadtest.config import LoadConfig
+from gptoss_serve.bench.loadtest.connections import ClientShards
+from gptoss_serve.bench.loadtest.metrics import LoadResult
+from gptoss_serve.bench.loadtest.record import CANCELLED, CLIENT_ERROR, RequestRecord
+from gptoss_serve.bench.loadtest.safety import check_target
+from gptoss_serve.bench.loadtest.workload import Workload
 
 # Prompts built before the clock starts; beyond this, a --duration run builds them as it goes (about 1 ms each).
 PREPARE_LIMIT = 10_000

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from bench.loadtest.record import MALFORMED_SSE, STREAM_ERROR
+from gptoss_serve.bench.loadtest.record import MALFORMED_SSE, STREAM_ERROR
 
 DONE = object()  # the [DONE] sentinel
 

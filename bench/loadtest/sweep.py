@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.loadtest.config import ConfigError, LoadConfig
-from bench.loadtest.metrics import LoadResult
-from bench.loadtest.runner import run_load
-from bench.loadtest.workload import Workload
+from gptoss_serve.bench.loadtest.config import ConfigError, LoadConfig
+from gptoss_serve.bench.loadtest.metrics import LoadResult
+from gptoss_serve.bench.loadtest.runner import run_load
+from gptoss_serve.bench.loadtest.workload import Workload
 
 Swept = Literal["max_concurrency", "request_rate"]
 

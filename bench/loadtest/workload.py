@@ -14,9 +14,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from bench.loadtest.config import LoadConfig
-from bench.loadtest.lengths import LengthSampler, samplers_for
-from model.tokenizer import Tokenizer, load_tokenizer
+from gptoss_serve.bench.loadtest.config import LoadConfig
+from gptoss_serve.bench.loadtest.lengths import LengthSampler, samplers_for
+from gptoss_serve.model.tokenizer import Tokenizer, load_tokenizer
 
 _WORD_TOKEN = re.compile(rb"^ [a-z]{2,12}$")
 _ORDINARY_IDS = 199_998  # ids below this are BPE tokens; from here on they are special or reserved
