@@ -93,7 +93,7 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
                            "runtime_env": {"env_vars": NO_MULTICAST}},
         request_router_config=RequestRouterConfig(
-            request_router_class="deployments.placement:MostRoomRouter",
+            request_router_class="gptoss_serve.deployments.placement:MostRoomRouter",
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
         health_check_period_s=5,
