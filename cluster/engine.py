@@ -18,14 +18,13 @@ import torch
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.detokenizer import StreamingText
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
-from gptoss_serve.cluster.expert_exchange import ExpertsUnavailableError
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.model_runner import ModelRunner
 from gptoss_serve.cluster.sampler import Sampler, SamplingState, TokenLogprobs
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.cluster.scheduler import Scheduler, SchedulerConfig
 from gptoss_serve.cluster.sequence import Sequence
-from gptoss_serve.model.experts import ExpertsFactory
+from gptoss_serve.model.experts import ExpertsFactory, ExpertsUnavailableError
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import Tokenizer, load_tokenizer
 from gptoss_serve.model.transformer import GptOssForCausalLM

@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from gptoss_serve.model.experts import ExpertsUnavailableError
+
 HEADER, HIDDEN, IDS, WEIGHTS, RESULT = range(5)
 STOP_LAYER = -1  # a header with this layer ends the worker's loop for this replica
-
-
-class ExpertsUnavailableError(RuntimeError):
-    """A MoE worker failed or did not answer in time; the step's requests cannot complete."""
 
 
 def make_group(*, backend: str, host: str, port: int, rank: int, world_size: int, is_master: bool,

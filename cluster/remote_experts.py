@@ -13,8 +13,8 @@ import uuid
 import ray
 import torch
 
-from gptoss_serve.cluster.expert_exchange import (ExpertClient, ExpertsUnavailableError, PendingExchange, Shard,
-                                                  make_group)
+from gptoss_serve.cluster.expert_exchange import ExpertClient, PendingExchange, Shard, make_group
+from gptoss_serve.model.experts import ExpertsUnavailableError
 
 CONNECT_TIMEOUT_S = 30.0
 

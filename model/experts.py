@@ -23,6 +23,11 @@ class Experts(Protocol):
         ...
 
 
+class ExpertsUnavailableError(RuntimeError):
+    """Experts that live elsewhere failed or did not answer in time: the step's requests cannot complete, but the
+    engine and its other requests go on."""
+
+
 # layer index -> that layer's experts; lets the caller decide where experts live without touching the model
 ExpertsFactory = Callable[[int], Experts]
 

@@ -9,7 +9,9 @@ from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import Experts
 
 
-class Router(nn.Module):
+class ExpertRouter(nn.Module):
+    """Picks each token's top-k experts and their weights (the gate; transformers calls it `mlp.router`)."""
+
     def __init__(self, config: GptOssConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
@@ -26,7 +28,7 @@ class Router(nn.Module):
 class MoE(nn.Module):
     def __init__(self, config: GptOssConfig, experts: Experts) -> None:
         super().__init__()
-        self.router = Router(config)
+        self.router = ExpertRouter(config)
         # assigned as an attribute: an nn.Module (local experts) registers its weights here; a remote proxy doesn't
         self.experts = experts
 

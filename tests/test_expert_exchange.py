@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import ExpertClient, ExpertsUnavailableError, Shard, make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import ExpertClient, Shard, make_group, serve_replica
 from gptoss_serve.model.checkpoint import CheckpointReader
-from gptoss_serve.model.experts import LocalExperts
+from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 
 
 def port() -> int:
