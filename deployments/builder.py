@@ -19,7 +19,7 @@ from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.expert_pool import NO_MULTICAST, ExpertPool
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress
-from gptoss_serve.deployments.router import Router
+from gptoss_serve.deployments.batching_router import BatchingRouter
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.synthetic import preset_config
@@ -93,13 +93,13 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
                            "runtime_env": {"env_vars": NO_MULTICAST}},
         request_router_config=RequestRouterConfig(
-            request_router_class="gptoss_serve.deployments.placement:MostRoomRouter",
+            request_router_class="gptoss_serve.deployments.most_room_router:MostRoomRouter",
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
         ),
         health_check_period_s=5,
         health_check_timeout_s=30,
     ).bind(args, expert_pool=pool)
-    router = serve.deployment(Router, name="Router", max_ongoing_requests=100_000,
+    router = serve.deployment(BatchingRouter, name="BatchingRouter", max_ongoing_requests=100_000,
                               ray_actor_options={"num_cpus": 0}).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
         max_wait_ms=args.router_max_wait_ms)

@@ -24,7 +24,6 @@ def worker_name(app: str, index: int) -> str:
     return f"gptoss-moe-worker:{app}:{index}"
 
 
-
 class ExpertPool:
     def __init__(self, args: AppArgs) -> None:
         self.args, self.app_name = args, current_app_name()
@@ -47,13 +46,7 @@ class ExpertPool:
             ).remote(checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype)
             for i in range(n)]
         ray.get([w.ping.remote() for w in self.workers], timeout=600)
-        self.restarts = 0
         self._health: asyncio.Task | None = None
-
-    async def names(self) -> list[str]:
-        """The workers' actor names, in rank order."""
-        self._start_health_loop()
-        return [worker_name(self.app_name, i) for i in range(len(self.workers))]
 
     async def check_health(self) -> None:
         self._start_health_loop()
@@ -70,7 +63,6 @@ class ExpertPool:
                     await asyncio.wait_for(worker.ping.remote(), PING_TIMEOUT_S)
                 except asyncio.TimeoutError:  # hung: kill it, Ray brings it back with its shard
                     ray.kill(worker, no_restart=False)
-                    self.restarts += 1
                 except Exception:  # noqa: BLE001 - dead and being restarted by Ray already
                     pass
 

@@ -1,1 +1,2 @@
-"""GPU kernels (Triton), each beside a PyTorch reference and a test comparing the two."""
+"""Hot-path kernels: PyTorch references for every device; Triton versions for GPUs (imported only there) sit
+beside their reference, with a GPU test comparing the two."""

@@ -1,4 +1,4 @@
-"""The Router's batching window and the ingress's error paths, in-process (no Ray): the deployments are plain
+"""The BatchingRouter's batching window and the ingress's error paths, in-process (no Ray): the deployments are plain
 classes, so they run here with a stand-in for the handles they are given."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
-from gptoss_serve.deployments.router import Router
+from gptoss_serve.deployments.batching_router import BatchingRouter
 
 
 class FakeReplicas:
@@ -57,14 +57,14 @@ def request(i: int) -> EngineRequest:
     return EngineRequest(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=3), arrival_time=time.time())
 
 
-async def collect(router: Router, req: EngineRequest) -> list[StreamItem]:
+async def collect(router: BatchingRouter, req: EngineRequest) -> list[StreamItem]:
     return [item async for items in router.generate(req) for item in items]
 
 
 def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
     async def main():
         replicas = FakeReplicas(tokens=3, delay=0.05)
-        router = Router(replicas, model_name="m", max_batch_size=8, max_wait_ms=50)
+        router = BatchingRouter(replicas, model_name="m", max_batch_size=8, max_wait_ms=50)
         start = time.monotonic()
         first = asyncio.create_task(collect(router, request(0)))
         await asyncio.sleep(0.01)
@@ -82,7 +82,7 @@ def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
 def test_client_leaving_aborts_on_its_replica():
     async def main():
         replicas = FakeReplicas(tokens=50, delay=0.02)
-        router = Router(replicas, model_name="m")
+        router = BatchingRouter(replicas, model_name="m")
         stream = router.generate(request(9))
         await stream.__anext__()
         await stream.aclose()
@@ -99,7 +99,7 @@ def test_a_failing_replica_fails_its_requests_with_503():
             raise RuntimeError("replica died")
 
     async def main():
-        router = Router(Broken(), model_name="m")
+        router = BatchingRouter(Broken(), model_name="m")
         items = await collect(router, request(1))
         assert items[-1].status == 503 and "replica died" in items[-1].error
 

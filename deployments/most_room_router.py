@@ -11,6 +11,8 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 
 class MostRoomRouter(RequestRouter):
+    """Serve's replica choice for AttentionReplica calls (not a deployment: it runs inside each caller)."""
+
     def initialize_state(self, **kwargs) -> None:
         self.sent_since_report: dict[ReplicaID, tuple[float, int]] = {}  # report time -> requests sent since
 

@@ -1,4 +1,4 @@
-"""Router: gathers incoming requests into batches and sends each batch to an attention replica in one call.
+"""BatchingRouter: gathers incoming requests into batches and sends each batch to an attention replica in one call.
 
 The window adapts: with nothing in flight (replicas idle) a request leaves at once; while replicas are busy,
 requests wait at most `max_wait_ms` for company, and a full batch leaves at once. Each request's tokens stream
@@ -24,7 +24,7 @@ class _Waiting:
     done: bool = False
 
 
-class Router:
+class BatchingRouter:
     def __init__(self, replicas, *, model_name: str, max_batch_size: int = 64, max_wait_ms: float = 5.0,
                  replica_id: str = "router") -> None:
         """`replicas`: a DeploymentHandle to AttentionReplica (anything with the same two methods in tests)."""
@@ -61,9 +61,6 @@ class Router:
                     self.pending.remove(waiting)
                 elif waiting.replica is not None:
                     asyncio.get_running_loop().create_task(self._abort(waiting))
-
-    async def health(self) -> str:
-        return "ok"
 
     # ---- batching -------------------------------------------------------------------------------------------
     def _start_batcher(self) -> None:
