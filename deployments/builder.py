@@ -25,6 +25,9 @@ from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.synthetic import preset_config
 
 ROUTING_STATS_PERIOD_S = 1.0
+# a call naming `target_replica` (an abort) reaches that replica; others go where there is most room
+MOST_ROOM = RequestRouterConfig(request_router_class="gptoss_serve.deployments.most_room_router:MostRoomRouter",
+                                request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
 
 
 def parse_args(raw: dict[str, Any] | AppArgs) -> AppArgs:
@@ -92,14 +95,12 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         max_ongoing_requests=10_000,  # a call is a whole batch; the engine queues, not Serve
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
                            "runtime_env": {"env_vars": NO_MULTICAST}},
-        request_router_config=RequestRouterConfig(
-            request_router_class="gptoss_serve.deployments.most_room_router:MostRoomRouter",
-            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
-        ),
+        request_router_config=MOST_ROOM,
         health_check_period_s=5,
         health_check_timeout_s=30,
     ).bind(args, expert_pool=pool)
     router = serve.deployment(BatchingRouter, name="BatchingRouter", max_ongoing_requests=100_000,
+                              request_router_config=MOST_ROOM,  # aborts reach the router replica of their call
                               ray_actor_options={"num_cpus": 0}).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
         max_wait_ms=args.router_max_wait_ms)

@@ -11,13 +11,13 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_responses import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -52,24 +52,39 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     return app
 
 
-class ChoiceStream:
-    """The Router's stream for one engine request."""
+class ResponseStream:
+    """The engine requests of one HTTP request (its choices), sent together; their items come back one
+    engine step at a time, each tagged with its choice's index."""
 
-    def __init__(self, response) -> None:
-        self.response = response
+    def __init__(self, streamer: BatchStreamer, requests: list[EngineRequest]) -> None:
+        self.streamer = streamer
+        self.choice_of = {r.request_id: i for i, r in enumerate(requests)}
+        self.open = set(self.choice_of)
+        self.sink: asyncio.Queue = asyncio.Queue()
+        streamer.submit(requests, self.sink)
 
-    async def first(self) -> list[StreamItem]:
-        """The first items, raising APIError when the request failed before producing anything."""
-        items = await self.response.__anext__()
-        _raise_if_error(items)
+    async def next(self) -> list[tuple[int, StreamItem]]:
+        items = await self.sink.get()
+        while not self.sink.empty():
+            items += self.sink.get_nowait()
+        self.open.difference_update(item.request_id for item in items if item.is_last)
+        return [(self.choice_of[item.request_id], item) for item in items]
+
+    async def first(self) -> list[tuple[int, StreamItem]]:
+        """Items up to every choice's first, raising APIError when a choice failed before producing anything."""
+        items, started = [], set()
+        while len(started) < len(self.choice_of):
+            batch = await self.next()
+            _raise_if_error([item for _, item in batch])
+            items += batch
+            started.update(index for index, _ in batch)
         return items
 
-    async def rest(self) -> AsyncIterator[list[StreamItem]]:
-        async for items in self.response:
-            yield items
-
-    def cancel(self) -> None:
-        self.response.cancel()
+    def close(self) -> None:
+        """Stops what is still running (the client left, or the response failed)."""
+        if self.open:
+            self.streamer.abort(list(self.open))
+            self.open.clear()
 
 
 def _raise_if_error(items: list[StreamItem]) -> None:
@@ -80,7 +95,8 @@ def _raise_if_error(items: list[StreamItem]) -> None:
 
 class OpenAIIngress:
     def __init__(self, router, args: AppArgs) -> None:
-        self.router = router.options(stream=True)
+        self.router = BatchStreamer(router, max_batch_size=args.router_max_batch_size,
+                                    max_wait_ms=args.router_max_wait_ms)
         self.args = args
         self.tokenizer = load_tokenizer()
         self.in_flight = 0
@@ -136,30 +152,32 @@ class OpenAIIngress:
                 params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
         slot = self._take_slot()
-        streams = [ChoiceStream(self.router.generate.remote(r)) for r in requests]
+        stream = ResponseStream(self.router, requests)
         try:
-            firsts = await asyncio.gather(*(s.first() for s in streams))
+            firsts = await stream.first()
         except BaseException:
-            for s in streams:
-                s.cancel()
+            stream.close()
             slot()
             raise
         header = {"id": base, "object": kind + ".chunk" if kind == "chat.completion" else kind,
                   "created": int(now), "model": self.args.served_model_name}
         if body.stream:
-            events = self._sse(streams, firsts, choices, header, kind, body.include_usage, len(prompts), slot)
+            events = self._sse(stream, firsts, choices, header, kind, body.include_usage, len(prompts), slot)
             # a stream dropped before it starts never runs its `finally`: give the slot back when it is collected
             weakref.finalize(events, slot)
+            weakref.finalize(events, stream.close)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            for stream, first, choice in zip(streams, firsts, choices):
-                self._feed(choice, first)
-                async for items in stream.rest():
-                    _raise_if_error(items)
-                    self._feed(choice, items)
+            items = firsts
+            while True:
+                _raise_if_error([item for _, item in items])
+                for index, item in items:
+                    self._feed(choices[index], [item])
+                if not stream.open:
+                    break
+                items = await stream.next()
         finally:
-            for s in streams:
-                s.cancel()
+            stream.close()
             slot()
         return {**header, "object": kind,
                 "choices": [c.message() if kind == "chat.completion" else c.body() for c in choices],
@@ -182,46 +200,34 @@ class OpenAIIngress:
 
         return release
 
-    async def _sse(self, streams, firsts, choices, header, kind, include_usage, num_prompts, slot):
-        """Server-sent events: chunks as they come from all choices, then usage, then [DONE]."""
+    async def _sse(self, stream: ResponseStream, firsts, choices, header, kind, include_usage, num_prompts, slot):
+        """Server-sent events: each engine step's chunks of all choices in one write, then usage, then [DONE]."""
         chat = kind == "chat.completion"
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            try:
-                await merged.put((index, firsts[index]))
-                async for items in streams[index].rest():
-                    await merged.put((index, items))
-            finally:
-                await merged.put((index, None))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
         try:
             if chat:
-                for c in choices:
-                    yield _event({**header, "choices": [{"index": c.index, "delta": {"role": "assistant"},
-                                                         "logprobs": None, "finish_reason": None}]})
-            open_streams = len(streams)
-            while open_streams:
-                index, items = await merged.get()
-                if items is None:
-                    open_streams -= 1
-                    continue
-                for item in items:
+                yield "".join(_event({**header, "choices": [{"index": c.index, "delta": {"role": "assistant"},
+                                                              "logprobs": None, "finish_reason": None}]})
+                              for c in choices)
+            items = firsts
+            while True:
+                events = []
+                for index, item in items:
                     if item.error is not None:
-                        yield _event(APIError(item.status, item.error).body())
+                        events.append(_event(APIError(item.status, item.error).body()))
                         continue
                     chunk = self._chunk(choices[index], item, chat)
                     if chunk is not None:
-                        yield _event({**header, "choices": [chunk]})
+                        events.append(_event({**header, "choices": [chunk]}))
+                if events:
+                    yield "".join(events)
+                if not stream.open:
+                    break
+                items = await stream.next()
             if include_usage:
                 yield _event({**header, "choices": [], "usage": usage(choices, num_prompts=num_prompts)})
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects: stop every choice's request
-            for t in tasks:
-                t.cancel()
-            for s in streams:
-                s.cancel()
+            stream.close()
             slot()
 
     @staticmethod

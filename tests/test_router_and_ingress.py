@@ -58,13 +58,15 @@ def request(i: int) -> EngineRequest:
 
 
 async def collect(router: BatchingRouter, req: EngineRequest) -> list[StreamItem]:
-    return [item async for items in router.generate(req) for item in items]
+    stream = router.generate_batch([req])
+    assert await stream.__anext__() == "router-0"  # the router names itself first (aborts are aimed at it)
+    return [item async for items in stream for item in items]
 
 
 def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
     async def main():
         replicas = FakeReplicas(tokens=3, delay=0.05)
-        router = BatchingRouter(replicas, model_name="m", max_batch_size=8, max_wait_ms=50)
+        router = BatchingRouter(replicas, model_name="m", max_batch_size=8, max_wait_ms=50, replica_id="router-0")
         start = time.monotonic()
         first = asyncio.create_task(collect(router, request(0)))
         await asyncio.sleep(0.01)
@@ -74,7 +76,7 @@ def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
         outputs = await asyncio.gather(first, *rest)
         assert replicas.batches[1:] == [["r1", "r2", "r3"]]
         assert all(len(items) == 3 and items[-1].output.finished for items in outputs)
-        assert router.in_flight == 0
+        assert router.replicas.in_flight == 0
 
     asyncio.run(main())
 
@@ -82,9 +84,10 @@ def test_lone_request_leaves_at_once_and_busy_ones_share_a_batch():
 def test_client_leaving_aborts_on_its_replica():
     async def main():
         replicas = FakeReplicas(tokens=50, delay=0.02)
-        router = BatchingRouter(replicas, model_name="m")
-        stream = router.generate(request(9))
-        await stream.__anext__()
+        router = BatchingRouter(replicas, model_name="m", replica_id="router-0")
+        stream = router.generate_batch([request(9)])
+        await stream.__anext__()  # the router's id
+        await stream.__anext__()  # the first token
         await stream.aclose()
         await asyncio.sleep(0.05)
         assert replicas.aborted == ["r9"]
@@ -99,9 +102,9 @@ def test_a_failing_replica_fails_its_requests_with_503():
             raise RuntimeError("replica died")
 
     async def main():
-        router = BatchingRouter(Broken(), model_name="m")
+        router = BatchingRouter(Broken(), model_name="m", replica_id="router-0")
         items = await collect(router, request(1))
-        assert items[-1].status == 503 and "replica died" in items[-1].error
+        assert items[-1].status == 503 and "RuntimeError" in items[-1].error
 
     asyncio.run(main())
 
@@ -110,9 +113,9 @@ class ExplodingRouter:
     def options(self, **kwargs):
         return self
 
-    class generate:  # noqa: N801 - mimics handle.generate.remote(...)
+    class generate_batch:  # noqa: N801 - mimics handle.generate_batch.remote(...)
         @staticmethod
-        def remote(request):
+        def remote(requests):
             raise RuntimeError("secret internal detail\nTraceback (most recent call last): ...")
 
 
@@ -122,12 +125,12 @@ def client():
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
 
 
-def test_internal_errors_are_500_without_a_traceback(client):
+def test_a_failing_router_is_a_503_without_internals(client):
     async def main():
         async with client:
             r = await client.post("/v1/completions", json={"model": "gpt-oss", "prompt": "hi"})
-        assert r.status_code == 500
-        assert r.json()["error"]["type"] == "internal_server_error"
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "service_unavailable"
         assert "Traceback" not in r.text and "secret" not in r.text
 
     asyncio.run(main())

@@ -1,0 +1,151 @@
+"""BatchStreamer: many callers' requests travel downstream together, one streaming call per batch.
+
+The ingress and the BatchingRouter both talk to the next hop through one of these. Callers `submit` requests
+with a sink (an asyncio.Queue). Requests gather in a short adaptive window: with nothing in flight downstream a
+batch leaves at once; while downstream is busy it waits at most `max_wait_ms` for company, and a full batch
+leaves at once. Each message that comes back holds one engine step's items for the whole batch; it is split
+among the sinks with one put per sink, so no hop carries a message per token per request.
+
+Aborts are gathered too: whatever was asked in one turn of the event loop goes downstream as one call per
+downstream replica (the first message of every downstream stream names its replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+
+
+@dataclass(eq=False)
+class _Entry:
+    request: EngineRequest
+    sink: asyncio.Queue  # gets lists of StreamItems
+    queued_at: float = field(default_factory=time.monotonic)
+    replica: str | None = None  # set once its batch's stream names its replica
+
+
+class BatchStreamer:
+    def __init__(self, downstream, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
+                 on_batch=None) -> None:
+        """downstream: a handle with `generate_batch(requests)` (streaming: its replica id, then lists of
+        StreamItems) and `abort(request_ids, target_replica=)`. on_batch(batch_size, waits) observes batches."""
+        self.downstream = downstream
+        self.streams = downstream.options(stream=True)
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
+        self.on_batch = on_batch
+        self.pending: list[_Entry] = []
+        self.sent: dict[str, _Entry] = {}  # request id -> entry, for requests downstream and not finished
+        self.to_abort: set[str] = set()  # asked this turn of the event loop; sent together
+        self.unplaced_aborts: set[str] = set()  # aborted before their replica was known
+        self.wake = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.batcher: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.sent)
+
+    def submit(self, requests: list[EngineRequest], sink: asyncio.Queue) -> None:
+        self.pending += [_Entry(r, sink) for r in requests]
+        if self.batcher is None or self.batcher.done():
+            self.batcher = self._spawn(self._batch_loop())
+        self.wake.set()
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stops requests wherever they are: not yet sent, they are dropped; sent, their replica is told."""
+        ids = set(request_ids)
+        self.pending = [e for e in self.pending if e.request.request_id not in ids]
+        if not self.to_abort:
+            asyncio.get_running_loop().call_soon(self._flush_aborts)
+        self.to_abort |= ids & self.sent.keys()
+
+    # ---- inside -------------------------------------------------------------------------------------------
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _batch_loop(self) -> None:
+        while True:
+            if not self.pending:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if self.sent and len(self.pending) < self.max_batch_size:
+                # downstream is busy: a short wait lets more requests share this batch
+                deadline = self.pending[0].queued_at + self.max_wait_s
+                while len(self.pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), left)
+                    except TimeoutError:
+                        break
+            batch, self.pending = self.pending[:self.max_batch_size], self.pending[self.max_batch_size:]
+            if batch:
+                for entry in batch:
+                    self.sent[entry.request.request_id] = entry
+                if self.on_batch is not None:
+                    now = time.monotonic()
+                    self.on_batch(len(batch), [now - e.queued_at for e in batch])
+                self._spawn(self._run_batch(batch))
+
+    async def _run_batch(self, batch: list[_Entry]) -> None:
+        ids = [e.request.request_id for e in batch]
+        try:
+            stream = self.streams.generate_batch.remote([e.request for e in batch])
+            async for chunk in stream:
+                if batch[0].replica is None:  # the replica names itself first
+                    for entry in batch:
+                        entry.replica = chunk
+                    if waiting := [i for i in ids if i in self.unplaced_aborts]:
+                        self.unplaced_aborts.difference_update(waiting)
+                        self._spawn(self._abort(chunk, waiting))
+                    continue
+                by_sink: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
+                for item in chunk:
+                    entry = self.sent.get(item.request_id)
+                    if entry is None:  # aborted meanwhile
+                        continue
+                    by_sink.setdefault(id(entry.sink), (entry.sink, []))[1].append(item)
+                    if item.is_last:
+                        del self.sent[item.request_id]
+                for sink, items in by_sink.values():
+                    sink.put_nowait(items)
+                if not any(i in self.sent for i in ids):
+                    break  # leaving the stream early also stops anything of this batch still downstream
+            error = "the serving replica ended the stream early"
+        except Exception as e:  # noqa: BLE001 - a lost replica fails its requests, never hangs them
+            error = f"the serving replica failed ({type(e).__name__})"
+        failed: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
+        for request_id in ids:
+            entry = self.sent.pop(request_id, None)
+            if entry is not None:
+                failed.setdefault(id(entry.sink), (entry.sink, []))[1].append(
+                    StreamItem(request_id, error=error, status=503))
+        for sink, items in failed.values():
+            sink.put_nowait(items)
+
+    def _flush_aborts(self) -> None:
+        by_replica: dict[str, list[str]] = defaultdict(list)
+        for request_id in self.to_abort:
+            entry = self.sent.pop(request_id, None)
+            if entry is None:
+                continue
+            if entry.replica is None:  # its batch is on the way: aborted as soon as the replica is known
+                self.unplaced_aborts.add(request_id)
+            else:
+                by_replica[entry.replica].append(request_id)
+        self.to_abort.clear()
+        for replica, ids in by_replica.items():
+            self._spawn(self._abort(replica, ids))
+
+    async def _abort(self, replica: str, request_ids: list[str]) -> None:
+        try:
+            await self.downstream.abort.remote(request_ids, target_replica=replica)
+        except Exception:  # noqa: BLE001 - best effort: a dead replica has freed everything anyway
+            pass
