@@ -47,9 +47,14 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory}: checkpoint directory not found")
         self.config = GptOssConfig.from_file(self.directory / "config.json")
         self.device = torch.device(device)
-        self.file_of = self._weight_map()  # tensor name -> shard file name
+        # opened before the weight map: a checkpoint without an index is listed by opening its one file
         self._files: dict[str, object] = {}
         self._stack = ExitStack()
+        try:
+            self.file_of = self._weight_map()  # tensor name -> shard file name
+        except BaseException:
+            self.close()
+            raise
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
