@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from gptoss_serve.model import mxfp4
-from gptoss_serve.model.checkpoint import EXPERT_BIASES, INDEX_FILE, SINGLE_FILE, expert_prefix
+from gptoss_serve.model.checkpoint import INDEX_FILE, SINGLE_FILE, stored_layout
 from gptoss_serve.model.config import FULL, SLIDING, GptOssConfig
 
 _REAL = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
@@ -43,6 +43,12 @@ def preset_config(preset: str, *, mxfp4_experts: bool = False) -> GptOssConfig:
 
 def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor of a checkpoint of this config: name -> (shape, dtype), in the order they are written."""
+    return {stored: spec for name, (shape, dtype) in dense_layout(config).items()
+            for stored, spec in stored_layout(config, name, shape, dtype).items()}
+
+
+def dense_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """transformers' state dict of this config, name -> (shape, dtype), before any weight is quantized."""
     c, bf16 = config, torch.bfloat16
     H, I, E, D = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
@@ -54,16 +60,9 @@ def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torc
             out |= {f"{p}self_attn.{proj}.weight": ((rows, cols), bf16), f"{p}self_attn.{proj}.bias": ((rows,), bf16)}
         out[p + "self_attn.sinks"] = ((c.num_attention_heads,), bf16)
         out |= {p + "mlp.router.weight": ((E, H), bf16), p + "mlp.router.bias": ((E,), bf16)}
-        e = expert_prefix(layer)
-        matrices = {"gate_up_proj": (H, 2 * I), "down_proj": (I, H)}  # (in, out)
-        for name, (fan_in, fan_out) in matrices.items():
-            if c.quantization == "mxfp4":
-                groups = fan_in // mxfp4.BLOCK_SIZE
-                out[e + name + "_blocks"] = ((E, fan_out, groups, mxfp4.BLOCK_SIZE // 2), torch.uint8)
-                out[e + name + "_scales"] = ((E, fan_out, groups), torch.uint8)
-            else:
-                out[e + name] = ((E, fan_in, fan_out), bf16)
-        out |= {e + EXPERT_BIASES[0]: ((E, 2 * I), bf16), e + EXPERT_BIASES[1]: ((E, H), bf16)}
+        e = p + "mlp.experts."  # expert matrices are [E, in, out]
+        out |= {e + "gate_up_proj": ((E, H, 2 * I), bf16), e + "down_proj": ((E, I, H), bf16),
+                e + "gate_up_proj_bias": ((E, 2 * I), bf16), e + "down_proj_bias": ((E, H), bf16)}
     out |= {"model.norm.weight": ((H,), bf16), "lm_head.weight": ((c.vocab_size, H), bf16)}
     return out
 
@@ -71,14 +70,8 @@ def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torc
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: GptOssConfig, seed: int) -> torch.Tensor:
     """Values scaled so activations stay near unit size through the layers, like a trained model's."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    if name.endswith("_blocks"):
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-    if name.endswith("_scales"):
-        # random FP4 codes have an RMS of about 2.93; pick the exponent that gives std 1/sqrt(fan_in)
-        fan_in = shape[-1] * mxfp4.BLOCK_SIZE
-        exponent = round(math.log2(fan_in**-0.5 / 2.93))
-        jitter = torch.randint(-1, 2, shape, generator=gen)
-        return (mxfp4.SCALE_BIAS + exponent + jitter).to(torch.uint8)
+    if mxfp4.is_part(name):
+        return mxfp4.random_part(name, shape, gen)
     if name.endswith("norm.weight"):
         values = 1 + 0.1 * torch.randn(shape, generator=gen)
     elif name.endswith("sinks"):

@@ -23,14 +23,8 @@ def port() -> int:
 
 def shard(path, layer_count, first, count):
     with CheckpointReader(path) as reader:
-        layers = []
-        for layer in range(layer_count):
-            experts = LocalExperts(reader.config, first=first, count=count).float()
-            with torch.no_grad():
-                for key, t in reader.read_experts(layer, first=first, count=count, dtype=torch.float32).items():
-                    getattr(experts, key).copy_(t)
-            layers.append(experts)
-    return layers
+        return [LocalExperts.from_checkpoint(reader, layer, first=first, count=count, dtype=torch.float32)
+                for layer in range(layer_count)]
 
 
 def connect(num_workers: int, serve, timeout_s: float = 5.0):
