@@ -4,7 +4,7 @@ Each replica forms its own process group with the workers: rank 0 is the replica
 replicas start, fail and restart independently, and a worker serves each replica on its own thread.
 
 The wire protocol for one MoE layer, to each worker, in this order (tags keep the messages apart):
-  header  int64 [3]       (layer, tokens, 1) -- a small control message first, so sizes are known
+  header  int64 [2]       (layer, tokens) -- a small control message first, so sizes are known
   hidden  [n, H]          the hidden states of the tokens routed to any of the worker's experts
   routing int64 [n, K] and float32 [n, K]: global expert ids and weights
 and back: [n, H], the weighted sum of the worker's experts' outputs. The replica adds the workers' parts.
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from gptoss_serve.model.experts import ExpertsUnavailableError
 
 HEADER, HIDDEN, IDS, WEIGHTS, RESULT = range(5)
+HEADER_SIZE = 2  # int64 (layer, tokens)
 STOP_LAYER = -1  # a header with this layer ends the worker's loop for this replica
 
 
@@ -114,7 +115,7 @@ class ExpertClient:
             n = rows.numel()
             self.stats.tokens_per_worker[worker] += n
             rank = worker + 1
-            header = torch.tensor([layer, n, 1], dtype=torch.int64)
+            header = torch.tensor([layer, n], dtype=torch.int64)
             try:
                 sends.append((self.group.send([header], rank, HEADER), header))
                 if n == 0:
@@ -151,7 +152,7 @@ class ExpertClient:
     def close(self) -> None:
         for worker in range(len(self.shards)):
             try:
-                self.group.send([torch.tensor([STOP_LAYER, 0, 0], dtype=torch.int64)], worker + 1, HEADER)
+                self.group.send([torch.tensor([STOP_LAYER, 0], dtype=torch.int64)], worker + 1, HEADER)
             except RuntimeError:
                 pass
 
@@ -165,7 +166,7 @@ def serve_replica(group, experts: list, *, hidden_size: int, top_k: int, device:
     staging = staging or device
     dtype = next(experts[0].parameters()).dtype
     while True:
-        header = torch.empty(3, dtype=torch.int64)
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
         group.recv([header], 0, HEADER).wait()
         layer, n = int(header[0]), int(header[1])
         if layer == STOP_LAYER:

@@ -31,14 +31,8 @@ class MoEWorker:
         with CheckpointReader(resolve_checkpoint(checkpoint), device=self.device) as reader:
             self.config = reader.config
             self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)
-            self.experts = []
-            for layer in range(self.config.num_hidden_layers):
-                experts = LocalExperts(self.config, first=self.first, count=self.count).to(dtype).to(self.device)
-                weights = reader.read_experts(layer, first=self.first, count=self.count, dtype=dtype)
-                with torch.no_grad():
-                    for key, tensor in weights.items():
-                        getattr(experts, key).copy_(tensor)
-                self.experts.append(experts.requires_grad_(False))
+            self.experts = [LocalExperts.from_checkpoint(reader, layer, first=self.first, count=self.count, dtype=dtype)
+                            for layer in range(self.config.num_hidden_layers)]
         self.links: dict[str, threading.Thread] = {}
 
     def shard(self) -> tuple[int, int]:

@@ -1,12 +1,13 @@
 """Reads a gpt-oss checkpoint directory: config.json, safetensors shards and their index, tensor by tensor.
 
 Tensors are read one at a time straight to the target device (safetensors memory-maps the files), so the
-model is never held twice. Expert weights come out dense in transformers' layout whatever the file holds:
-`read_experts` is where MXFP4 blocks and scales are turned into values.
+model is never held twice. Weights come out dense in transformers' layout whatever the file holds: `read` hands
+the weights an MXFP4 checkpoint quantizes to model/mxfp4.py, which alone knows how they are stored.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,23 +20,29 @@ from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-EXPERT_MATRICES = ("gate_up_proj", "down_proj")  # stored [E, in, out] in bf16; [E, out, in / 32, 16] in MXFP4
-EXPERT_BIASES = ("gate_up_proj_bias", "down_proj_bias")
+SINGLE_FILE = "model.safetensors"  # what save_pretrained writes, with no index, when the model fits one file
+# the weights an MXFP4 checkpoint quantizes (OpenAI's modules_to_not_convert keeps everything else bf16)
+MXFP4_WEIGHTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 
 
 def expert_prefix(layer: int) -> str:
     return f"model.layers.{layer}.mlp.experts."
 
 
-def expert_tensor_names(config: GptOssConfig, layer: int) -> list[str]:
-    """The names one layer's experts occupy in a checkpoint of this config's format."""
-    prefix = expert_prefix(layer)
-    if config.quantization == "mxfp4":
-        matrices = [f"{prefix}{m}{part}" for m in EXPERT_MATRICES for part in ("_blocks", "_scales")]
-    else:
-        matrices = [prefix + m for m in EXPERT_MATRICES]
-    return matrices + [prefix + b for b in EXPERT_BIASES]
+def is_mxfp4(config: GptOssConfig, name: str) -> bool:
+    """Whether the weight `name` (transformers' name) is stored as MXFP4 in a checkpoint of this config."""
+    return config.quantization == "mxfp4" and name.endswith(MXFP4_WEIGHTS)
+
+
+def stored_names(config: GptOssConfig, name: str) -> tuple[str, ...]:
+    """The tensors the weight `name` occupies in a checkpoint of this config's format."""
+    return mxfp4.tensor_names(name) if is_mxfp4(config, name) else (name,)
+
+
+def stored_layout(config: GptOssConfig, name: str, shape: tuple[int, ...],
+                  dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """A weight of transformers' name, dense shape and dtype -> the tensors storing it: name -> (shape, dtype)."""
+    return mxfp4.stored_layout(name, shape) if is_mxfp4(config, name) else {name: (tuple(shape), dtype)}
 
 
 class CheckpointReader:
@@ -47,9 +54,14 @@ class CheckpointReader:
             raise CheckpointError(f"{self.directory}: checkpoint directory not found")
         self.config = GptOssConfig.from_file(self.directory / "config.json")
         self.device = torch.device(device)
-        self.file_of = self._weight_map()  # tensor name -> shard file name
+        # opened before the weight map: a checkpoint without an index is listed by opening its one file
         self._files: dict[str, object] = {}
         self._stack = ExitStack()
+        try:
+            self.file_of = self._weight_map()  # tensor name -> shard file name
+        except BaseException:
+            self.close()
+            raise
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
@@ -103,12 +115,20 @@ class CheckpointReader:
         except SafetensorError as e:
             raise CheckpointError(f"{self.where(name)}: tensor {name!r}: {e}") from None
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
-
     def read(self, name: str, *, dtype: torch.dtype | None = None, rows: slice = slice(None),
              expect: tuple[int, ...] | None = None) -> torch.Tensor:
-        """One tensor (or the rows [start, stop) of its first dimension) on the reader's device."""
+        """One weight (or the rows [start, stop) of its first dimension) on the reader's device, dense, in
+        transformers' layout and shape (`expect`, needed for MXFP4 weights) whatever the file stores."""
+        if is_mxfp4(self.config, name):
+            if expect is None:
+                raise ValueError(f"reading the MXFP4 weight {name!r} needs its dense shape (expect=)")
+            return mxfp4.read_dense(functools.partial(self._read_stored, rows=rows), name, tuple(expect),
+                                    dtype=dtype or getattr(torch, self.config.dtype))
+        return self._read_stored(name, rows=rows, expect=expect, dtype=dtype)
+
+    def _read_stored(self, name: str, *, rows: slice, expect: tuple[int, ...] | None = None,
+                     expect_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as the file holds it (rows of it), checked against the expected shape and dtype."""
         view = self._slice(name)
         shape = list(view.get_shape())
         if rows != slice(None):
@@ -120,29 +140,7 @@ class CheckpointReader:
             tensor = view[rows] if rows != slice(None) else view[:]
         except SafetensorError as e:
             raise CheckpointError(f"{self.where(name)}: tensor {name!r}: {e}") from None
+        if expect_dtype is not None and tensor.dtype != expect_dtype:
+            raise CheckpointError(f"{self.where(name)}: tensor {name!r} has dtype {tensor.dtype}, "
+                                  f"expected {expect_dtype}")
         return tensor.to(device=self.device, dtype=dtype or tensor.dtype)
-
-    def read_experts(self, layer: int, *, first: int, count: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Experts [first, first + count) of one layer, dense, in transformers' layout:
-        gate_up_proj [n, H, 2I], gate_up_proj_bias [n, 2I], down_proj [n, I, H], down_proj_bias [n, H]."""
-        c = self.config
-        prefix, rows = expert_prefix(layer), slice(first, first + count)
-        shapes = {"gate_up_proj": (count, c.hidden_size, 2 * c.intermediate_size),
-                  "down_proj": (count, c.intermediate_size, c.hidden_size),
-                  "gate_up_proj_bias": (count, 2 * c.intermediate_size),
-                  "down_proj_bias": (count, c.hidden_size)}
-        out = {b: self.read(prefix + b, dtype=dtype, rows=rows, expect=shapes[b]) for b in EXPERT_BIASES}
-        for m in EXPERT_MATRICES:
-            n, fan_in, fan_out = shapes[m]
-            if c.quantization == "mxfp4":
-                groups = fan_in // mxfp4.BLOCK_SIZE
-                blocks = self.read(prefix + m + "_blocks", rows=rows, expect=(n, fan_out, groups, mxfp4.BLOCK_SIZE // 2))
-                scales = self.read(prefix + m + "_scales", rows=rows, expect=(n, fan_out, groups))
-                if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-                    raise CheckpointError(f"{self.where(prefix + m + '_blocks')}: MXFP4 tensors of {prefix + m} "
-                                          f"must be uint8, got {blocks.dtype} and {scales.dtype}")
-                # MXFP4 is stored [out, in]; transformers' dense layout is [in, out]
-                out[m] = mxfp4.dequantize(blocks, scales, dtype=dtype).transpose(-1, -2).contiguous()
-            else:
-                out[m] = self.read(prefix + m, dtype=dtype, rows=rows, expect=shapes[m])
-        return out

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from gptoss_serve.model.checkpoint import CheckpointReader, expert_prefix, stored_names
 from gptoss_serve.model.config import GptOssConfig
 
 
@@ -55,6 +56,9 @@ class LocalExperts(nn.Module):
     gives the full layer, which is what expert parallelism relies on.
     """
 
+    # its parameters, named as in transformers' checkpoints under model.layers.{i}.mlp.experts.
+    WEIGHTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
     def __init__(self, config: GptOssConfig, *, first: int = 0, count: int | None = None) -> None:
         super().__init__()
         self.first = first
@@ -67,6 +71,29 @@ class LocalExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
         self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    @classmethod
+    def from_checkpoint(cls, reader: CheckpointReader, layer: int, *, first: int = 0, count: int | None = None,
+                        dtype: torch.dtype, device: torch.device | str | None = None) -> LocalExperts:
+        """Experts [first, first + count) of one layer, allocated once on `device` (the reader's by default) and
+        filled from the checkpoint; only those experts' rows are read."""
+        with torch.device("meta"):
+            experts = cls(reader.config, first=first, count=count)
+        experts = experts.to(dtype).to_empty(device=device or reader.device)
+        experts.load_weights(reader, layer)
+        return experts.requires_grad_(False)
+
+    @staticmethod
+    def checkpoint_names(reader: CheckpointReader, layer: int) -> list[str]:
+        """The tensors one layer's experts occupy in the checkpoint (all of them, whichever process holds them)."""
+        return [n for w in LocalExperts.WEIGHTS for n in stored_names(reader.config, expert_prefix(layer) + w)]
+
+    def load_weights(self, reader: CheckpointReader, layer: int) -> None:
+        """Copies this shard's rows of the layer's expert weights in, dense (MXFP4 is decoded by the reader)."""
+        prefix, rows = expert_prefix(layer), slice(self.first, self.first + self.count)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.copy_(reader.read(prefix + name, dtype=param.dtype, rows=rows, expect=tuple(param.shape)))
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once

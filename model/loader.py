@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_serve.model.checkpoint import CheckpointReader, expert_tensor_names
+from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.experts import ExpertsFactory, LocalExperts
 from gptoss_serve.model.hub import resolve_checkpoint
@@ -34,17 +34,17 @@ def load_model(path_or_hub_id: str | Path, device: torch.device | str = "cpu", d
 
 
 def load_weights(model: GptOssForCausalLM, reader: CheckpointReader) -> None:
-    config = reader.config
+    """Checks the checkpoint holds exactly this model's tensors, then copies them in; experts load themselves."""
     dense = {name: p for name, p in model.named_parameters() if ".mlp.experts." not in name}
-    expert_names = {n for layer in range(config.num_hidden_layers) for n in expert_tensor_names(config, layer)}
+    local = {layer: block.mlp.experts for layer, block in enumerate(model.model.layers)
+             if isinstance(block.mlp.experts, LocalExperts)}  # experts held elsewhere read nothing here
+    expert_names = {n for layer in range(reader.config.num_hidden_layers)
+                    for n in LocalExperts.checkpoint_names(reader, layer)}
     unexpected = sorted(reader.names() - dense.keys() - expert_names)
     if unexpected:
         raise CheckpointError(f"{reader.where(unexpected[0])}: unexpected tensor {unexpected[0]!r}"
                               + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    wanted = set(dense)
-    for layer, block in enumerate(model.model.layers):
-        if isinstance(block.mlp.experts, LocalExperts):
-            wanted.update(expert_tensor_names(config, layer))
+    wanted = set(dense).union(*(LocalExperts.checkpoint_names(reader, layer) for layer in local))
     missing = sorted(wanted - reader.names())
     if missing:
         raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]!r}"
@@ -53,10 +53,5 @@ def load_weights(model: GptOssForCausalLM, reader: CheckpointReader) -> None:
     with torch.no_grad():
         for name, param in dense.items():
             param.copy_(reader.read(name, dtype=param.dtype, expect=tuple(param.shape)))
-        for layer, block in enumerate(model.model.layers):
-            experts = block.mlp.experts
-            if isinstance(experts, LocalExperts):
-                weights = reader.read_experts(layer, first=experts.first, count=experts.count,
-                                              dtype=experts.down_proj.dtype)
-                for key, tensor in weights.items():
-                    getattr(experts, key).copy_(tensor)
+    for layer, experts in local.items():
+        experts.load_weights(reader, layer)

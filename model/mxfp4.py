@@ -1,12 +1,19 @@
 """MXFP4, the format OpenAI ships gpt-oss expert weights in: the only module that knows blocks and scales.
 
-A weight of logical shape [..., rows, cols] is stored as
+A matrix of logical shape [..., rows, cols] is stored as
   blocks: uint8 [..., rows, cols / 32, 16]   two E2M1 (FP4) values a byte, low nibble first
   scales: uint8 [..., rows, cols / 32]       one E8M0 exponent (bias 127) per block of 32 values
 and value = FP4_VALUES[nibble] * 2 ** (scale - 127).
+
+In a checkpoint, a weight `name` of transformers' dense shape [..., in, out] is stored transposed, [..., out, in]
+(blocks run along the input dimension, the one a matrix product sums over), as `name_blocks` and `name_scales`.
+`stored_layout`, `read_dense` and `random_part` are how the checkpoint reader and writer handle it.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 
@@ -14,6 +21,61 @@ BLOCK_SIZE = 32  # values sharing one scale
 SCALE_BIAS = 127  # E8M0 exponent bias
 # E2M1 code -> value: sign bit, two exponent bits, one mantissa bit
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_RMS = 2.93  # RMS of FP4_VALUES over uniformly random codes: what random blocks scale by
+BLOCKS, SCALES = "_blocks", "_scales"  # suffixes of a stored weight's two tensors
+
+# read(stored name, *, expect=shape, expect_dtype=dtype) -> that tensor; raises if it has another shape or dtype
+ReadStored = Callable[..., torch.Tensor]
+
+
+def tensor_names(name: str) -> tuple[str, str]:
+    """The two tensors a weight called `name` is stored as: (blocks, scales)."""
+    return name + BLOCKS, name + SCALES
+
+
+def is_part(name: str) -> bool:
+    """Whether a stored tensor is the blocks or the scales of some weight."""
+    return name.endswith((BLOCKS, SCALES))
+
+
+def stored_layout(name: str, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """A weight of transformers' dense shape [..., in, out] -> its stored tensors: name -> (shape, dtype)."""
+    *lead, fan_in, fan_out = shape
+    if fan_in % BLOCK_SIZE:
+        raise ValueError(f"MXFP4 weight {name!r} needs its input dimension to be a multiple of {BLOCK_SIZE}, "
+                         f"got {tuple(shape)}")
+    groups = fan_in // BLOCK_SIZE
+    blocks, scales = tensor_names(name)
+    return {blocks: ((*lead, fan_out, groups, BLOCK_SIZE // 2), torch.uint8),
+            scales: ((*lead, fan_out, groups), torch.uint8)}
+
+
+def read_dense(read: ReadStored, name: str, shape: tuple[int, ...], *,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The weight `name` of transformers' dense shape [..., in, out], decoded from its stored blocks and scales.
+
+    `read` checks each stored tensor's shape and dtype, so its errors can name the file the tensor is in.
+    """
+    (blocks_name, blocks_spec), (scales_name, scales_spec) = stored_layout(name, shape).items()
+    blocks = read(blocks_name, expect=blocks_spec[0], expect_dtype=blocks_spec[1])  # [..., out, in / 32, 16]
+    scales = read(scales_name, expect=scales_spec[0], expect_dtype=scales_spec[1])  # [..., out, in / 32]
+    return dequantize(blocks, scales, dtype=dtype).transpose(-1, -2).contiguous()  # [..., in, out]
+
+
+def random_part(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random stored blocks or scales (by the name's suffix) of the given stored shape, for test checkpoints.
+
+    Uniform random codes, scaled so the weight's values have a standard deviation near 1 / sqrt(fan_in), like
+    the random dense matrices beside them.
+    """
+    if name.endswith(BLOCKS):
+        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+    if not name.endswith(SCALES):
+        raise ValueError(f"{name!r} is neither MXFP4 blocks nor scales")
+    fan_in = shape[-1] * BLOCK_SIZE  # scales are [..., out, in / 32]
+    exponent = round(math.log2(fan_in**-0.5 / FP4_RMS))
+    jitter = torch.randint(-1, 2, shape, generator=generator)  # exponents vary by one either way, as trained ones do
+    return (SCALE_BIAS + exponent + jitter).to(torch.uint8)
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Random gpt-oss checkpoints in the exact layout of openai/gpt-oss-*, for tests and benchmarks.
 
-    python -m gptoss_serve.model.synthetic --preset {tiny,20b,120b} --out DIR [--mxfp4] [--seed N]
+    python -m gptoss_serve.model.synthetic --preset {tiny,20b,120b} --out DIR [--mxfp4] [--seed N] [--single-file]
 
 `tiny` keeps the real 201,088-token vocabulary (the real tokenizer works with it) and is small enough for CPU
 tests; `20b` and `120b` have the real shapes. Each tensor's values depend only on (seed, tensor name), so the
@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from gptoss_serve.model import mxfp4
-from gptoss_serve.model.checkpoint import EXPERT_BIASES, INDEX_FILE, expert_prefix
+from gptoss_serve.model.checkpoint import INDEX_FILE, SINGLE_FILE, stored_layout
 from gptoss_serve.model.config import FULL, SLIDING, GptOssConfig
 
 _REAL = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
@@ -43,6 +43,12 @@ def preset_config(preset: str, *, mxfp4_experts: bool = False) -> GptOssConfig:
 
 def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor of a checkpoint of this config: name -> (shape, dtype), in the order they are written."""
+    return {stored: spec for name, (shape, dtype) in dense_layout(config).items()
+            for stored, spec in stored_layout(config, name, shape, dtype).items()}
+
+
+def dense_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """transformers' state dict of this config, name -> (shape, dtype), before any weight is quantized."""
     c, bf16 = config, torch.bfloat16
     H, I, E, D = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
     q, kv = c.num_attention_heads * D, c.num_key_value_heads * D
@@ -54,16 +60,9 @@ def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torc
             out |= {f"{p}self_attn.{proj}.weight": ((rows, cols), bf16), f"{p}self_attn.{proj}.bias": ((rows,), bf16)}
         out[p + "self_attn.sinks"] = ((c.num_attention_heads,), bf16)
         out |= {p + "mlp.router.weight": ((E, H), bf16), p + "mlp.router.bias": ((E,), bf16)}
-        e = expert_prefix(layer)
-        matrices = {"gate_up_proj": (H, 2 * I), "down_proj": (I, H)}  # (in, out)
-        for name, (fan_in, fan_out) in matrices.items():
-            if c.quantization == "mxfp4":
-                groups = fan_in // mxfp4.BLOCK_SIZE
-                out[e + name + "_blocks"] = ((E, fan_out, groups, mxfp4.BLOCK_SIZE // 2), torch.uint8)
-                out[e + name + "_scales"] = ((E, fan_out, groups), torch.uint8)
-            else:
-                out[e + name] = ((E, fan_in, fan_out), bf16)
-        out |= {e + EXPERT_BIASES[0]: ((E, 2 * I), bf16), e + EXPERT_BIASES[1]: ((E, H), bf16)}
+        e = p + "mlp.experts."  # expert matrices are [E, in, out]
+        out |= {e + "gate_up_proj": ((E, H, 2 * I), bf16), e + "down_proj": ((E, I, H), bf16),
+                e + "gate_up_proj_bias": ((E, 2 * I), bf16), e + "down_proj_bias": ((E, H), bf16)}
     out |= {"model.norm.weight": ((H,), bf16), "lm_head.weight": ((c.vocab_size, H), bf16)}
     return out
 
@@ -71,14 +70,8 @@ def tensor_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torc
 def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: GptOssConfig, seed: int) -> torch.Tensor:
     """Values scaled so activations stay near unit size through the layers, like a trained model's."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    if name.endswith("_blocks"):
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-    if name.endswith("_scales"):
-        # random FP4 codes have an RMS of about 2.93; pick the exponent that gives std 1/sqrt(fan_in)
-        fan_in = shape[-1] * mxfp4.BLOCK_SIZE
-        exponent = round(math.log2(fan_in**-0.5 / 2.93))
-        jitter = torch.randint(-1, 2, shape, generator=gen)
-        return (mxfp4.SCALE_BIAS + exponent + jitter).to(torch.uint8)
+    if mxfp4.is_part(name):
+        return mxfp4.random_part(name, shape, gen)
     if name.endswith("norm.weight"):
         values = 1 + 0.1 * torch.randn(shape, generator=gen)
     elif name.endswith("sinks"):
@@ -94,8 +87,11 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, config:
 
 
 def write_checkpoint(out: str | Path, config: GptOssConfig, *, seed: int = 0,
-                     max_shard_bytes: int = 4 << 30) -> Path:
-    """Writes config.json, model-0000i-of-0000n.safetensors and the index; one shard in memory at a time."""
+                     max_shard_bytes: int = 4 << 30, single_file: bool = False) -> Path:
+    """Writes config.json, model-0000i-of-0000n.safetensors and the index; one shard in memory at a time.
+
+    single_file: one model.safetensors and no index instead, as transformers' save_pretrained writes small models.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     layout = tensor_layout(config)
@@ -103,19 +99,21 @@ def write_checkpoint(out: str | Path, config: GptOssConfig, *, seed: int = 0,
     size = 0
     for name, (shape, dtype) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes > max_shard_bytes and not single_file:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
     weight_map, total = {}, 0
     for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        file = SINGLE_FILE if single_file else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {n: random_tensor(n, *layout[n], config, seed) for n in names}
         save_file(tensors, out / file, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map |= dict.fromkeys(names, file)
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if not single_file:
+        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}, indent=2))
@@ -123,9 +121,10 @@ def write_checkpoint(out: str | Path, config: GptOssConfig, *, seed: int = 0,
 
 
 def write_preset(out: str | Path, preset: str = "tiny", *, mxfp4_experts: bool = False, seed: int = 0,
-                 max_shard_bytes: int | None = None) -> Path:
+                 max_shard_bytes: int | None = None, single_file: bool = False) -> Path:
     config = preset_config(preset, mxfp4_experts=mxfp4_experts)
-    return write_checkpoint(out, config, seed=seed, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES[preset])
+    return write_checkpoint(out, config, seed=seed, max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES[preset],
+                            single_file=single_file)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,9 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mxfp4", action="store_true", help="store expert weights as MXFP4 blocks and scales")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-mb", type=int, default=None, help="largest shard size in MiB")
+    parser.add_argument("--single-file", action="store_true", help="one model.safetensors, no index")
     args = parser.parse_args(argv)
     shard = args.max_shard_mb << 20 if args.max_shard_mb else None
-    path = write_preset(args.out, args.preset, mxfp4_experts=args.mxfp4, seed=args.seed, max_shard_bytes=shard)
+    path = write_preset(args.out, args.preset, mxfp4_experts=args.mxfp4, seed=args.seed, max_shard_bytes=shard,
+                        single_file=args.single_file)
     config = preset_config(args.preset, mxfp4_experts=args.mxfp4)
     print(f"wrote a random {args.preset} gpt-oss checkpoint ({'MXFP4' if args.mxfp4 else 'bf16'} experts, "
           f"{config.num_hidden_layers} layers, {config.num_local_experts} experts) to {path}")

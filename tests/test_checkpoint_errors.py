@@ -143,3 +143,12 @@ def test_hub_id_is_downloaded_through_huggingface_hub(monkeypatch, tiny_bf16):
     assert asked["repo_id"] == "openai/gpt-oss-20b" and "*.safetensors" in asked["allow_patterns"]
     assert "original/*" in asked["ignore_patterns"]
     assert model.config.num_hidden_layers == 4
+
+
+def test_mxfp4_blocks_of_the_wrong_dtype(tmp_path, tiny_mxfp4):
+    path = shutil.copytree(tiny_mxfp4, tmp_path / "q")
+    name = "model.layers.2.mlp.experts.gate_up_proj_blocks"
+    shard = rewrite_shard(path, name, lambda t: t.update({name: t[name].to(torch.int8)}))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: tensor '{name}' has dtype torch.int8, expected "
+                                              "torch.uint8"):
+        load_model(path)

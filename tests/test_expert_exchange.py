@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import ExpertClient, Shard, make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import HEADER_SIZE, ExpertClient, Shard, make_group, serve_replica
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 
@@ -23,14 +23,8 @@ def port() -> int:
 
 def shard(path, layer_count, first, count):
     with CheckpointReader(path) as reader:
-        layers = []
-        for layer in range(layer_count):
-            experts = LocalExperts(reader.config, first=first, count=count).float()
-            with torch.no_grad():
-                for key, t in reader.read_experts(layer, first=first, count=count, dtype=torch.float32).items():
-                    getattr(experts, key).copy_(t)
-            layers.append(experts)
-    return layers
+        return [LocalExperts.from_checkpoint(reader, layer, first=first, count=count, dtype=torch.float32)
+                for layer in range(layer_count)]
 
 
 def connect(num_workers: int, serve, timeout_s: float = 5.0):
@@ -69,7 +63,7 @@ def test_two_workers_give_the_local_result(tiny_bf16):
 
 def test_a_silent_worker_fails_the_layer_within_the_timeout():
     def silent(group, rank):
-        header = torch.empty(3, dtype=torch.int64)
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
         group.recv([header], 0, 0).wait()
         time.sleep(30)  # received the layer, never answers
 

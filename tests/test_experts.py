@@ -11,11 +11,7 @@ from gptoss_serve.model.transformer import GptOssForCausalLM
 
 def loaded_experts(path, layer, first, count):
     with CheckpointReader(path) as reader:
-        experts = LocalExperts(reader.config, first=first, count=count).float()
-        with torch.no_grad():
-            for key, tensor in reader.read_experts(layer, first=first, count=count, dtype=torch.float32).items():
-                getattr(experts, key).copy_(tensor)
-    return experts
+        return LocalExperts.from_checkpoint(reader, layer, first=first, count=count, dtype=torch.float32)
 
 
 def test_shards_sum_to_the_full_layer(tiny_checkpoint):
@@ -63,3 +59,29 @@ def test_grouped_path_matches_the_loop(tiny_checkpoint):
     empty = loaded_experts(tiny_checkpoint, 1, 0, 1).forward_grouped(hidden[:1], torch.tensor([[1, 2, 3, 4]]),
                                                                       weights[:1])
     assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_weights_names_every_parameter(tiny_bf16):
+    with CheckpointReader(tiny_bf16) as reader:
+        experts = LocalExperts(reader.config)
+    assert tuple(name for name, _ in experts.named_parameters()) == LocalExperts.WEIGHTS
+
+
+def test_a_shard_from_the_checkpoint_is_the_loaded_models_rows(tiny_checkpoint):
+    """The MoE worker's path (from_checkpoint) and the loader's (load_weights inside the model) agree."""
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    with CheckpointReader(tiny_checkpoint) as reader:
+        shard = LocalExperts.from_checkpoint(reader, 3, first=2, count=3, dtype=torch.float32)
+    full = model.model.layers[3].mlp.experts
+    assert (shard.first, shard.count) == (2, 3) and not any(p.requires_grad for p in shard.parameters())
+    for name, param in shard.named_parameters():
+        assert param.dtype == torch.float32 and torch.equal(param, getattr(full, name)[2:5]), name
+
+
+def test_checkpoint_names_follow_the_format(tiny_bf16, tiny_mxfp4):
+    with CheckpointReader(tiny_bf16) as dense, CheckpointReader(tiny_mxfp4) as quantized:
+        assert LocalExperts.checkpoint_names(dense, 1) == [
+            f"model.layers.1.mlp.experts.{w}" for w in LocalExperts.WEIGHTS]
+        names = LocalExperts.checkpoint_names(quantized, 1)
+        assert "model.layers.1.mlp.experts.down_proj_blocks" in names and len(names) == 6
+        assert set(names) <= quantized.names()
