@@ -22,7 +22,7 @@ from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.model_runner import ModelRunner
 from gptoss_serve.cluster.sampler import Sampler, SamplingState, TokenLogprobs
 from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.cluster.scheduler import Scheduler, SchedulerConfig
+from gptoss_serve.cluster.scheduler import Scheduler
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.model.experts import ExpertsFactory, ExpertsUnavailableError
 from gptoss_serve.model.loader import load_model
@@ -77,8 +77,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
                                    sliding_window=model.config.sliding_window,
                                    enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.blocks)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
                                                  block_size=config.block_size, dtype=model.dtype, device=model.device),
                                   micro_batches=micro_batches)

@@ -8,22 +8,15 @@ sequence is preempted: its blocks are freed and it waits to be recomputed (its p
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.sequence import Sequence, Status
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 8192
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
-        self.config, self.blocks = config, blocks
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -39,7 +32,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """-> (sequence, number of new tokens to compute) for this step."""
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
@@ -60,7 +53,7 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         # admit new sequences only when nothing had to make room this step (avoids thrashing)
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.allocate_prompt(seq)
             n = min(seq.num_uncomputed_tokens, budget)

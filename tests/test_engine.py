@@ -171,6 +171,31 @@ def test_bad_requests_raise_and_aborts_are_harmless(model, tokenizer):
     assert eng.is_idle() and eng.step() == []
 
 
+@pytest.mark.parametrize("field, value", [("max_num_seqs", 0), ("block_size", 257), ("gpu_memory_utilization", 0),
+                                          ("max_model_len", 1), ("kv_cache_gib", -1.0), ("not_a_field", 1)])
+def test_bad_engine_values_name_their_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        EngineConfig(**{field: value})
+
+
+def test_app_args_build_the_engine_config():
+    from gptoss_serve.deployments.args import AppArgs
+    from gptoss_serve.deployments.builder import parse_args
+
+    args = parse_args({"engine.max_num_seqs": "8", "engine.kv_cache_gib": "0.25"})
+    assert args.engine == EngineConfig(max_num_seqs=8, kv_cache_gib=0.25)
+    assert AppArgs().engine == EngineConfig()
+    with pytest.raises(ValueError, match="engine.max_num_seqs: Input should be greater than or equal to 1"):
+        parse_args({"engine": {"max_num_seqs": 0}})
+
+
+def test_kv_cache_gib_sets_the_cache_budget(model, tokenizer):
+    from gptoss_serve.cluster.kv_cache import bytes_per_block
+
+    eng = LLMEngine(model, tokenizer, EngineConfig(kv_cache_gib=0.01, max_model_len=256))
+    assert eng.num_blocks == int(0.01 * 2**30) // bytes_per_block(model.config, 16, model.dtype)
+
+
 def test_max_model_len_must_fit_the_cache(model, tokenizer):
     with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
         engine(model, tokenizer, num_kv_blocks=16, max_model_len=4096)
