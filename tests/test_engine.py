@@ -243,3 +243,23 @@ def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
     split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512),
                       micro_batches=2).generate(ps, GREEDY)
     assert [r.token_ids for r in split] == [r.token_ids for r in plain]
+
+
+def test_an_expert_failure_ends_only_that_steps_requests(model, tokenizer):
+    from gptoss_serve.model.experts import ExpertsUnavailableError
+
+    eng = engine(model, tokenizer, max_num_seqs=1)  # "b" waits while "a" runs
+    a, b = prompts(8, 9, seed=11)
+    eng.add_request("a", a, GREEDY)
+    eng.add_request("b", b, GREEDY)
+    run = eng.runner.run
+
+    def lose_a_worker(scheduled):
+        eng.runner.run = run
+        raise ExpertsUnavailableError("MoE worker 0 did not answer")
+
+    eng.runner.run = lose_a_worker
+    [failed] = eng.step()
+    assert (failed.request_id, failed.finish_reason, failed.error) == ("a", "error", "MoE worker 0 did not answer")
+    assert run_to_end(eng)["b"] == reference_greedy(model, b, GREEDY.max_tokens)
+    assert eng.is_idle()
