@@ -1,1 +1,2 @@
-"""The runtime around the model: the inference engine and, later, the expert-parallel cluster pieces."""
+"""The runtime around the model: the inference engine (scheduler, block manager, KV cache, model runner, sampler)
+and the expert-parallel pieces (remote experts, the MoE worker, the expert exchange between them)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -20,13 +19,12 @@ from gptoss_serve.cluster.detokenizer import StreamingText
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.model_runner import ModelRunner
-from gptoss_serve.cluster.sampler import Sampler, SamplingState, TokenLogprobs
+from gptoss_serve.cluster.sampler import TokenLogprobs
 from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.cluster.scheduler import Scheduler, SchedulerConfig
+from gptoss_serve.cluster.scheduler import Scheduler
 from gptoss_serve.cluster.sequence import Sequence
-from gptoss_serve.model.experts import ExpertsFactory, ExpertsUnavailableError
-from gptoss_serve.model.loader import load_model
-from gptoss_serve.model.tokenizer import Tokenizer, load_tokenizer
+from gptoss_serve.model.experts import ExpertsUnavailableError
+from gptoss_serve.model.tokenizer import Tokenizer
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
@@ -61,39 +59,30 @@ class CompletionOutput:
 
 @dataclass
 class _Request:
+    """What the engine's postprocess needs beyond the sequence: the text so far, and the output cap."""
+
     seq: Sequence
-    sampling: SamplingState
     text: StreamingText
     max_tokens: int
-    stop_token_ids: frozenset[int]
 
 
 class LLMEngine:
     def __init__(self, model: GptOssForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), *,
-                 default_stop_token_ids: tuple[int, ...] | None = None, micro_batches: int = 1) -> None:
+                 micro_batches: int = 1) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.num_blocks = resolve_num_blocks(config, model.config, dtype=model.dtype, device=model.device)
         self.max_model_len = resolve_max_model_len(config, model.config, self.num_blocks)
         self.blocks = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
                                    sliding_window=model.config.sliding_window,
                                    enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.blocks)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
                                                  block_size=config.block_size, dtype=model.dtype, device=model.device),
                                   micro_batches=micro_batches)
-        self.sampler = Sampler()
-        self.default_stop_token_ids = tuple(default_stop_token_ids or tokenizer.stop_token_ids)
         self.requests: dict[str, _Request] = {}
-        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
-
-    @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, config: EngineConfig = EngineConfig(),
-                        experts_factory: ExpertsFactory | None = None) -> LLMEngine:
-        model = load_model(path_or_hub_id, device=device, dtype=dtype, experts_factory=experts_factory)
-        return cls(model, load_tokenizer(), config)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
@@ -112,18 +101,11 @@ class LLMEngine:
                              f"(the prompt plus at least one generated token must fit)")
         room = self.max_model_len - len(prompt)
         max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
-        seq = Sequence(request_id, prompt, sampling_params, arrival=next(self._arrivals))
-        stops = sampling_params.stop_token_ids
-        self.requests[request_id] = _Request(
-            seq=seq,
-            sampling=SamplingState(sampling_params, seq.prompt_token_ids, seq.output_token_ids,
-                                   default_stop_token_ids=self.default_stop_token_ids),
-            text=StreamingText(self.tokenizer, stop=sampling_params.stop,
-                               include_stop=sampling_params.include_stop_str_in_output,
-                               skip_special=sampling_params.skip_special_tokens),
-            max_tokens=max_tokens,
-            stop_token_ids=frozenset(self.default_stop_token_ids if stops is None else stops),
-        )
+        seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
+        text = StreamingText(self.tokenizer, stop=sampling_params.stop,
+                             include_stop=sampling_params.include_stop_str_in_output,
+                             skip_special=sampling_params.skip_special_tokens)
+        self.requests[request_id] = _Request(seq, text, max_tokens)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -131,7 +113,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
-        self.scheduler.finish(request.seq, "abort")
+        self.scheduler.finish(request.seq)
         return True
 
     @property
@@ -144,27 +126,20 @@ class LLMEngine:
         if not scheduled:
             return []
         try:
-            logits = self.runner.run(scheduled)  # [S, vocab] for the sequences that sample
+            sampled = self.runner.run(scheduled)
         except ExpertsUnavailableError as e:  # the step's requests fail; the engine and the others go on
             return [self._fail(seq, str(e)) for seq, _ in scheduled]
-        sampling = []
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
-            self.blocks.after_step(seq)
-            if seq.num_computed_tokens == len(seq):
-                sampling.append(self.requests[seq.request_id])
-        if not sampling:
-            return []
-        sampled = self.sampler.sample(logits, [r.sampling for r in sampling])
-        return [self._append(r, token, lp) for r, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs)]
+        seqs = self.scheduler.postprocess(scheduled, sampled.token_ids)
+        return [self._postprocess(seq, logprobs) for seq, logprobs in zip(seqs, sampled.logprobs)]
 
-    def _append(self, request: _Request, token: int, logprobs: TokenLogprobs | None) -> RequestOutput:
-        seq = request.seq
-        seq.output_token_ids.append(token)
+    def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> RequestOutput:
+        """The sequence's new token as a delta of text; ends the request on a stop token, stop string or length."""
+        request = self.requests[seq.request_id]
+        token, n = seq.output_token_ids[-1], len(seq.output_token_ids)
         text = request.text.feed(token)
         reason, stop_reason = None, None
-        n = len(seq.output_token_ids)
-        if token in request.stop_token_ids and not seq.params.ignore_eos and n >= seq.params.min_tokens:
+        # the sampling state's stop ids are empty under ignore_eos
+        if token in seq.sampling.stop_token_ids and n >= seq.params.min_tokens:
             reason, stop_reason = "stop", token
         elif request.text.stopped:
             reason, stop_reason = "stop", request.text.stop_hit
@@ -172,7 +147,7 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             text += request.text.flush()
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
@@ -180,7 +155,7 @@ class LLMEngine:
             num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens)
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
-        self.scheduler.finish(seq, "error")
+        self.scheduler.finish(seq)
         self.requests.pop(seq.request_id, None)
         return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
                              finish_reason="error", error=error, num_prompt_tokens=len(seq.prompt_token_ids),
@@ -195,7 +170,7 @@ class LLMEngine:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        names = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        names = [f"generate-{next(self._generate_ids)}" for _ in prompts]
         for name, prompt, p in zip(names, ids, params):
             self.add_request(name, prompt, p)
         done: dict[str, CompletionOutput] = {

@@ -1,10 +1,15 @@
-"""Engine limits as the user sets them, and the KV-cache size they come to on the device at start-up."""
+"""Engine limits as the user sets them, and the KV-cache size they come to on the device at start-up.
+
+`EngineConfig` is the one definition of the engine's fields and defaults: the app's `engine:` args are this
+model (validated in the builder with the rest of AppArgs), and tests and benchmarks build it directly.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gptoss_serve.cluster.kv_cache import blocks_for_budget, bytes_per_block
 from gptoss_serve.model.config import GptOssConfig
@@ -13,28 +18,36 @@ CPU_DEFAULT_KV_BYTES = 512 << 20  # on the CPU there is no free-memory probe: a 
 ACTIVATION_RESERVE_BYTES = 2 << 30  # kept free on a GPU for activations, logits and the allocator's slack
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, or what the cache holds
-    gpu_memory_utilization: float = 0.9
-    num_kv_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
-    kv_cache_bytes: int | None = None  # an explicit budget instead of gpu_memory_utilization
-    enable_prefix_caching: bool = True
-    seed: int = 0  # for requests without their own seed
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise ValueError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
+    max_num_seqs: int = Field(256, ge=1, description="requests decoded together in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens a step computes (prefill chunk size)")
+    max_model_len: int | None = Field(None, ge=2, description="longest prompt + output; default: the model's "
+                                                              "context, or what the cache holds")
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU the engine may fill")
+    num_kv_blocks: int | None = Field(None, ge=2, description="fixed KV-cache size instead of a memory budget "
+                                                              "(tests use it to force preemption)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache budget instead of gpu_memory_utilization "
+                                                              "(on the CPU the default is 0.5)")
+    enable_prefix_caching: bool = True
+    seed: int = Field(0, description="for requests without their own seed")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:  # "max_num_seqs: Input should be ...", not pydantic's multi-line report
+            raise ValueError(describe_errors(e)) from None
+
+    # Nested in AppArgs, pydantic validates the fields without calling this __init__ (as for a model without
+    # one), so the builder's report keeps each error's location: engine.max_num_seqs.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def describe_errors(error: ValidationError) -> str:
+    """`field: problem` for each error, `; `-separated."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
 
 
 def resolve_num_blocks(config: EngineConfig, model_config: GptOssConfig, *, dtype: torch.dtype,
@@ -42,19 +55,19 @@ def resolve_num_blocks(config: EngineConfig, model_config: GptOssConfig, *, dtyp
     """Blocks the cache gets: explicit, or what the budget buys once the model is loaded."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    if config.kv_cache_bytes is not None:
-        budget = config.kv_cache_bytes
+    if config.kv_cache_gib is not None:
+        budget, source = int(config.kv_cache_gib * 2**30), "kv_cache_gib"
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         used_by_others = total - free - torch.cuda.memory_reserved(device)
         budget = int(total * config.gpu_memory_utilization) - used_by_others - torch.cuda.memory_reserved(device)
-        budget -= ACTIVATION_RESERVE_BYTES
+        budget, source = budget - ACTIVATION_RESERVE_BYTES, "gpu_memory_utilization"
     else:
-        budget = CPU_DEFAULT_KV_BYTES
+        budget, source = CPU_DEFAULT_KV_BYTES, "the CPU default budget (set kv_cache_gib)"
     blocks = blocks_for_budget(model_config, block_size=config.block_size, dtype=dtype, budget_bytes=budget)
     if blocks < 2:
         need = 2 * bytes_per_block(model_config, config.block_size, dtype)
-        raise ValueError(f"gpu_memory_utilization leaves {budget / 2**20:.0f} MiB for the KV cache, less than the "
+        raise ValueError(f"{source} leaves {budget / 2**20:.0f} MiB for the KV cache, less than the "
                          f"{need / 2**20:.1f} MiB of two blocks; raise it or free the device")
     return blocks
 

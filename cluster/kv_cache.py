@@ -38,7 +38,7 @@ def blocks_for_budget(config: GptOssConfig, *, block_size: int, dtype: torch.dty
 class KVCache:
     def __init__(self, config: GptOssConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.block_size = block_size
         self.slot_of_layer = layer_slots(config)
         shape = (num_slots(config), num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [slots, blocks, block_size, Hkv, D]

@@ -1,8 +1,8 @@
-"""The only part of the engine that touches tensors: turns a scheduled batch into one forward pass.
+"""The only part of the engine that touches tensors: turns a scheduled batch into one forward pass and its samples.
 
 A step's tokens are laid end to end ([N], no padding): each sequence contributes its next chunk of prompt or its
-one new token. Attention goes through the paged KV cache; logits are computed only for the sequences that will
-sample (their chunk reaches the end of their tokens).
+one new token. Attention goes through the paged KV cache; logits are computed, and a token sampled, only for the
+sequences whose chunk reaches the end of their tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.kv_cache import KVCache
+from gptoss_serve.cluster.sampler import Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
 from gptoss_serve.model.attention import Attention
@@ -65,11 +66,20 @@ class ModelRunner:
         self.model, self.cache = model, cache
         self.device = model.device
         self.micro_batches = micro_batches
+        self.sampler = Sampler()
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """(sequence, number of new tokens) pairs -> float32 logits [S, vocab] for the S sequences that sample,
-        in the order given."""
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:
+        """(sequence, number of new tokens) pairs -> a token (and its logprobs, if asked) for each sequence whose
+        chunk reaches its last token, in the order given."""
+        sampling = [seq.sampling for seq, n in scheduled if seq.num_computed_tokens + n == len(seq)]
+        logits = self._logits(scheduled)  # [S, vocab]
+        if not sampling:  # every chunk ends inside a prompt
+            return SamplerOutput(token_ids=[], logprobs=[])
+        return self.sampler.sample(logits, sampling)
+
+    def _logits(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """-> float32 logits [S, vocab] for the S sequences that sample, in the order given."""
         groups = self._split(scheduled)
         prepared = [self._prepare(group) for group in groups]
         if len(prepared) == 1:

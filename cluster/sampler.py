@@ -17,9 +17,9 @@ from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, Samplin
 
 
 class SamplingState:
-    """What the sampler needs to know about one request; the engine keeps one for the request's life.
+    """What the sampler needs to know about one request; its Sequence keeps one for the request's life.
 
-    `output_token_ids` is the engine's own list, appended to as tokens come out: the penalties read it live.
+    `output_token_ids` is the sequence's own list, appended to as tokens come out: the penalties read it live.
     """
 
     def __init__(

@@ -3,27 +3,22 @@
 Prompts are prefilled in chunks of at most the step's remaining token budget, so a long prompt never stalls the
 decoding sequences. When the cache has no room for a running sequence's next tokens, the most recently admitted
 sequence is preempted: its blocks are freed and it waits to be recomputed (its prefix may still be cached).
+After the step ran, `postprocess` records what it computed and appends the sampled tokens; whether a sequence is
+done (stop token, stop string, length) the engine decides, and `finish` takes it out.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.sequence import Sequence, Status
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 8192
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
-        self.config, self.blocks = config, blocks
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -33,13 +28,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> list[tuple[Sequence, int]]:
         """-> (sequence, number of new tokens to compute) for this step."""
-        budget = self.config.max_num_batched_tokens
+        budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
@@ -60,7 +51,7 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         # admit new sequences only when nothing had to make room this step (avoids thrashing)
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.allocate_prompt(seq)
             n = min(seq.num_uncomputed_tokens, budget)
@@ -78,17 +69,30 @@ class Scheduler:
             budget -= n
         return scheduled
 
+    def postprocess(self, scheduled: list[tuple[Sequence, int]], token_ids: list[int]) -> list[Sequence]:
+        """Once the step ran: its tokens are in the cache (full blocks join the prefix cache, blocks that left the
+        sliding window go back), and each sequence that computed its last token takes its sampled token.
+        token_ids: one per such sequence, in the order scheduled. -> those sequences."""
+        sampled = []
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.after_step(seq)
+            if seq.num_computed_tokens == len(seq):
+                sampled.append(seq)
+        for seq, token in zip(sampled, token_ids, strict=True):
+            seq.output_token_ids.append(token)
+        return sampled
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
         seq.num_computed_tokens = seq.num_cached_tokens = 0
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Marks a sequence finished (or aborted) wherever it is, and frees its blocks."""
+    def finish(self, seq: Sequence) -> None:
+        """Takes a sequence out (finished, aborted or failed) wherever it is, and frees its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING and seq in self.waiting:
@@ -96,4 +100,3 @@ class Scheduler:
         if seq.block_tables:
             self.blocks.free_sequence(seq)
         seq.status = Status.FINISHED
-        seq.finish_reason = reason

@@ -1,11 +1,12 @@
-"""One request as the engine tracks it: its tokens, how many are in the KV cache, and its blocks."""
+"""One request as the engine tracks it: its tokens, how many are in the KV cache, its blocks and its sampler state."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
-from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.sampler import SamplingState
+from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
 
 
 class Status(enum.Enum):
@@ -19,7 +20,7 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival: int  # admission order; preemption takes the latest first
+    default_stop_token_ids: InitVar[tuple[int, ...]] = HARMONY_STOP_TOKEN_IDS  # unless params name their own
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
@@ -28,8 +29,12 @@ class Sequence:
     block_tables: dict[str, list[int]] = field(default_factory=dict)
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block
-    finish_reason: str | None = None
-    num_preemptions: int = 0
+    # what the sampler keeps between steps (penalty counts, the seeded generator); it reads the tokens above live
+    sampling: SamplingState = field(init=False, repr=False)
+
+    def __post_init__(self, default_stop_token_ids: tuple[int, ...]) -> None:
+        self.sampling = SamplingState(self.params, self.prompt_token_ids, self.output_token_ids,
+                                      default_stop_token_ids=default_stop_token_ids)
 
     @property
     def token_ids(self) -> list[int]:
@@ -41,7 +46,3 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self) - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED

@@ -12,22 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gptoss_serve.cluster.engine_config import EngineConfig
+
 MODEL_ENV = "GPTOSS_MODEL"
-
-
-class EngineArgs(BaseModel):
-    """Limits of the engine inside each attention replica (see cluster/engine_config.py)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_num_seqs: int = Field(256, ge=1, description="requests decoded together in one step")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens a step computes (prefill chunk size)")
-    max_model_len: int | None = Field(None, ge=2, description="longest prompt + output; default: what fits")
-    block_size: int = Field(16, ge=1, le=256)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    num_kv_blocks: int | None = Field(None, ge=2, description="fixed KV-cache size instead of a memory budget")
-    kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache budget on the CPU (default 0.5)")
-    enable_prefix_caching: bool = True
 
 
 class AppArgs(BaseModel):
@@ -41,13 +28,13 @@ class AppArgs(BaseModel):
     num_attention_replicas: int = Field(1, ge=1, description="AttentionReplica deployments (one engine each)")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs (or a fraction) for each attention replica")
     num_cpus_per_replica: float = Field(1, ge=0)
-    engine: EngineArgs = Field(default_factory=EngineArgs)
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine's limits in each "
+                                                                          "attention replica")
     max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica serves at once")
     max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
                                                              "while replicas are busy (never when idle)")
-    route_prefix: str = "/"
     # expert parallelism: 0 workers keeps the experts inside each attention replica (colocated)
     num_moe_workers: int = Field(0, ge=0, description="MoEWorker actors sharing every layer's experts evenly")
     num_gpus_per_moe_worker: float = Field(0, ge=0)

@@ -14,7 +14,6 @@ import torch
 
 from gptoss_serve.cluster.async_engine import AsyncEngine, EngineDeadError
 from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
-from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.expert_pool import worker_name
@@ -27,15 +26,6 @@ from gptoss_serve.model.tokenizer import load_tokenizer
 STATS_PERIOD_S = 1.0
 
 
-def engine_config(args: AppArgs) -> EngineConfig:
-    e = args.engine
-    return EngineConfig(
-        block_size=e.block_size, max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        max_model_len=e.max_model_len, gpu_memory_utilization=e.gpu_memory_utilization,
-        num_kv_blocks=e.num_kv_blocks, kv_cache_bytes=int(e.kv_cache_gib * 2**30) if e.kv_cache_gib else None,
-        enable_prefix_caching=e.enable_prefix_caching)
-
-
 def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> tuple[LLMEngine, ExpertLink | None]:
     """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer, and their link."""
     device = args.resolved_device
@@ -45,7 +35,7 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> tuple[
                           timeout_s=args.expert_timeout_s)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
-    return LLMEngine(model, load_tokenizer(), engine_config(args), micro_batches=micro_batches), link
+    return LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches), link
 
 
 def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:

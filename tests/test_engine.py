@@ -171,6 +171,31 @@ def test_bad_requests_raise_and_aborts_are_harmless(model, tokenizer):
     assert eng.is_idle() and eng.step() == []
 
 
+@pytest.mark.parametrize("field, value", [("max_num_seqs", 0), ("block_size", 257), ("gpu_memory_utilization", 0),
+                                          ("max_model_len", 1), ("kv_cache_gib", -1.0), ("not_a_field", 1)])
+def test_bad_engine_values_name_their_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        EngineConfig(**{field: value})
+
+
+def test_app_args_build_the_engine_config():
+    from gptoss_serve.deployments.args import AppArgs
+    from gptoss_serve.deployments.builder import parse_args
+
+    args = parse_args({"engine.max_num_seqs": "8", "engine.kv_cache_gib": "0.25"})
+    assert args.engine == EngineConfig(max_num_seqs=8, kv_cache_gib=0.25)
+    assert AppArgs().engine == EngineConfig()
+    with pytest.raises(ValueError, match="engine.max_num_seqs: Input should be greater than or equal to 1"):
+        parse_args({"engine": {"max_num_seqs": 0}})
+
+
+def test_kv_cache_gib_sets_the_cache_budget(model, tokenizer):
+    from gptoss_serve.cluster.kv_cache import bytes_per_block
+
+    eng = LLMEngine(model, tokenizer, EngineConfig(kv_cache_gib=0.01, max_model_len=256))
+    assert eng.num_blocks == int(0.01 * 2**30) // bytes_per_block(model.config, 16, model.dtype)
+
+
 def test_max_model_len_must_fit_the_cache(model, tokenizer):
     with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
         engine(model, tokenizer, num_kv_blocks=16, max_model_len=4096)
@@ -218,3 +243,23 @@ def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
     split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512),
                       micro_batches=2).generate(ps, GREEDY)
     assert [r.token_ids for r in split] == [r.token_ids for r in plain]
+
+
+def test_an_expert_failure_ends_only_that_steps_requests(model, tokenizer):
+    from gptoss_serve.model.experts import ExpertsUnavailableError
+
+    eng = engine(model, tokenizer, max_num_seqs=1)  # "b" waits while "a" runs
+    a, b = prompts(8, 9, seed=11)
+    eng.add_request("a", a, GREEDY)
+    eng.add_request("b", b, GREEDY)
+    run = eng.runner.run
+
+    def lose_a_worker(scheduled):
+        eng.runner.run = run
+        raise ExpertsUnavailableError("MoE worker 0 did not answer")
+
+    eng.runner.run = lose_a_worker
+    [failed] = eng.step()
+    assert (failed.request_id, failed.finish_reason, failed.error) == ("a", "error", "MoE worker 0 did not answer")
+    assert run_to_end(eng)["b"] == reference_greedy(model, b, GREEDY.max_tokens)
+    assert eng.is_idle()
