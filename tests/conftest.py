@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gptoss_serve.model.synthetic import write_preset
+from tests.net import free_port
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,14 +33,6 @@ def tiny_mxfp4(tmp_path_factory):
 @pytest.fixture(params=["bf16", "mxfp4"])
 def tiny_checkpoint(request, tiny_bf16, tiny_mxfp4):
     return tiny_bf16 if request.param == "bf16" else tiny_mxfp4
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

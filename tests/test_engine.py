@@ -122,12 +122,6 @@ def test_finish_reasons_and_stops(model, tokenizer):
     first = free.token_ids.index(stop_id)
     stopped = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_id]))[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:first + 1]
-    # a stop string taken from the middle of the free-running text ends the text right before it
-    text = free.text
-    needle = text[len(text) // 2: len(text) // 2 + 3]
-    if needle.strip():
-        by_string = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[needle]))[0]
-        assert by_string.finish_reason == "stop" and by_string.text == text[: text.index(needle)]
     assert eng.is_idle()
 
 

@@ -3,7 +3,6 @@ and a worker that stops answering fails the layer within the timeout instead of 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -13,12 +12,7 @@ import torch
 from gptoss_serve.cluster.expert_exchange import HEADER_SIZE, ExpertClient, Shard, make_group, serve_replica
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
-
-
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.net import free_port
 
 
 def shard(path, layer_count, first, count):
@@ -28,7 +22,7 @@ def shard(path, layer_count, first, count):
 
 
 def connect(num_workers: int, serve, timeout_s: float = 5.0):
-    p, prefix = port(), f"t{time.monotonic_ns()}"
+    p, prefix = free_port(), f"t{time.monotonic_ns()}"
     threads = []
     for rank in range(1, num_workers + 1):
         def run(rank=rank):

@@ -11,6 +11,7 @@ everywhere (rayVersion, image tags, the Dockerfile, pyproject.toml, the installe
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import re
@@ -26,12 +27,16 @@ from gptoss_serve.k8s.manifests import (GPU, K8S, cluster, containers, crd_schem
                                         label_matches, load, manifest_paths, node_labels, ray_container, ray_resources)
 
 REPO = K8S.parent
-SCHEMAS = K8S / "schemas"  # the copy the tests use; ../shared/k8s-schemas is where it comes from
+SCHEMAS = K8S / "schemas"  # the authoritative copy, the one the tests use; ../shared/k8s-schemas is where it came from
 SHARED_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
-CRD_FILES = ("ray.io_rayservices.yaml", "ray.io_rayclusters.yaml")
+# SHA-256 of the vendored CRDs, as copied from KubeRay (the commit is in k8s/schemas/README.md)
+CRD_FILES = {
+    "ray.io_rayservices.yaml": "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab",
+    "ray.io_rayclusters.yaml": "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1",
+}
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-MOE_FIELDS = {"num_moe_workers", "num_gpus_per_moe_worker", "num_cpus_per_moe_worker", "expert_transport"}
-PRESETS = {"gpt-oss-20b": "20b", "gpt-oss-120b": "120b"}  # checkpoint name -> gptoss_serve.model.synthetic preset (its shapes)
+# checkpoint name -> gptoss_serve.model.synthetic preset (its shapes)
+PRESETS = {"gpt-oss-20b": "20b", "gpt-oss-120b": "120b"}
 UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}  # the operator's; the CRD says string
 MAX_RAYSERVICE_NAME = 47  # KubeRay: 53 for a RayCluster, less the 6 characters it appends
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -50,18 +55,13 @@ def serve_apps(svc: dict) -> list[dict]:
 
 
 def app_args(app: dict) -> dict:
-    """The app's args, or a skip while AppArgs lacks the expert-parallel fields a manifest uses."""
-    from gptoss_serve.deployments.args import AppArgs
-
-    args = app.get("args") or {}
-    if missing := sorted((MOE_FIELDS & args.keys()) - AppArgs.model_fields.keys()):
-        pytest.skip(f"AppArgs has no {missing} yet (expert parallelism lands separately)")
-    return args
+    return app.get("args") or {}
 
 
 def build(app: dict, model_dir: Path) -> dict:
     """{deployment name: Deployment} as Serve builds the app from import_path and args. The model is replaced by a
-    config.json of the same shapes (gptoss_serve.model.synthetic's preset), so nothing is downloaded or read from /models."""
+    config.json of the same shapes (gptoss_serve.model.synthetic's preset), so nothing is downloaded or read from
+    /models."""
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
 
@@ -107,9 +107,8 @@ def actors(app: dict, deployments: dict) -> list[tuple[str, dict[str, float], di
         found += [(f"{name} replica", {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)},
                    options.get("label_selector") or {})] * replicas
     args = parse_args(app_args(app))
-    moe = {"CPU": max(getattr(args, "num_cpus_per_moe_worker", 0), 0.01),
-           "GPU": getattr(args, "num_gpus_per_moe_worker", 0)}
-    return found + [("MoE worker", moe, {})] * getattr(args, "num_moe_workers", 0)
+    moe = {"CPU": max(args.num_cpus_per_moe_worker, 0.01), "GPU": args.num_gpus_per_moe_worker}
+    return found + [("MoE worker", moe, {})] * args.num_moe_workers
 
 
 def fits(free: dict[str, float], need: dict[str, float]) -> bool:
@@ -177,12 +176,23 @@ def test_pyproject_pins_the_installed_ray():
 
 
 @pytest.mark.parametrize("name", CRD_FILES)
-def test_vendored_crd_is_the_shared_one(name):
+def test_vendored_crd_is_the_recorded_one(name):
+    """k8s/schemas is authoritative and checked in every checkout: moving to a newer operator means its files, its
+    commit in k8s/schemas/README.md and its digests in CRD_FILES, together."""
     assert (SCHEMAS / name).is_file(), f"k8s/schemas/{name} missing"
-    if not (SHARED_SCHEMAS / name).is_file():
-        pytest.skip("no ../shared/k8s-schemas beside the repository")
+    assert hashlib.sha256((SCHEMAS / name).read_bytes()).hexdigest() == CRD_FILES[name], \
+        f"k8s/schemas/{name} is not the recorded KubeRay CRD: restore it, or record the new one's digest"
+
+
+@pytest.mark.parametrize("name", CRD_FILES)
+def test_vendored_crd_is_the_shared_one(name):
+    """Where shared/ sits beside the repository (the workspace, and CI), the vendored copy keeps up with the shared
+    one; a plain clone has no shared/ and nothing to compare (the digest test above still holds there)."""
+    if not SHARED_SCHEMAS.parent.is_dir():
+        pytest.skip("no ../shared beside the repository (a plain clone)")
+    assert (SHARED_SCHEMAS / name).is_file(), f"{SHARED_SCHEMAS / name} missing"
     assert (SCHEMAS / name).read_bytes() == (SHARED_SCHEMAS / name).read_bytes(), \
-        f"k8s/schemas/{name} differs from {SHARED_SCHEMAS / name}: copy it over"
+        f"k8s/schemas/{name} differs from {SHARED_SCHEMAS / name}: copy it over and record its digest"
 
 
 # ---- each RayService -----------------------------------------------------------------------------------------------

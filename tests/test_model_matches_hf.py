@@ -7,10 +7,9 @@ import torch
 
 from gptoss_serve.model import load_model
 
-transformers = pytest.importorskip("transformers")
-
 
 def hf_model(path, quantized: bool):
+    transformers = pytest.importorskip("transformers")
     extra = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if quantized else {}
     return transformers.GptOssForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager", **extra).eval()

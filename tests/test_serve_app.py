@@ -94,6 +94,8 @@ def test_n_choices_and_seed(app):
 
 
 def test_tools_and_tool_results(app):
+    """A tool call and its result in the history render and run over HTTP. Random weights answer anything: that
+    a tool call comes back parsed is checked in-process on a scripted model (test_tool_calls.py)."""
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                                "parameters": {"type": "object",
                                                               "properties": {"city": {"type": "string"}}}}}]

@@ -12,10 +12,9 @@ from gptoss_serve.model import load_model
 from gptoss_serve.model.checkpoint import INDEX_FILE
 from gptoss_serve.model.synthetic import main, preset_config, tensor_layout
 
-transformers = pytest.importorskip("transformers")
-
 
 def test_layout_is_transformers_state_dict():
+    transformers = pytest.importorskip("transformers")
     config = preset_config("tiny")
     hf_config = transformers.GptOssConfig(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
     with torch.device("meta"):

@@ -1,0 +1,123 @@
+"""A tool call comes back parsed, streamed or not: the OpenAI ingress, in-process (no Ray), in front of a real engine
+whose tiny model is scripted (tests/scripted_model.py) to answer with harmony's tokens of a get_weather call."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import torch
+
+from gptoss_serve.cluster.async_engine import AsyncEngine
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from gptoss_serve.model import load_model
+from gptoss_serve.model.harmony import render_chat
+from gptoss_serve.model.tokenizer import load_tokenizer
+from tests.scripted_model import follow_chain
+
+ARGUMENTS = '{"city":"Paris"}'
+CALL = f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}<|call|>"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class EngineStream:
+    """One request's engine outputs as the Router's stream gives them: lists of StreamItems, and cancel()."""
+
+    def __init__(self, engine: AsyncEngine, request: EngineRequest) -> None:
+        self.engine, self.request_id = engine, request.request_id
+        self.outputs = engine.generate(request.request_id, request.prompt_token_ids, request.params)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[StreamItem]:
+        return [StreamItem(self.request_id, output=await self.outputs.__anext__())]
+
+    def cancel(self) -> None:
+        self.engine.abort(self.request_id)
+
+
+class EngineRouter:
+    """Stands in for the Router's handle (`options(stream=True).generate.remote(request)`), serving from one engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.generate = self  # handle.generate.remote(...)
+
+    def options(self, **kwargs):
+        return self
+
+    def remote(self, request: EngineRequest) -> EngineStream:
+        return EngineStream(self.engine, request)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bf16):
+    tokenizer = load_tokenizer()
+    model = load_model(tiny_bf16, dtype=torch.float32)
+    prompt = render_chat(MESSAGES, tools=TOOLS)  # what the ingress renders for the request below
+    follow_chain(model, [prompt[-1], *tokenizer.encode(CALL, allow_special=True)])
+    front = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)))
+    yield front
+    front.shutdown()
+
+
+def post(engine: AsyncEngine, body: dict) -> httpx.Response:
+    app = build_fastapi_app(OpenAIIngress(EngineRouter(engine), AppArgs()))
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+            return await client.post("/v1/chat/completions", json=body)
+
+    return asyncio.run(main())
+
+
+def request(**extra) -> dict:
+    # temperature 1 (the default): the scripted token outweighs every other
+    return {"model": "gpt-oss", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 40, **extra}
+
+
+def test_a_tool_call_comes_back_parsed(engine):
+    r = post(engine, request())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    # the engine stopped on <|call|> (a default stop token) and counted it
+    assert body["usage"]["completion_tokens"] == len(load_tokenizer().encode(CALL, allow_special=True))
+
+
+def test_a_streamed_tool_call_comes_back_parsed(engine):
+    r = post(engine, request(stream=True))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [c for e in map(json.loads, lines[:-1]) for c in e["choices"]]
+    assert chunks[0]["delta"] == {"role": "assistant"}
+    assert not any(c["delta"].get("content") for c in chunks)
+    calls = [call for c in chunks for call in c["delta"].get("tool_calls", [])]
+    # the first delta of a call names it; the rest carry argument text only
+    first, rest = calls[0], calls[1:]
+    assert first["index"] == 0 and first["type"] == "function" and first["id"].startswith("call_")
+    assert first["function"]["name"] == "get_weather"
+    assert all(c["index"] == 0 and set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+               for c in rest)
+    arguments = first["function"]["arguments"] + "".join(c["function"]["arguments"] for c in rest)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    assert all(c["finish_reason"] is None for c in chunks[:-1])
