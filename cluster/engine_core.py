@@ -1,0 +1,91 @@
+"""The engine core: an LLMEngine stepping in a process of its own, so no server work shares its GIL.
+
+    parent                                  engine core process
+    ------                                  -------------------
+    [("add", requests), ("abort", ids)] --> taken between steps, all at once
+                                        <-- ("step", outputs, stats): one message per step, whole batch
+                                        <-- ("rejected", [(request id, message)]): bad requests (400)
+
+The process builds its engine itself from a picklable zero-argument `build` (the model is loaded there, on
+its own device), says ("ready", stats), and then steps while there is work. A step that raises ends the
+process with ("dead", message): the parent fails the open requests and starts a new core.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.sampling_params import SamplingParams
+
+# (request id, prompt token ids, sampling params): what "add" carries, one tuple a request
+NewRequest = tuple[str, list[int], SamplingParams]
+# what `build` returns: the engine, and optionally a callable that drains extra stats (the expert exchange's)
+Built = tuple[LLMEngine, Callable[[], object] | None]
+EXTRA_STATS_PERIOD_S = 1.0
+
+
+def engine_stats(engine: LLMEngine) -> dict:
+    return {"running": engine.num_running, "waiting": engine.num_waiting, "free_blocks": engine.num_free_blocks,
+            "num_blocks": engine.num_blocks, "kv_usage": engine.blocks.usage,
+            "prefix_queries": engine.scheduler.prefix_queries, "prefix_hits": engine.scheduler.prefix_hits,
+            "max_model_len": engine.max_model_len, "time": time.time()}
+
+
+def run_engine_core(conn: Connection, build: Callable[[], Built]) -> None:
+    """The process's main function."""
+    try:
+        engine, extra_stats = build()
+    except BaseException as e:  # noqa: BLE001 - the parent reports it; nothing runs without an engine
+        conn.send(("dead", f"the engine could not start: {type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", engine_stats(engine)))
+    next_extra = time.monotonic() + EXTRA_STATS_PERIOD_S
+    while True:
+        # every command waiting is taken before the next step; block only while there is nothing to do
+        timeout = 0.0 if engine.has_unfinished_requests else 1.0
+        while conn.poll(timeout):
+            try:
+                commands = conn.recv()
+            except EOFError:  # the parent is gone
+                return
+            for command in commands:
+                if command[0] == "shutdown":
+                    return
+                _apply(engine, conn, command)
+            timeout = 0.0
+            if not engine.has_unfinished_requests:  # aborts emptied it: the parent sees the idle state at once
+                conn.send(("step", [], engine_stats(engine)))
+        if not engine.has_unfinished_requests:
+            continue
+        try:
+            outputs = engine.step()
+        except BaseException as e:  # noqa: BLE001 - a broken step ends this core; the parent starts another
+            conn.send(("dead", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
+            return
+        stats = engine_stats(engine)
+        if extra_stats is not None and time.monotonic() >= next_extra:
+            stats["extra"] = extra_stats()
+            next_extra = time.monotonic() + EXTRA_STATS_PERIOD_S
+        conn.send(("step", outputs, stats))
+
+
+def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
+    kind, payload = command
+    if kind == "add":
+        rejected = []
+        for request_id, prompt, params in payload:
+            try:
+                engine.add_request(request_id, prompt, params)
+            except ValueError as e:  # the client's mistake: a 400 for that request alone
+                rejected.append((request_id, str(e)))
+        if rejected:
+            conn.send(("rejected", rejected))
+    elif kind == "abort":
+        for request_id in payload:
+            engine.abort(request_id)
+    else:
+        raise ValueError(f"unknown engine core command {kind!r}")

@@ -1,0 +1,182 @@
+"""EngineCoreClient: the serving process's side of its engine core process (see engine_core.py).
+
+Requests are added with a sink (an asyncio.Queue): every step message from the core is split among the sinks
+of the requests in it, one put per sink per step. Commands asked in one turn of the event loop leave as one
+message, from a writer thread, so the event loop never blocks on the pipe; a reader thread hands each step
+message to the event loop whole. If the core dies, its open requests end with a 503 item and a new core is
+started in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+import threading
+from collections.abc import Callable
+
+from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_core import Built, NewRequest, run_engine_core
+
+START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
+
+
+class EngineCoreError(RuntimeError):
+    """The engine core could not start, or died; its requests cannot complete."""
+
+
+class EngineCoreClient:
+    def __init__(self, build: Callable[[], Built], *,
+                 on_step: Callable[[list[RequestOutput], dict], None] | None = None,
+                 on_failure: Callable[[str, str, int], None] | None = None) -> None:
+        """build: picklable, run in the core process. on_step(outputs, stats) runs on the event loop for every
+        step; on_failure(request_id, message, status) for each request that ends without an output (400 for a
+        rejected request, 503 when the core died)."""
+        self.build, self.on_step, self.on_failure = build, on_step, on_failure
+        self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        self.open: set[str] = set()  # requests the core holds
+        self.stats: dict = {}
+        self.error: str | None = None  # why the last core died (or could not start)
+        self.restarts = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple] = []  # commands of this event-loop turn
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._generation = 0
+        self._start()
+        threading.Thread(target=self._write_loop, name="engine-core-writer", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive() and self.ready
+
+    def add(self, requests: list[NewRequest]) -> None:
+        """Starts requests; their outputs come through on_step, in later steps."""
+        self._bind_loop()
+        if not self.alive:
+            for request_id, _, _ in requests:
+                self._fail(request_id, f"the engine is restarting ({self.error})", 503)
+            return
+        self.open.update(r[0] for r in requests)
+        self._queue(("add", requests))
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._bind_loop()
+        ids = [i for i in request_ids if i in self.open]
+        self.open.difference_update(ids)
+        if ids:
+            self._queue(("abort", ids))
+
+    def shutdown(self) -> None:
+        self._writes.put([("shutdown", None)])
+        if self.process is not None:
+            self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.kill()
+
+    # ---- process life --------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        """Spawns a core and waits until its engine is built (the caller's thread blocks meanwhile)."""
+        self.ready = False
+        parent, child = self.context.Pipe()
+        self.process = self.context.Process(target=run_engine_core, args=(child, self.build),
+                                            name="engine-core", daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self._generation += 1
+        if not parent.poll(START_TIMEOUT_S):
+            self.process.kill()
+            raise EngineCoreError(f"the engine core did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            kind, payload = parent.recv()
+        except EOFError:
+            kind, payload = "dead", f"the engine core exited with code {self.process.exitcode} while starting"
+        if kind != "ready":
+            self.error = payload
+            raise EngineCoreError(payload)
+        self.stats, self.ready, self.error = payload, True, None
+        threading.Thread(target=self._read_loop, args=(parent, self._generation), name="engine-core-reader",
+                         daemon=True).start()
+
+    def _restart(self) -> None:
+        try:
+            self._start()
+            self.restarts += 1
+        except EngineCoreError as e:
+            self.error = str(e)
+
+    def _on_death(self, message: str) -> None:
+        """On the event loop: the core is gone; fail what it held and start another."""
+        self.ready, self.error = False, message.splitlines()[0] if message else "the engine core died"
+        for request_id in list(self.open):
+            self._fail(request_id, f"the engine failed and is restarting ({self.error})", 503)
+        self.open.clear()
+        threading.Thread(target=self._restart, name="engine-core-restart", daemon=True).start()
+
+    # ---- messages ------------------------------------------------------------------------------------------
+    def _bind_loop(self) -> None:
+        """Step messages go to the event loop of the latest caller (the replica has one; tests run several)."""
+        self.loop = asyncio.get_running_loop()
+
+    def _queue(self, command: tuple) -> None:
+        if not self._outbox:
+            self.loop.call_soon(self._flush)
+        self._outbox.append(command)
+
+    def _flush(self) -> None:
+        commands, self._outbox = self._outbox, []
+        self._writes.put(commands)
+
+    def _write_loop(self) -> None:
+        while True:
+            commands = self._writes.get()
+            while not self._writes.empty():  # whatever piled up meanwhile goes in the same message
+                commands += self._writes.get_nowait()
+            try:
+                self.conn.send(commands)
+            except (OSError, ValueError):  # the core is gone; the reader reports it
+                pass
+            if commands and commands[-1][0] == "shutdown":
+                return
+
+    def _read_loop(self, conn, generation: int) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("dead", f"the engine core exited (code {self.process.exitcode})")
+            if self.loop is None:  # nothing was ever added: no request to fail, only a core to replace
+                if message[0] == "dead":
+                    self._on_death(message[1])
+                    return
+                continue
+            try:
+                self.loop.call_soon_threadsafe(self._on_message, generation, message)
+            except RuntimeError:  # that loop has closed: its callers are gone
+                pass
+            if message[0] == "dead":
+                return
+
+    def _on_message(self, generation: int, message: tuple) -> None:
+        if generation != self._generation:  # from a core that was replaced meanwhile
+            return
+        kind = message[0]
+        if kind == "step":
+            _, outputs, stats = message
+            self.stats = stats
+            for out in outputs:
+                if out.finished:
+                    self.open.discard(out.request_id)
+            if self.on_step is not None:
+                self.on_step(outputs, stats)
+        elif kind == "rejected":
+            for request_id, error in message[1]:
+                self.open.discard(request_id)
+                self._fail(request_id, error, 400)
+        elif kind == "dead":
+            self._on_death(message[1])
+
+    def _fail(self, request_id: str, message: str, status: int) -> None:
+        if self.on_failure is not None:
+            self.on_failure(request_id, message, status)
+

@@ -1,0 +1,135 @@
+"""The engine core process: same tokens as the engine in-process, batched messages, aborts, bad requests, and a
+core that dies is replaced while its requests fail with 503."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+
+import pytest
+import torch
+
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.engine_core_client import EngineCoreClient, EngineCoreError
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.model import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
+
+CONFIG = EngineConfig(max_num_seqs=8, num_kv_blocks=128)
+
+
+def build_tiny(path: str, config: EngineConfig = CONFIG):
+    """Runs in the core process (picklable: a module-level function and its arguments)."""
+    return LLMEngine(load_model(path, dtype=torch.float32), load_tokenizer(), config), None
+
+
+def build_broken():
+    raise FileNotFoundError("no checkpoint at /nowhere")
+
+
+class Collector:
+    """Gathers what the client reports, per request, and counts step messages."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.finished: dict[str, str] = {}
+        self.failed: dict[str, tuple[str, int]] = {}
+        self.steps = 0
+        self.done = asyncio.Event()
+        self.expect: set[str] = set()
+
+    def on_step(self, outputs, stats) -> None:
+        self.steps += 1
+        for out in outputs:
+            self.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                self.finished[out.request_id] = out.finish_reason
+        self._check()
+
+    def on_failure(self, request_id, message, status) -> None:
+        self.failed[request_id] = (message, status)
+        self._check()
+
+    def _check(self) -> None:
+        if self.expect <= self.finished.keys() | self.failed.keys():
+            self.done.set()
+
+    async def wait(self, ids, timeout=120) -> None:
+        self.expect, self.done = set(ids), asyncio.Event()
+        self._check()
+        await asyncio.wait_for(self.done.wait(), timeout)
+
+
+@pytest.fixture(scope="module")
+def core(tiny_bf16):
+    seen = Collector()
+    client = EngineCoreClient(functools.partial(build_tiny, str(tiny_bf16)), on_step=seen.on_step,
+                              on_failure=seen.on_failure)
+    yield client, seen
+    client.shutdown()
+
+
+def test_core_matches_the_engine_in_process(core, tiny_bf16):
+    client, seen = core
+    prompts = [[1, 2, 3, 4, 5], list(range(100, 140)), [7] * 20]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = LLMEngine(load_model(tiny_bf16, dtype=torch.float32), load_tokenizer(), CONFIG).generate(
+        prompts, params)
+
+    async def main():
+        ids = [f"same-{i}" for i in range(len(prompts))]
+        steps_before = seen.steps
+        client.add([(i, p, params) for i, p in zip(ids, prompts)])
+        await seen.wait(ids)
+        assert [seen.tokens[i] for i in ids] == [e.token_ids for e in expected]
+        # one message per step for the whole batch: 12 tokens each came in about 12 messages, not 36
+        assert seen.steps - steps_before <= 14
+
+    asyncio.run(main())
+
+
+def test_bad_request_is_rejected_alone_and_abort_frees(core):
+    client, seen = core
+
+    async def main():
+        long = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        client.add([("bad", [10**9], long), ("long", [1, 2, 3], long)])
+        await seen.wait(["bad"])
+        assert seen.failed["bad"][1] == 400 and "token ids" in seen.failed["bad"][0]
+        while len(seen.tokens.get("long", [])) < 2:
+            await asyncio.sleep(0.01)
+        client.abort(["long"])
+        while client.stats.get("running", 1) or client.open:
+            await asyncio.sleep(0.01)
+        assert "long" not in seen.finished and client.stats["running"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_dead_core_fails_its_requests_and_is_replaced(core):
+    client, seen = core
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        client.add([("doomed", [1, 2, 3], params)])
+        while not seen.tokens.get("doomed"):
+            await asyncio.sleep(0.01)
+        os.kill(client.process.pid, signal.SIGKILL)
+        await seen.wait(["doomed"], timeout=30)
+        assert seen.failed["doomed"][1] == 503
+        while not client.alive:  # a new core is started in the background
+            await asyncio.sleep(0.1)
+        assert client.restarts == 1
+        client.add([("after", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))])
+        await seen.wait(["after"])
+        assert seen.finished["after"] == "length"
+
+    asyncio.run(main())
+
+
+def test_a_core_that_cannot_start_says_why():
+    with pytest.raises(EngineCoreError, match="FileNotFoundError: no checkpoint at /nowhere"):
+        EngineCoreClient(build_broken)
