@@ -32,6 +32,8 @@ class AppArgs(BaseModel):
                                                                           "attention replica")
     max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica serves at once")
     max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
+    max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "
+                                                                "runs; more get 429 at once")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
                                                              "while replicas are busy (never when idle)")

@@ -1,19 +1,23 @@
-"""AttentionReplica: one inference engine, fed batches of requests by the Router.
+"""AttentionReplica: one engine core process, fed batches of requests by the BatchingRouter.
 
-A batch is one streaming handle call: the replica first yields its own replica id (so the Router can aim an
-abort at it), then lists of StreamItems, each step's outputs of the whole batch together, until every request
-of the batch has finished. Requests of one batch still finish, fail and abort one by one.
+A batch is one streaming handle call: the replica first yields its own replica id (so the router can aim an
+abort at it), then lists of StreamItems, one list per engine step for the whole batch, until every request of
+the batch has ended. The engine steps in its own process (cluster/engine_core.py), so this process's event
+loop only splits each step's outputs among the calls and records metrics once per step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 
-from gptoss_serve.cluster.async_engine import AsyncEngine, EngineDeadError
 from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
+from gptoss_serve.cluster.engine_core import Built
+from gptoss_serve.cluster.engine_core_client import EngineCoreClient
 from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.expert_pool import worker_name
@@ -26,8 +30,9 @@ from gptoss_serve.model.tokenizer import load_tokenizer
 STATS_PERIOD_S = 1.0
 
 
-def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> tuple[LLMEngine, ExpertLink | None]:
-    """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer, and their link."""
+def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
+    """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer; with them, the
+    exchange's stats."""
     device = args.resolved_device
     factory, micro_batches, link = None, 1, None
     if expert_workers:
@@ -35,14 +40,26 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> tuple[
                           timeout_s=args.expert_timeout_s)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
-    return LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches), link
+    engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches)
+    return engine, (link.drain_stats if link is not None else None)
 
 
-def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:
+def build_engine_core(args: AppArgs, *, app_name: str, ray_address: str | None, namespace: str | None) -> Built:
+    """Runs in the engine core process. With MoE workers it joins the Ray cluster to reach them by name."""
+    workers = None
+    if args.num_moe_workers:
+        import ray
+
+        ray.init(address=ray_address, namespace=namespace, log_to_driver=False, configure_logging=False)
+        workers = find_expert_workers(args, app_name=app_name)
+    return build_engine(args, expert_workers=workers)
+
+
+def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600) -> list:
     """The ExpertPool's workers, by name (the pool may still be creating them)."""
     import ray
 
-    names = [worker_name(current_app_name(), i) for i in range(args.num_moe_workers)]
+    names = [worker_name(app_name, i) for i in range(args.num_moe_workers)]
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -53,122 +70,164 @@ def find_expert_workers(args: AppArgs, *, timeout_s: float = 600) -> list:
             time.sleep(1)
 
 
+def _ray_location() -> tuple[str | None, str | None]:
+    """(GCS address, namespace) of the Ray job this process belongs to; (None, None) outside Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            return context.gcs_address, context.namespace
+    except Exception:  # noqa: BLE001 - not in Ray
+        pass
+    return None, None
+
+
 class AttentionReplica:
-    def __init__(self, args: AppArgs, *, expert_pool=None) -> None:
-        """expert_pool: the ExpertPool deployment (bound so that Serve starts it first), or None: colocated."""
+    def __init__(self, args: AppArgs, *, expert_pool=None, build: Callable[[], Built] | None = None) -> None:
+        """expert_pool: the ExpertPool deployment (bound so that Serve starts it first), or None: colocated.
+        build: how the engine core makes its engine (picklable); by default from `args` (tests inject one)."""
         self.args = args
         self.replica_id = current_replica_id()
-        workers = find_expert_workers(args) if args.num_moe_workers else None
-        engine, self.expert_link = build_engine(args, expert_workers=workers)
-        self.engine = AsyncEngine(engine)
+        if build is None:
+            address, namespace = _ray_location()
+            build = functools.partial(build_engine_core, args, app_name=current_app_name(), ray_address=address,
+                                      namespace=namespace)
+        self.core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \
-            if self.expert_link is not None else None
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.stats: dict[str, float | str] = self._read_stats(self.engine.engine)
-        self._prefix_seen = (0, 0)
-        self._stats_task: asyncio.Task | None = None
+            if args.num_moe_workers else None
+        self.calls: dict[str, _Call] = {}  # request id -> the batch call it came in
+        self.stats: dict = {**self.core.stats, "replica_id": self.replica_id}
+        self._prefix_seen = (self.stats["prefix_queries"], self.stats["prefix_hits"])
+        self._last_step = time.time()
+        self._next_stats = 0.0
 
-    # ---- the Router's calls ---------------------------------------------------------------------------------
+    # ---- the router's calls ---------------------------------------------------------------------------------
     async def generate_batch(self, requests: list[EngineRequest], *, target_replica: str | None = None):
         """Streams this replica's id, then lists of StreamItems until every request has ended."""
-        self._ensure_stats_task()
-        items: asyncio.Queue[StreamItem | None] = asyncio.Queue()
+        call = _Call({r.request_id: r for r in requests})
+        admitted, refused = self._admit(requests)
         for request in requests:
-            self.tasks[request.request_id] = asyncio.create_task(self._pump(request, items))
-        remaining = len(requests)
+            self.calls[request.request_id] = call
+        for request in refused:
+            call.put(StreamItem(request.request_id, error="the engine's queue is full; retry shortly", status=429))
+        if admitted:
+            self.core.add([(r.request_id, r.prompt_token_ids, r.params) for r in admitted])
         try:
             yield self.replica_id
-            while remaining:
-                batch = [await items.get()]
-                while not items.empty():
-                    batch.append(items.get_nowait())
-                remaining -= batch.count(None)
-                if out := [item for item in batch if item is not None]:
-                    yield out
-        finally:  # the Router went away: nothing of this batch may keep running
-            for request in requests:
-                task = self.tasks.pop(request.request_id, None)
-                if task is not None:
-                    task.cancel()
+            while call.open:
+                items = await call.next()
+                if items:
+                    yield items
+        finally:  # the router went away: nothing of this batch may keep running
+            for request_id in call.requests:
+                self.calls.pop(request_id, None)
+            if call.open:
+                self.core.abort(list(call.open))
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
-        """Stops requests (their clients left); their blocks are freed."""
+        """Stops requests (their clients left); their blocks are freed within a step."""
+        self.core.abort(request_ids)
         for request_id in request_ids:
-            task = self.tasks.pop(request_id, None)
-            if task is not None:
-                task.cancel()
+            call = self.calls.pop(request_id, None)
+            if call is not None:
+                call.open.discard(request_id)
+                call.wake.set()
 
     def record_routing_stats(self) -> dict:
         """Serve hands these to the request router, which places batches on the replica with the most room."""
         return dict(self.stats)
 
     def check_health(self) -> None:
-        if self.engine.error is not None:
-            raise RuntimeError(f"engine stopped: {self.engine.error!r}")
+        if not self.core.alive:
+            raise RuntimeError(f"the engine core is down: {self.core.error}")
 
     # ---- inside -----------------------------------------------------------------------------------------------
-    async def _pump(self, request: EngineRequest, items: asyncio.Queue) -> None:
-        last = None
-        try:
-            async for out in self.engine.generate(request.request_id, request.prompt_token_ids, request.params):
-                if out.error is not None:  # the step failed (a MoE worker was lost): this request ends
-                    items.put_nowait(StreamItem(request.request_id, error=out.error, status=503))
-                    break
-                last = self._observe(request, out, last)
-                items.put_nowait(StreamItem(request.request_id, output=out))
-        except ValueError as e:
-            items.put_nowait(StreamItem(request.request_id, error=str(e), status=400))
-        except EngineDeadError as e:
-            items.put_nowait(StreamItem(request.request_id, error=str(e), status=503))
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:  # noqa: BLE001 - a request's failure must not end its batch
-            items.put_nowait(StreamItem(request.request_id, error=f"{type(e).__name__}: {e}", status=500))
-        finally:
-            self.tasks.pop(request.request_id, None)
-            items.put_nowait(None)
+    def _admit(self, requests: list[EngineRequest]) -> tuple[list[EngineRequest], list[EngineRequest]]:
+        """Requests beyond the engine's queue limit are refused (429) before latency grows without bound."""
+        waiting = len(self.core.open) - self.core.stats.get("running", 0)
+        room = max(0, self.args.max_waiting_per_replica - waiting)
+        return requests[:room], requests[room:]
 
-    def _observe(self, request: EngineRequest, out: RequestOutput, last: float | None) -> float:
+    def _on_step(self, outputs: list[RequestOutput], stats: dict) -> None:
+        """One engine step: metrics recorded once, outputs split among the calls."""
+        self._record(outputs, stats)
+        by_call: dict[int, tuple[_Call, list[StreamItem]]] = {}
+        for out in outputs:
+            call = self.calls.get(out.request_id)
+            if call is None:
+                continue
+            if out.error is not None:  # the step failed (a MoE worker was lost): this request ends
+                item = StreamItem(out.request_id, error=out.error, status=503)
+            else:
+                item = StreamItem(out.request_id, output=out)
+            by_call.setdefault(id(call), (call, []))[1].append(item)
+            if item.is_last:
+                del self.calls[out.request_id]
+        for call, items in by_call.values():
+            call.put_all(items)
+
+    def _on_failure(self, request_id: str, message: str, status: int) -> None:
+        call = self.calls.pop(request_id, None)
+        if call is not None:
+            call.put(StreamItem(request_id, error=message, status=status))
+
+    def _record(self, outputs: list[RequestOutput], stats: dict) -> None:
         now, m, tags = time.time(), self.metrics, self.metrics.tags
-        if last is None:
-            m.ttft.observe(now - request.arrival_time, tags=tags)
-        else:
-            m.itl.observe(now - last, tags=tags)
-        m.generation_tokens.inc(len(out.new_token_ids), tags=tags)
-        if out.finished:
-            m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
-            m.e2e.observe(now - request.arrival_time, tags=tags)
-            m.requests.inc(1, tags={**tags, "finish_reason": out.finish_reason or "unknown"})
-        return now
-
-    def _ensure_stats_task(self) -> None:
-        if self._stats_task is None or self._stats_task.done():
-            self._stats_task = asyncio.get_running_loop().create_task(self._refresh_stats())
-
-    async def _refresh_stats(self) -> None:
-        while True:
-            stats = await self.engine.call(self._read_stats)
-            self.stats = stats
-            m, tags = self.metrics, self.metrics.tags
+        if new_tokens := sum(len(o.new_token_ids) for o in outputs):
+            m.generation_tokens.inc(new_tokens, tags=tags)
+            m.itl.observe(now - self._last_step, tags=tags)  # one gap a step: every request in it waited as long
+        self._last_step = now
+        for out in outputs:
+            if out.num_output_tokens == 1 or out.finished:  # once or twice a request, never per token
+                call = self.calls.get(out.request_id)
+                request = call.requests.get(out.request_id) if call else None
+                arrival = request.arrival_time if request else None
+                if out.num_output_tokens == 1 and arrival is not None:
+                    m.ttft.observe(now - arrival, tags=tags)
+                if out.finished:
+                    if arrival is not None:
+                        m.e2e.observe(now - arrival, tags=tags)
+                    m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
+                    m.requests.inc(1, tags={**tags, "finish_reason": out.finish_reason or "unknown"})
+        self.stats = {**stats, "replica_id": self.replica_id}
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_PERIOD_S
             m.running.set(stats["running"], tags=tags)
             m.waiting.set(stats["waiting"], tags=tags)
             m.kv_usage.set(stats["kv_usage"], tags=tags)
             # the engine keeps running totals; the counters get what was added since the last look
             queries, hits = stats["prefix_queries"], stats["prefix_hits"]
-            if queries > self._prefix_seen[0]:
+            if queries > self._prefix_seen[0]:  # Ray's counters refuse an increment of 0
                 m.prefix_queries.inc(queries - self._prefix_seen[0], tags=tags)
             if hits > self._prefix_seen[1]:
                 m.prefix_hits.inc(hits - self._prefix_seen[1], tags=tags)
             self._prefix_seen = (queries, hits)
-            if self.expert_link is not None:
-                exchange = await self.engine.call(lambda engine: self.expert_link.drain_stats())
-                if exchange is not None:
-                    self.expert_metrics.record(exchange)
-            await asyncio.sleep(STATS_PERIOD_S)
+        if stats.get("extra") is not None and self.expert_metrics is not None:
+            self.expert_metrics.record(stats["extra"])
 
-    def _read_stats(self, engine: LLMEngine) -> dict:
-        return {"replica_id": self.replica_id, "free_blocks": engine.num_free_blocks, "num_blocks": engine.num_blocks,
-                "running": engine.num_running, "waiting": engine.num_waiting, "kv_usage": engine.blocks.usage,
-                "prefix_queries": engine.scheduler.prefix_queries, "prefix_hits": engine.scheduler.prefix_hits,
-                "max_model_len": engine.max_model_len, "time": time.time()}
+
+class _Call:
+    """One generate_batch call: its requests, the ones still open, and the items waiting to be yielded."""
+
+    def __init__(self, requests: dict[str, EngineRequest]) -> None:
+        self.requests = requests
+        self.open = set(requests)
+        self.items: list[StreamItem] = []
+        self.wake = asyncio.Event()
+
+    def put(self, item: StreamItem) -> None:
+        self.put_all([item])
+
+    def put_all(self, items: list[StreamItem]) -> None:
+        self.items += items
+        self.open.difference_update(i.request_id for i in items if i.is_last)
+        self.wake.set()
+
+    async def next(self) -> list[StreamItem]:
+        if not self.items and self.open:
+            self.wake.clear()
+            await self.wake.wait()
+        items, self.items = self.items, []
+        return items

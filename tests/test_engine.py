@@ -195,42 +195,6 @@ def test_max_model_len_must_fit_the_cache(model, tokenizer):
         engine(model, tokenizer, num_kv_blocks=16, max_model_len=4096)
 
 
-def test_async_engine_streams_deltas_and_aborts_on_disconnect(model, tokenizer):
-    import asyncio
-
-    from gptoss_serve.cluster.async_engine import AsyncEngine
-
-    eng = engine(model, tokenizer)
-    ps = prompts(12, 40, seed=9)
-
-    async def main():
-        front = AsyncEngine(eng)
-        try:
-            async def collect(name, prompt):
-                return [out async for out in front.generate(name, prompt, GREEDY)]
-
-            a, b = await asyncio.gather(collect("a", ps[0]), collect("b", ps[1]))
-            assert [t for o in a for t in o.new_token_ids] == reference_greedy(model, ps[0], GREEDY.max_tokens)
-            assert a[-1].finished and a[-1].finish_reason == "length" and len(b) == GREEDY.max_tokens
-            assert "".join(o.new_text for o in a) == tokenizer.decode([t for o in a for t in o.new_token_ids])
-
-            # a client that stops reading after 3 deltas: its request is aborted and its blocks freed
-            stream = front.generate("c", ps[1], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
-            for _ in range(3):
-                await stream.__anext__()
-            await stream.aclose()
-            await asyncio.sleep(0.2)
-            assert await front.call(lambda e: e.is_idle())
-
-            with pytest.raises(ValueError, match="prompt"):
-                async for _ in front.generate("d", [], GREEDY):
-                    pass
-        finally:
-            front.shutdown()
-
-    asyncio.run(main())
-
-
 def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
     ps = prompts(9, 41, 70, 23, seed=10)
     plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)).generate(ps, GREEDY)

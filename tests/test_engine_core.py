@@ -35,6 +35,7 @@ class Collector:
 
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
+        self.text: dict[str, str] = {}
         self.finished: dict[str, str] = {}
         self.failed: dict[str, tuple[str, int]] = {}
         self.steps = 0
@@ -45,6 +46,7 @@ class Collector:
         self.steps += 1
         for out in outputs:
             self.tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            self.text[out.request_id] = self.text.get(out.request_id, "") + out.new_text
             if out.finished:
                 self.finished[out.request_id] = out.finish_reason
         self._check()
@@ -85,6 +87,7 @@ def test_core_matches_the_engine_in_process(core, tiny_bf16):
         client.add([(i, p, params) for i, p in zip(ids, prompts)])
         await seen.wait(ids)
         assert [seen.tokens[i] for i in ids] == [e.token_ids for e in expected]
+        assert [seen.text[i] for i in ids] == [e.text for e in expected]
         # one message per step for the whole batch: 12 tokens each came in about 12 messages, not 36
         assert seen.steps - steps_before <= 14
 
@@ -105,6 +108,7 @@ def test_bad_request_is_rejected_alone_and_abort_frees(core):
         while client.stats.get("running", 1) or client.open:
             await asyncio.sleep(0.01)
         assert "long" not in seen.finished and client.stats["running"] == 0
+        assert client.stats["free_blocks"] == client.stats["num_blocks"] - 1  # every block back (0 is the null one)
 
     asyncio.run(main())
 

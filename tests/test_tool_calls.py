@@ -1,20 +1,21 @@
-"""A tool call comes back parsed, streamed or not: the OpenAI ingress, in-process (no Ray), in front of a real engine
-whose tiny model is scripted (tests/scripted_model.py) to answer with harmony's tokens of a get_weather call."""
+"""A tool call comes back parsed, streamed or not: the OpenAI ingress, in-process (no Ray), in front of a real
+AttentionReplica and its engine core, whose tiny model is scripted (tests/scripted_model.py) to answer with
+harmony's tokens of a get_weather call."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import httpx
 import pytest
 import torch
 
-from gptoss_serve.cluster.async_engine import AsyncEngine
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.deployments.args import AppArgs
-from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.model import load_model
 from gptoss_serve.model.harmony import render_chat
@@ -29,50 +30,43 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-class EngineStream:
-    """One request's engine outputs as the Router's stream gives them: lists of StreamItems, and cancel()."""
-
-    def __init__(self, engine: AsyncEngine, request: EngineRequest) -> None:
-        self.engine, self.request_id = engine, request.request_id
-        self.outputs = engine.generate(request.request_id, request.prompt_token_ids, request.params)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> list[StreamItem]:
-        return [StreamItem(self.request_id, output=await self.outputs.__anext__())]
-
-    def cancel(self) -> None:
-        self.engine.abort(self.request_id)
+def build_scripted(path: str):
+    """The engine core's engine: the tiny model, scripted to answer with a get_weather call."""
+    tokenizer = load_tokenizer()
+    model = load_model(path, dtype=torch.float32)
+    prompt = render_chat(MESSAGES, tools=TOOLS)  # what the ingress renders for the request below
+    follow_chain(model, [prompt[-1], *tokenizer.encode(CALL, allow_special=True)])
+    return LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)), None
 
 
-class EngineRouter:
-    """Stands in for the Router's handle (`options(stream=True).generate.remote(request)`), serving from one engine."""
+class ReplicaHandle:
+    """Stands in for a DeploymentHandle: `options(...)`, `generate_batch.remote(...)`, `abort.remote(...)`
+    call the real AttentionReplica in this process."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.generate = self  # handle.generate.remote(...)
+    def __init__(self, replica: AttentionReplica) -> None:
+        self.replica = replica
+        self.generate_batch = _Remote(replica.generate_batch)
+        self.abort = _Remote(replica.abort)
 
     def options(self, **kwargs):
         return self
 
-    def remote(self, request: EngineRequest) -> EngineStream:
-        return EngineStream(self.engine, request)
+
+class _Remote:
+    def __init__(self, fn) -> None:
+        self.remote = fn
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_bf16):
-    tokenizer = load_tokenizer()
-    model = load_model(tiny_bf16, dtype=torch.float32)
-    prompt = render_chat(MESSAGES, tools=TOOLS)  # what the ingress renders for the request below
-    follow_chain(model, [prompt[-1], *tokenizer.encode(CALL, allow_special=True)])
-    front = AsyncEngine(LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)))
-    yield front
-    front.shutdown()
+def replica(tiny_bf16):
+    replica = AttentionReplica(AppArgs(), build=functools.partial(build_scripted, str(tiny_bf16)))
+    yield replica
+    replica.core.shutdown()
 
 
-def post(engine: AsyncEngine, body: dict) -> httpx.Response:
-    app = build_fastapi_app(OpenAIIngress(EngineRouter(engine), AppArgs()))
+def post(replica: AttentionReplica, body: dict) -> httpx.Response:
+    # the ingress talks to the replica straight (the router between them only batches and relays)
+    app = build_fastapi_app(OpenAIIngress(ReplicaHandle(replica), AppArgs()))
 
     async def main() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -87,8 +81,8 @@ def request(**extra) -> dict:
     return {"model": "gpt-oss", "messages": MESSAGES, "tools": TOOLS, "max_tokens": 40, **extra}
 
 
-def test_a_tool_call_comes_back_parsed(engine):
-    r = post(engine, request())
+def test_a_tool_call_comes_back_parsed(replica):
+    r = post(replica, request())
     assert r.status_code == 200, r.text
     body = r.json()
     choice = body["choices"][0]
@@ -102,8 +96,8 @@ def test_a_tool_call_comes_back_parsed(engine):
     assert body["usage"]["completion_tokens"] == len(load_tokenizer().encode(CALL, allow_special=True))
 
 
-def test_a_streamed_tool_call_comes_back_parsed(engine):
-    r = post(engine, request(stream=True))
+def test_a_streamed_tool_call_comes_back_parsed(replica):
+    r = post(replica, request(stream=True))
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     lines = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]"
