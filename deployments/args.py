@@ -30,6 +30,11 @@ class AppArgs(BaseModel):
     num_cpus_per_replica: float = Field(1, ge=0)
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine's limits in each "
                                                                           "attention replica")
+    # the HTTP front and the router: CPUs reserved so that they keep pace; more replicas for more clients
+    num_ingress_replicas: int = Field(1, ge=1, description="OpenAIIngress replicas (HTTP, SSE, harmony)")
+    num_cpus_per_ingress: float = Field(0.5, ge=0)
+    num_router_replicas: int = Field(1, ge=1, description="BatchingRouter replicas")
+    num_cpus_per_router: float = Field(0.5, ge=0)
     max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica serves at once")
     max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
     max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "

@@ -13,6 +13,7 @@ downstream replica (the first message of every downstream stream names its repli
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ class BatchStreamer:
 
     # ---- inside -------------------------------------------------------------------------------------------
     def _spawn(self, coroutine) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coroutine)
+        # A context of its own: Serve cancels the downstream calls made in a request's context when that request
+        # is cancelled, and a batch serves many requests: one client leaving must not cancel the others.
+        task = asyncio.get_running_loop().create_task(coroutine, context=contextvars.Context())
         self.tasks.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self.tasks.discard)
         return task
@@ -119,7 +122,7 @@ class BatchStreamer:
                 if not any(i in self.sent for i in ids):
                     break  # leaving the stream early also stops anything of this batch still downstream
             error = "the serving replica ended the stream early"
-        except Exception as e:  # noqa: BLE001 - a lost replica fails its requests, never hangs them
+        except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - its requests fail, never hang
             error = f"the serving replica failed ({type(e).__name__})"
         failed: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
         for request_id in ids:

@@ -100,11 +100,13 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         health_check_timeout_s=30,
     ).bind(args, expert_pool=pool)
     router = serve.deployment(BatchingRouter, name="BatchingRouter", max_ongoing_requests=100_000,
+                              num_replicas=args.num_router_replicas,
                               request_router_config=MOST_ROOM,  # aborts reach the router replica of their call
-                              ray_actor_options={"num_cpus": 0}).bind(
+                              ray_actor_options={"num_cpus": args.num_cpus_per_router}).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
         max_wait_ms=args.router_max_wait_ms)
     ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress",
                                max_ongoing_requests=args.max_ongoing_requests + args.max_queued_requests + 16,
-                               ray_actor_options={"num_cpus": 0})
+                               num_replicas=args.num_ingress_replicas,
+                               ray_actor_options={"num_cpus": args.num_cpus_per_ingress})
     return ingress.bind(router, args)

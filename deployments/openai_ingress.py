@@ -90,7 +90,8 @@ class ResponseStream:
 def _raise_if_error(items: list[StreamItem]) -> None:
     for item in items:
         if item.error is not None:
-            raise APIError(item.status, item.error, param="prompt" if item.status == 400 else None)
+            raise APIError(item.status, item.error, param="prompt" if item.status == 400 else None,
+                           retry_after=1 if item.status == 429 else None)
 
 
 class OpenAIIngress:

@@ -167,6 +167,50 @@ def test_client_disconnect_aborts_and_frees_blocks(app):
     wait_until_idle()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_from_a_multi_choice_request_aborts_all_choices(app, stream):
+    """n=2 and a client that leaves early: both choices stop within a couple of seconds, and nothing wedges
+    (this once left the router spinning, every later request slow)."""
+    body = {"model": MODEL, "prompt": "Hello", "n": 2, "max_tokens": 400, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", app + "/v1/completions", timeout=60, json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(line for line in lines if line.startswith("data: "))
+    else:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(app + "/v1/completions", json=body, timeout=0.5)
+    left = time.monotonic()
+    wait_until_idle(timeout=5)
+    assert time.monotonic() - left < 3
+    start = time.monotonic()
+    assert post(app, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4}).status_code == 200
+    assert time.monotonic() - start < 5
+
+
+def test_many_disconnects_at_once_free_everything(app):
+    """Clients that all leave after their first token (half of them with n=2): every request is stopped."""
+    import asyncio
+
+    async def leave_after_first(client, n):
+        body = {"model": MODEL, "prompt": "go", "n": n, "max_tokens": 400, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", app + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    return r.status_code
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            # 6 at a time fit max_ongoing_requests; 5 waves of them
+            for _ in range(5):
+                statuses = await asyncio.gather(*(leave_after_first(client, 1 + i % 2) for i in range(6)))
+                assert statuses == [200] * 6
+
+    asyncio.run(main())
+    wait_until_idle(timeout=5)
+    assert post(app, "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 4}).status_code == 200
+
+
 def test_full_queue_gets_429_with_retry_after(app):
     """max_ongoing_requests 6 + max_queued_requests 0: a seventh concurrent request is turned away."""
     streams = [httpx.stream("POST", app + "/v1/completions", timeout=60, json={
