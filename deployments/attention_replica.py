@@ -145,9 +145,9 @@ class AttentionReplica:
 
     # ---- inside -----------------------------------------------------------------------------------------------
     def _admit(self, requests: list[EngineRequest]) -> tuple[list[EngineRequest], list[EngineRequest]]:
-        """Requests beyond the engine's queue limit are refused (429) before latency grows without bound."""
-        waiting = len(self.core.open) - self.core.stats.get("running", 0)
-        room = max(0, self.args.max_waiting_per_replica - waiting)
+        """Requests beyond the engine's queue limit are refused (429) before latency grows without bound: the
+        engine runs up to max_num_seqs requests and may hold max_waiting_per_replica more."""
+        room = max(0, self.args.engine.max_num_seqs + self.args.max_waiting_per_replica - len(self.core.open))
         return requests[:room], requests[room:]
 
     def _on_step(self, outputs: list[RequestOutput], stats: dict) -> None:

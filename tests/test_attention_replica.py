@@ -1,0 +1,73 @@
+"""The AttentionReplica in-process (no Ray) over a real engine core: admission against the engine's real queue,
+one message per step for a whole batch, aborts that free blocks at once."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+import pytest
+import torch
+
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.attention_replica import AttentionReplica
+from gptoss_serve.deployments.messages import EngineRequest
+from gptoss_serve.model import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
+
+
+def build_small(path: str):
+    """One running sequence at a time: the rest of a batch waits in the engine's queue."""
+    config = EngineConfig(max_num_seqs=1, num_kv_blocks=64, max_model_len=256)
+    return LLMEngine(load_model(path, dtype=torch.float32), load_tokenizer(), config), None
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_bf16):
+    args = AppArgs(max_waiting_per_replica=1, engine={"max_num_seqs": 1})  # what build_small's engine has
+    replica = AttentionReplica(args, build=functools.partial(build_small, str(tiny_bf16)))
+    yield replica
+    replica.core.shutdown()
+
+
+def requests(n: int, max_tokens: int, tag: str) -> list[EngineRequest]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [EngineRequest(f"{tag}-{i}", [1, 2, 3 + i], params, arrival_time=time.time()) for i in range(n)]
+
+
+def test_a_full_engine_queue_refuses_at_once_and_the_rest_complete(replica):
+    async def main():
+        stream = replica.generate_batch(requests(4, 6, "adm"))
+        assert await stream.__anext__() == replica.replica_id
+        first = await stream.__anext__()
+        # one runs, one may wait (max_waiting_per_replica=1): the other two are refused before any step
+        assert sorted((i.request_id, i.status) for i in first) == [("adm-2", 429), ("adm-3", 429)]
+        assert all("queue is full" in i.error for i in first)
+        done = {}
+        async for items in stream:
+            assert len(items) == len({i.request_id for i in items})  # a message holds a step, not a token each
+            for item in items:
+                done.setdefault(item.request_id, []).extend(item.output.new_token_ids)
+        assert sorted(done) == ["adm-0", "adm-1"] and all(len(t) == 6 for t in done.values())
+
+    asyncio.run(main())
+
+
+def test_abort_frees_the_engine_within_a_step(replica):
+    async def main():
+        stream = replica.generate_batch(requests(2, 200, "ab"))
+        await stream.__anext__()
+        await stream.__anext__()  # the first running request has a token
+        await replica.abort(["ab-0", "ab-1"])
+        deadline = time.monotonic() + 5
+        while replica.stats["running"] or replica.stats["waiting"] or replica.core.open:
+            assert time.monotonic() < deadline, replica.stats
+            await asyncio.sleep(0.01)
+        assert replica.stats["free_blocks"] == replica.stats["num_blocks"] - 1
+        await stream.aclose()
+
+    asyncio.run(main())
