@@ -6,6 +6,8 @@ receives characters that a stop string later takes back.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gptoss_serve.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -58,3 +60,39 @@ class StreamingText:
             if any(s.startswith(self.text[-n:]) for s in self.stop):
                 return n
         return 0
+
+
+class TextStreams:
+    """The text of many requests, and the stop strings that end them, fed one step's outputs at a time.
+
+    Whoever holds the request's outputs first runs this once: the engine itself offline, or, in serving, the
+    replica beside its engine core, so that decoding stays off the engine's critical path. A stop string
+    ends an output early (finish_reason "stop"); the caller then stops the request in the engine.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.texts: dict[str, StreamingText] = {}
+
+    def add(self, request_id: str, params) -> None:
+        """params: the request's SamplingParams (stop, include_stop_str_in_output, skip_special_tokens)."""
+        self.texts[request_id] = StreamingText(self.tokenizer, stop=params.stop,
+                                               include_stop=params.include_stop_str_in_output,
+                                               skip_special=params.skip_special_tokens)
+
+    def remove(self, request_id: str) -> None:
+        self.texts.pop(request_id, None)
+
+    def process(self, out):
+        """A RequestOutput with its new_text filled in; finished at a stop string (which also wins over a
+        length limit reached by the same token). The request is forgotten once its output is finished."""
+        text = self.texts.get(out.request_id)
+        if text is None:
+            return out
+        delta = "".join(text.feed(token) for token in out.new_token_ids)
+        if text.stopped and (not out.finished or out.finish_reason == "length"):
+            out = replace(out, finished=True, finish_reason="stop", stop_reason=text.stop_hit)
+        if out.finished:
+            delta += text.flush()
+            del self.texts[out.request_id]
+        return replace(out, new_text=delta)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptoss_serve.cluster.block_manager import BlockManager
-from gptoss_serve.cluster.detokenizer import StreamingText
+from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.model_runner import ModelRunner
@@ -34,7 +34,7 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
-    new_text: str
+    new_text: str | None  # None: not decoded yet (an engine core leaves it to its client, see TextStreams)
     finished: bool
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -59,17 +59,19 @@ class CompletionOutput:
 
 @dataclass
 class _Request:
-    """What the engine's postprocess needs beyond the sequence: the text so far, and the output cap."""
+    """What the engine's postprocess needs beyond the sequence: the output cap."""
 
     seq: Sequence
-    text: StreamingText
     max_tokens: int
 
 
 class LLMEngine:
     def __init__(self, model: GptOssForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(), *,
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, detokenize: bool = True) -> None:
+        """detokenize=False leaves text and stop strings to the caller (new_text None): an engine core's client
+        decodes beside it, off the step's critical path."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.texts = TextStreams(tokenizer) if detokenize else None
         self.num_blocks = resolve_num_blocks(config, model.config, dtype=model.dtype, device=model.device)
         self.max_model_len = resolve_max_model_len(config, model.config, self.num_blocks)
         self.blocks = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
@@ -102,10 +104,9 @@ class LLMEngine:
         room = self.max_model_len - len(prompt)
         max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
         seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
-        text = StreamingText(self.tokenizer, stop=sampling_params.stop,
-                             include_stop=sampling_params.include_stop_str_in_output,
-                             skip_special=sampling_params.skip_special_tokens)
-        self.requests[request_id] = _Request(seq, text, max_tokens)
+        self.requests[request_id] = _Request(seq, max_tokens)
+        if self.texts is not None:
+            self.texts.add(request_id, sampling_params)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -114,6 +115,8 @@ class LLMEngine:
         if request is None:
             return False
         self.scheduler.finish(request.seq)
+        if self.texts is not None:
+            self.texts.remove(request_id)
         return True
 
     @property
@@ -130,33 +133,42 @@ class LLMEngine:
         except ExpertsUnavailableError as e:  # the step's requests fail; the engine and the others go on
             return [self._fail(seq, str(e)) for seq, _ in scheduled]
         seqs = self.scheduler.postprocess(scheduled, sampled.token_ids)
-        return [self._postprocess(seq, logprobs) for seq, logprobs in zip(seqs, sampled.logprobs)]
+        outputs = [self._postprocess(seq, logprobs) for seq, logprobs in zip(seqs, sampled.logprobs)]
+        if self.texts is not None:
+            outputs = [self._stop_at_text(self.texts.process(out)) for out in outputs]
+        return outputs
 
     def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> RequestOutput:
-        """The sequence's new token as a delta of text; ends the request on a stop token, stop string or length."""
+        """The sequence's new token; ends the request on a stop token or at its length (stop strings are
+        TextStreams' to find)."""
         request = self.requests[seq.request_id]
         token, n = seq.output_token_ids[-1], len(seq.output_token_ids)
-        text = request.text.feed(token)
         reason, stop_reason = None, None
         # the sampling state's stop ids are empty under ignore_eos
         if token in seq.sampling.stop_token_ids and n >= seq.params.min_tokens:
             reason, stop_reason = "stop", token
-        elif request.text.stopped:
-            reason, stop_reason = "stop", request.text.stop_hit
         elif n >= request.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            text += request.text.flush()
             self.scheduler.finish(seq)
             del self.requests[seq.request_id]
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=[token], new_text=text, finished=reason is not None,
+            request_id=seq.request_id, new_token_ids=[token], new_text=None, finished=reason is not None,
             finish_reason=reason, stop_reason=stop_reason, logprobs=[logprobs] if logprobs else [],
             num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens)
+
+    def _stop_at_text(self, out: RequestOutput) -> RequestOutput:
+        """A stop string found in the text ends the request here too."""
+        request = self.requests.pop(out.request_id, None) if out.finished else None
+        if request is not None:
+            self.scheduler.finish(request.seq)
+        return out
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         self.scheduler.finish(seq)
         self.requests.pop(seq.request_id, None)
+        if self.texts is not None:
+            self.texts.remove(seq.request_id)
         return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
                              finish_reason="error", error=error, num_prompt_tokens=len(seq.prompt_token_ids),
                              num_output_tokens=len(seq.output_token_ids))
@@ -182,7 +194,7 @@ class LLMEngine:
                 if result is None:
                     continue
                 result.token_ids += out.new_token_ids
-                result.text += out.new_text
+                result.text += out.new_text or ""
                 if result.logprobs is not None:
                     result.logprobs += out.logprobs
                 if out.finished:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
 from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
@@ -40,7 +41,8 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
                           timeout_s=args.expert_timeout_s)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
-    engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches)
+    # text and stop strings are decoded beside the core, by the replica (see AttentionReplica._on_step)
+    engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches, detokenize=False)
     return engine, (link.drain_stats if link is not None else None)
 
 
@@ -94,6 +96,7 @@ class AttentionReplica:
             build = functools.partial(build_engine_core, args, app_name=current_app_name(), ray_address=address,
                                       namespace=namespace)
         self.core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
+        self.texts = TextStreams(load_tokenizer())  # for outputs the core left undecoded
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \
             if args.num_moe_workers else None
@@ -112,6 +115,8 @@ class AttentionReplica:
             self.calls[request.request_id] = call
         for request in refused:
             call.put(StreamItem(request.request_id, error="the engine's queue is full; retry shortly", status=429))
+        for request in admitted:
+            self.texts.add(request.request_id, request.params)
         if admitted:
             self.core.add([(r.request_id, r.prompt_token_ids, r.params) for r in admitted])
         try:
@@ -125,11 +130,14 @@ class AttentionReplica:
                 self.calls.pop(request_id, None)
             if call.open:
                 self.core.abort(list(call.open))
+            for request_id in call.requests:
+                self.texts.remove(request_id)
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
         """Stops requests (their clients left); their blocks are freed within a step."""
         self.core.abort(request_ids)
         for request_id in request_ids:
+            self.texts.remove(request_id)
             call = self.calls.pop(request_id, None)
             if call is not None:
                 call.open.discard(request_id)
@@ -151,7 +159,8 @@ class AttentionReplica:
         return requests[:room], requests[room:]
 
     def _on_step(self, outputs: list[RequestOutput], stats: dict) -> None:
-        """One engine step: metrics recorded once, outputs split among the calls."""
+        """One engine step: text decoded, metrics recorded once, outputs split among the calls."""
+        outputs = [self._decode(out) for out in outputs]
         self._record(outputs, stats)
         by_call: dict[int, tuple[_Call, list[StreamItem]]] = {}
         for out in outputs:
@@ -168,7 +177,16 @@ class AttentionReplica:
         for call, items in by_call.values():
             call.put_all(items)
 
+    def _decode(self, out: RequestOutput) -> RequestOutput:
+        if out.new_text is not None:  # the engine decoded it already
+            return out
+        decoded = self.texts.process(out)
+        if decoded.finished and not out.finished:  # a stop string: the engine stops it too
+            self.core.abort([out.request_id])
+        return decoded
+
     def _on_failure(self, request_id: str, message: str, status: int) -> None:
+        self.texts.remove(request_id)
         call = self.calls.pop(request_id, None)
         if call is not None:
             call.put(StreamItem(request_id, error=message, status=status))

@@ -1,5 +1,5 @@
 """The AttentionReplica in-process (no Ray) over a real engine core: admission against the engine's real queue,
-one message per step for a whole batch, aborts that free blocks at once."""
+aborts that free blocks at once, text decoded beside the core and stop strings that stop it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.messages import EngineRequest
 from gptoss_serve.model import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
+from tests.scripted_model import follow_chain
+
+
+SENTENCE = " Hello world, see you tomorrow!"
+
+
+def build_scripted(path: str):
+    """As the app builds it (text decoded by the replica, not the core), the tiny model scripted to say SENTENCE
+    after "Say goodbye:" (tests/scripted_model.py)."""
+    tokenizer = load_tokenizer()
+    model = load_model(path, dtype=torch.float32)
+    follow_chain(model, [tokenizer.encode("Say goodbye:")[-1], *tokenizer.encode(SENTENCE)])
+    config = EngineConfig(num_kv_blocks=64, max_model_len=256)
+    return LLMEngine(model, tokenizer, config, detokenize=False), None
 
 
 def build_small(path: str):
@@ -45,13 +59,14 @@ def test_a_full_engine_queue_refuses_at_once_and_the_rest_complete(replica):
         assert await stream.__anext__() == replica.replica_id
         first = await stream.__anext__()
         # one runs, one may wait (max_waiting_per_replica=1): the other two are refused before any step
-        assert sorted((i.request_id, i.status) for i in first) == [("adm-2", 429), ("adm-3", 429)]
-        assert all("queue is full" in i.error for i in first)
-        done = {}
-        async for items in stream:
-            assert len(items) == len({i.request_id for i in items})  # a message holds a step, not a token each
+        refused = sorted((i.request_id, i.status) for i in first if i.error is not None)
+        assert refused == [("adm-2", 429), ("adm-3", 429)]
+        assert all("queue is full" in i.error for i in first if i.error is not None)
+        done: dict[str, list[int]] = {}
+        for items in [first] + [items async for items in stream]:
             for item in items:
-                done.setdefault(item.request_id, []).extend(item.output.new_token_ids)
+                if item.output is not None:
+                    done.setdefault(item.request_id, []).extend(item.output.new_token_ids)
         assert sorted(done) == ["adm-0", "adm-1"] and all(len(t) == 6 for t in done.values())
 
     asyncio.run(main())
@@ -71,3 +86,27 @@ def test_abort_frees_the_engine_within_a_step(replica):
         await stream.aclose()
 
     asyncio.run(main())
+
+
+def test_the_replica_decodes_and_stops_at_a_stop_string_for_its_core(tiny_bf16):
+    """The core sends tokens only; the replica decodes them once, ends the request at a stop string spanning
+    two tokens, and stops it in the core."""
+    replica = AttentionReplica(AppArgs(), build=functools.partial(build_scripted, str(tiny_bf16)))
+    prompt = load_tokenizer().encode("Say goodbye:")
+
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=20, stop=["o w"])
+        stream = replica.generate_batch([EngineRequest("s", prompt, params, arrival_time=time.time())])
+        assert await stream.__anext__() == replica.replica_id
+        outputs = [item.output async for items in stream for item in items]
+        assert "".join(o.new_text for o in outputs) == " Hell"
+        assert outputs[-1].finished and outputs[-1].finish_reason == "stop" and outputs[-1].stop_reason == "o w"
+        deadline = time.monotonic() + 5
+        while replica.stats["running"] or replica.core.open:  # the core stopped it too
+            assert time.monotonic() < deadline, replica.stats
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        replica.core.shutdown()
