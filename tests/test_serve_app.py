@@ -120,7 +120,7 @@ def test_concurrent_clients(app):
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 5 and all(r["usage"]["completion_tokens"] == 10 for r in results)
+    assert len(results) == 5 and all(r["usage"]["completion_tokens"] == 10 for r in results), results
 
 
 @pytest.mark.parametrize("path, body, status, param", [
