@@ -1,0 +1,103 @@
+"""Clients that leave after their first token: how fast the server frees everything, and serves on.
+
+    python -m gptoss_serve.bench.disconnect_storm --preset tiny --clients 600          # CPU
+    python -m gptoss_serve.bench.disconnect_storm --model DIR --device cuda --clients 600
+
+Starts the Serve app, times a plain request, then opens `--clients` streaming completions at once (every other
+one with n=2), each asking for 2,000 tokens and closing its connection after its first token. Prints how long
+after the last client left the replicas report no running and no waiting request and every KV block free,
+then times the plain request again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+
+from gptoss_serve.model.synthetic import write_preset
+
+PLAIN = {"model": "gpt-oss", "prompt": "Hi", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+
+
+async def leave_after_first(client: httpx.AsyncClient, url: str, n: int) -> int:
+    body = {"model": "gpt-oss", "prompt": "go on", "n": n, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return r.status_code
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                return 200
+    return 200
+
+
+async def storm(url: str, clients: int) -> dict[int, int]:
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        statuses = await asyncio.gather(*(leave_after_first(client, url, 1 + i % 2) for i in range(clients)))
+    counts: dict[int, int] = {}
+    for s in statuses:
+        counts[s] = counts.get(s, 0) + 1
+    return counts
+
+
+def replica_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("AttentionReplica", app_name="gptoss").record_routing_stats.remote().result()
+
+
+def plain_seconds(url: str) -> float:
+    start = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json=PLAIN, timeout=600)
+    r.raise_for_status()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "20b"])
+    p.add_argument("--write-to", default="/tmp/gptoss-bench-model")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--clients", type=int, default=600)
+    p.add_argument("--num-cpus", type=int, default=4)
+    args = p.parse_args(argv)
+    import ray
+    from ray import serve
+
+    from gptoss_serve.deployments.builder import build_app
+
+    model = args.model or str(write_preset(args.write_to, args.preset))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    # room for every client's requests: the point is aborts, not admission
+    serve.run(build_app({"model": model, "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
+                         "max_ongoing_requests": args.clients + 8, "max_queued_requests": 0,
+                         "max_waiting_per_replica": 2 * args.clients, "engine": {"max_model_len": 4096}}),
+              name="gptoss", route_prefix="/")
+    url = "http://127.0.0.1:8000"
+    try:
+        plain_seconds(url)  # warm-up
+        before = plain_seconds(url)
+        statuses = asyncio.run(storm(url, args.clients))
+        left = time.perf_counter()
+        while True:
+            stats = replica_stats()
+            if not stats["running"] and not stats["waiting"] and stats["free_blocks"] == stats["num_blocks"] - 1:
+                break
+            time.sleep(0.05)
+        freed = time.perf_counter() - left
+        after = plain_seconds(url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(f"{args.clients} clients (half with n=2), statuses {statuses}")
+    print(f"all requests stopped and every KV block free {freed:.2f} s after the last client left")
+    print(f"a plain request ({PLAIN['max_tokens']} tokens): {before * 1e3:.0f} ms before, {after * 1e3:.0f} ms after")
+
+
+if __name__ == "__main__":
+    main()
