@@ -67,7 +67,7 @@ class EngineCoreClient:
             self._queue(("abort", ids))
 
     def shutdown(self) -> None:
-        self._writes.put([("shutdown", None)])
+        self._writes.put((self._generation, [("shutdown", None)]))
         if self.process is not None:
             self.process.join(timeout=10)
             if self.process.is_alive():
@@ -125,13 +125,16 @@ class EngineCoreClient:
 
     def _flush(self) -> None:
         commands, self._outbox = self._outbox, []
-        self._writes.put(commands)
+        self._writes.put((self._generation, commands))
 
     def _write_loop(self) -> None:
         while True:
-            commands = self._writes.get()
+            generation, commands = self._writes.get()
             while not self._writes.empty():  # whatever piled up meanwhile goes in the same message
-                commands += self._writes.get_nowait()
+                later, more = self._writes.get_nowait()
+                generation, commands = later, (commands if generation == later else []) + more
+            if generation != self._generation:  # meant for a core that died: its requests were failed
+                continue
             try:
                 self.conn.send(commands)
             except (OSError, ValueError):  # the core is gone; the reader reports it
