@@ -1,0 +1,260 @@
+"""One MoE layer at the gpt-oss-20b shape: the MXFP4 Triton kernel against the bf16 grouped GEMM, per token count.
+
+    python -m gptoss_serve.bench.moe_kernel [--tokens 1 16 64 256 1024 4096] [--sweep [--sweep-tokens ...]]
+        [--json PATH] [--dump DIR]
+
+Measures the device's copy bandwidth first (a 1 GiB device-to-device copy, bytes read + written), then per token
+count (uniform random top-4 routing over 32 experts, hidden = intermediate = 2880) the layer's time: the median of
+single CUDA-graph replays timed with events (the queue filled ahead by a sleep kernel, several input sets in
+rotation), and eagerly (back-to-back calls, launch costs included). The bf16 path is LocalExperts' grouped GEMM
+(torch._grouped_mm) on the same weights dequantized: eagerly as forward_grouped is, and in a graph through a copy
+with its host sync (CUDA bincount) replaced. Bytes moved count the packed weights of the experts a batch touches
+(blocks + scales + bias) plus the activations in and out; for bf16, the same experts' bf16 weights. "diff" is
+||mxfp4 - bf16|| / ||bf16|| of the two outputs. Each row also gives the per-kernel GPU time (torch.profiler).
+--sweep also times every tile preset, the plain-Triton decode and presets at the other load depth at --sweep-tokens,
+to choose the defaults; --dump prints registers/spills of every compiled variant and writes one gate_up's TTGIR/PTX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, random_packed_experts, relative_error
+from gptoss_serve.model import LocalExperts, mxfp4
+from gptoss_serve.model.experts import swiglu
+from gptoss_serve.model.synthetic import preset_config
+
+HIDDEN = INTER = 2880
+EXPERTS, TOP_K = 32, 4
+INPUT_SETS = 4  # routings in rotation, so repeated runs do not find one batch's experts in L2
+
+
+def events_median(fns: list[Callable[[], object]], reps: int) -> float:
+    """Median seconds of single calls, timed with events, fns taken in rotation, the queue filled ahead."""
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time, while the host queues the runs behind it
+    for i in range(reps):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
+
+
+def eager_mean(fns: list[Callable[[], object]], reps: int) -> float:
+    """Mean seconds per call of back-to-back eager calls (launch costs included), events around the batch."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(reps):
+        fns[i % len(fns)]()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def graphed(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
+    """fn captured in a CUDA graph (after a warm-up call): (replay, the graph's output tensor)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    return graph.replay, out
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 256, (1 << 30,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = events_median([lambda: dst.copy_(src)], 30)
+    return 2 * src.numel() / seconds
+
+
+def bf16_experts(packed: dict[str, torch.Tensor]) -> LocalExperts:
+    """LocalExperts of the 20b shape holding the same weights, dequantized to bf16 on the GPU."""
+    with torch.device("meta"):
+        experts = LocalExperts(preset_config("20b"))
+    experts = experts.to(torch.bfloat16).to_empty(device="cuda").requires_grad_(False)
+    for e in range(EXPERTS):
+        experts.gate_up_proj[e].copy_(mxfp4.dequantize(packed["gate_up_blocks"][e], packed["gate_up_scales"][e]).T)
+        experts.down_proj[e].copy_(mxfp4.dequantize(packed["down_blocks"][e], packed["down_scales"][e]).T)
+    experts.gate_up_proj_bias.copy_(packed["gate_up_bias"])
+    experts.down_proj_bias.copy_(packed["down_bias"])
+    return experts
+
+
+def grouped_bf16(experts: LocalExperts, hidden: torch.Tensor, expert_ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """LocalExperts.forward_grouped (all experts local) with its CUDA bincount, a host sync, replaced by a
+    searchsorted, so that it can be captured in a graph like the kernel: the same products, a fair GPU time."""
+    N, K = expert_ids.shape
+    flat = expert_ids.flatten()  # [N * K]
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]
+    ends = torch.searchsorted(expert, torch.arange(experts.count, device=flat.device), right=True).to(torch.int32)
+    gate_up = torch._grouped_mm(hidden[order // K], experts.gate_up_proj, offs=ends) + experts.gate_up_proj_bias[expert]
+    act = swiglu(gate_up, alpha=experts.alpha, limit=experts.limit)  # [N * K, I]
+    y = torch._grouped_mm(act, experts.down_proj, offs=ends) + experts.down_proj_bias[expert]
+    y = y * weights.flatten()[order, None].to(y.dtype)
+    return torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1).sum(dim=1)
+
+
+def inputs(num_tokens: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    sets = []
+    for _ in range(INPUT_SETS):
+        hidden = torch.randn(num_tokens, HIDDEN, generator=gen).bfloat16()
+        ids = torch.rand(num_tokens, EXPERTS, generator=gen).topk(TOP_K, dim=-1).indices
+        weights = torch.softmax(torch.randn(num_tokens, TOP_K, generator=gen), dim=-1).bfloat16()
+        sets.append((hidden.cuda(), ids.cuda(), weights.cuda()))
+    return sets
+
+
+def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator, *, sweep: bool) -> dict:
+    from gptoss_serve.kernels.mxfp4_moe import pick_tiles
+
+    sets = inputs(num_tokens, gen)
+    reps = max(20, min(300, 20_000 // max(num_tokens, 64)))
+    touched = statistics.mean(len(torch.unique(ids)) for _, ids, _ in sets)
+    activations = num_tokens * HIDDEN * 2 * 2 + num_tokens * TOP_K * (8 + 2)  # hidden in, out; ids, weights
+    row = dict(tokens=num_tokens, experts_touched=touched,
+               tiles=pick_tiles(num_tokens * TOP_K, EXPERTS).__dict__,
+               mxfp4_bytes=touched * packed_bytes_per_expert(HIDDEN, INTER) + activations,
+               bf16_bytes=touched * (3 * HIDDEN * INTER + 2 * INTER + HIDDEN) * 2 + activations)
+
+    replays, outs = zip(*(graphed(lambda s=s: experts(*s)) for s in sets))
+    row["mxfp4_s"] = events_median(list(replays), reps)
+    row["mxfp4_eager_s"] = eager_mean([lambda s=s: experts(*s) for s in sets], reps)
+    try:
+        dense_replays, dense_outs = zip(*(graphed(lambda s=s: grouped_bf16(dense, *s)) for s in sets))
+    except RuntimeError as e:  # not capturable after all: per-call events, eagerly
+        print(f"bf16 graph capture failed ({str(e).splitlines()[0]}); timing it eagerly", flush=True)
+        torch.cuda.synchronize()
+        dense_replays = [lambda s=s: grouped_bf16(dense, *s) for s in sets]
+        dense_outs = [fn() for fn in dense_replays]
+    row["bf16_s"] = events_median(list(dense_replays), reps)
+    row["bf16_eager_s"] = eager_mean([lambda s=s: dense.forward_grouped(*s) for s in sets], reps)
+    row["rel_diff_vs_bf16"] = max(relative_error(a, b) for a, b in zip(outs, dense_outs))
+    del replays, dense_replays
+    try:
+        row["kernels_us"] = kernel_breakdown(experts, sets)
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        row["kernels_us"] = {"error": repr(e)}
+    if sweep:
+        row["sweep"] = {}
+        for name, (tiles, use_asm) in sweep_variants().items():
+            fns = [graphed(lambda s=s: experts(*s, tiles=tiles, use_asm=use_asm))[0] for s in sets]
+            row["sweep"][name] = events_median(fns, reps)
+    return row
+
+
+def sweep_variants() -> dict:
+    """name -> (tiles, use_asm): every preset, the plain-Triton decode, and presets with the other load depth."""
+    from dataclasses import replace
+
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    variants = {name: (tiles, True) for name, tiles in PRESETS.items()}
+    variants["decode-plain"] = (PRESETS["decode"], False)
+    for name in ("decode", "decode_wide", "medium"):
+        variants[f"{name}-d1"] = (replace(PRESETS[name], depth=1), True)
+    variants["prefill-d3"] = (replace(PRESETS["prefill"], depth=3), True)
+    return variants
+
+
+def kernel_breakdown(experts, sets, calls: int = 10) -> dict[str, float]:
+    """Mean GPU microseconds per call of each kernel of the layer (torch.profiler over eager calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            experts(*sets[i % len(sets)])
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if total and event.key.lstrip("_").split("_")[0] in ("route", "gate", "down", "combine"):
+            times[event.key] = total / calls
+    return times
+
+
+def dump_kernels(directory: str) -> None:
+    """Prints registers, spills and shared memory of every compiled variant, and writes the first gate_up kernel's
+    TTGIR and PTX to `directory` (Triton's cache layout varies between versions: best effort)."""
+    from gptoss_serve.kernels import mxfp4_moe
+
+    for name in ("_route", "_gate_up", "_down", "_combine"):
+        try:
+            kernels = [k for cache, *_ in getattr(mxfp4_moe, name).device_caches.values() for k in cache.values()]
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            print(f"{name}: no cache to read ({e!r})")
+            continue
+        for i, kernel in enumerate(kernels):
+            try:
+                md = kernel.metadata
+                print(f"{name}[{i}]: regs {kernel.n_regs} spills {kernel.n_spills} shared {md.shared} "
+                      f"warps {md.num_warps} stages {md.num_stages}")
+                if name == "_gate_up" and i == 0 and directory:
+                    for ext in ("ttgir", "ptx"):
+                        with open(f"{directory}/gate_up.{ext}", "w") as f:
+                            f.write(str(kernel.asm.get(ext, "")))
+            except Exception as e:  # noqa: BLE001 - diagnostics only
+                print(f"{name}[{i}]: {e!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--sweep", action="store_true", help="also time every tile preset, with and without PTX")
+    parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--dump", help="a folder for the compiled decode kernel's TTGIR and PTX")
+    args = parser.parse_args(argv)
+    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(0)
+    packed = {k: v.cuda() for k, v in random_packed_experts(EXPERTS, HIDDEN, INTER, generator=gen).items()}
+    experts = Mxfp4Experts.from_packed(**packed)
+    dense = bf16_experts(packed)
+    copy = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy bandwidth {copy / 1e12:.2f} TB/s (1 GiB device-to-device, read + write)", flush=True)
+    rows = []
+    header = (f"{'tokens':>6} {'experts':>7} {'MB':>6} {'mxfp4 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} "
+              f"{'bf16 MB':>7} {'bf16 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} {'speedup':>7} {'diff':>7}")
+    print(header, flush=True)
+    for num_tokens in args.tokens:
+        row = measure(num_tokens, experts, dense, gen, sweep=args.sweep and num_tokens in args.sweep_tokens)
+        rows.append(row)
+        bw, bw16 = row["mxfp4_bytes"] / row["mxfp4_s"], row["bf16_bytes"] / row["bf16_s"]
+        print(f"{num_tokens:>6} {row['experts_touched']:>7.1f} {row['mxfp4_bytes'] / 1e6:>6.1f} "
+              f"{row['mxfp4_s'] * 1e6:>8.1f} {bw / 1e9:>5.0f} {100 * bw / copy:>4.0f}% "
+              f"{row['mxfp4_eager_s'] * 1e6:>8.1f} {row['bf16_bytes'] / 1e6:>7.1f} {row['bf16_s'] * 1e6:>8.1f} "
+              f"{bw16 / 1e9:>5.0f} {100 * bw16 / copy:>4.0f}% {row['bf16_eager_s'] * 1e6:>8.1f} "
+              f"{row['bf16_s'] / row['mxfp4_s']:>6.2f}x {row['rel_diff_vs_bf16']:>7.1e}", flush=True)
+        print("       kernels (us): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in row["kernels_us"].items()), flush=True)
+        if "sweep" in row:
+            print("       sweep (graph us): " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in row["sweep"].items()),
+                  flush=True)
+    if args.dump is not None:
+        dump_kernels(args.dump)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, copy_bytes_per_s=copy, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

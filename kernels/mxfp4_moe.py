@@ -1,0 +1,505 @@
+"""The MXFP4 MoE layer on the GPU: Triton kernels that read expert weights packed, and their launcher.
+
+Hopper has no FP4 matrix units; the gain is bytes. Each kernel streams FP4 codes (half a byte a value) and E8M0
+scales, decodes them to bf16 in registers and multiplies with tl.dot in bf16 with float32 accumulation.
+
+One call is four launches, none waiting on the host (so it can be captured in a CUDA graph):
+  _route     one program: counting sort of the (token, slot) pairs by local expert, stable, on the device
+  _gate_up   per (expert row tile, column tile): x @ gate_up + bias, clamped SwiGLU -> act [pairs, I], sorted order
+  _down      per (expert row tile, column tile): act @ down + bias, times the routing weight -> y [pairs, H]
+  _combine   per token: the sum of its K rows of y, in slot order (deterministic; no atomics)
+The matrix products are computed transposed (weights x tokens^T): the weights' output rows fill the matrix unit's
+M side, so a handful of tokens (decode) needs only the smallest token tile (16).
+
+Weights are read in the checkpoint's own layout, blocks [E, out, in / 32, 16] bytes viewed as 32-bit words
+[E, out, in / 32, 4]: a word holds eight consecutive values (value q in bits 4q..4q+3, low nibble first), four words
+a block, one scale [E, out, in / 32] a block. Nothing is re-laid at load.
+
+This module imports Triton: import it only where a CUDA GPU is (the reference is `moe_reference.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+GROUP = 32  # values per MXFP4 block (one scale)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
+
+# One 32-bit word of checkpoint blocks (eight FP4 codes, value q in bits 4q..4q+3) and its block's E8M0 exponent ->
+# the eight values as bf16 bits, $0..$7 in order; $8 the word, $9 the exponent. Codes q and q + 4 sit 16 bits apart,
+# so one shift and mask puts both where a bf16x2 pair wants them: e,m bits to bf16 bits 8..6 of each half, sign to
+# bit 15. Those bits read as 2**-126 times the code's value (e = 0 lands on a subnormal: 0.5 -> 2**-127), so a
+# multiply by 2**126 restores it (mul.bf16x2 keeps subnormal inputs), then one by 2 ** (exponent - 127).
+# Per pair of values: 2 shifts, 2 ands and an or (ptxas merges these into LOP3s), 2 bf16x2 multiplies.
+_DECODE_ASM = tl.constexpr("""
+{
+.reg .b32 pt, pu, pbias, pscale;
+mov.b32 pbias, 0x7E807E80;
+shl.b32 pscale, $9, 7;
+prmt.b32 pscale, pscale, 0, 0x1010;
+shl.b32 pt, $8, 6;
+shl.b32 pu, $8, 12;
+and.b32 pt, pt, 0x01C001C0;
+and.b32 pu, pu, 0x80008000;
+or.b32 pt, pt, pu;
+mul.rn.bf16x2 pt, pt, pbias;
+mul.rn.bf16x2 pt, pt, pscale;
+mov.b32 {$0, $4}, pt;
+shl.b32 pt, $8, 2;
+shl.b32 pu, $8, 8;
+and.b32 pt, pt, 0x01C001C0;
+and.b32 pu, pu, 0x80008000;
+or.b32 pt, pt, pu;
+mul.rn.bf16x2 pt, pt, pbias;
+mul.rn.bf16x2 pt, pt, pscale;
+mov.b32 {$1, $5}, pt;
+shr.b32 pt, $8, 2;
+shl.b32 pu, $8, 4;
+and.b32 pt, pt, 0x01C001C0;
+and.b32 pu, pu, 0x80008000;
+or.b32 pt, pt, pu;
+mul.rn.bf16x2 pt, pt, pbias;
+mul.rn.bf16x2 pt, pt, pscale;
+mov.b32 {$2, $6}, pt;
+shr.b32 pt, $8, 6;
+mov.b32 pu, $8;
+and.b32 pt, pt, 0x01C001C0;
+and.b32 pu, pu, 0x80008000;
+or.b32 pt, pt, pu;
+mul.rn.bf16x2 pt, pt, pbias;
+mul.rn.bf16x2 pt, pt, pscale;
+mov.b32 {$3, $7}, pt;
+}
+""")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes of one call. block_m: sorted (token, expert) rows a program takes; *_n: output columns a program
+    computes (gate_up reads twice as many weight rows: gate and up); *_groups: 32-value blocks per reduction step;
+    depth: reduction steps loaded ahead of the one being multiplied (1 or 3): the bytes a program keeps in flight."""
+
+    block_m: int
+    gate_up_n: int
+    gate_up_groups: int
+    down_n: int
+    down_groups: int
+    num_warps: int
+    depth: int = 3
+
+
+# by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
+# are touched, so that enough programs share their weights) to prefill (wide token tiles, so each decoded weight tile
+# serves more tokens). Loading three steps ahead measured no faster than one (kernels/NOTES-mxfp4-moe.md), and
+# costs registers where the accumulators are large.
+PRESETS = {
+    "decode": Tiles(block_m=16, gate_up_n=32, gate_up_groups=2, down_n=32, down_groups=4, num_warps=4),
+    "decode_wide": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4),
+    "medium": Tiles(block_m=64, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=2, num_warps=4, depth=1),
+    "prefill": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1),
+}
+
+
+def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
+    """Tiles for a call routing num_pairs (token, expert) pairs over num_experts local experts (host numbers only).
+    The thresholds follow the H100 sweep in kernels/NOTES-mxfp4-moe.md."""
+    per_expert = num_pairs / num_experts
+    if per_expert <= 1:
+        return PRESETS["decode"]
+    if per_expert <= 16:
+        return PRESETS["decode_wide"]
+    if per_expert <= 64:
+        return PRESETS["medium"]
+    return PRESETS["prefill"]
+
+
+@dataclass
+class Workspace:
+    """The buffers of one call; pass one in (e.g. filled with poison in tests) or let the call allocate it."""
+
+    sorted_pairs: torch.Tensor  # int32 [N * K]: pair index (token * K + slot), grouped by local expert
+    expert_start: torch.Tensor  # int32 [count + 1]: where each expert's pairs start in sorted_pairs
+    act: torch.Tensor  # bf16 [N * K, I], rows in sorted order
+    y: torch.Tensor  # bf16 [N * K, H], rows by pair index
+
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["num_pairs", "first"])
+def _route(ids_ptr, num_pairs, first, count, sorted_ptr, start_ptr,
+           EXPERTS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Counting sort of pairs by local expert (stable: by pair index within an expert). One program."""
+    experts = tl.arange(0, EXPERTS_PAD)
+    counts = tl.zeros([EXPERTS_PAD], dtype=tl.int32)
+    for begin in range(0, num_pairs, BLOCK):
+        offs = begin + tl.arange(0, BLOCK)
+        local = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32) - first
+        valid = (offs < num_pairs) & (local >= 0) & (local < count)
+        onehot = ((local[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)  # [BLOCK, EXPERTS_PAD]
+        counts += tl.sum(onehot, axis=0)
+    ends = tl.cumsum(counts, axis=0)
+    starts = ends - counts
+    tl.store(start_ptr + experts, starts, mask=experts < count)
+    tl.store(start_ptr + count, tl.sum(counts, axis=0))
+    running = starts
+    for begin in range(0, num_pairs, BLOCK):
+        offs = begin + tl.arange(0, BLOCK)
+        local = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32) - first
+        valid = (offs < num_pairs) & (local >= 0) & (local < count)
+        onehot = ((local[:, None] == experts[None, :]) & valid[:, None]).to(tl.int32)
+        rank = tl.cumsum(onehot, axis=0)  # inclusive count of earlier pairs of the same expert in this block
+        position = tl.sum(onehot * (running[None, :] + rank - 1), axis=1)  # [BLOCK]
+        tl.store(sorted_ptr + position, offs, mask=valid)
+        running += tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _tile(start_ptr, count, pid, BLOCK_M: tl.constexpr, EXPERTS_PAD: tl.constexpr):
+    """Program pid's row tile: (local expert, first sorted row, end of that expert's rows); expert >= count when
+    pid is past the last tile (the grid is an upper bound, known without reading the counts)."""
+    e = tl.arange(0, EXPERTS_PAD)
+    live = e < count
+    lo = tl.load(start_ptr + e, mask=live, other=0)
+    hi = tl.load(start_ptr + e + 1, mask=live, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    mine = e == expert
+    first_tile = tl.sum(tl.where(mine, ends - tiles, 0), axis=0)
+    row0 = tl.sum(tl.where(mine, lo, 0), axis=0) + (pid - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, hi, 0), axis=0)
+    return expert, row0, row_end
+
+
+@triton.jit
+def _fp4_values(code, scale):
+    """FP4 codes (0..15, any int type) and their E8M0 exponents -> bf16 values, in plain Triton (the interpreter's
+    path). The code's bits placed as fp16 read 2**-14 times its value (0.5 is an fp16 subnormal, converted exactly)."""
+    bits = ((code & 7).to(tl.uint16) << 9) | ((code & 8).to(tl.uint16) << 12)
+    value = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    multiplier = ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # 2 ** (scale - 127 + 14)
+    return (value * multiplier).to(tl.bfloat16)
+
+
+@triton.jit
+def _dequant(w, s, USE_ASM: tl.constexpr):
+    """Block words int32 [R, G, 4] and their blocks' exponents uint8 [R, G, 1] -> values bf16 [R, G * 32], in order."""
+    R: tl.constexpr = w.shape[0]
+    C: tl.constexpr = w.shape[1] * 32
+    if USE_ASM:
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _DECODE_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, tl.broadcast_to(s.to(tl.int32), w.shape)],
+            dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+        v0, v1, v2, v3 = (v0.to(tl.bfloat16, bitcast=True), v1.to(tl.bfloat16, bitcast=True),
+                          v2.to(tl.bfloat16, bitcast=True), v3.to(tl.bfloat16, bitcast=True))
+        v4, v5, v6, v7 = (v4.to(tl.bfloat16, bitcast=True), v5.to(tl.bfloat16, bitcast=True),
+                          v6.to(tl.bfloat16, bitcast=True), v7.to(tl.bfloat16, bitcast=True))
+    else:
+        v0, v1, v2, v3 = (_fp4_values(w & 15, s), _fp4_values((w >> 4) & 15, s),
+                          _fp4_values((w >> 8) & 15, s), _fp4_values((w >> 12) & 15, s))
+        v4, v5, v6, v7 = (_fp4_values((w >> 16) & 15, s), _fp4_values((w >> 20) & 15, s),
+                          _fp4_values((w >> 24) & 15, s), _fp4_values((w >> 28) & 15, s))
+    # joins add a last axis of 2 inside each thread's registers: [R, G, 4, q2, q1, q0] holds value 4*q2 + 2*q1 + q0
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(v, [R, C])
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr):
+    if INTERPRET:  # the interpreter's bf16 dot is wrong; its float32 one is exact on bf16 values
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _load_weights(w_ptrs, s_ptrs, group, n_groups, col_ok, GROUPS: tl.constexpr):
+    """The weights of the reduction step starting at block `group`: words int32 [BN, GROUPS, 4] and exponents
+    uint8 [BN, GROUPS, 1]. Blocks past the end read as zeros."""
+    mask = col_ok[:, None, None] & ((group + tl.arange(0, GROUPS)) < n_groups)[None, :, None]
+    w = tl.load(w_ptrs + group * 4, mask=mask, other=0)
+    s = tl.load(s_ptrs + group, mask=mask, other=127)
+    return w, s
+
+
+@triton.jit
+def _load_acts(a_ptrs, k, length, row_ok, STEP: tl.constexpr):
+    """Activations [STEP, BM] (bf16) of the reduction step starting at value k."""
+    mask = ((k + tl.arange(0, STEP)) < length)[:, None] & row_ok[None, :]
+    return tl.load(a_ptrs + k, mask=mask, other=0.0).to(tl.bfloat16)
+
+
+@triton.jit
+def _gate_up_step(acc_g, acc_u, wg, sg, wu, su, x, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    acc_g = _dot(_dequant(wg, sg, USE_ASM), x, acc_g, INTERPRET)
+    acc_u = _dot(_dequant(wu, su, USE_ASM), x, acc_u, INTERPRET)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
+             count, hidden, inter, alpha, limit,
+             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+             DEPTH: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    """act[rows, cols] = swiglu(x[token(rows)] @ gate_up[expert] + bias), computed as [BLOCK_N, BLOCK_M] tiles."""
+    expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
+    if expert >= count:
+        return
+    STEP: tl.constexpr = GROUPS * 32
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    token = tl.load(pair_ptr + rows, mask=row_ok, other=0) // TOP_K
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # act columns j: gate row 2j, up row 2j + 1
+    col_ok = cols < inter
+    n_groups = hidden // 32
+    gate_row = expert.to(tl.int64) * 2 * inter + 2 * cols.to(tl.int64)  # [BN]
+    word = tl.arange(0, GROUPS)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    wg_ptrs = w_ptr + gate_row[:, None, None] * (n_groups * 4) + word  # [BN, GROUPS, 4] int32
+    wu_ptrs = wg_ptrs + n_groups * 4
+    sg_ptrs = s_ptr + gate_row[:, None, None] * n_groups + tl.arange(0, GROUPS)[None, :, None]  # [BN, GROUPS, 1]
+    su_ptrs = sg_ptrs + n_groups
+    x_ptrs = x_ptr + token.to(tl.int64)[None, :] * stride_x + tl.arange(0, STEP)[:, None]  # [STEP, BM]
+
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if DEPTH == 1:
+        wg, sg = _load_weights(wg_ptrs, sg_ptrs, 0, n_groups, col_ok, GROUPS)
+        wu, su = _load_weights(wu_ptrs, su_ptrs, 0, n_groups, col_ok, GROUPS)
+        x = _load_acts(x_ptrs, 0, hidden, row_ok, STEP)
+        for k in range(0, hidden, STEP):
+            # the next step's loads go out before this step's decode and products
+            wg_n, sg_n = _load_weights(wg_ptrs, sg_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
+            wu_n, su_n = _load_weights(wu_ptrs, su_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
+            x_n = _load_acts(x_ptrs, k + STEP, hidden, row_ok, STEP)
+            acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg, sg, wu, su, x, USE_ASM, INTERPRET)
+            wg, sg, wu, su, x = wg_n, sg_n, wu_n, su_n, x_n
+    else:  # three steps in flight beyond the one being multiplied
+        wg0, sg0 = _load_weights(wg_ptrs, sg_ptrs, 0, n_groups, col_ok, GROUPS)
+        wu0, su0 = _load_weights(wu_ptrs, su_ptrs, 0, n_groups, col_ok, GROUPS)
+        x0 = _load_acts(x_ptrs, 0, hidden, row_ok, STEP)
+        wg1, sg1 = _load_weights(wg_ptrs, sg_ptrs, GROUPS, n_groups, col_ok, GROUPS)
+        wu1, su1 = _load_weights(wu_ptrs, su_ptrs, GROUPS, n_groups, col_ok, GROUPS)
+        x1 = _load_acts(x_ptrs, STEP, hidden, row_ok, STEP)
+        wg2, sg2 = _load_weights(wg_ptrs, sg_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
+        wu2, su2 = _load_weights(wu_ptrs, su_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
+        x2 = _load_acts(x_ptrs, 2 * STEP, hidden, row_ok, STEP)
+        for k in range(0, hidden, STEP):
+            wg3, sg3 = _load_weights(wg_ptrs, sg_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
+            wu3, su3 = _load_weights(wu_ptrs, su_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
+            x3 = _load_acts(x_ptrs, k + 3 * STEP, hidden, row_ok, STEP)
+            acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg0, sg0, wu0, su0, x0, USE_ASM, INTERPRET)
+            wg0, sg0, wu0, su0, x0 = wg1, sg1, wu1, su1, x1
+            wg1, sg1, wu1, su1, x1 = wg2, sg2, wu2, su2, x2
+            wg2, sg2, wu2, su2, x2 = wg3, sg3, wu3, su3, x3
+
+    gate = acc_g + tl.load(b_ptr + gate_row, mask=col_ok, other=0.0)[:, None]
+    up = acc_u + tl.load(b_ptr + gate_row + 1, mask=col_ok, other=0.0)[:, None]
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))  # [BN, BM]
+    act_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + cols[:, None]
+    tl.store(act_ptrs, act.to(tl.bfloat16), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
+          count, inter, hidden,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+          DEPTH: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[pair(rows), cols] = (act[rows] @ down[expert] + bias) * routing weight, as [BLOCK_N, BLOCK_M] tiles."""
+    expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
+    if expert >= count:
+        return
+    STEP: tl.constexpr = GROUPS * 32
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    pair = tl.load(pair_ptr + rows, mask=row_ok, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden
+    n_groups = inter // 32
+    w_row = expert.to(tl.int64) * hidden + cols.to(tl.int64)  # [BN]
+    word = tl.arange(0, GROUPS)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    w_ptrs = w_ptr + w_row[:, None, None] * (n_groups * 4) + word  # [BN, GROUPS, 4] int32
+    s_ptrs = s_ptr + w_row[:, None, None] * n_groups + tl.arange(0, GROUPS)[None, :, None]  # [BN, GROUPS, 1]
+    a_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + tl.arange(0, STEP)[:, None]  # [STEP, BM]
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if DEPTH == 1:
+        w, s = _load_weights(w_ptrs, s_ptrs, 0, n_groups, col_ok, GROUPS)
+        a = _load_acts(a_ptrs, 0, inter, row_ok, STEP)
+        for k in range(0, inter, STEP):
+            w_n, s_n = _load_weights(w_ptrs, s_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
+            a_n = _load_acts(a_ptrs, k + STEP, inter, row_ok, STEP)
+            acc = _dot(_dequant(w, s, USE_ASM), a, acc, INTERPRET)
+            w, s, a = w_n, s_n, a_n
+    else:
+        w0, s0 = _load_weights(w_ptrs, s_ptrs, 0, n_groups, col_ok, GROUPS)
+        a0 = _load_acts(a_ptrs, 0, inter, row_ok, STEP)
+        w1, s1 = _load_weights(w_ptrs, s_ptrs, GROUPS, n_groups, col_ok, GROUPS)
+        a1 = _load_acts(a_ptrs, STEP, inter, row_ok, STEP)
+        w2, s2 = _load_weights(w_ptrs, s_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
+        a2 = _load_acts(a_ptrs, 2 * STEP, inter, row_ok, STEP)
+        for k in range(0, inter, STEP):
+            w3, s3 = _load_weights(w_ptrs, s_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
+            a3 = _load_acts(a_ptrs, k + 3 * STEP, inter, row_ok, STEP)
+            acc = _dot(_dequant(w0, s0, USE_ASM), a0, acc, INTERPRET)
+            w0, s0, a0 = w1, s1, a1
+            w1, s1, a1 = w2, s2, a2
+            w2, s2, a2 = w3, s3, a3
+
+    bias = tl.load(b_ptr + w_row, mask=col_ok, other=0.0)
+    route = tl.load(route_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+    y = (acc + bias[:, None]) * route[None, :]
+    y_ptrs = y_ptr + pair.to(tl.int64)[None, :] * hidden + cols[:, None]
+    tl.store(y_ptrs, y.to(tl.bfloat16), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["first"])
+def _combine(y_ptr, ids_ptr, out_ptr, first, count, hidden,
+             TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[token] = sum over its slots, in order, of y[token * K + slot]; slots outside the shard add nothing."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        local = tl.load(ids_ptr + token * TOP_K + slot).to(tl.int32) - first + tl.zeros_like(cols)  # [BLOCK]
+        mine = col_ok & (local >= 0) & (local < count)
+        acc += tl.load(y_ptr + (token * TOP_K + slot) * hidden + cols, mask=mine, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# --------------------------------------------------------------------------------------------------------- launcher
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """One layer's experts [first, first + count) as the kernels read them (the checkpoint's tensors)."""
+
+    gate_up_blocks: torch.Tensor  # int32 [E, 2I, H / 32, 4]: the uint8 [E, 2I, H / 32, 16] blocks, as words
+    gate_up_scales: torch.Tensor  # uint8 [E, 2I, H / 32]
+    gate_up_bias: torch.Tensor  # float32 [E, 2I]
+    down_blocks: torch.Tensor  # int32 [E, H, I / 32, 4]
+    down_scales: torch.Tensor  # uint8 [E, H, I / 32]
+    down_bias: torch.Tensor  # float32 [E, H]
+
+    @property
+    def count(self) -> int:
+        return self.gate_up_blocks.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.down_blocks.shape[1]
+
+    @property
+    def inter(self) -> int:
+        return self.gate_up_blocks.shape[1] // 2
+
+
+def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
+              first: int, alpha: float, limit: float, tiles: Tiles | None = None, use_asm: bool = True,
+              workspace: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> [N, H] in hidden's dtype. No host sync."""
+    N, H = hidden.shape
+    K = expert_ids.shape[1]
+    count, I = experts.count, experts.inter
+    P = N * K
+    out = torch.empty_like(hidden) if out is None else out
+    if N == 0:
+        return out
+    tiles = tiles or pick_tiles(P, count)
+    ws = workspace or new_workspace(N, K, experts, device=hidden.device)
+    hidden = hidden.contiguous()
+    ids = expert_ids.contiguous().view(-1)  # [P]
+    route = weights.contiguous().view(-1)  # [P]
+    pad = max(16, triton.next_power_of_2(count))
+    asm = use_asm and not _INTERPRET
+    _route[(1,)](ids, P, first, count, ws.sorted_pairs, ws.expert_start,
+                 EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
+    # each expert's rows split into tiles of block_m: at most ceil(P / block_m) + count tiles, and at most P
+    grid_m = min(triton.cdiv(P, tiles.block_m) + count, P)
+    _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n))](
+        hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias,
+        ws.sorted_pairs, ws.expert_start, ws.act, count, H, I, alpha, limit,
+        TOP_K=K, BLOCK_M=tiles.block_m, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups, DEPTH=tiles.depth,
+        EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+    _down[(grid_m, triton.cdiv(H, tiles.down_n))](
+        ws.act, experts.down_blocks, experts.down_scales, experts.down_bias, ws.sorted_pairs, ws.expert_start,
+        route, ws.y, count, I, H,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, EXPERTS_PAD=pad,
+        USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+    _combine[(N, triton.cdiv(H, 1024))](ws.y, ids, out, first, count, H, TOP_K=K, BLOCK=1024, num_warps=4)
+    return out
+
+
+def new_workspace(num_tokens: int, top_k: int, experts: PackedExperts, *, device: torch.device) -> Workspace:
+    P = num_tokens * top_k
+    return Workspace(
+        sorted_pairs=torch.empty(P, dtype=torch.int32, device=device),
+        expert_start=torch.empty(experts.count + 1, dtype=torch.int32, device=device),
+        act=torch.empty(P, experts.inter, dtype=torch.bfloat16, device=device),
+        y=torch.empty(P, experts.hidden, dtype=torch.bfloat16, device=device),
+    )
+
+
+class Mxfp4Experts:
+    """Experts [first, first + count) of one layer with MXFP4 weights kept packed on the GPU (the Experts protocol).
+
+    Tokens routed to ids outside the range contribute nothing, as with LocalExperts, so shards add up.
+    """
+
+    def __init__(self, packed: PackedExperts, *, first: int = 0, alpha: float = 1.702, limit: float = 7.0) -> None:
+        self.packed, self.first, self.alpha, self.limit = packed, first, alpha, limit
+        self.count = packed.count
+
+    @classmethod
+    def from_packed(cls, gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
+                    down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor, *,
+                    first: int = 0, alpha: float = 1.702, limit: float = 7.0) -> Mxfp4Experts:
+        """From a shard's checkpoint tensors (shapes in moe_reference.py), on their device: blocks and scales kept
+        as they are (blocks viewed as 32-bit words, no copy when contiguous); biases widened to float32 (tiny)."""
+        E, two_i, h_groups, _ = gate_up_blocks.shape
+        _, hidden, i_groups, _ = down_blocks.shape
+        inter = two_i // 2
+        expect = {
+            "gate_up_scales": (gate_up_scales, (E, two_i, h_groups)), "gate_up_bias": (gate_up_bias, (E, two_i)),
+            "down_blocks": (down_blocks, (E, hidden, inter // 32, 16)),
+            "down_scales": (down_scales, (E, hidden, i_groups)), "down_bias": (down_bias, (E, hidden)),
+        }
+        for name, (tensor, shape) in expect.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if hidden != h_groups * GROUP or inter != i_groups * GROUP or gate_up_blocks.dtype != torch.uint8:
+            raise ValueError(f"gate_up_blocks {tuple(gate_up_blocks.shape)} do not match down_blocks "
+                             f"{tuple(down_blocks.shape)} as uint8 [E, 2I, H / 32, 16] and [E, H, I / 32, 16]")
+        packed = PackedExperts(
+            gate_up_blocks=gate_up_blocks.contiguous().view(torch.int32), gate_up_scales=gate_up_scales.contiguous(),
+            gate_up_bias=gate_up_bias.float().contiguous(),
+            down_blocks=down_blocks.contiguous().view(torch.int32), down_scales=down_scales.contiguous(),
+            down_bias=down_bias.float().contiguous(),
+        )
+        return cls(packed, first=first, alpha=alpha, limit=limit)
+
+    def workspace(self, num_tokens: int, top_k: int, *, device: torch.device | str = "cuda") -> Workspace:
+        return new_workspace(num_tokens, top_k, self.packed, device=torch.device(device))
+
+    def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+                 tiles: Tiles | None = None, use_asm: bool = True, workspace: Workspace | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> sum_k weights * expert_k(hidden), [N, H]."""
+        with torch.profiler.record_function("mxfp4_moe"):
+            return mxfp4_moe(hidden, expert_ids, weights, self.packed, first=self.first, alpha=self.alpha,
+                             limit=self.limit, tiles=tiles, use_asm=use_asm, workspace=workspace, out=out)
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self(hidden, expert_ids, weights)  # local: nothing to overlap
+
+    def combine(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending

@@ -1,0 +1,191 @@
+"""The MXFP4 MoE kernel against its PyTorch reference (GPU), and the reference against LocalExperts (CPU).
+
+GPU tests import the Triton module inside the test, so the CPU suite never imports Triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, random_packed_experts, relative_error
+from gptoss_serve.model import LocalExperts, mxfp4
+from gptoss_serve.model.synthetic import preset_config
+
+TOLERANCE = 1e-2  # bf16 operands and a bf16 activation in between; float32 accumulation
+
+
+def routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct random experts per token (as top-k gives) and softmax weights."""
+    ids = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices  # [N, K]
+    weights = torch.softmax(torch.randn(num_tokens, top_k, generator=gen), dim=-1)
+    return ids, weights
+
+
+def shard(packed: dict[str, torch.Tensor], first: int, count: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    return {name: t[first:first + count].to(device) for name, t in packed.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- CPU tests
+
+
+def local_experts(packed: dict[str, torch.Tensor], *, first: int, count: int) -> LocalExperts:
+    """LocalExperts of the tiny preset holding the dequantized float32 weights of experts [first, first + count)."""
+    experts = LocalExperts(preset_config("tiny"), first=first, count=count)
+    rows = slice(first, first + count)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(mxfp4.dequantize(packed["gate_up_blocks"][rows], packed["gate_up_scales"][rows],
+                                                    dtype=torch.float32).transpose(-1, -2))
+        experts.down_proj.copy_(mxfp4.dequantize(packed["down_blocks"][rows], packed["down_scales"][rows],
+                                                 dtype=torch.float32).transpose(-1, -2))
+        experts.gate_up_proj_bias.copy_(packed["gate_up_bias"][rows].float())
+        experts.down_proj_bias.copy_(packed["down_bias"][rows].float())
+    return experts
+
+
+@pytest.mark.parametrize("first, count", [(0, 8), (4, 4), (2, 3)])
+@pytest.mark.parametrize("num_tokens", [1, 7, 50])
+def test_reference_matches_local_experts(first, count, num_tokens):
+    config = preset_config("tiny")
+    gen = torch.Generator().manual_seed(num_tokens * 10 + first)
+    packed = random_packed_experts(config.num_local_experts, config.hidden_size, config.intermediate_size,
+                                   generator=gen)
+    hidden = torch.randn(num_tokens, config.hidden_size, generator=gen)
+    ids, weights = routing(num_tokens, config.num_local_experts, config.num_experts_per_tok, gen)
+    expected = local_experts(packed, first=first, count=count).forward_loop(hidden, ids, weights)
+    got = moe_reference(hidden, ids, weights, **shard(packed, first, count), first=first)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_shards_add_up_and_empty_shard_gives_zeros():
+    gen = torch.Generator().manual_seed(0)
+    packed = random_packed_experts(8, 64, 64, generator=gen)
+    hidden = torch.randn(20, 64, generator=gen)
+    ids, weights = routing(20, 8, 4, gen)
+    full = moe_reference(hidden, ids, weights, **packed)
+    halves = sum(moe_reference(hidden, ids, weights, **shard(packed, first, 4), first=first) for first in (0, 4))
+    torch.testing.assert_close(halves, full, rtol=1e-5, atol=1e-5)
+    # tokens whose experts all lie outside the shard
+    none = moe_reference(hidden, torch.full_like(ids, 7), weights, **shard(packed, 0, 4))
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+def test_random_packed_values_stay_order_one():
+    packed = random_packed_experts(2, 2880, 2880, generator=torch.Generator().manual_seed(0))
+    assert set(PACKED_NAMES) == set(packed)
+    exponents = packed["gate_up_scales"].int() - mxfp4.SCALE_BIAS
+    assert exponents.min() >= -8 and exponents.max() <= -6, (exponents.min(), exponents.max())
+    assert packed["gate_up_blocks"].float().std() > 50  # random codes, never all zero
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tests
+
+
+def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter: int = 256, top_k: int = 4,
+             first: int = 0, count: int | None = None, ids: torch.Tensor | None = None, tiles=None,
+             use_asm: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU."""
+    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+
+    gen = torch.Generator().manual_seed(seed)
+    count = num_experts - first if count is None else count
+    packed = shard(random_packed_experts(num_experts, hidden, inter, generator=gen), first, count, "cuda")
+    hidden_states = torch.randn(num_tokens, hidden, generator=gen).bfloat16().cuda()
+    route_ids, weights = routing(num_tokens, num_experts, top_k, gen)
+    ids = (route_ids if ids is None else ids).cuda()
+    weights = weights.cuda()
+    experts = Mxfp4Experts.from_packed(**packed, first=first)
+    workspace = experts.workspace(num_tokens, top_k)
+    workspace.act.fill_(float("nan"))
+    workspace.y.fill_(float("nan"))
+    workspace.sorted_pairs.fill_(-1)
+    workspace.expert_start.fill_(-1)
+    out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = experts(hidden_states, ids, weights, tiles=tiles, use_asm=use_asm, workspace=workspace, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.cuda.synchronize()
+    return got, moe_reference(hidden_states, ids, weights, **packed, first=first)
+
+
+def check(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).any(dim=1).sum().item()} rows unwritten or NaN"
+    error = relative_error(got, ref)
+    assert error < TOLERANCE, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 3, 17, 129, 1000])
+def test_kernel_matches_reference(num_tokens):
+    check(*run_case(num_tokens, seed=num_tokens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["decode", "decode_wide", "medium", "prefill"])
+@pytest.mark.parametrize("num_tokens", [3, 129])
+def test_every_tile_preset(preset, num_tokens):
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    check(*run_case(num_tokens, hidden=160, inter=352, tiles=PRESETS[preset], seed=num_tokens))  # 5, 11 blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 129])
+def test_plain_triton_decode_matches(num_tokens):
+    """The decode without inline PTX (the interpreter's path) computes the same function."""
+    check(*run_case(num_tokens, use_asm=False, seed=7))
+
+
+@pytest.mark.gpu
+def test_empty_experts():
+    gen = torch.Generator().manual_seed(3)
+    used = torch.tensor([1, 6, 7, 12, 13])  # 11 of 16 experts get nothing
+    ids = used[torch.rand(77, 5, generator=gen).topk(4, dim=-1).indices]
+    check(*run_case(77, ids=ids, seed=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("every_slot", [False, True])
+def test_all_tokens_on_one_expert(every_slot):
+    gen = torch.Generator().manual_seed(4)
+    if every_slot:  # 1,200 pairs on one expert: many row tiles of it
+        ids = torch.full((300, 4), 5)
+    else:  # expert 5 in slot 0 of every token, three other distinct experts after it
+        others = torch.tensor([e for e in range(16) if e != 5])
+        ids = torch.cat([torch.full((300, 1), 5), others[torch.rand(300, 15, generator=gen).topk(3).indices]], dim=1)
+    check(*run_case(300, ids=ids, seed=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [5, 200])
+def test_shard_drops_other_experts_and_shards_add_up(num_tokens):
+    """Experts [8, 16) of 16: ids below 8 contribute nothing here; the two halves sum to the whole layer."""
+    lower, _ = run_case(num_tokens, first=0, count=8, seed=5)
+    upper, ref_upper = run_case(num_tokens, first=8, count=8, seed=5)
+    check(upper, ref_upper)
+    whole, ref_whole = run_case(num_tokens, seed=5)
+    check(lower.float() + upper.float(), ref_whole)
+
+
+@pytest.mark.gpu
+def test_gpt_oss_20b_shape():
+    check(*run_case(64, num_experts=32, hidden=2880, inter=2880, seed=20))
+
+
+@pytest.mark.gpu
+def test_deterministic_and_graph_capturable():
+    """Bitwise the same twice, and inside a CUDA graph (no host sync) the same as eagerly."""
+    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+
+    gen = torch.Generator().manual_seed(6)
+    packed = shard(random_packed_experts(16, 256, 256, generator=gen), 0, 16, "cuda")
+    experts = Mxfp4Experts.from_packed(**packed)
+    hidden = torch.randn(33, 256, generator=gen).bfloat16().cuda()
+    ids, weights = (t.cuda() for t in routing(33, 16, 4, gen))
+    first, second = experts(hidden, ids, weights), experts(hidden, ids, weights)
+    assert torch.equal(first, second)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = experts(hidden, ids, weights)
+    ids.copy_(ids.flip(0))  # new routing through the same buffers
+    graph.replay()
+    torch.testing.assert_close(captured, experts(hidden, ids, weights), rtol=0, atol=0)
