@@ -38,6 +38,7 @@ class EngineCoreClient:
         self.stats: dict = {}
         self.error: str | None = None  # why the last core died (or could not start)
         self.restarts = 0
+        self.restarting = False  # a replacement core is being started
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple] = []  # commands of this event-loop turn
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
@@ -104,10 +105,13 @@ class EngineCoreClient:
             self.restarts += 1
         except EngineCoreError as e:
             self.error = str(e)
+        finally:
+            self.restarting = False
 
     def _on_death(self, message: str) -> None:
         """On the event loop: the core is gone; fail what it held and start another."""
         self.ready, self.error = False, message.splitlines()[0] if message else "the engine core died"
+        self.restarting = True
         for request_id in list(self.open):
             self._fail(request_id, f"the engine failed and is restarting ({self.error})", 503)
         self.open.clear()

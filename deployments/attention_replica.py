@@ -148,7 +148,8 @@ class AttentionReplica:
         return dict(self.stats)
 
     def check_health(self) -> None:
-        if not self.core.alive:
+        """Healthy while a replacement core starts (its requests get 503 meanwhile); not once that failed."""
+        if not self.core.alive and not self.core.restarting:
             raise RuntimeError(f"the engine core is down: {self.core.error}")
 
     # ---- inside -----------------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
         os.kill(client.process.pid, signal.SIGKILL)
         await seen.wait(["doomed"], timeout=30)
         assert seen.failed["doomed"][1] == 503
+        assert client.restarting  # the replica stays healthy meanwhile (a new core loads in seconds)
         while not client.alive:  # a new core is started in the background
             await asyncio.sleep(0.1)
         assert client.restarts == 1
