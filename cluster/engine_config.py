@@ -45,9 +45,9 @@ class EngineConfig(BaseModel):
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
-def describe_errors(error: ValidationError) -> str:
-    """`field: problem` for each error, `; `-separated."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
+def describe_errors(error: ValidationError, *, whole: str = "config") -> str:
+    """`field: problem` for each error, `; `-separated; `whole` names an error about no field in particular."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or whole}: {e['msg']}" for e in error.errors())
 
 
 def resolve_num_blocks(config: EngineConfig, model_config: GptOssConfig, *, dtype: torch.dtype,

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from gptoss_serve.cluster.engine_config import describe_errors
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.expert_pool import NO_MULTICAST, ExpertPool
@@ -45,8 +46,7 @@ def parse_args(raw: dict[str, Any] | AppArgs) -> AppArgs:
     try:
         return AppArgs.model_validate(nested)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"invalid gptoss-serve app args: {problems}") from None
+        raise ValueError(f"invalid gptoss-serve app args: {describe_errors(e, whole='args')}") from None
 
 
 def model_config(args: AppArgs) -> GptOssConfig:
