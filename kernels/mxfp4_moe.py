@@ -36,46 +36,23 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpret
 # bit 15. Those bits read as 2**-126 times the code's value (e = 0 lands on a subnormal: 0.5 -> 2**-127), so a
 # multiply by 2**126 restores it (mul.bf16x2 keeps subnormal inputs), then one by 2 ** (exponent - 127).
 # Per pair of values: 2 shifts, 2 ands and an or (ptxas merges these into LOP3s), 2 bf16x2 multiplies.
-_DECODE_ASM = tl.constexpr("""
-{
-.reg .b32 pt, pu, pbias, pscale;
-mov.b32 pbias, 0x7E807E80;
-shl.b32 pscale, $9, 7;
-prmt.b32 pscale, pscale, 0, 0x1010;
-shl.b32 pt, $8, 6;
-shl.b32 pu, $8, 12;
-and.b32 pt, pt, 0x01C001C0;
-and.b32 pu, pu, 0x80008000;
-or.b32 pt, pt, pu;
-mul.rn.bf16x2 pt, pt, pbias;
-mul.rn.bf16x2 pt, pt, pscale;
-mov.b32 {$0, $4}, pt;
-shl.b32 pt, $8, 2;
-shl.b32 pu, $8, 8;
-and.b32 pt, pt, 0x01C001C0;
-and.b32 pu, pu, 0x80008000;
-or.b32 pt, pt, pu;
-mul.rn.bf16x2 pt, pt, pbias;
-mul.rn.bf16x2 pt, pt, pscale;
-mov.b32 {$1, $5}, pt;
-shr.b32 pt, $8, 2;
-shl.b32 pu, $8, 4;
-and.b32 pt, pt, 0x01C001C0;
-and.b32 pu, pu, 0x80008000;
-or.b32 pt, pt, pu;
-mul.rn.bf16x2 pt, pt, pbias;
-mul.rn.bf16x2 pt, pt, pscale;
-mov.b32 {$2, $6}, pt;
-shr.b32 pt, $8, 6;
-mov.b32 pu, $8;
-and.b32 pt, pt, 0x01C001C0;
-and.b32 pu, pu, 0x80008000;
-or.b32 pt, pt, pu;
-mul.rn.bf16x2 pt, pt, pbias;
-mul.rn.bf16x2 pt, pt, pscale;
-mov.b32 {$3, $7}, pt;
-}
-""")
+
+def _decode_asm() -> str:
+    """That decode as PTX, built a pair of codes (q, q + 4) at a time: only the shifts differ between pairs."""
+    def pair(q: int) -> str:
+        lo, hi = 6 - 4 * q, 12 - 4 * q  # shifts that bring code q's e,m bits to bf16 bits 8..6, its sign to 15
+        return "\n".join([f"shl.b32 pt, $8, {lo};" if lo > 0 else f"shr.b32 pt, $8, {-lo};",
+                          f"shl.b32 pu, $8, {hi};" if hi else "mov.b32 pu, $8;",
+                          "and.b32 pt, pt, 0x01C001C0;", "and.b32 pu, pu, 0x80008000;", "or.b32 pt, pt, pu;",
+                          "mul.rn.bf16x2 pt, pt, pbias;", "mul.rn.bf16x2 pt, pt, pscale;",
+                          f"mov.b32 {{${q}, ${q + 4}}}, pt;"])
+
+    head = ["", "{", ".reg .b32 pt, pu, pbias, pscale;", "mov.b32 pbias, 0x7E807E80;", "shl.b32 pscale, $9, 7;",
+            "prmt.b32 pscale, pscale, 0, 0x1010;"]
+    return "\n".join(head + [pair(q) for q in range(4)]) + "\n}\n"
+
+
+_DECODE_ASM = tl.constexpr(_decode_asm())
 
 
 @dataclass(frozen=True)
