@@ -7,8 +7,7 @@ Measures the device's copy bandwidth first (a 1 GiB device-to-device copy, bytes
 count (uniform random top-4 routing over 32 experts, hidden = intermediate = 2880) the layer's time: the median of
 single CUDA-graph replays timed with events (the queue filled ahead by a sleep kernel, several input sets in
 rotation), and eagerly (back-to-back calls, launch costs included). The bf16 path is LocalExperts' grouped GEMM
-(torch._grouped_mm) on the same weights dequantized: eagerly as forward_grouped is, and in a graph through a copy
-with its host sync (CUDA bincount) replaced. Bytes moved count the packed weights of the experts a batch touches
+(torch._grouped_mm) on the same weights dequantized, forward_grouped, eagerly and in a graph. Bytes moved count the packed weights of the experts a batch touches
 (blocks + scales + bias) plus the activations in and out; for bf16, the same experts' bf16 weights. "diff" is
 ||mxfp4 - bf16|| / ||bf16|| of the two outputs. Each row also gives the per-kernel GPU time (torch.profiler).
 --sweep also times every tile preset, the plain-Triton decode and presets at the other load depth at --sweep-tokens,
@@ -18,6 +17,7 @@ to choose the defaults; --dump prints registers/spills of every compiled variant
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from collections.abc import Callable
@@ -26,7 +26,6 @@ import torch
 
 from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, random_packed_experts, relative_error
 from gptoss_serve.model import LocalExperts, mxfp4
-from gptoss_serve.model.experts import swiglu
 from gptoss_serve.model.synthetic import preset_config
 
 HIDDEN = INTER = 2880
@@ -94,22 +93,6 @@ def bf16_experts(packed: dict[str, torch.Tensor]) -> LocalExperts:
     return experts
 
 
-def grouped_bf16(experts: LocalExperts, hidden: torch.Tensor, expert_ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-    """LocalExperts.forward_grouped (all experts local) with its CUDA bincount, a host sync, replaced by a
-    searchsorted, so that it can be captured in a graph like the kernel: the same products, a fair GPU time."""
-    N, K = expert_ids.shape
-    flat = expert_ids.flatten()  # [N * K]
-    order = torch.argsort(flat, stable=True)
-    expert = flat[order]
-    ends = torch.searchsorted(expert, torch.arange(experts.count, device=flat.device), right=True).to(torch.int32)
-    gate_up = torch._grouped_mm(hidden[order // K], experts.gate_up_proj, offs=ends) + experts.gate_up_proj_bias[expert]
-    act = swiglu(gate_up, alpha=experts.alpha, limit=experts.limit)  # [N * K, I]
-    y = torch._grouped_mm(act, experts.down_proj, offs=ends) + experts.down_proj_bias[expert]
-    y = y * weights.flatten()[order, None].to(y.dtype)
-    return torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1).sum(dim=1)
-
-
 def inputs(num_tokens: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     sets = []
     for _ in range(INPUT_SETS):
@@ -136,11 +119,11 @@ def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator,
     row["mxfp4_s"] = events_median(list(replays), reps)
     row["mxfp4_eager_s"] = eager_mean([lambda s=s: experts(*s) for s in sets], reps)
     try:
-        dense_replays, dense_outs = zip(*(graphed(lambda s=s: grouped_bf16(dense, *s)) for s in sets))
+        dense_replays, dense_outs = zip(*(graphed(lambda s=s: dense.forward_grouped(*s)) for s in sets))
     except RuntimeError as e:  # not capturable after all: per-call events, eagerly
         print(f"bf16 graph capture failed ({str(e).splitlines()[0]}); timing it eagerly", flush=True)
         torch.cuda.synchronize()
-        dense_replays = [lambda s=s: grouped_bf16(dense, *s) for s in sets]
+        dense_replays = [lambda s=s: dense.forward_grouped(*s) for s in sets]
         dense_outs = [fn() for fn in dense_replays]
     row["bf16_s"] = events_median(list(dense_replays), reps)
     row["bf16_eager_s"] = eager_mean([lambda s=s: dense.forward_grouped(*s) for s in sets], reps)
@@ -221,12 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--dump", help="a folder for the compiled decode kernel's TTGIR and PTX")
     args = parser.parse_args(argv)
-    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe
 
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator().manual_seed(0)
     packed = {k: v.cuda() for k, v in random_packed_experts(EXPERTS, HIDDEN, INTER, generator=gen).items()}
-    experts = Mxfp4Experts.from_packed(**packed)
+    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=1.702, limit=7.0)
     dense = bf16_experts(packed)
     copy = copy_bandwidth()
     device = torch.cuda.get_device_name()

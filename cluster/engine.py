@@ -17,7 +17,7 @@ import torch
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
-from gptoss_serve.cluster.kv_cache import KVCache
+from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block
 from gptoss_serve.cluster.model_runner import ModelRunner
 from gptoss_serve.cluster.sampler import TokenLogprobs
 from gptoss_serve.cluster.sampling_params import SamplingParams
@@ -81,7 +81,11 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
                                                  block_size=config.block_size, dtype=model.dtype, device=model.device),
-                                  micro_batches=micro_batches)
+                                  micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens)
+        # what the model's tensors and the cache take on the device (start-up logs, the core's ready stats)
+        self.weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
+                                                                                        model.buffers()))
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block(model.config, config.block_size, model.dtype)
         self.requests: dict[str, _Request] = {}
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)

@@ -32,7 +32,8 @@ def engine_stats(engine: LLMEngine) -> dict:
     return {"running": engine.num_running, "waiting": engine.num_waiting, "free_blocks": engine.num_free_blocks,
             "num_blocks": engine.num_blocks, "kv_usage": engine.blocks.usage,
             "prefix_queries": engine.scheduler.prefix_queries, "prefix_hits": engine.scheduler.prefix_hits,
-            "max_model_len": engine.max_model_len, "time": time.time()}
+            "max_model_len": engine.max_model_len, "weights_bytes": engine.weights_bytes,
+            "kv_cache_bytes": engine.kv_cache_bytes, "block_size": engine.config.block_size, "time": time.time()}
 
 
 def run_engine_core(conn: Connection, build: Callable[[], Built]) -> None:

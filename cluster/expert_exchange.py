@@ -161,10 +161,11 @@ def serve_replica(group, experts: list, *, hidden_size: int, top_k: int, device:
                   staging: torch.device | None = None) -> None:
     """The worker's side, for one replica: answer layer after layer until the link stops or breaks.
 
-    experts[layer] computes (hidden [n, H], expert_ids [n, K], weights [n, K]) -> [n, H] for the local shard.
+    experts[layer] computes (hidden [n, H], expert_ids [n, K], weights [n, K]) -> [n, H] for the local shard, in
+    the shard's dtype (ExpertShard.dtype).
     """
     staging = staging or device
-    dtype = next(experts[0].parameters()).dtype
+    dtype = experts[0].dtype
     while True:
         header = torch.empty(HEADER_SIZE, dtype=torch.int64)
         group.recv([header], 0, HEADER).wait()

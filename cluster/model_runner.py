@@ -18,6 +18,7 @@ from gptoss_serve.cluster.sampler import Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
 from gptoss_serve.model.attention import Attention
+from gptoss_serve.model.experts import ExpertShard
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
@@ -60,13 +61,18 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1) -> None:
+    def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
+                 max_num_batched_tokens: int = 2048) -> None:
         """micro_batches > 1 splits a step into that many groups of sequences, run ping-pong (see
-        Decoder.forward_interleaved): worth it when experts are remote, so their exchange hides behind attention."""
+        Decoder.forward_interleaved): worth it when experts are remote, so their exchange hides behind attention.
+        max_num_batched_tokens: the most tokens a step holds (kernels are compiled up to it at start-up)."""
         self.model, self.cache = model, cache
         self.device = model.device
         self.micro_batches = micro_batches
         self.sampler = Sampler()
+        experts = model.model.layers[0].mlp.experts
+        if isinstance(experts, ExpertShard):  # every layer's experts run the same kernels: compile them once
+            experts.warm_up(max_num_batched_tokens, model.config.num_experts_per_tok)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:

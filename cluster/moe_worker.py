@@ -12,9 +12,9 @@ import threading
 import torch
 
 from gptoss_serve.cluster.expert_exchange import make_group, serve_replica
-from gptoss_serve.model.checkpoint import CheckpointReader
-from gptoss_serve.model.experts import LocalExperts
 from gptoss_serve.model.hub import resolve_checkpoint
+from gptoss_serve.model.loader import LoadFormat, open_checkpoint
+from gptoss_serve.model.packed_experts import expert_shard_class
 
 
 def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
@@ -25,14 +25,19 @@ def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
 
 class MoEWorker:
     def __init__(self, checkpoint: str, *, index: int, num_workers: int, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        """checkpoint: a directory or a hub id, resolved on this worker's own node."""
+                 dtype: torch.dtype = torch.float32, dequantize_experts: bool = False,
+                 load_format: LoadFormat = "auto", max_num_batched_tokens: int = 2048) -> None:
+        """checkpoint: a directory or a hub id, resolved on this worker's own node. MXFP4 experts stay packed
+        (the same kernels as colocated experts) unless dequantize_experts. max_num_batched_tokens: the most tokens
+        a replica's step sends (the kernels are compiled up to it before the worker says it is ready)."""
         self.index, self.device = index, torch.device(device)
-        with CheckpointReader(resolve_checkpoint(checkpoint), device=self.device) as reader:
+        with open_checkpoint(resolve_checkpoint(checkpoint), device=self.device, load_format=load_format) as reader:
             self.config = reader.config
             self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)
-            self.experts = [LocalExperts.from_checkpoint(reader, layer, first=self.first, count=self.count, dtype=dtype)
+            shard_class = expert_shard_class(self.config, dequantize=dequantize_experts)
+            self.experts = [shard_class.from_checkpoint(reader, layer, first=self.first, count=self.count, dtype=dtype)
                             for layer in range(self.config.num_hidden_layers)]
+        self.experts[0].warm_up(max_num_batched_tokens, self.config.num_experts_per_tok)
         self.links: dict[str, threading.Thread] = {}
 
     def shard(self) -> tuple[int, int]:

@@ -25,6 +25,10 @@ class AppArgs(BaseModel):
     served_model_name: str = Field("gpt-oss", min_length=1, description="the `model` clients ask for")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights of the checkpoint's "
+                                                                      "shapes (it needs only config.json)")
+    dequantize_experts: bool = Field(False, description="widen MXFP4 experts to dtype at load instead of keeping "
+                                                        "them packed (4x the memory)")
     num_attention_replicas: int = Field(1, ge=1, description="AttentionReplica deployments (one engine each)")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs (or a fraction) for each attention replica")
     num_cpus_per_replica: float = Field(1, ge=0)

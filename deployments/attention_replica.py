@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 STATS_PERIOD_S = 1.0
+logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
 
 
 def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
@@ -40,7 +42,8 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
         link = ExpertLink(expert_workers, backend=args.resolved_transport, device=torch.device(device),
                           timeout_s=args.expert_timeout_s)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
-    model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory)
+    model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory,
+                       dequantize_experts=args.dequantize_experts, load_format=args.load_format)
     # text and stop strings are decoded beside the core, by the replica (see AttentionReplica._on_step)
     engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches, detokenize=False)
     return engine, (link.drain_stats if link is not None else None)
@@ -102,6 +105,10 @@ class AttentionReplica:
             if args.num_moe_workers else None
         self.calls: dict[str, _Call] = {}  # request id -> the batch call it came in
         self.stats: dict = {**self.core.stats, "replica_id": self.replica_id}
+        logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
+                    args.resolved_device, self.stats["weights_bytes"] / 1e9, self.stats["kv_cache_bytes"] / 1e9,
+                    self.stats["num_blocks"], self.stats["num_blocks"] * self.stats["block_size"],
+                    self.stats["max_model_len"])
         self._prefix_seen = (self.stats["prefix_queries"], self.stats["prefix_hits"])
         self._last_step = time.time()
         self._next_stats = 0.0

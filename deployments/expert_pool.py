@@ -43,7 +43,9 @@ class ExpertPool:
                 num_cpus=bundle["CPU"], num_gpus=args.num_gpus_per_moe_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
                 runtime_env={"env_vars": NO_MULTICAST},
-            ).remote(checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype)
+            ).remote(checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype,
+                     dequantize_experts=args.dequantize_experts, load_format=args.load_format,
+                     max_num_batched_tokens=args.engine.max_num_batched_tokens)
             for i in range(n)]
         ray.get([w.ping.remote() for w in self.workers], timeout=600)
         self._health: asyncio.Task | None = None

@@ -362,10 +362,34 @@ class PackedExperts:
 
     gate_up_blocks: torch.Tensor  # int32 [E, 2I, H / 32, 4]: the uint8 [E, 2I, H / 32, 16] blocks, as words
     gate_up_scales: torch.Tensor  # uint8 [E, 2I, H / 32]
-    gate_up_bias: torch.Tensor  # float32 [E, 2I]
+    gate_up_bias: torch.Tensor  # float32 or bf16 [E, 2I]
     down_blocks: torch.Tensor  # int32 [E, H, I / 32, 4]
     down_scales: torch.Tensor  # uint8 [E, H, I / 32]
-    down_bias: torch.Tensor  # float32 [E, H]
+    down_bias: torch.Tensor  # float32 or bf16 [E, H]
+
+    @classmethod
+    def of(cls, gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
+           down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor) -> PackedExperts:
+        """A view of a shard's checkpoint tensors (shapes in moe_reference.py): nothing copied when they are
+        contiguous; the uint8 blocks are read as 32-bit words."""
+        E, two_i, h_groups, _ = gate_up_blocks.shape
+        _, hidden, i_groups, _ = down_blocks.shape
+        inter = two_i // 2
+        expect = {
+            "gate_up_scales": (gate_up_scales, (E, two_i, h_groups)), "gate_up_bias": (gate_up_bias, (E, two_i)),
+            "down_blocks": (down_blocks, (E, hidden, inter // GROUP, 16)),
+            "down_scales": (down_scales, (E, hidden, i_groups)), "down_bias": (down_bias, (E, hidden)),
+        }
+        for name, (tensor, shape) in expect.items():
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if hidden != h_groups * GROUP or inter != i_groups * GROUP or gate_up_blocks.dtype != torch.uint8:
+            raise ValueError(f"gate_up_blocks {tuple(gate_up_blocks.shape)} do not match down_blocks "
+                             f"{tuple(down_blocks.shape)} as uint8 [E, 2I, H / 32, 16] and [E, H, I / 32, 16]")
+        return cls(gate_up_blocks=gate_up_blocks.contiguous().view(torch.int32),
+                   gate_up_scales=gate_up_scales.contiguous(), gate_up_bias=gate_up_bias.contiguous(),
+                   down_blocks=down_blocks.contiguous().view(torch.int32), down_scales=down_scales.contiguous(),
+                   down_bias=down_bias.contiguous())
 
     @property
     def count(self) -> int:
@@ -424,59 +448,3 @@ def new_workspace(num_tokens: int, top_k: int, experts: PackedExperts, *, device
         act=torch.empty(P, experts.inter, dtype=torch.bfloat16, device=device),
         y=torch.empty(P, experts.hidden, dtype=torch.bfloat16, device=device),
     )
-
-
-class Mxfp4Experts:
-    """Experts [first, first + count) of one layer with MXFP4 weights kept packed on the GPU (the Experts protocol).
-
-    Tokens routed to ids outside the range contribute nothing, as with LocalExperts, so shards add up.
-    """
-
-    def __init__(self, packed: PackedExperts, *, first: int = 0, alpha: float = 1.702, limit: float = 7.0) -> None:
-        self.packed, self.first, self.alpha, self.limit = packed, first, alpha, limit
-        self.count = packed.count
-
-    @classmethod
-    def from_packed(cls, gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
-                    down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor, *,
-                    first: int = 0, alpha: float = 1.702, limit: float = 7.0) -> Mxfp4Experts:
-        """From a shard's checkpoint tensors (shapes in moe_reference.py), on their device: blocks and scales kept
-        as they are (blocks viewed as 32-bit words, no copy when contiguous); biases widened to float32 (tiny)."""
-        E, two_i, h_groups, _ = gate_up_blocks.shape
-        _, hidden, i_groups, _ = down_blocks.shape
-        inter = two_i // 2
-        expect = {
-            "gate_up_scales": (gate_up_scales, (E, two_i, h_groups)), "gate_up_bias": (gate_up_bias, (E, two_i)),
-            "down_blocks": (down_blocks, (E, hidden, inter // 32, 16)),
-            "down_scales": (down_scales, (E, hidden, i_groups)), "down_bias": (down_bias, (E, hidden)),
-        }
-        for name, (tensor, shape) in expect.items():
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
-        if hidden != h_groups * GROUP or inter != i_groups * GROUP or gate_up_blocks.dtype != torch.uint8:
-            raise ValueError(f"gate_up_blocks {tuple(gate_up_blocks.shape)} do not match down_blocks "
-                             f"{tuple(down_blocks.shape)} as uint8 [E, 2I, H / 32, 16] and [E, H, I / 32, 16]")
-        packed = PackedExperts(
-            gate_up_blocks=gate_up_blocks.contiguous().view(torch.int32), gate_up_scales=gate_up_scales.contiguous(),
-            gate_up_bias=gate_up_bias.float().contiguous(),
-            down_blocks=down_blocks.contiguous().view(torch.int32), down_scales=down_scales.contiguous(),
-            down_bias=down_bias.float().contiguous(),
-        )
-        return cls(packed, first=first, alpha=alpha, limit=limit)
-
-    def workspace(self, num_tokens: int, top_k: int, *, device: torch.device | str = "cuda") -> Workspace:
-        return new_workspace(num_tokens, top_k, self.packed, device=torch.device(device))
-
-    def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
-                 tiles: Tiles | None = None, use_asm: bool = True, workspace: Workspace | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> sum_k weights * expert_k(hidden), [N, H]."""
-        with torch.profiler.record_function("mxfp4_moe"):
-            return mxfp4_moe(hidden, expert_ids, weights, self.packed, first=self.first, alpha=self.alpha,
-                             limit=self.limit, tiles=tiles, use_asm=use_asm, workspace=workspace, out=out)
-
-    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self(hidden, expert_ids, weights)  # local: nothing to overlap
-
-    def combine(self, pending: torch.Tensor) -> torch.Tensor:
-        return pending

@@ -4,7 +4,8 @@ from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.experts import Experts, ExpertsFactory, LocalExperts
 from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.packed_experts import Mxfp4Experts
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 __all__ = ["CheckpointError", "Experts", "ExpertsFactory", "GptOssConfig", "GptOssForCausalLM", "LocalExperts",
-           "load_model"]
+           "Mxfp4Experts", "load_model"]

@@ -126,21 +126,35 @@ class CheckpointReader:
                                     dtype=dtype or getattr(torch, self.config.dtype))
         return self._read_stored(name, rows=rows, expect=expect, dtype=dtype)
 
+    def read_packed(self, name: str, *, rows: slice = slice(None),
+                    expect: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MXFP4 weight (rows of it) as the file stores it, (blocks, scales) on the reader's device; `expect` is
+        its dense shape in transformers' layout. See model/mxfp4.py for the layout."""
+        if not is_mxfp4(self.config, name):
+            raise CheckpointError(f"{self.directory}: {name!r} is not stored as MXFP4 in this checkpoint")
+        return mxfp4.read_packed(functools.partial(self._read_stored, rows=rows), name, tuple(expect))
+
     def _read_stored(self, name: str, *, rows: slice, expect: tuple[int, ...] | None = None,
                      expect_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor as the file holds it (rows of it), checked against the expected shape and dtype."""
-        view = self._slice(name)
-        shape = list(view.get_shape())
+        shape = list(self._stored_shape(name))
         if rows != slice(None):
             shape[0] = len(range(*rows.indices(shape[0])))
         if expect is not None and tuple(shape) != tuple(expect):
             raise CheckpointError(f"{self.where(name)}: tensor {name!r} has shape {tuple(shape)}, "
                                   f"expected {tuple(expect)}")
-        try:
-            tensor = view[rows] if rows != slice(None) else view[:]
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.where(name)}: tensor {name!r}: {e}") from None
+        tensor = self._stored_tensor(name, rows)
         if expect_dtype is not None and tensor.dtype != expect_dtype:
             raise CheckpointError(f"{self.where(name)}: tensor {name!r} has dtype {tensor.dtype}, "
                                   f"expected {expect_dtype}")
         return tensor.to(device=self.device, dtype=dtype or tensor.dtype)
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def _stored_tensor(self, name: str, rows: slice) -> torch.Tensor:
+        view = self._slice(name)
+        try:
+            return view[rows] if rows != slice(None) else view[:]
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.where(name)}: tensor {name!r}: {e}") from None

@@ -1,8 +1,9 @@
 """The experts of one MoE layer, and the narrow interface through which the model reaches them.
 
 The model never holds expert weights itself: each MoE layer is handed an object that takes routed tokens and
-returns their weighted expert outputs. `LocalExperts` computes them in this process (colocated mode, and the
-shard an expert-parallel worker holds); another implementation may send the tokens to other processes.
+returns their weighted expert outputs. An `ExpertShard` computes them in this process (colocated mode, and the
+shard an expert-parallel worker holds): `LocalExperts` from dense weights, `Mxfp4Experts` (packed_experts.py) from
+MXFP4 weights kept packed. Another implementation may send the tokens to other processes.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ def swiglu(gate_up: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor
     return (up + 1) * (gate * torch.sigmoid(alpha * gate))
 
 
-class LocalExperts(nn.Module):
-    """Experts [first, first + count) of one layer, weights in this process, in transformers' layout.
+class ExpertShard(nn.Module):
+    """Experts [first, first + count) of one layer with their weights in this process: what colocated mode and an
+    expert-parallel worker hold. Subclasses keep the weights dense (`LocalExperts`) or packed as the checkpoint
+    stores them (`Mxfp4Experts`, model/packed_experts.py); both read only their shard's rows of the checkpoint.
 
     Tokens routed to experts outside the range contribute nothing here: summing the outputs of disjoint shards
     gives the full layer, which is what expert parallelism relies on.
     """
 
-    # its parameters, named as in transformers' checkpoints under model.layers.{i}.mlp.experts.
+    # the layer's weights, named as in transformers' checkpoints under model.layers.{i}.mlp.experts.
     WEIGHTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
     def __init__(self, config: GptOssConfig, *, first: int = 0, count: int | None = None) -> None:
@@ -65,18 +68,14 @@ class LocalExperts(nn.Module):
         self.count = config.num_local_experts - first if count is None else count
         if not (0 <= first and first + self.count <= config.num_local_experts and self.count > 0):
             raise ValueError(f"expert range [{first}, {first + self.count}) is outside 0..{config.num_local_experts}")
-        hidden, inter = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.count, hidden, 2 * inter))
-        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.count, 2 * inter))
-        self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
-        self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
     @classmethod
     def from_checkpoint(cls, reader: CheckpointReader, layer: int, *, first: int = 0, count: int | None = None,
-                        dtype: torch.dtype, device: torch.device | str | None = None) -> LocalExperts:
+                        dtype: torch.dtype, device: torch.device | str | None = None) -> ExpertShard:
         """Experts [first, first + count) of one layer, allocated once on `device` (the reader's by default) and
-        filled from the checkpoint; only those experts' rows are read."""
+        filled from the checkpoint; only those experts' rows are read. dtype: of the dense tensors (packed blocks
+        and scales stay uint8)."""
         with torch.device("meta"):
             experts = cls(reader.config, first=first, count=count)
         experts = experts.to(dtype).to_empty(device=device or reader.device)
@@ -86,7 +85,36 @@ class LocalExperts(nn.Module):
     @staticmethod
     def checkpoint_names(reader: CheckpointReader, layer: int) -> list[str]:
         """The tensors one layer's experts occupy in the checkpoint (all of them, whichever process holds them)."""
-        return [n for w in LocalExperts.WEIGHTS for n in stored_names(reader.config, expert_prefix(layer) + w)]
+        return [n for w in ExpertShard.WEIGHTS for n in stored_names(reader.config, expert_prefix(layer) + w)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the activations it takes and returns: its floating-point tensors' (packed ones are uint8)."""
+        return next(t.dtype for t in self.state_dict().values() if t.is_floating_point())
+
+    def load_weights(self, reader: CheckpointReader, layer: int) -> None:
+        raise NotImplementedError
+
+    def warm_up(self, max_tokens: int, top_k: int) -> None:
+        """Compiles what the first steps would otherwise wait for (GPU kernels); nothing to do by default."""
+
+    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once
+
+    def combine(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending
+
+
+class LocalExperts(ExpertShard):
+    """An expert shard with dense weights in transformers' layout (MXFP4 checkpoints are decoded at load)."""
+
+    def __init__(self, config: GptOssConfig, *, first: int = 0, count: int | None = None) -> None:
+        super().__init__(config, first=first, count=count)
+        hidden, inter = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.count, hidden, 2 * inter))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(self.count, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
+        self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
 
     def load_weights(self, reader: CheckpointReader, layer: int) -> None:
         """Copies this shard's rows of the layer's expert weights in, dense (MXFP4 is decoded by the reader)."""
@@ -94,12 +122,6 @@ class LocalExperts(nn.Module):
         with torch.no_grad():
             for name, param in self.named_parameters():
                 param.copy_(reader.read(prefix + name, dtype=param.dtype, rows=rows, expect=tuple(param.shape)))
-
-    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once
-
-    def combine(self, pending: torch.Tensor) -> torch.Tensor:
-        return pending
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if _grouped_mm_supported(hidden):
@@ -113,8 +135,11 @@ class LocalExperts(nn.Module):
         valid = (local >= 0) & (local < self.count)
         bucket = torch.where(valid, local, self.count)  # pairs outside the shard sort last and are dropped
         order = torch.argsort(bucket, stable=True)  # [N * K]
-        ends = torch.bincount(bucket, minlength=self.count + 1)[: self.count].cumsum(0).to(torch.int32)  # [E]
-        expert = bucket[order].clamp(max=self.count - 1)  # [N * K] expert of each sorted row
+        sorted_bucket = bucket[order]
+        # where each expert's rows end: a search of the sorted buckets, not bincount (which syncs with the host on CUDA)
+        experts = torch.arange(self.count, device=bucket.device, dtype=bucket.dtype)
+        ends = torch.searchsorted(sorted_bucket, experts, right=True).to(torch.int32)  # [E]
+        expert = sorted_bucket.clamp(max=self.count - 1)  # [N * K] expert of each sorted row
         x = hidden[order // K]  # [N * K, H]
         gate_up = torch._grouped_mm(x, self.gate_up_proj, offs=ends) + self.gate_up_proj_bias[expert]
         act = swiglu(gate_up, alpha=self.alpha, limit=self.limit)  # [N * K, I]

@@ -7,7 +7,7 @@ and value = FP4_VALUES[nibble] * 2 ** (scale - 127).
 
 In a checkpoint, a weight `name` of transformers' dense shape [..., in, out] is stored transposed, [..., out, in]
 (blocks run along the input dimension, the one a matrix product sums over), as `name_blocks` and `name_scales`.
-`stored_layout`, `read_dense` and `random_part` are how the checkpoint reader and writer handle it.
+`stored_layout`, `read_dense`, `read_packed` and `random_part` are how the checkpoint reader and writer handle it.
 """
 
 from __future__ import annotations
@@ -56,10 +56,16 @@ def read_dense(read: ReadStored, name: str, shape: tuple[int, ...], *,
 
     `read` checks each stored tensor's shape and dtype, so its errors can name the file the tensor is in.
     """
-    (blocks_name, blocks_spec), (scales_name, scales_spec) = stored_layout(name, shape).items()
-    blocks = read(blocks_name, expect=blocks_spec[0], expect_dtype=blocks_spec[1])  # [..., out, in / 32, 16]
-    scales = read(scales_name, expect=scales_spec[0], expect_dtype=scales_spec[1])  # [..., out, in / 32]
+    blocks, scales = read_packed(read, name, shape)
     return dequantize(blocks, scales, dtype=dtype).transpose(-1, -2).contiguous()  # [..., in, out]
+
+
+def read_packed(read: ReadStored, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight `name` of transformers' dense shape [..., in, out] as stored: (blocks uint8 [..., out, in / 32,
+    16], scales uint8 [..., out, in / 32]), each checked by `read` against its expected shape and dtype."""
+    (blocks_name, blocks_spec), (scales_name, scales_spec) = stored_layout(name, shape).items()
+    return (read(blocks_name, expect=blocks_spec[0], expect_dtype=blocks_spec[1]),
+            read(scales_name, expect=scales_spec[0], expect_dtype=scales_spec[1]))
 
 
 def random_part(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -69,12 +75,13 @@ def random_part(name: str, shape: tuple[int, ...], generator: torch.Generator) -
     the random dense matrices beside them.
     """
     if name.endswith(BLOCKS):
-        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+        return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8, device=generator.device)
     if not name.endswith(SCALES):
         raise ValueError(f"{name!r} is neither MXFP4 blocks nor scales")
     fan_in = shape[-1] * BLOCK_SIZE  # scales are [..., out, in / 32]
     exponent = round(math.log2(fan_in**-0.5 / FP4_RMS))
-    jitter = torch.randint(-1, 2, shape, generator=generator)  # exponents vary by one either way, as trained ones do
+    # exponents vary by one either way, as trained ones do
+    jitter = torch.randint(-1, 2, shape, generator=generator, device=generator.device)
     return (SCALE_BIAS + exponent + jitter).to(torch.uint8)
 
 

@@ -5,6 +5,8 @@ GPU tests import the Triton module inside the test, so the CPU suite never impor
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from gptoss_serve.model import LocalExperts, mxfp4
 from gptoss_serve.model.synthetic import preset_config
 
 TOLERANCE = 1e-2  # bf16 operands and a bf16 activation in between; float32 accumulation
+ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's SwiGLU
 
 
 def routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +88,7 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
              first: int = 0, count: int | None = None, ids: torch.Tensor | None = None, tiles=None,
              use_asm: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU."""
-    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe, new_workspace
 
     gen = torch.Generator().manual_seed(seed)
     count = num_experts - first if count is None else count
@@ -94,14 +97,15 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     route_ids, weights = routing(num_tokens, num_experts, top_k, gen)
     ids = (route_ids if ids is None else ids).cuda()
     weights = weights.cuda()
-    experts = Mxfp4Experts.from_packed(**packed, first=first)
-    workspace = experts.workspace(num_tokens, top_k)
+    view = PackedExperts.of(**packed)
+    workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"))
     workspace.act.fill_(float("nan"))
     workspace.y.fill_(float("nan"))
     workspace.sorted_pairs.fill_(-1)
     workspace.expert_start.fill_(-1)
     out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
-    got = experts(hidden_states, ids, weights, tiles=tiles, use_asm=use_asm, workspace=workspace, out=out)
+    got = mxfp4_moe(hidden_states, ids, weights, view, first=first, alpha=ALPHA, limit=LIMIT, tiles=tiles,
+                    use_asm=use_asm, workspace=workspace, out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     return got, moe_reference(hidden_states, ids, weights, **packed, first=first)
@@ -174,11 +178,11 @@ def test_gpt_oss_20b_shape():
 @pytest.mark.gpu
 def test_deterministic_and_graph_capturable():
     """Bitwise the same twice, and inside a CUDA graph (no host sync) the same as eagerly."""
-    from gptoss_serve.kernels.mxfp4_moe import Mxfp4Experts
+    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe
 
     gen = torch.Generator().manual_seed(6)
     packed = shard(random_packed_experts(16, 256, 256, generator=gen), 0, 16, "cuda")
-    experts = Mxfp4Experts.from_packed(**packed)
+    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=ALPHA, limit=LIMIT)
     hidden = torch.randn(33, 256, generator=gen).bfloat16().cuda()
     ids, weights = (t.cuda() for t in routing(33, 16, 4, gen))
     first, second = experts(hidden, ids, weights), experts(hidden, ids, weights)
