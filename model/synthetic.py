@@ -1,10 +1,14 @@
 """Random gpt-oss checkpoints in the exact layout of openai/gpt-oss-*, for tests and benchmarks.
 
     python -m gptoss_serve.model.synthetic --preset {tiny,20b,120b} --out DIR [--mxfp4] [--seed N] [--single-file]
+        [--config-only]
 
 `tiny` keeps the real 201,088-token vocabulary (the real tokenizer works with it) and is small enough for CPU
 tests; `20b` and `120b` have the real shapes. Each tensor's values depend only on (seed, tensor name), so the
 bf16 and MXFP4 checkpoints of one seed share every non-expert tensor, and sharding never changes a value.
+
+`RandomCheckpoint` reads such weights without writing them (vLLM's `load_format="dummy"`): a directory needs only
+config.json (`--config-only`), so gpt-oss-120b's shapes load on a machine without room for its 65 GB of files.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from gptoss_serve.model import mxfp4
-from gptoss_serve.model.checkpoint import INDEX_FILE, SINGLE_FILE, stored_layout
+from gptoss_serve.model.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader, stored_layout
 from gptoss_serve.model.config import FULL, SLIDING, GptOssConfig
+from gptoss_serve.model.errors import CheckpointError
 
 _REAL = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
              num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128)
@@ -67,23 +72,61 @@ def dense_layout(config: GptOssConfig) -> dict[str, tuple[tuple[int, ...], torch
     return out
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: GptOssConfig, seed: int) -> torch.Tensor:
-    """Values scaled so activations stay near unit size through the layers, like a trained model's."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: GptOssConfig, seed: int, *,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Values scaled so activations stay near unit size through the layers, like a trained model's. Made on
+    `device` by its own generator: the same values for one (seed, name) on the CPU, other ones on a GPU."""
+    gen = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     if mxfp4.is_part(name):
         return mxfp4.random_part(name, shape, gen)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=gen.device).mul_(scale)
+
     if name.endswith("norm.weight"):
-        values = 1 + 0.1 * torch.randn(shape, generator=gen)
+        values = randn(0.1).add_(1)
     elif name.endswith("sinks"):
-        values = 0.5 * torch.randn(shape, generator=gen)
+        values = randn(0.5)
     elif name.endswith("bias"):
-        values = 0.02 * torch.randn(shape, generator=gen)
+        values = randn(0.02)
     elif name == "model.embed_tokens.weight":
-        values = torch.randn(shape, generator=gen)
+        values = randn()
     else:  # a matrix: dense experts are [E, in, out], everything else [out, in]
         fan_in = shape[-2] if name.endswith(("gate_up_proj", "down_proj")) else shape[-1]
-        values = torch.randn(shape, generator=gen) * fan_in**-0.5
+        values = randn(fan_in**-0.5)
     return values.to(dtype)
+
+
+class RandomCheckpoint(CheckpointReader):
+    """A checkpoint reader whose tensors are made when read, by `random_tensor` on the reader's device, from a
+    directory that holds only config.json. On the CPU it reads exactly what `write_checkpoint` writes for the seed."""
+
+    def __init__(self, directory: str | Path, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint directory not found")
+        self.config = GptOssConfig.from_file(self.directory / "config.json")
+        self.device, self.seed = torch.device(device), seed
+        self.layout = tensor_layout(self.config)
+
+    def close(self) -> None:
+        pass  # no files are opened
+
+    def names(self) -> set[str]:
+        return set(self.layout)
+
+    def where(self, name: str) -> Path:
+        return self.directory / "config.json"  # every random tensor's shape comes from there
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.layout:
+            raise CheckpointError(f"{self.directory}: missing tensor {name!r}")
+        return self.layout[name][0]
+
+    def _stored_tensor(self, name: str, rows: slice) -> torch.Tensor:
+        # the whole tensor, then the rows: any shard of it holds the same values
+        whole = random_tensor(name, *self.layout[name], self.config, self.seed, device=self.device)
+        return whole if rows == slice(None) else whole[rows].clone()
 
 
 def write_checkpoint(out: str | Path, config: GptOssConfig, *, seed: int = 0,
@@ -114,6 +157,13 @@ def write_checkpoint(out: str | Path, config: GptOssConfig, *, seed: int = 0,
     if not single_file:
         (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
+    return write_config(out, config)
+
+
+def write_config(out: str | Path, config: GptOssConfig) -> Path:
+    """config.json and generation_config.json, as the openai repos hold them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}, indent=2))
@@ -135,11 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-mb", type=int, default=None, help="largest shard size in MiB")
     parser.add_argument("--single-file", action="store_true", help="one model.safetensors, no index")
+    parser.add_argument("--config-only", action="store_true",
+                        help="write config.json alone, to load with random weights (load_format dummy)")
     args = parser.parse_args(argv)
+    config = preset_config(args.preset, mxfp4_experts=args.mxfp4)
+    if args.config_only:
+        path = write_config(args.out, config)
+        print(f"wrote the config of a {args.preset} gpt-oss model to {path} (load it with load_format dummy)")
+        return
     shard = args.max_shard_mb << 20 if args.max_shard_mb else None
     path = write_preset(args.out, args.preset, mxfp4_experts=args.mxfp4, seed=args.seed, max_shard_bytes=shard,
                         single_file=args.single_file)
-    config = preset_config(args.preset, mxfp4_experts=args.mxfp4)
     print(f"wrote a random {args.preset} gpt-oss checkpoint ({'MXFP4' if args.mxfp4 else 'bf16'} experts, "
           f"{config.num_hidden_layers} layers, {config.num_local_experts} experts) to {path}")
 
