@@ -2,9 +2,12 @@
 
     python -m gptoss_serve.bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-len 128] [--output-len 128]
     python -m gptoss_serve.bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
+    python -m gptoss_serve.bench.engine_throughput --model DIR --load-format dummy --experts both   # before / after
 
 Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens generated after every
 request of the batch has its first token; prefill tokens/s is prompt tokens over the time to those first tokens.
+--experts both runs the engine twice in one process, MXFP4 experts widened to bf16 at load and then kept packed,
+and prints the GPU memory the weights take after each load (torch.cuda.memory_allocated).
 """
 
 from __future__ import annotations
@@ -94,6 +97,33 @@ def load_hf(path: Path, device: torch.device):
     return model.to(device).eval()
 
 
+def run_engine_variant(path: Path, device: torch.device, args: argparse.Namespace, experts: str) -> list[dict]:
+    """Loads the model with its experts packed or dequantized, runs every batch size, frees the model."""
+    t = time.perf_counter()
+    model = load_model(path, device=device, load_format=args.load_format, dequantize_experts=experts == "dequantized")
+    weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    print(f"[{experts} experts] loaded in {time.perf_counter() - t:.1f} s on {device}; weights on the GPU: "
+          f"{weights_gb:.2f} GB (torch.cuda.memory_allocated)", flush=True)
+    config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.output_len + 16,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
+    engine = LLMEngine(model, load_tokenizer(), config)
+    free = torch.cuda.mem_get_info(device)[0] / 1e9 if device.type == "cuda" else float("nan")
+    print(f"KV cache: {engine.kv_cache_bytes / 1e9:.2f} GB, {engine.num_blocks} blocks of {engine.config.block_size} "
+          f"tokens; {free:.2f} GB of the device still free", flush=True)
+    run_engine(engine, 2, 16, 4)  # warm-up
+    rows = []
+    for batch in args.batches:
+        r = run_engine(engine, batch, args.prompt_len, args.output_len) | {
+            "experts": experts, "weights_gb": weights_gb, "kv_cache_gb": engine.kv_cache_bytes / 1e9}
+        rows.append(r)
+        print(f"engine [{experts}] batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
+              f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)", flush=True)
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory or hub id")
@@ -101,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mxfp4", action="store_true", help="with --preset: MXFP4 experts")
     parser.add_argument("--write-to", default="/tmp/gptoss-bench", help="with --preset: where to write it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: random weights made on the device (the directory needs only config.json)")
+    parser.add_argument("--experts", choices=["packed", "dequantized", "both"], default="packed",
+                        help="MXFP4 experts kept packed, widened to bf16 at load, or both in turn")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -119,23 +154,11 @@ def main(argv: list[str] | None = None) -> None:
             write_preset(path, args.preset, mxfp4_experts=args.mxfp4)
             print(f"wrote random {args.preset} checkpoint in {time.perf_counter() - t:.0f} s")
     device = torch.device(args.device)
-    t = time.perf_counter()
-    model = load_model(path, device=device)
-    print(f"loaded in {time.perf_counter() - t:.1f} s on {device}")
-    engine = LLMEngine(model, load_tokenizer(), EngineConfig(max_num_seqs=max(args.batches),
-                                                             max_model_len=args.prompt_len + args.output_len + 16))
-    print(f"KV cache: {engine.num_blocks} blocks of {engine.config.block_size} tokens")
-    run_engine(engine, 2, 16, 4)  # warm-up
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "checkpoint": str(path), "engine": [], "hf": []}
-    for batch in args.batches:
-        r = run_engine(engine, batch, args.prompt_len, args.output_len)
-        results["engine"].append(r)
-        print(f"engine  batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
-              f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)")
+               "checkpoint": str(path), "load_format": args.load_format, "engine": [], "hf": []}
+    for experts in (["dequantized", "packed"] if args.experts == "both" else [args.experts]):
+        results["engine"] += run_engine_variant(path, device, args, experts)
     if args.hf:
-        del engine, model
-        torch.cuda.empty_cache() if device.type == "cuda" else None
         hf_model = load_hf(path, device)
         for batch in args.hf_batches:
             r = run_hf(path, device, batch, args.prompt_len, args.output_len, hf_model)
