@@ -142,16 +142,24 @@ def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator,
 
 
 def sweep_variants() -> dict:
-    """name -> (tiles, use_asm): every preset, the plain-Triton decode, and presets with the other load depth."""
+    """name -> (tiles, use_asm): every preset, the plain-Triton decode, presets with the other load depth, and
+    split-K variants (decode without it, decode_wide with it)."""
     from dataclasses import replace
 
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
 
     variants = {name: (tiles, True) for name, tiles in PRESETS.items()}
     variants["decode-plain"] = (PRESETS["decode"], False)
-    for name in ("decode", "decode_wide", "medium"):
+    variants["decode-d3"] = (replace(PRESETS["decode"], depth=3), True)
+    for name in ("decode_wide", "medium"):
         variants[f"{name}-d1"] = (replace(PRESETS[name], depth=1), True)
     variants["prefill-d3"] = (replace(PRESETS["prefill"], depth=3), True)
+    variants["decode-split1"] = (replace(PRESETS["decode"], split_k=1), True)
+    variants["decode-split3"] = (replace(PRESETS["decode"], split_k=3), True)
+    variants["decode-split4"] = (replace(PRESETS["decode"], split_k=4), True)
+    variants["decode-n32-split4"] = (replace(PRESETS["decode"], gate_up_n=32, down_n=32, split_k=4), True)
+    variants["decode-n128-split4"] = (replace(PRESETS["decode"], gate_up_n=128, down_n=128, split_k=4), True)
+    variants["decode_wide-split2"] = (replace(PRESETS["decode_wide"], split_k=2, depth=1), True)
     return variants
 
 

@@ -3,11 +3,14 @@
 Hopper has no FP4 matrix units; the gain is bytes. Each kernel streams FP4 codes (half a byte a value) and E8M0
 scales, decodes them to bf16 in registers and multiplies with tl.dot in bf16 with float32 accumulation.
 
-One call is four launches, none waiting on the host (so it can be captured in a CUDA graph):
+One call is four launches (five with split-K), none waiting on the host (so it can be captured in a CUDA graph):
   _route     one program: counting sort of the (token, slot) pairs by local expert, stable, on the device
   _gate_up   per (expert row tile, column tile): x @ gate_up + bias, clamped SwiGLU -> act [pairs, I], sorted order
   _down      per (expert row tile, column tile): act @ down + bias, times the routing weight -> y [pairs, H]
   _combine   per token: the sum of its K rows of y, in slot order (deterministic; no atomics)
+With a handful of tokens (decode) there are too few tiles to fill the GPU, so the "decode" tiles split each
+reduction over 2 programs (a third grid axis): _gate_up then stores float32 partial sums that _swiglu_splits adds
+up (in split order) before the SwiGLU, and _down's partials are added by _combine.
 The matrix products are computed transposed (weights x tokens^T): the weights' output rows fill the matrix unit's
 M side, so a handful of tokens (decode) needs only the smallest token tile (16).
 
@@ -59,7 +62,9 @@ _DECODE_ASM = tl.constexpr(_decode_asm())
 class Tiles:
     """Block sizes of one call. block_m: sorted (token, expert) rows a program takes; *_n: output columns a program
     computes (gate_up reads twice as many weight rows: gate and up); *_groups: 32-value blocks per reduction step;
-    depth: reduction steps loaded ahead of the one being multiplied (1 or 3): the bytes a program keeps in flight."""
+    depth: reduction steps loaded ahead of the one being multiplied (1 or 3): the bytes a program keeps in flight;
+    split_k: programs sharing one tile's reduction (more programs when few tokens leave too few tiles to fill the
+    GPU), their float32 partial sums added by the next kernel in a fixed order."""
 
     block_m: int
     gate_up_n: int
@@ -68,6 +73,7 @@ class Tiles:
     down_groups: int
     num_warps: int
     depth: int = 3
+    split_k: int = 1
 
 
 # by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
@@ -75,7 +81,8 @@ class Tiles:
 # serves more tokens). Loading three steps ahead measured no faster than one (kernels/NOTES-mxfp4-moe.md), and
 # costs registers where the accumulators are large.
 PRESETS = {
-    "decode": Tiles(block_m=16, gate_up_n=32, gate_up_groups=2, down_n=32, down_groups=4, num_warps=4),
+    "decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4, depth=1,
+                    split_k=2),
     "decode_wide": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4),
     "medium": Tiles(block_m=64, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=2, num_warps=4, depth=1),
     "prefill": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1),
@@ -102,7 +109,12 @@ class Workspace:
     sorted_pairs: torch.Tensor  # int32 [N * K]: pair index (token * K + slot), grouped by local expert
     expert_start: torch.Tensor  # int32 [count + 1]: where each expert's pairs start in sorted_pairs
     act: torch.Tensor  # bf16 [N * K, I], rows in sorted order
-    y: torch.Tensor  # bf16 [N * K, H], rows by pair index
+    y: torch.Tensor  # [split_k, N * K, H], rows by pair index: bf16, or float32 partial sums when split_k > 1
+    gate_up_partials: torch.Tensor | None = None  # float32 [split_k, N * K, 2I] when split_k > 1
+
+    @property
+    def split_k(self) -> int:
+        return self.y.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels
@@ -220,12 +232,15 @@ def _gate_up_step(acc_g, acc_u, wg, sg, wu, su, x, USE_ASM: tl.constexpr, INTERP
     return acc_g, acc_u
 
 
-@triton.jit
-def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
-             count, hidden, inter, alpha, limit,
+@triton.jit(do_not_specialize=["num_rows", "groups_per_split"])
+def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr, part_ptr,
+             count, hidden, inter, alpha, limit, num_rows, groups_per_split,
              TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-             DEPTH: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
-    """act[rows, cols] = swiglu(x[token(rows)] @ gate_up[expert] + bias), computed as [BLOCK_N, BLOCK_M] tiles."""
+             DEPTH: tl.constexpr, SPLIT_K: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr,
+             INTERPRET: tl.constexpr):
+    """act[rows, cols] = swiglu(x[token(rows)] @ gate_up[expert] + bias), computed as [BLOCK_N, BLOCK_M] tiles.
+    With SPLIT_K > 1, program z of axis 2 sums blocks [z * groups_per_split, ...) only and stores its float32 gate
+    and up sums (bias in z = 0's) at partials[z, rows, 2 cols (+ 1)]; _swiglu_splits finishes them."""
     expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
     if expert >= count:
         return
@@ -236,6 +251,8 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # act columns j: gate row 2j, up row 2j + 1
     col_ok = cols < inter
     n_groups = hidden // 32
+    g0 = tl.program_id(2) * groups_per_split  # this program's blocks of the reduction: [g0, g1)
+    g1 = tl.minimum(n_groups, g0 + groups_per_split)
     gate_row = expert.to(tl.int64) * 2 * inter + 2 * cols.to(tl.int64)  # [BN]
     word = tl.arange(0, GROUPS)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     wg_ptrs = w_ptr + gate_row[:, None, None] * (n_groups * 4) + word  # [BN, GROUPS, 4] int32
@@ -247,50 +264,81 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if DEPTH == 1:
-        wg, sg = _load_weights(wg_ptrs, sg_ptrs, 0, n_groups, col_ok, GROUPS)
-        wu, su = _load_weights(wu_ptrs, su_ptrs, 0, n_groups, col_ok, GROUPS)
-        x = _load_acts(x_ptrs, 0, hidden, row_ok, STEP)
-        for k in range(0, hidden, STEP):
+        wg, sg = _load_weights(wg_ptrs, sg_ptrs, g0, g1, col_ok, GROUPS)
+        wu, su = _load_weights(wu_ptrs, su_ptrs, g0, g1, col_ok, GROUPS)
+        x = _load_acts(x_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
+        for g in range(g0, g1, GROUPS):
             # the next step's loads go out before this step's decode and products
-            wg_n, sg_n = _load_weights(wg_ptrs, sg_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
-            wu_n, su_n = _load_weights(wu_ptrs, su_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
-            x_n = _load_acts(x_ptrs, k + STEP, hidden, row_ok, STEP)
+            wg_n, sg_n = _load_weights(wg_ptrs, sg_ptrs, g + GROUPS, g1, col_ok, GROUPS)
+            wu_n, su_n = _load_weights(wu_ptrs, su_ptrs, g + GROUPS, g1, col_ok, GROUPS)
+            x_n = _load_acts(x_ptrs, (g + GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg, sg, wu, su, x, USE_ASM, INTERPRET)
             wg, sg, wu, su, x = wg_n, sg_n, wu_n, su_n, x_n
     else:  # three steps in flight beyond the one being multiplied
-        wg0, sg0 = _load_weights(wg_ptrs, sg_ptrs, 0, n_groups, col_ok, GROUPS)
-        wu0, su0 = _load_weights(wu_ptrs, su_ptrs, 0, n_groups, col_ok, GROUPS)
-        x0 = _load_acts(x_ptrs, 0, hidden, row_ok, STEP)
-        wg1, sg1 = _load_weights(wg_ptrs, sg_ptrs, GROUPS, n_groups, col_ok, GROUPS)
-        wu1, su1 = _load_weights(wu_ptrs, su_ptrs, GROUPS, n_groups, col_ok, GROUPS)
-        x1 = _load_acts(x_ptrs, STEP, hidden, row_ok, STEP)
-        wg2, sg2 = _load_weights(wg_ptrs, sg_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
-        wu2, su2 = _load_weights(wu_ptrs, su_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
-        x2 = _load_acts(x_ptrs, 2 * STEP, hidden, row_ok, STEP)
-        for k in range(0, hidden, STEP):
-            wg3, sg3 = _load_weights(wg_ptrs, sg_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
-            wu3, su3 = _load_weights(wu_ptrs, su_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
-            x3 = _load_acts(x_ptrs, k + 3 * STEP, hidden, row_ok, STEP)
+        wg0, sg0 = _load_weights(wg_ptrs, sg_ptrs, g0, g1, col_ok, GROUPS)
+        wu0, su0 = _load_weights(wu_ptrs, su_ptrs, g0, g1, col_ok, GROUPS)
+        x0 = _load_acts(x_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
+        wg1, sg1 = _load_weights(wg_ptrs, sg_ptrs, g0 + GROUPS, g1, col_ok, GROUPS)
+        wu1, su1 = _load_weights(wu_ptrs, su_ptrs, g0 + GROUPS, g1, col_ok, GROUPS)
+        x1 = _load_acts(x_ptrs, (g0 + GROUPS) * 32, g1 * 32, row_ok, STEP)
+        wg2, sg2 = _load_weights(wg_ptrs, sg_ptrs, g0 + 2 * GROUPS, g1, col_ok, GROUPS)
+        wu2, su2 = _load_weights(wu_ptrs, su_ptrs, g0 + 2 * GROUPS, g1, col_ok, GROUPS)
+        x2 = _load_acts(x_ptrs, (g0 + 2 * GROUPS) * 32, g1 * 32, row_ok, STEP)
+        for g in range(g0, g1, GROUPS):
+            wg3, sg3 = _load_weights(wg_ptrs, sg_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
+            wu3, su3 = _load_weights(wu_ptrs, su_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
+            x3 = _load_acts(x_ptrs, (g + 3 * GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc_g, acc_u = _gate_up_step(acc_g, acc_u, wg0, sg0, wu0, su0, x0, USE_ASM, INTERPRET)
             wg0, sg0, wu0, su0, x0 = wg1, sg1, wu1, su1, x1
             wg1, sg1, wu1, su1, x1 = wg2, sg2, wu2, su2, x2
             wg2, sg2, wu2, su2, x2 = wg3, sg3, wu3, su3, x3
 
-    gate = acc_g + tl.load(b_ptr + gate_row, mask=col_ok, other=0.0)[:, None]
-    up = acc_u + tl.load(b_ptr + gate_row + 1, mask=col_ok, other=0.0)[:, None]
-    gate = tl.minimum(gate, limit)
-    up = tl.minimum(tl.maximum(up, -limit), limit)
-    act = (up + 1.0) * (gate * tl.sigmoid(alpha * gate))  # [BN, BM]
-    act_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + cols[:, None]
-    tl.store(act_ptrs, act.to(tl.bfloat16), mask=col_ok[:, None] & row_ok[None, :])
+    first = (tl.program_id(2) == 0).to(tl.float32)  # the bias goes in once, with split 0's sum
+    gate = acc_g + first * tl.load(b_ptr + gate_row, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    up = acc_u + first * tl.load(b_ptr + gate_row + 1, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    mask = col_ok[:, None] & row_ok[None, :]
+    if SPLIT_K == 1:
+        act = _swiglu(gate, up, alpha, limit)  # [BN, BM]
+        act_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + cols[:, None]
+        tl.store(act_ptrs, act.to(tl.bfloat16), mask=mask)
+    else:
+        part_ptrs = (part_ptr + tl.program_id(2).to(tl.int64) * num_rows * 2 * inter
+                     + rows.to(tl.int64)[None, :] * 2 * inter + 2 * cols[:, None])
+        tl.store(part_ptrs, gate, mask=mask)
+        tl.store(part_ptrs + 1, up, mask=mask)
 
 
 @triton.jit
+def _swiglu(gate, up, alpha, limit):
+    """gpt-oss's clamped SwiGLU (model/experts.py swiglu), in float32."""
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    return (up + 1.0) * (gate * tl.sigmoid(alpha * gate))
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _swiglu_splits(part_ptr, act_ptr, num_rows, inter, alpha, limit, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """act[r, j] = swiglu(sum over splits of partials[z, r, 2j], of partials[z, r, 2j + 1]), splits in order. Rows
+    no pair uses hold whatever the partials held: the down kernel never reads them."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_rows * inter
+    row, col = offs // inter, offs % inter
+    gate = tl.zeros([BLOCK], dtype=tl.float32)
+    up = tl.zeros([BLOCK], dtype=tl.float32)
+    for z in tl.static_range(SPLIT_K):
+        base = part_ptr + z * num_rows * 2 * inter + row * 2 * inter + 2 * col
+        gate += tl.load(base, mask=ok, other=0.0)
+        up += tl.load(base + 1, mask=ok, other=0.0)
+    tl.store(act_ptr + offs, _swiglu(gate, up, alpha, limit).to(tl.bfloat16), mask=ok)
+
+
+@triton.jit(do_not_specialize=["num_rows", "groups_per_split"])
 def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
-          count, inter, hidden,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-          DEPTH: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[pair(rows), cols] = (act[rows] @ down[expert] + bias) * routing weight, as [BLOCK_N, BLOCK_M] tiles."""
+          count, inter, hidden, num_rows, groups_per_split,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DEPTH: tl.constexpr,
+          SPLIT_K: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[pair(rows), cols] = (act[rows] @ down[expert] + bias) * routing weight, as [BLOCK_N, BLOCK_M] tiles.
+    With SPLIT_K > 1, program z of axis 2 sums its share of the blocks into y[z] (float32; bias in z = 0's)."""
     expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
     if expert >= count:
         return
@@ -301,6 +349,8 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     n_groups = inter // 32
+    g0 = tl.program_id(2) * groups_per_split
+    g1 = tl.minimum(n_groups, g0 + groups_per_split)
     w_row = expert.to(tl.int64) * hidden + cols.to(tl.int64)  # [BN]
     word = tl.arange(0, GROUPS)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
     w_ptrs = w_ptr + w_row[:, None, None] * (n_groups * 4) + word  # [BN, GROUPS, 4] int32
@@ -309,39 +359,42 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if DEPTH == 1:
-        w, s = _load_weights(w_ptrs, s_ptrs, 0, n_groups, col_ok, GROUPS)
-        a = _load_acts(a_ptrs, 0, inter, row_ok, STEP)
-        for k in range(0, inter, STEP):
-            w_n, s_n = _load_weights(w_ptrs, s_ptrs, k // 32 + GROUPS, n_groups, col_ok, GROUPS)
-            a_n = _load_acts(a_ptrs, k + STEP, inter, row_ok, STEP)
+        w, s = _load_weights(w_ptrs, s_ptrs, g0, g1, col_ok, GROUPS)
+        a = _load_acts(a_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
+        for g in range(g0, g1, GROUPS):
+            w_n, s_n = _load_weights(w_ptrs, s_ptrs, g + GROUPS, g1, col_ok, GROUPS)
+            a_n = _load_acts(a_ptrs, (g + GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc = _dot(_dequant(w, s, USE_ASM), a, acc, INTERPRET)
             w, s, a = w_n, s_n, a_n
     else:
-        w0, s0 = _load_weights(w_ptrs, s_ptrs, 0, n_groups, col_ok, GROUPS)
-        a0 = _load_acts(a_ptrs, 0, inter, row_ok, STEP)
-        w1, s1 = _load_weights(w_ptrs, s_ptrs, GROUPS, n_groups, col_ok, GROUPS)
-        a1 = _load_acts(a_ptrs, STEP, inter, row_ok, STEP)
-        w2, s2 = _load_weights(w_ptrs, s_ptrs, 2 * GROUPS, n_groups, col_ok, GROUPS)
-        a2 = _load_acts(a_ptrs, 2 * STEP, inter, row_ok, STEP)
-        for k in range(0, inter, STEP):
-            w3, s3 = _load_weights(w_ptrs, s_ptrs, k // 32 + 3 * GROUPS, n_groups, col_ok, GROUPS)
-            a3 = _load_acts(a_ptrs, k + 3 * STEP, inter, row_ok, STEP)
+        w0, s0 = _load_weights(w_ptrs, s_ptrs, g0, g1, col_ok, GROUPS)
+        a0 = _load_acts(a_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
+        w1, s1 = _load_weights(w_ptrs, s_ptrs, g0 + GROUPS, g1, col_ok, GROUPS)
+        a1 = _load_acts(a_ptrs, (g0 + GROUPS) * 32, g1 * 32, row_ok, STEP)
+        w2, s2 = _load_weights(w_ptrs, s_ptrs, g0 + 2 * GROUPS, g1, col_ok, GROUPS)
+        a2 = _load_acts(a_ptrs, (g0 + 2 * GROUPS) * 32, g1 * 32, row_ok, STEP)
+        for g in range(g0, g1, GROUPS):
+            w3, s3 = _load_weights(w_ptrs, s_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
+            a3 = _load_acts(a_ptrs, (g + 3 * GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc = _dot(_dequant(w0, s0, USE_ASM), a0, acc, INTERPRET)
             w0, s0, a0 = w1, s1, a1
             w1, s1, a1 = w2, s2, a2
             w2, s2, a2 = w3, s3, a3
 
-    bias = tl.load(b_ptr + w_row, mask=col_ok, other=0.0)
+    first = (tl.program_id(2) == 0).to(tl.float32)
+    bias = first * tl.load(b_ptr + w_row, mask=col_ok, other=0.0).to(tl.float32)
     route = tl.load(route_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     y = (acc + bias[:, None]) * route[None, :]
-    y_ptrs = y_ptr + pair.to(tl.int64)[None, :] * hidden + cols[:, None]
-    tl.store(y_ptrs, y.to(tl.bfloat16), mask=col_ok[:, None] & row_ok[None, :])
+    y_ptrs = y_ptr + tl.program_id(2).to(tl.int64) * num_rows * hidden + pair.to(tl.int64)[None, :] * hidden \
+        + cols[:, None]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["first"])
-def _combine(y_ptr, ids_ptr, out_ptr, first, count, hidden,
-             TOP_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[token] = sum over its slots, in order, of y[token * K + slot]; slots outside the shard add nothing."""
+@triton.jit(do_not_specialize=["first", "num_rows"])
+def _combine(y_ptr, ids_ptr, out_ptr, first, count, hidden, num_rows,
+             TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[token] = sum over its slots, in order, of y[z, token * K + slot] over splits z in order; slots outside
+    the shard add nothing."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < hidden
@@ -349,7 +402,9 @@ def _combine(y_ptr, ids_ptr, out_ptr, first, count, hidden,
     for slot in tl.static_range(TOP_K):
         local = tl.load(ids_ptr + token * TOP_K + slot).to(tl.int32) - first + tl.zeros_like(cols)  # [BLOCK]
         mine = col_ok & (local >= 0) & (local < count)
-        acc += tl.load(y_ptr + (token * TOP_K + slot) * hidden + cols, mask=mine, other=0.0).to(tl.float32)
+        for z in tl.static_range(SPLIT_K):
+            acc += tl.load(y_ptr + (z * num_rows + token * TOP_K + slot) * hidden + cols, mask=mine,
+                           other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -416,7 +471,11 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     if N == 0:
         return out
     tiles = tiles or pick_tiles(P, count)
-    ws = workspace or new_workspace(N, K, experts, device=hidden.device)
+    ws = workspace or new_workspace(N, K, experts, device=hidden.device, tiles=tiles)
+    split = tiles.split_k
+    if ws.split_k != split or ws.y.shape[1] != P:
+        raise ValueError(f"the workspace holds {ws.y.shape[1]} pairs in {ws.split_k} splits; this call needs {P} in "
+                         f"{split}: make it with new_workspace(..., tiles=tiles)")
     hidden = hidden.contiguous()
     ids = expert_ids.contiguous().view(-1)  # [P]
     route = weights.contiguous().view(-1)  # [P]
@@ -426,25 +485,42 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
                  EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
     # each expert's rows split into tiles of block_m: at most ceil(P / block_m) + count tiles, and at most P
     grid_m = min(triton.cdiv(P, tiles.block_m) + count, P)
-    _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n))](
+    gate_up_share = _groups_per_split(H // GROUP, split, tiles.gate_up_groups)
+    _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n), split)](
         hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias,
-        ws.sorted_pairs, ws.expert_start, ws.act, count, H, I, alpha, limit,
+        ws.sorted_pairs, ws.expert_start, ws.act, ws.gate_up_partials if split > 1 else ws.act,
+        count, H, I, alpha, limit, P, gate_up_share,
         TOP_K=K, BLOCK_M=tiles.block_m, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups, DEPTH=tiles.depth,
-        EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
-    _down[(grid_m, triton.cdiv(H, tiles.down_n))](
+        SPLIT_K=split, EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+    if split > 1:
+        block = 1024
+        _swiglu_splits[(triton.cdiv(P * I, block),)](ws.gate_up_partials, ws.act, P, I, alpha, limit,
+                                                       SPLIT_K=split, BLOCK=block, num_warps=4)
+    _down[(grid_m, triton.cdiv(H, tiles.down_n), split)](
         ws.act, experts.down_blocks, experts.down_scales, experts.down_bias, ws.sorted_pairs, ws.expert_start,
-        route, ws.y, count, I, H,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, EXPERTS_PAD=pad,
-        USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
-    _combine[(N, triton.cdiv(H, 1024))](ws.y, ids, out, first, count, H, TOP_K=K, BLOCK=1024, num_warps=4)
+        route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
+        EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+    _combine[(N, triton.cdiv(H, 1024))](ws.y, ids, out, first, count, H, P, TOP_K=K, SPLIT_K=split, BLOCK=1024,
+                                        num_warps=4)
     return out
 
 
-def new_workspace(num_tokens: int, top_k: int, experts: PackedExperts, *, device: torch.device) -> Workspace:
+def _groups_per_split(n_groups: int, split: int, step: int) -> int:
+    """Blocks of the reduction each of `split` programs sums: a whole number of steps of `step` blocks."""
+    return triton.cdiv(triton.cdiv(n_groups, split), step) * step
+
+
+def new_workspace(num_tokens: int, top_k: int, experts: PackedExperts, *, device: torch.device,
+                  tiles: Tiles | None = None) -> Workspace:
+    """The buffers of one call of num_tokens tokens with these tiles (by default the ones the call picks)."""
     P = num_tokens * top_k
+    split = (tiles or pick_tiles(P, experts.count)).split_k
     return Workspace(
         sorted_pairs=torch.empty(P, dtype=torch.int32, device=device),
         expert_start=torch.empty(experts.count + 1, dtype=torch.int32, device=device),
         act=torch.empty(P, experts.inter, dtype=torch.bfloat16, device=device),
-        y=torch.empty(P, experts.hidden, dtype=torch.bfloat16, device=device),
+        y=torch.empty(split, P, experts.hidden, dtype=torch.float32 if split > 1 else torch.bfloat16, device=device),
+        gate_up_partials=torch.empty(split, P, 2 * experts.inter, dtype=torch.float32, device=device)
+        if split > 1 else None,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gptoss_serve.kernels.moe_reference import moe_reference
 from gptoss_serve.model import mxfp4
 from gptoss_serve.model.checkpoint import CheckpointReader, expert_prefix
 from gptoss_serve.model.config import GptOssConfig
@@ -56,9 +55,15 @@ class Mxfp4Experts(ExpertShard):
 
             return mxfp4_moe(hidden, expert_ids, weights, self.kernel_view(), first=self.first, alpha=self.alpha,
                              limit=self.limit)
+        # imported here: kernels/moe_reference.py imports this package (its mxfp4 and swiglu)
+        from gptoss_serve.kernels.moe_reference import moe_reference
+
         out = moe_reference(hidden, expert_ids, weights, **self.packed_tensors(), first=self.first, alpha=self.alpha,
                             limit=self.limit)
         return out.to(hidden.dtype)
+
+    def never_waits_for_host(self, dtype: torch.dtype) -> bool:
+        return self.gate_up_blocks.is_cuda and dtype == torch.bfloat16  # the kernels; the reference syncs
 
     def warm_up(self, max_tokens: int, top_k: int) -> None:
         """On a GPU, one call at each token count where the kernels switch tiles (few to many tokens an expert), so

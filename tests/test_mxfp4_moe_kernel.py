@@ -98,9 +98,11 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     ids = (route_ids if ids is None else ids).cuda()
     weights = weights.cuda()
     view = PackedExperts.of(**packed)
-    workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"))
+    workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"), tiles=tiles)
     workspace.act.fill_(float("nan"))
     workspace.y.fill_(float("nan"))
+    if workspace.gate_up_partials is not None:
+        workspace.gate_up_partials.fill_(float("nan"))
     workspace.sorted_pairs.fill_(-1)
     workspace.expert_start.fill_(-1)
     out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
