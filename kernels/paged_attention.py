@@ -1,7 +1,8 @@
 """Attention of new tokens over a paged KV cache, with per-head sinks and an optional sliding window.
 
-PyTorch references: decoding sequences (one new token each) all at once, and prefill chunks one sequence at a
-time. A Triton kernel that replaces them on GPUs is to be tested against these.
+PyTorch references: decoding sequences (one new token each) all at once, prefill chunks one sequence at a time,
+and `paged_attention_reference`, a whole step's tokens end to end with the arguments of the Triton kernel that
+replaces it on GPUs (varlen_attention.py), which is tested against it.
 """
 
 from __future__ import annotations
@@ -72,3 +73,31 @@ def paged_prefill_reference(
     positions = torch.arange(context_len, device=q.device)
     return sink_attention(q[None], keys[None], values[None], sinks, q_positions=positions[context_len - T:],
                           k_positions=positions, window=window, scale=scale)[0]
+
+
+def paged_attention_reference(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
+                              block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
+                              sinks: torch.Tensor, window: int | None, scale: float,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """A step's new tokens laid end to end: q [N, Hq, D]; sequence b owns rows query_start[b] : query_start[b + 1]
+    (int [B + 1]), its last positions up to context_lens[b] - 1 (int [B]), read through block_tables[b] (int
+    [B, M]). -> [N, Hq, D]; rows past query_start[B] are left as they are in `out` (zeros if out is None).
+
+    Decoding sequences go through paged_decode_reference together, longer chunks one at a time (a host loop).
+    """
+    out = torch.zeros_like(q) if out is None else out
+    starts, lens = query_start.tolist(), context_lens.tolist()
+    tables = block_tables.long()
+    options = dict(sinks=sinks, window=window, scale=scale)
+    decoding = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    if decoding:
+        rows = torch.tensor([starts[b] for b in decoding], device=q.device)
+        index = torch.tensor(decoding, device=q.device)
+        out[rows] = paged_decode_reference(q[rows], key_cache, value_cache, block_tables=tables[index],
+                                           context_lens=context_lens.long()[index], **options)
+    for b, context_len in enumerate(lens):
+        begin, end = starts[b], starts[b + 1]
+        if end - begin > 1:
+            out[begin:end] = paged_prefill_reference(q[begin:end], key_cache, value_cache, block_table=tables[b],
+                                                     context_len=context_len, **options)
+    return out

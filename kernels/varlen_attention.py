@@ -1,0 +1,130 @@
+"""Attention of a step's new tokens over the paged KV cache, as one Triton kernel for decode and prefill alike.
+
+The step's tokens are laid end to end: sequence b owns rows query_start[b] : query_start[b + 1] of q [N, Hq, D],
+its last positions up to context_lens[b] - 1, and reads its keys and values through block_tables[b] (position p
+at block block_tables[b, p // block_size], offset p % block_size). The PyTorch reference with the same arguments is
+`paged_attention_reference` in paged_attention.py; this module imports Triton: import it only where a GPU is.
+
+One program takes one KV head and a tile of BLOCK_Q consecutive tokens of one sequence, with the G = Hq / Hkv query
+heads that share that KV head: rows = BLOCK_Q * G (token-major), so every key and value tile is loaded once for the
+whole group. It walks the keys in tiles of BLOCK_N positions, from the first one its first token can see (the
+sliding window) to its last token's position, with an online softmax in float32; each head's sink joins the
+denominator at the end. The grid is (B * ceil(max_query_len / BLOCK_Q), Hkv): known on the host without reading
+any device value, so a step never waits for the host and can be captured in a CUDA graph; tiles past a sequence's
+own length return at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
+NEG = tl.constexpr(-1.0e30)  # a running max that starts finite: a row that saw no key yet keeps exp(0) = 1 as its rescale
+
+
+@triton.jit
+def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_lens_ptr, sinks_ptr,
+               stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+               stride_on, stride_oh, stride_t, tiles_per_seq, scale,
+               G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
+    seq = tl.program_id(0) // tiles_per_seq
+    tile = tl.program_id(0) % tiles_per_seq
+    kv_head = tl.program_id(1)
+    q_begin = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_begin
+    if tile * BLOCK_Q >= q_len:
+        return
+    context = tl.load(context_lens_ptr + seq)
+
+    ROWS: tl.constexpr = BLOCK_Q * G
+    r = tl.arange(0, ROWS)
+    token = tile * BLOCK_Q + r // G  # the token of each row, within the sequence's new ones
+    head = kv_head * G + r % G
+    row_ok = token < q_len
+    position = context - q_len + token  # [ROWS]
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (q_begin + token).to(tl.int64)[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [ROWS, D]
+
+    last = context - q_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q) - 1  # the tile's last position
+    first = context - q_len + tile * BLOCK_Q
+    lo = 0
+    if WINDOW > 0:
+        lo = tl.maximum(first - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    m = tl.full([ROWS], NEG, dtype=tl.float32)
+    l = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D], dtype=tl.float32)
+    table = tables_ptr + seq.to(tl.int64) * stride_t
+    for start in range(lo, last + 1, BLOCK_N):
+        key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_ok = key_pos <= last
+        block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        offset = key_pos % BLOCK_SIZE
+        k = tl.load(k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :], mask=key_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
+        visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
+        if WINDOW > 0:
+            visible &= position[:, None] - key_pos[None, :] < WINDOW
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        rescale = tl.exp(m - m_new)
+        l = l * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+        m = m_new
+
+    sink = tl.load(sinks_ptr + head).to(tl.float32)  # one more logit per head, attending to nothing
+    m_final = tl.maximum(m, sink)
+    rescale = tl.exp(m - m_final)
+    l = l * rescale + tl.exp(sink - m_final)
+    out = acc * (rescale / l)[:, None]
+    tl.store(o_ptr + (q_begin + token).to(tl.int64)[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    if INTERPRET:  # the interpreter's low-precision dot is not exact; its float32 one is
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:  # a float32 model gets float32 products, not TF32's 10-bit mantissas
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
+                    block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
+                    sinks: torch.Tensor, window: int | None, scale: float, max_query_len: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [N, Hq, D], caches [blocks, block_size, Hkv, D], block_tables int32 [B, M], query_start int32 [B + 1],
+    context_lens int32 [B], sinks [Hq] -> [N, Hq, D]. max_query_len: the most new tokens any sequence has (the
+    caller's own number; it sizes the grid). Rows past query_start[B] are left as they are in `out`."""
+    N, Hq, D = q.shape
+    _, block_size, Hkv, _ = key_cache.shape
+    B = block_tables.shape[0]
+    out = torch.empty_like(q) if out is None else out
+    if N == 0 or B == 0:
+        return out
+    if q.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("q and the caches need a contiguous last (head) dimension")
+    G = Hq // Hkv
+    if Hq % Hkv or G & (G - 1):
+        raise ValueError(f"{Hq} query heads over {Hkv} KV heads: the group size must be a power of two")
+    # rows = block_q * G: 16 (the matrix unit's least) for decode, 128 for prefill tiles
+    block_q = max(1, (16 if max_query_len <= 16 // G else 128) // G)
+    tiles_per_seq = triton.cdiv(max(max_query_len, 1), block_q)
+    _attention[(B * tiles_per_seq, Hkv)](
+        q, key_cache, value_cache, out, block_tables, query_start, context_lens, sinks,
+        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
+        block_tables.stride(0), tiles_per_seq, scale,
+        G=G, D=D, BLOCK_Q=block_q, BLOCK_N=64, BLOCK_SIZE=block_size, WINDOW=window or 0,
+        INTERPRET=_INTERPRET, num_warps=4)
+    return out

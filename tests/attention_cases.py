@@ -1,0 +1,63 @@
+"""Random paged-attention steps for the tests: sequences' keys and values scattered over shuffled cache blocks,
+with the blocks a sliding window left behind replaced by the null block 0, as the block manager does."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptoss_serve.model.attention import sink_attention
+
+
+def random_step(seqs: list[tuple[int, int]], *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                block_size: int = 8, window: int | None = None, dtype=torch.float32, device="cpu", seed: int = 0,
+                padding_rows: int = 0):
+    """seqs: (context length, new tokens) per sequence -> (kernel arguments, whole-sequence q/k/v for checks).
+
+    q holds the new tokens end to end, then padding_rows more rows that no sequence owns."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in seqs]
+    num_blocks = 1 + sum(blocks_per_seq) + 3
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # never block 0
+    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen) * 30  # garbage, loud
+    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen) * 30
+    width = max(blocks_per_seq)
+    tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    whole, rows = [], []
+    for b, ((ctx, new), n_blocks) in enumerate(zip(seqs, blocks_per_seq)):
+        k = torch.randn(ctx, kv_heads, head_dim, generator=gen)
+        v = torch.randn(ctx, kv_heads, head_dim, generator=gen)
+        q = torch.randn(ctx, heads, head_dim, generator=gen)
+        mine = [ids.pop() for _ in range(n_blocks)]
+        for j, block in enumerate(mine):
+            span = slice(j * block_size, min(ctx, (j + 1) * block_size))
+            key_cache[block, :span.stop - span.start] = k[span]
+            value_cache[block, :span.stop - span.start] = v[span]
+        first_query = ctx - new
+        for j, block in enumerate(mine):
+            # a block no query of this step can see is gone from a sliding-window table
+            gone = window is not None and (j + 1) * block_size <= first_query - window + 1
+            tables[b, j] = 0 if gone else block
+        whole.append((q, k, v))
+        rows.append(q[ctx - new:])
+    sinks = torch.randn(heads, generator=gen)
+    q = torch.cat(rows + [torch.randn(padding_rows, heads, head_dim, generator=gen)])
+    query_start = torch.tensor([0, *torch.tensor([n for _, n in seqs]).cumsum(0).tolist()], dtype=torch.int32)
+    args = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=tables, query_start=query_start,
+                context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32), sinks=sinks, window=window,
+                scale=head_dim**-0.5)
+    args = {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    return args, whole
+
+
+def expected(seqs, whole, args) -> torch.Tensor:
+    """Each sequence's new rows from sink_attention over its whole sequence, float32, end to end."""
+    out = []
+    for (ctx, new), (q, k, v) in zip(seqs, whole):
+        positions = torch.arange(ctx)
+        full = sink_attention(q[None], k[None], v[None], args["sinks"].float().cpu(), q_positions=positions,
+                              k_positions=positions, window=args["window"], scale=args["scale"])[0]
+        out.append(full[ctx - new:])
+    return torch.cat(out)
