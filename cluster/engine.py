@@ -81,7 +81,9 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
                                                  block_size=config.block_size, dtype=model.dtype, device=model.device),
-                                  micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens)
+                                  micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  enforce_eager=config.enforce_eager)
         # what the model's tensors and the cache take on the device (start-up logs, the core's ready stats)
         self.weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                                         model.buffers()))

@@ -1,78 +1,84 @@
 """The only part of the engine that touches tensors: turns a scheduled batch into one forward pass and its samples.
 
 A step's tokens are laid end to end ([N], no padding): each sequence contributes its next chunk of prompt or its
-one new token. Attention goes through the paged KV cache; logits are computed, and a token sampled, only for the
-sequences whose chunk reaches the end of their tokens.
+one new token, described to the device by StepInputs (one copy). Attention goes through the paged KV cache, in one
+variable-length kernel on GPUs (the PyTorch reference elsewhere); logits are computed, and a token sampled, only
+for the sequences whose chunk reaches the end of their tokens. On a GPU with experts in this process, decode
+steps replay CUDA graphs (decode_graphs.py) unless `enforce_eager`.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import functools
 
 import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
+from gptoss_serve.cluster.decode_graphs import DecodeGraphs
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.sampler import Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
-from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
+from gptoss_serve.cluster.step_inputs import StepInputs
+from gptoss_serve.kernels.paged_attention import paged_attention_reference
 from gptoss_serve.model.attention import Attention
 from gptoss_serve.model.experts import ExpertShard
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
-@dataclass
-class StepBatch:
-    """Per-step metadata shared by all layers, built once per step."""
+def attention_kernel(device: torch.device):
+    """The variable-length paged attention for this device: Triton on CUDA, the PyTorch reference elsewhere."""
+    if device.type == "cuda":
+        from gptoss_serve.kernels.varlen_attention import paged_attention  # Triton: only where a GPU is
 
-    block_tables: dict[str, torch.Tensor]  # group -> [B, max blocks]
-    slot_mapping: dict[str, torch.Tensor]  # group -> [N] flat cache slot of each new token
-    decode_seqs: torch.Tensor  # [Bd] sequences with one new token
-    decode_rows: torch.Tensor  # [Bd] their token's row in the step
-    decode_context_lens: torch.Tensor  # [Bd]
-    prefills: list[tuple[int, int, int, int]]  # (sequence, first row, rows, context length) of longer chunks
+        return paged_attention
+
+    @functools.wraps(paged_attention_reference)
+    def reference(*args, max_query_len: int, **kwargs):  # noqa: ARG001 - the kernel's grid needs it, not this
+        return paged_attention_reference(*args, **kwargs)
+
+    return reference
 
 
 class PagedAttention:
     """AttentionBackend over the KV cache: stores the step's keys and values, then attends."""
 
-    def __init__(self, cache: KVCache, batch: StepBatch) -> None:
-        self.cache, self.batch = cache, batch
+    def __init__(self, cache: KVCache, inputs: StepInputs, kernel) -> None:
+        self.cache, self.inputs, self.kernel = cache, inputs, kernel
 
     def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = SLIDING if layer.window else FULL
-        batch = self.batch
+        inputs = self.inputs
         key_cache, value_cache = self.cache.layer(layer.layer)
-        slots = batch.slot_mapping[group]
+        slots = inputs.slot_mapping[group]
         key_cache.view(-1, *k.shape[1:])[slots] = k.to(key_cache.dtype)
         value_cache.view(-1, *v.shape[1:])[slots] = v.to(value_cache.dtype)
-        tables = batch.block_tables[group]
-        out = torch.empty_like(q)  # [N, Hq, D]
-        options = dict(sinks=layer.sinks, window=layer.window, scale=layer.scale)
-        if batch.decode_rows.numel():
-            out[batch.decode_rows] = paged_decode_reference(
-                q[batch.decode_rows], key_cache, value_cache, block_tables=tables[batch.decode_seqs],
-                context_lens=batch.decode_context_lens, **options)
-        for seq, start, n, context_len in batch.prefills:
-            out[start:start + n] = paged_prefill_reference(
-                q[start:start + n], key_cache, value_cache, block_table=tables[seq], context_len=context_len, **options)
-        return out
+        return self.kernel(q, key_cache, value_cache, block_tables=inputs.block_tables[group],
+                           query_start=inputs.query_start, context_lens=inputs.context_lens, sinks=layer.sinks,
+                           window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len)
 
 
 class ModelRunner:
     def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
-                 max_num_batched_tokens: int = 2048) -> None:
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_model_len: int = 8192,
+                 enforce_eager: bool = False) -> None:
         """micro_batches > 1 splits a step into that many groups of sequences, run ping-pong (see
         Decoder.forward_interleaved): worth it when experts are remote, so their exchange hides behind attention.
-        max_num_batched_tokens: the most tokens a step holds (kernels are compiled up to it at start-up)."""
+        max_num_batched_tokens: the most tokens a step holds (kernels are compiled up to it at start-up).
+        max_num_seqs, max_model_len: the largest decode batch and sequence the CUDA graphs must hold."""
         self.model, self.cache = model, cache
         self.device = model.device
         self.micro_batches = micro_batches
         self.sampler = Sampler()
+        self.attention = attention_kernel(self.device)
         experts = model.model.layers[0].mlp.experts
-        if isinstance(experts, ExpertShard):  # every layer's experts run the same kernels: compile them once
+        local = isinstance(experts, ExpertShard)
+        if local:  # every layer's experts run the same kernels: compile them once
             experts.warm_up(max_num_batched_tokens, model.config.num_experts_per_tok)
+        self.graphs = None
+        if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
+            groups = [FULL, SLIDING] if model.config.sliding_window else [FULL]
+            self.graphs = DecodeGraphs(self._forward, groups=groups, max_num_seqs=max_num_seqs,
+                                       max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:
@@ -84,16 +90,29 @@ class ModelRunner:
             return SamplerOutput(token_ids=[], logprobs=[])
         return self.sampler.sample(logits, sampling)
 
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """One forward pass of a whole step -> float32 logits of its sampled rows."""
+        hidden = self.model.model(token_ids, positions, PagedAttention(self.cache, inputs, self.attention))
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
     def _logits(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """-> float32 logits [S, vocab] for the S sequences that sample, in the order given."""
+        block_size = self.cache.block_size
+        bucket = self.graphs.bucket(len(scheduled)) if self.graphs is not None else None
+        if bucket is not None and all(n == 1 for _, n in scheduled) and self._fits_graphs(scheduled):
+            inputs = StepInputs.build(scheduled, block_size=block_size, device=self.device, pad_to=bucket)
+            return self.graphs.run(inputs)
         groups = self._split(scheduled)
-        prepared = [self._prepare(group) for group in groups]
+        prepared = [StepInputs.build(group, block_size=block_size, device=self.device) for group in groups]
         if len(prepared) == 1:
-            ids, positions, attend, rows = prepared[0]
-            hidden = [self.model.model(ids, positions, attend)]  # [N, H]
-        else:
-            hidden = self.model.model.forward_interleaved([(ids, pos, attend) for ids, pos, attend, _ in prepared])
-        return torch.cat([self.model.compute_logits(h[rows]) for h, (_, _, _, rows) in zip(hidden, prepared)])
+            return self._forward(prepared[0].token_ids, prepared[0].positions, prepared[0])
+        hidden = self.model.model.forward_interleaved(
+            [(p.token_ids, p.positions, PagedAttention(self.cache, p, self.attention)) for p in prepared])
+        return torch.cat([self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hidden, prepared)])
+
+    def _fits_graphs(self, scheduled: list[tuple[Sequence, int]]) -> bool:
+        width = self.graphs.max_blocks_per_seq
+        return all(len(table) <= width for seq, _ in scheduled for table in seq.block_tables.values())
 
     def _split(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """Contiguous groups with about the same number of tokens each (order kept: logits follow it)."""
@@ -109,33 +128,3 @@ class ModelRunner:
                 groups.append(current)
                 current = []
         return groups + ([current] if current else [])
-
-    def _prepare(self, scheduled: list[tuple[Sequence, int]]):
-        """-> (token ids [N], positions [N], the attention backend, rows [S] of the sampling sequences)."""
-        block_size = self.cache.block_size
-        ids, positions, query_lens, context_lens, last_rows = [], [], [], [], []
-        slots: dict[str, list[int]] = {g: [] for g in scheduled[0][0].block_tables}
-        for seq, n in scheduled:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            query_lens.append(n)
-            context_lens.append(end)
-            if end == len(seq):
-                last_rows.append(len(ids) - 1)
-            for group, table in seq.block_tables.items():
-                slots[group] += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-        width = max(len(seq.block_tables[g]) for seq, _ in scheduled for g in seq.block_tables)
-        tables = {g: torch.tensor([seq.block_tables[g] + [0] * (width - len(seq.block_tables[g]))
-                                   for seq, _ in scheduled], device=self.device) for g in slots}
-        decode = [b for b, n in enumerate(query_lens) if n == 1]
-        rows = [0, *itertools.accumulate(query_lens)]  # first row of each sequence
-        batch = StepBatch(
-            block_tables=tables,
-            slot_mapping={g: torch.tensor(s, dtype=torch.long, device=self.device) for g, s in slots.items()},
-            decode_seqs=torch.tensor(decode, dtype=torch.long, device=self.device),
-            decode_rows=torch.tensor([rows[b] for b in decode], dtype=torch.long, device=self.device),
-            decode_context_lens=torch.tensor([context_lens[b] for b in decode], dtype=torch.long, device=self.device),
-            prefills=[(b, rows[b], n, context_lens[b]) for b, n in enumerate(query_lens) if n > 1])
-        return (torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                PagedAttention(self.cache, batch), torch.tensor(last_rows, dtype=torch.long, device=self.device))

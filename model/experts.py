@@ -98,6 +98,10 @@ class ExpertShard(nn.Module):
     def warm_up(self, max_tokens: int, top_k: int) -> None:
         """Compiles what the first steps would otherwise wait for (GPU kernels); nothing to do by default."""
 
+    def never_waits_for_host(self, dtype: torch.dtype) -> bool:
+        """Whether a call on activations of `dtype` runs without a host sync, so a CUDA graph can capture it."""
+        return False
+
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once
 
@@ -115,6 +119,10 @@ class LocalExperts(ExpertShard):
         self.gate_up_proj_bias = nn.Parameter(torch.empty(self.count, 2 * inter))
         self.down_proj = nn.Parameter(torch.empty(self.count, inter, hidden))
         self.down_proj_bias = nn.Parameter(torch.empty(self.count, hidden))
+
+    def never_waits_for_host(self, dtype: torch.dtype) -> bool:
+        probe = torch.empty(0, dtype=dtype, device=self.gate_up_proj.device)
+        return probe.is_cuda and _grouped_mm_supported(probe)  # forward_loop reads group sizes on the host
 
     def load_weights(self, reader: CheckpointReader, layer: int) -> None:
         """Copies this shard's rows of the layer's expert weights in, dense (MXFP4 is decoded by the reader)."""

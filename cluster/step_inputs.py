@@ -1,0 +1,99 @@
+"""A step's inputs for the device: built on the host from the scheduled sequences, sent in one copy.
+
+Everything a forward pass needs besides the weights and the cache is a handful of int32 arrays: token ids,
+positions, where each sequence's rows start (query_start), its context length, the cache slot each new token's
+keys and values go to, and each group's block tables. They are written into one pinned host buffer and go to the
+device in one non-blocking copy; the tensors the model reads are views of the copy. No step reads anything back.
+
+A decode step run by a CUDA graph is padded to its batch bucket: padding rows are token 0 at position 0, context
+length 1, writing their keys and values into the null block (block 0, never read as real data).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gptoss_serve.cluster.block_manager import NULL_BLOCK
+from gptoss_serve.cluster.sequence import Sequence
+
+
+def token_at(seq: Sequence, index: int) -> int:
+    """seq.token_ids[index] without building the whole list (decode steps ask for one token a sequence)."""
+    prompt = seq.prompt_token_ids
+    return prompt[index] if index < len(prompt) else seq.output_token_ids[index - len(prompt)]
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs as device tensors (views of one buffer), and what the host needs of them."""
+
+    token_ids: torch.Tensor  # int32 [N]
+    positions: torch.Tensor  # int32 [N]
+    query_start: torch.Tensor  # int32 [B + 1]: sequence b owns rows query_start[b]:query_start[b + 1]
+    context_lens: torch.Tensor  # int32 [B]: its tokens including this step's
+    slot_mapping: dict[str, torch.Tensor]  # group -> int32 [N]: flat cache slot of each row's keys and values
+    block_tables: dict[str, torch.Tensor]  # group -> int32 [B, width]
+    sample_rows: torch.Tensor  # int64 [S]: rows whose logits are sampled (sequences whose chunk ends its tokens)
+    num_seqs: int  # B without padding
+    num_tokens: int  # N without padding
+    max_query_len: int
+
+    @classmethod
+    def build(cls, scheduled: list[tuple[Sequence, int]], *, block_size: int, device: torch.device,
+              pad_to: int | None = None) -> StepInputs:
+        """(sequence, new tokens) pairs -> the step's inputs on `device`. pad_to: decode steps only (one token a
+        sequence), padded to that many sequences for a CUDA graph of that size."""
+        groups = list(scheduled[0][0].block_tables)
+        B = len(scheduled)
+        lens = [n for _, n in scheduled]
+        N = sum(lens)
+        padded_b = B if pad_to is None else pad_to
+        padded_n = N + (padded_b - B)
+        if pad_to is not None and (N != B or pad_to < B):
+            raise ValueError(f"only decode steps (one token a sequence) pad to a bucket: {N} tokens, {B} sequences, "
+                             f"bucket {pad_to}")
+        width = max(1, max(len(seq.block_tables[g]) for seq, _ in scheduled for g in groups))
+
+        # one int32 buffer: ids, positions, query_start, context_lens, slots per group, tables per group, rows
+        sizes = [padded_n, padded_n, padded_b + 1, padded_b] + [padded_n] * len(groups) \
+            + [padded_b * width] * len(groups)
+        host = np.zeros(sum(sizes) + B, dtype=np.int32)
+        ids, positions, query_start, context_lens, *rest = np.split(host, np.cumsum(sizes))
+        slots, tables, sample_rows = rest[:len(groups)], rest[len(groups):2 * len(groups)], rest[-1]
+        tables = [t.reshape(padded_b, width) for t in tables]
+
+        row, samples = 0, 0
+        for b, (seq, n) in enumerate(scheduled):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids[row:row + n] = [token_at(seq, i) for i in range(start, end)]
+            positions[row:row + n] = np.arange(start, end)
+            context_lens[b] = end
+            for g, group in enumerate(groups):
+                table = seq.block_tables[group]
+                tables[g][b, :len(table)] = table
+                pos = positions[row:row + n]
+                slots[g][row:row + n] = tables[g][b, pos // block_size] * block_size + pos % block_size
+            row += n
+            if end == len(seq):
+                sample_rows[samples] = row - 1
+                samples += 1
+        query_start[:] = [*itertools.accumulate([0, *lens, *([1] * (padded_b - B))])]
+        context_lens[B:] = 1  # padding: one token, its slot in the null block
+        for g in range(len(groups)):
+            slots[g][N:] = NULL_BLOCK * block_size
+            tables[g][B:] = NULL_BLOCK
+
+        pinned = torch.from_numpy(host)
+        if device.type == "cuda":
+            pinned = pinned.pin_memory()
+        flat = pinned.to(device, non_blocking=True)
+        parts = torch.split(flat, [*sizes, B])
+        return cls(
+            token_ids=parts[0], positions=parts[1], query_start=parts[2], context_lens=parts[3],
+            slot_mapping={group: parts[4 + g] for g, group in enumerate(groups)},
+            block_tables={group: parts[4 + len(groups) + g].view(padded_b, width) for g, group in enumerate(groups)},
+            sample_rows=parts[-1][:samples].long(), num_seqs=B, num_tokens=N, max_query_len=max(lens))
