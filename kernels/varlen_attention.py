@@ -55,7 +55,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
     first = context - q_len + tile * BLOCK_Q
     lo = 0
     if WINDOW > 0:
-        lo = tl.maximum(first - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(first - WINDOW + 1, 0)  # keys are looked up one by one: no need to start on a tile edge
     m = tl.full([ROWS], NEG, dtype=tl.float32)
     l = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, D], dtype=tl.float32)
@@ -105,7 +105,8 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D], caches [blocks, block_size, Hkv, D], block_tables int32 [B, M], query_start int32 [B + 1],
     context_lens int32 [B], sinks [Hq] -> [N, Hq, D]. max_query_len: the most new tokens any sequence has (the
-    caller's own number; it sizes the grid). Rows past query_start[B] are left as they are in `out`."""
+    caller's own number; it sizes the grid). Rows past query_start[B] are left as they are in `out` (uninitialized
+    when out is None, where the reference gives zeros)."""
     N, Hq, D = q.shape
     _, block_size, Hkv, _ = key_cache.shape
     B = block_tables.shape[0]
