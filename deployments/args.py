@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from gptoss_serve.cluster.engine_config import EngineConfig
 
 MODEL_ENV = "GPTOSS_MODEL"
+API_KEYS_ENV = "GPTOSS_API_KEYS"  # comma-separated; how a Kubernetes secret reaches the app
 
 
 class AppArgs(BaseModel):
@@ -41,6 +42,14 @@ class AppArgs(BaseModel):
     num_cpus_per_router: float = Field(0.5, ge=0)
     max_ongoing_requests: int = Field(256, ge=1, description="requests one ingress replica serves at once")
     max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
+    # what one request may ask for (400 beyond), and who may ask
+    max_request_bytes: int = Field(16 << 20, ge=1024, description="largest request body; 413 beyond")
+    max_prompt_tokens: int = Field(131072, ge=1, description="longest prompt after tokenizing")
+    max_stop_strings: int = Field(16, ge=0, description="entries in `stop`")
+    max_stop_length: int = Field(256, ge=1, description="characters in one stop string")
+    max_tools: int = Field(128, ge=0, description="function tools in one chat request")
+    api_keys: list[SecretStr] = Field(default_factory=list, description=f"if any (or ${API_KEYS_ENV}), every "
+                                                                        "route but /health needs one as a Bearer token")
     max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "
                                                                 "runs; more get 429 at once")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
@@ -95,3 +104,9 @@ class AppArgs(BaseModel):
         if self.device != "auto":
             return self.device
         return "cuda" if self.num_gpus_per_replica > 0 else "cpu"
+
+    @property
+    def resolved_api_keys(self) -> list[str]:
+        """The keys from the args and from $GPTOSS_API_KEYS together."""
+        from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return [k.get_secret_value() for k in self.api_keys] + from_env

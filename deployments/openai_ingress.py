@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 import weakref
@@ -15,9 +16,11 @@ import weakref
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
+from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_responses import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -35,21 +38,42 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        location = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = location[0] if location else None  # the request field; the message has the full path
-        message = f"{'.'.join(location)}: {first.get('msg', 'invalid value')}" if location else "invalid request body"
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+        return JSONResponse(validation_error(e).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # unknown paths (404), wrong methods (405), bodies FastAPI cannot decode (400): in OpenAI's shape too
+        messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}",
+                    400: "the request body could not be parsed (it must be UTF-8 JSON, nested at most a few "
+                         "hundred levels)"}
+        error = APIError(e.status_code, messages.get(e.status_code, str(e.detail)))
+        return JSONResponse(error.body(), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
-        return JSONResponse(APIError(500, f"internal error ({type(e).__name__})").body(), status_code=500)
+        return JSONResponse(APIError(500, "internal error").body(), status_code=500)
 
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
+    app.add_middleware(ApiKeys, keys=server.args.resolved_api_keys)  # added last, so it runs first
     return app
+
+
+def validation_error(e: RequestValidationError) -> APIError:
+    """pydantic's first complaint as a 400 naming the field: `messages.0.role: Field required`."""
+    first = e.errors()[0] if e.errors() else {}
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'bad JSON')})")
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if location:
+        return APIError(400, f"{'.'.join(location)}: {text}", param=location[0])
+    # a check across fields (a model validator): its message starts with the field it is about
+    field = re.match(r"[A-Za-z_]+", text)
+    return APIError(400, text, param=field.group(0) if field else None)
 
 
 class ResponseStream:
@@ -79,6 +103,13 @@ class ResponseStream:
             items += batch
             started.update(index for index, _ in batch)
         return items
+
+    def end(self, index: int) -> None:
+        """Stops one choice's request (a stop string ended it); its later items, if any, are ignored."""
+        request_id = next((r for r, i in self.choice_of.items() if i == index), None)
+        if request_id in self.open:
+            self.open.discard(request_id)
+            self.streamer.abort([request_id])
 
     def close(self) -> None:
         """Stops what is still running (the client left, or the response failed)."""
@@ -117,16 +148,23 @@ class OpenAIIngress:
 
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
+        self._check_limits(body)
+        if len(body.tools or ()) > self.args.max_tools:
+            raise APIError(400, f"tools: {len(body.tools)} tools, more than this server's limit of "
+                                f"{self.args.max_tools}", param="tools")
         try:
             prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs) for i in range(body.n)]
+        self._check_prompt_length([prompt], "messages")
+        choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs, stop=body.stop_strings) for i in range(body.n)]
         return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs)
 
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
+        self._check_limits(body)
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+        self._check_prompt_length(prompts, "prompt")
         vocab = self.tokenizer.vocab_size
         if any(not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids) for ids in prompts):
             raise APIError(400, f"prompt must be non-empty text or token ids in [0, {vocab})", param="prompt")
@@ -141,6 +179,21 @@ class OpenAIIngress:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.args.served_model_name!r}", param="model", code="model_not_found")
 
+    def _check_limits(self, body) -> None:
+        stops = body.stop_strings
+        if len(stops) > self.args.max_stop_strings:
+            raise APIError(400, f"stop: {len(stops)} stop strings, more than this server's limit of "
+                                f"{self.args.max_stop_strings}", param="stop")
+        if any(len(s) > self.args.max_stop_length for s in stops):
+            raise APIError(400, f"stop: a stop string is longer than this server's limit of "
+                                f"{self.args.max_stop_length} characters", param="stop")
+
+    def _check_prompt_length(self, prompts: list[list[int]], param: str) -> None:
+        longest = max(map(len, prompts), default=0)
+        if longest > self.args.max_prompt_tokens:
+            raise APIError(400, f"{param}: the prompt has {longest} tokens, more than this server's limit of "
+                                f"{self.args.max_prompt_tokens}", param=param)
+
     async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs):
         if self.in_flight >= self.capacity:
             raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
@@ -150,7 +203,8 @@ class OpenAIIngress:
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
-                params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
+                params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed,
+                                              engine_stops=kind != "chat.completion")
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
         slot = self._take_slot()
         stream = ResponseStream(self.router, requests)
@@ -174,6 +228,8 @@ class OpenAIIngress:
                 _raise_if_error([item for _, item in items])
                 for index, item in items:
                     self._feed(choices[index], [item])
+                    if getattr(choices[index], "stopped", False):
+                        stream.end(index)
                 if not stream.open:
                     break
                 items = await stream.next()
@@ -219,6 +275,8 @@ class OpenAIIngress:
                     chunk = self._chunk(choices[index], item, chat)
                     if chunk is not None:
                         events.append(_event({**header, "choices": [chunk]}))
+                    if chat and choices[index].stopped:
+                        stream.end(index)
                 if events:
                     yield "".join(events)
                 if not stream.open:
@@ -235,7 +293,10 @@ class OpenAIIngress:
     def _chunk(choice, item: StreamItem, chat: bool) -> dict | None:
         """A choice's chunk for one engine output; None when it has nothing to show (harmony headers)."""
         if chat:
-            delta, logprobs = choice.feed(item.output)
+            fed = choice.feed(item.output)
+            if fed is None:  # after a stop string: the request is being aborted
+                return None
+            delta, logprobs = fed
             if not delta and not logprobs and choice.finish_reason is None:
                 return None
             return {"index": choice.index, "delta": delta, "logprobs": {"content": logprobs} if logprobs else None,
