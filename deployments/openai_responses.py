@@ -19,8 +19,14 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 class ChatChoice:
     """One choice of a chat completion, fed the engine's outputs as they come."""
 
-    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool) -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool, stop: tuple[str, ...] = ()) -> None:
+        """stop: strings that end the answer where they first appear in its final-channel text (the reasoning
+        may contain them freely); the text shown stops before them."""
         self.index, self.tokenizer, self.want_logprobs = index, tokenizer, logprobs
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""  # final-channel text not shown yet: it may be the start of a stop string
+        self.shown = ""  # final-channel text shown so far
+        self.stopped = False  # a stop string appeared: the ingress aborts the request, later outputs are dropped
         self.parser = HarmonyStreamParser()
         self.finish_reason: str | None = None
         self.num_tokens = 0
@@ -28,26 +34,51 @@ class ChatChoice:
         self.logprobs: list[dict] = []
         self.tool_ids: dict[int, str] = {}
 
-    def feed(self, out: RequestOutput) -> tuple[dict, list[dict]]:
-        """-> (the chunk delta for this output, {} when nothing visible happened; its logprobs entries)."""
+    def feed(self, out: RequestOutput) -> tuple[dict, list[dict]] | None:
+        """-> (the chunk delta for this output, {} when nothing visible happened; its logprobs entries), or None
+        for an output that came after a stop string ended the choice."""
+        if self.stopped:
+            return None
         self.num_tokens = out.num_output_tokens
         self.num_prompt_tokens, self.num_cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
         deltas = [d for token in out.new_token_ids for d in self.parser.feed(token)]
         if out.finished:
             deltas += self.parser.flush()
+        delta = self._delta(deltas, last=out.finished)
+        if self.stopped:
+            self.finish_reason = "stop"
+        elif out.finished:
             self.finish_reason = "tool_calls" if self.tool_ids and out.finish_reason == "stop" else (
                 "length" if out.finish_reason == "length" else "stop")
         lp = [chat_logprob(self.tokenizer, x) for x in out.logprobs] if self.want_logprobs else []
         self.logprobs += lp
-        return self._delta(deltas), lp
+        return delta, lp
 
-    def _delta(self, deltas: list[HarmonyDelta]) -> dict:
+    def _visible(self, text: str) -> str:
+        """Final-channel text that can be shown now: up to a stop string, less a tail that may begin one."""
+        if not self.stop:
+            return text
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            shown, self.held, self.stopped = self.held[:min(hits)], "", True
+        else:
+            keep = min(len(self.held), max(map(len, self.stop)) - 1)
+            shown, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        self.shown += shown
+        return shown
+
+    def _delta(self, deltas: list[HarmonyDelta], *, last: bool = False) -> dict:
         delta: dict = {}
         for d in deltas:
+            if self.stopped:
+                break
             if d.kind == "reasoning":
                 delta["reasoning_content"] = delta.get("reasoning_content", "") + d.text
             elif d.kind == "content":
-                delta["content"] = delta.get("content", "") + d.text
+                text = self._visible(d.text)
+                if text or "content" in delta:
+                    delta["content"] = delta.get("content", "") + text
             elif d.kind == "tool_call":
                 call: dict = {"index": d.tool_index}
                 if d.tool_index not in self.tool_ids:
@@ -56,12 +87,16 @@ class ChatChoice:
                 else:
                     call["function"] = {"arguments": d.arguments or ""}
                 delta.setdefault("tool_calls", []).append(call)
+        if last and self.held and not self.stopped:  # the held-back tail turned out to be no stop string
+            delta["content"] = delta.get("content", "") + self.held
+            self.shown, self.held = self.shown + self.held, ""
         return delta
 
     def message(self) -> dict:
         """The whole choice, for a non-streaming response."""
         result = self.parser.finish()
-        message: dict = {"role": "assistant", "content": result.content, "reasoning_content": result.reasoning_content}
+        content = self.shown if self.stop and result.content is not None else result.content
+        message: dict = {"role": "assistant", "content": content, "reasoning_content": result.reasoning_content}
         if result.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
