@@ -10,6 +10,7 @@ Requests join at any step and leave when they finish; `abort` frees a request's 
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,10 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
 
 
+logger = logging.getLogger(__name__)
+MAX_FAILED_STEPS_IN_A_ROW = 3  # then the failure is the engine's, not one batch's: the step raises
+
+
 @dataclass
 class _Request:
     """What the engine's postprocess needs beyond the sequence: the output cap."""
@@ -89,6 +94,7 @@ class LLMEngine:
                                                                                         model.buffers()))
         self.kv_cache_bytes = self.num_blocks * bytes_per_block(model.config, config.block_size, model.dtype)
         self.requests: dict[str, _Request] = {}
+        self.failed_steps_in_a_row = 0
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
 
@@ -108,7 +114,10 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
                              f"(the prompt plus at least one generated token must fit)")
         room = self.max_model_len - len(prompt)
-        max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
+        if sampling_params.max_tokens is not None and sampling_params.max_tokens > room:
+            raise ValueError(f"max_tokens is {sampling_params.max_tokens}, but the prompt has {len(prompt)} tokens "
+                             f"and max_model_len is {self.max_model_len}: at most {room} can be generated")
+        max_tokens = room if sampling_params.max_tokens is None else sampling_params.max_tokens
         seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
         self.requests[request_id] = _Request(seq, max_tokens)
         if self.texts is not None:
@@ -137,7 +146,16 @@ class LLMEngine:
         try:
             sampled = self.runner.run(scheduled)
         except ExpertsUnavailableError as e:  # the step's requests fail; the engine and the others go on
-            return [self._fail(seq, str(e)) for seq, _ in scheduled]
+            # the details (which worker, which address) go to the log; clients get no internals
+            logger.warning("a step's experts failed: %s", e)
+            return [self._fail(seq, "the MoE workers serving this request failed; retry") for seq, _ in scheduled]
+        except Exception:  # noqa: BLE001 - one bad step fails its requests; a broken engine fails every step
+            self.failed_steps_in_a_row += 1
+            if self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                raise  # the device or the model is broken: the engine core dies and is replaced
+            logger.exception("a step of %d requests failed; failing them and going on", len(scheduled))
+            return [self._fail(seq, "the engine failed while running this request; retry") for seq, _ in scheduled]
+        self.failed_steps_in_a_row = 0
         seqs = self.scheduler.postprocess(scheduled, sampled.token_ids)
         outputs = [self._postprocess(seq, logprobs) for seq, logprobs in zip(seqs, sampled.logprobs)]
         if self.texts is not None:

@@ -7,8 +7,9 @@
                                         <-- ("rejected", [(request id, message)]): bad requests (400)
 
 The process builds its engine itself from a picklable zero-argument `build` (the model is loaded there, on
-its own device), says ("ready", stats), and then steps while there is work. A step that raises ends the
-process with ("dead", message): the parent fails the open requests and starts a new core.
+its own device), says ("ready", stats), and then steps while there is work. A step that fails fails its own
+requests (LLMEngine.step); if steps keep failing the step raises, which ends the process with ("dead", message):
+the parent fails the open requests and starts a new core.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ started in the background.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import queue
 import threading
@@ -19,6 +20,7 @@ from gptoss_serve.cluster.engine import RequestOutput
 from gptoss_serve.cluster.engine_core import Built, NewRequest, run_engine_core
 
 START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
+logger = logging.getLogger(__name__)
 
 
 class EngineCoreError(RuntimeError):
@@ -55,7 +57,7 @@ class EngineCoreClient:
         self._bind_loop()
         if not self.alive:
             for request_id, _, _ in requests:
-                self._fail(request_id, f"the engine is restarting ({self.error})", 503)
+                self._fail(request_id, "the engine is restarting; retry shortly", 503)
             return
         self.open.update(r[0] for r in requests)
         self._queue(("add", requests))
@@ -111,9 +113,10 @@ class EngineCoreClient:
     def _on_death(self, message: str) -> None:
         """On the event loop: the core is gone; fail what it held and start another."""
         self.ready, self.error = False, message.splitlines()[0] if message else "the engine core died"
+        logger.warning("engine core died (%s); failing %d requests and restarting it", self.error, len(self.open))
         self.restarting = True
         for request_id in list(self.open):
-            self._fail(request_id, f"the engine failed and is restarting ({self.error})", 503)
+            self._fail(request_id, "the engine failed and is restarting; retry shortly", 503)
         self.open.clear()
         threading.Thread(target=self._restart, name="engine-core-restart", daemon=True).start()
 

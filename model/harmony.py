@@ -247,7 +247,11 @@ class HarmonyStreamParser:
     Token ids outside the vocabulary are a caller bug and raise ValueError.
     """
 
-    def __init__(self, *, max_header_tokens: int = 256) -> None:
+    # gpt-oss's longest headers (a tool call: role, channel, recipient, constraint) take about 20 tokens; beyond
+    # this many a "header" is garbage, and holding it back would stall a stream
+    MAX_HEADER_TOKENS = 32
+
+    def __init__(self, *, max_header_tokens: int = MAX_HEADER_TOKENS) -> None:
         encoding = load_encoding()
         self._parser: StreamableParser | None = StreamableParser(encoding, role=Role.ASSISTANT)
         self._tokenizer = load_tokenizer()

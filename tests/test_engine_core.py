@@ -98,7 +98,7 @@ def test_bad_request_is_rejected_alone_and_abort_frees(core):
     client, seen = core
 
     async def main():
-        long = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        long = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)  # until the context is full
         client.add([("bad", [10**9], long), ("long", [1, 2, 3], long)])
         await seen.wait(["bad"])
         assert seen.failed["bad"][1] == 400 and "token ids" in seen.failed["bad"][0]
@@ -117,7 +117,7 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
     client, seen = core
 
     async def main():
-        params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
         client.add([("doomed", [1, 2, 3], params)])
         while not seen.tokens.get("doomed"):
             await asyncio.sleep(0.01)

@@ -285,3 +285,15 @@ def test_parser_rejects_ids_outside_the_vocabulary_and_feeding_after_flush(tok):
     parser.finish()
     with pytest.raises(RuntimeError):
         parser.feed(0)
+
+
+def test_garbage_streams_after_a_few_tokens_by_default(tok):
+    """A stream of text with no header (random weights say such things) shows up within the header bound (32
+    tokens), not after 256; a real tool-call header, the longest kind, fits well inside it."""
+    parser = HarmonyStreamParser()
+    ids = tok.encode("word " * 100)
+    first = next(n for n, i in enumerate(ids, 1) if any(d.text for d in parser.feed(i)))
+    assert first <= HarmonyStreamParser.MAX_HEADER_TOKENS + 1
+    header = tok.encode("<|start|>assistant<|channel|>commentary to=functions.get_current_weather_in_city "
+                        "<|constrain|>json<|message|>", allow_special=True)
+    assert len(header) < HarmonyStreamParser.MAX_HEADER_TOKENS
