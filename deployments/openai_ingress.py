@@ -7,6 +7,7 @@ OpenAI's shape; a client that disconnects cancels its requests all the way to th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -15,6 +16,7 @@ import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,7 +61,38 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
     app.add_middleware(ApiKeys, keys=server.args.resolved_api_keys)  # added last, so it runs first
+    app.openapi = functools.partial(openapi_document, app)
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERRORS = {400: "invalid request (the message names the field)", 401: "missing or invalid API key",
+          404: "unknown model", 413: "request body too large", 429: "at capacity; retry after Retry-After seconds",
+          503: "the engine or its experts failed; retry"}
+
+
+def openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document, told the truth: errors are 4xx/5xx in OpenAI's shape (never FastAPI's 422), and the
+    completion routes stream text/event-stream when asked to."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version="1", routes=app.routes)
+        for path, methods in document.get("paths", {}).items():
+            for operation in methods.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                if path != "/health":
+                    responses |= {str(status): {"description": text, "content": {
+                        "application/json": {"schema": ERROR_SCHEMA}}} for status, text in ERRORS.items()}
+                if path in ("/v1/chat/completions", "/v1/completions"):
+                    responses["200"].setdefault("content", {})["text/event-stream"] = {
+                        "schema": {"type": "string", "description": "server-sent events, when stream is true"}}
+        document.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+        document.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def validation_error(e: RequestValidationError) -> APIError:

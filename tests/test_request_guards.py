@@ -115,3 +115,15 @@ def test_api_keys_guard_every_route_but_health(monkeypatch):
 def test_no_keys_means_no_authentication(monkeypatch):
     monkeypatch.delenv("GPTOSS_API_KEYS", raising=False)
     assert call("GET", "/v1/models").status_code == 200
+
+
+def test_the_openapi_document_lists_the_errors_the_app_sends():
+    document = call("GET", "/openapi.json").json()
+    for path, methods in document["paths"].items():
+        for operation in methods.values():
+            assert "422" not in operation["responses"], path  # never sent: errors are 400s in OpenAI's shape
+            if path != "/health":
+                assert {"400", "401", "413", "429", "503"} <= set(operation["responses"]), path
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert "text/event-stream" in document["paths"][path]["post"]["responses"]["200"]["content"]
+    assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
