@@ -17,8 +17,8 @@ from gptoss_serve.cluster.step_inputs import StepInputs
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-# (token ids [b], positions [b], the step's inputs) -> float32 logits [b, vocab]
-Forward = Callable[[torch.Tensor, torch.Tensor, StepInputs], torch.Tensor]
+# a step's inputs ([b] sequences) -> float32 logits [b, vocab]
+Forward = Callable[[StepInputs], torch.Tensor]
 
 
 def buckets_for(max_num_seqs: int) -> list[int]:
@@ -30,7 +30,6 @@ class DecodeGraphs:
                  device: torch.device) -> None:
         self.buckets = buckets_for(max_num_seqs)
         largest = self.buckets[-1]
-        self.max_blocks_per_seq = max_blocks_per_seq
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int32, device=device)
@@ -49,11 +48,11 @@ class DecodeGraphs:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):  # compile and allocate outside the capture
-                forward(self.token_ids[:bucket], self.positions[:bucket], inputs)
+                forward(inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = forward(self.token_ids[:bucket], self.positions[:bucket], inputs)
+                self.logits[bucket] = forward(inputs)
             self.graphs[bucket] = graph
         torch.cuda.synchronize(device)
 

@@ -90,29 +90,27 @@ class ModelRunner:
             return SamplerOutput(token_ids=[], logprobs=[])
         return self.sampler.sample(logits, sampling)
 
-    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward pass of a whole step -> float32 logits of its sampled rows."""
-        hidden = self.model.model(token_ids, positions, PagedAttention(self.cache, inputs, self.attention))
+        attend = PagedAttention(self.cache, inputs, self.attention)
+        hidden = self.model.model(inputs.token_ids, inputs.positions, attend)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     def _logits(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
         """-> float32 logits [S, vocab] for the S sequences that sample, in the order given."""
         block_size = self.cache.block_size
         bucket = self.graphs.bucket(len(scheduled)) if self.graphs is not None else None
-        if bucket is not None and all(n == 1 for _, n in scheduled) and self._fits_graphs(scheduled):
+        # (a table never outgrows the graphs' width: sequences are held to max_model_len)
+        if bucket is not None and all(n == 1 for _, n in scheduled):
             inputs = StepInputs.build(scheduled, block_size=block_size, device=self.device, pad_to=bucket)
             return self.graphs.run(inputs)
         groups = self._split(scheduled)
         prepared = [StepInputs.build(group, block_size=block_size, device=self.device) for group in groups]
         if len(prepared) == 1:
-            return self._forward(prepared[0].token_ids, prepared[0].positions, prepared[0])
+            return self._forward(prepared[0])
         hidden = self.model.model.forward_interleaved(
             [(p.token_ids, p.positions, PagedAttention(self.cache, p, self.attention)) for p in prepared])
         return torch.cat([self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hidden, prepared)])
-
-    def _fits_graphs(self, scheduled: list[tuple[Sequence, int]]) -> bool:
-        width = self.graphs.max_blocks_per_seq
-        return all(len(table) <= width for seq, _ in scheduled for table in seq.block_tables.values())
 
     def _split(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """Contiguous groups with about the same number of tokens each (order kept: logits follow it)."""
