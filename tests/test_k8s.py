@@ -361,3 +361,13 @@ def test_the_scenarios_are_all_there():
         seen |= {"redis"} if cluster(svc).get("gcsFaultToleranceOptions", {}).get("redisAddress") else set()
     wanted = {"gpt-oss-20b colocated", "gpt-oss-20b moe", "gpt-oss-120b moe", "hub", "path", "pvc", "redis"}
     assert wanted <= seen, f"missing: {sorted(wanted - seen)}"
+
+
+@pytest.mark.parametrize("svc", RAYSERVICES)
+def test_api_keys_can_come_from_a_secret_on_every_pod(svc):
+    """The ingress may run on any pod: each Ray container reads GPTOSS_API_KEYS from the optional Secret, so
+    creating the Secret (and restarting) turns authentication on everywhere at once."""
+    for name, group in groups(svc):
+        env = {e["name"]: e for e in ray_container(group).get("env", [])}
+        ref = env.get("GPTOSS_API_KEYS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert ref.get("name") == "gptoss-api-keys" and ref.get("optional") is True, f"{name}: GPTOSS_API_KEYS"
