@@ -88,6 +88,8 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         # it owns the workers' placement group; the attention replicas find the workers by name
         pool = serve.deployment(ExpertPool, name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                 health_check_period_s=2).bind(args)
+    # a replica that is stopped (shutdown, redeploy, scale-down) first finishes what it is serving, up to the timeout
+    drain = dict(graceful_shutdown_timeout_s=args.drain_timeout_s, graceful_shutdown_wait_loop_s=1.0)
     replica = serve.deployment(
         AttentionReplica,
         name="AttentionReplica",
@@ -98,15 +100,16 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         request_router_config=MOST_ROOM,
         health_check_period_s=5,
         health_check_timeout_s=30,
+        **drain,
     ).bind(args, expert_pool=pool)
     router = serve.deployment(BatchingRouter, name="BatchingRouter", max_ongoing_requests=100_000,
                               num_replicas=args.num_router_replicas,
                               request_router_config=MOST_ROOM,  # aborts reach the router replica of their call
-                              ray_actor_options={"num_cpus": args.num_cpus_per_router}).bind(
+                              ray_actor_options={"num_cpus": args.num_cpus_per_router}, **drain).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
         max_wait_ms=args.router_max_wait_ms)
     ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress",
                                max_ongoing_requests=args.max_ongoing_requests + args.max_queued_requests + 16,
                                num_replicas=args.num_ingress_replicas,
-                               ray_actor_options={"num_cpus": args.num_cpus_per_ingress})
+                               ray_actor_options={"num_cpus": args.num_cpus_per_ingress}, **drain)
     return ingress.bind(router, args)

@@ -371,3 +371,13 @@ def test_api_keys_can_come_from_a_secret_on_every_pod(svc):
         env = {e["name"]: e for e in ray_container(group).get("env", [])}
         ref = env.get("GPTOSS_API_KEYS", {}).get("valueFrom", {}).get("secretKeyRef", {})
         assert ref.get("name") == "gptoss-api-keys" and ref.get("optional") is True, f"{name}: GPTOSS_API_KEYS"
+
+
+def test_replicas_drain_before_they_go(tmp_path):
+    """Shutdown, redeploys and scale-downs let requests in flight finish (up to drain_timeout_s) on every
+    deployment that serves them."""
+    app = {"name": "drain", "import_path": "gptoss_serve.deployments.builder:build_app",
+           "args": {"drain_timeout_s": 42}}
+    deployments = build(app, tmp_path)
+    for name in ("OpenAIIngress", "BatchingRouter", "AttentionReplica"):
+        assert deployments[name]._deployment_config.graceful_shutdown_timeout_s == 42, name
