@@ -50,7 +50,7 @@ class AppArgs(BaseModel):
     max_tools: int = Field(128, ge=0, description="function tools in one chat request")
     api_keys: list[SecretStr] = Field(default_factory=list, description=f"if any (or ${API_KEYS_ENV}), every "
                                                                         "route but /health needs one as a Bearer token")
-    drain_timeout_s: float = Field(60.0, ge=0, description="on shutdown or redeploy, how long a replica waits for "
+    drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown or redeploy, how long a replica waits for "
                                                            "its requests in flight to finish before it goes")
     max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "
                                                                 "runs; more get 429 at once")
