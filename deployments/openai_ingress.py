@@ -115,7 +115,8 @@ class ResponseStream:
 
     def __init__(self, streamer: BatchStreamer, requests: list[EngineRequest]) -> None:
         self.streamer = streamer
-        self.choice_of = {r.request_id: i for i, r in enumerate(requests)}
+        self.request_ids = [r.request_id for r in requests]  # by choice index
+        self.choice_of = {request_id: i for i, request_id in enumerate(self.request_ids)}
         self.open = set(self.choice_of)
         self.sink: asyncio.Queue = asyncio.Queue()
         streamer.submit(requests, self.sink)
@@ -139,7 +140,7 @@ class ResponseStream:
 
     def end(self, index: int) -> None:
         """Stops one choice's request (a stop string ended it); its later items, if any, are ignored."""
-        request_id = next((r for r, i in self.choice_of.items() if i == index), None)
+        request_id = self.request_ids[index]
         if request_id in self.open:
             self.open.discard(request_id)
             self.streamer.abort([request_id])
@@ -182,9 +183,6 @@ class OpenAIIngress:
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         self._check_limits(body)
-        if len(body.tools or ()) > self.args.max_tools:
-            raise APIError(400, f"tools: {len(body.tools)} tools, more than this server's limit of "
-                                f"{self.args.max_tools}", param="tools")
         try:
             prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
         except ValueError as e:
@@ -220,6 +218,10 @@ class OpenAIIngress:
         if any(len(s) > self.args.max_stop_length for s in stops):
             raise APIError(400, f"stop: a stop string is longer than this server's limit of "
                                 f"{self.args.max_stop_length} characters", param="stop")
+        tools = getattr(body, "tools", None) or ()  # chat only
+        if len(tools) > self.args.max_tools:
+            raise APIError(400, f"tools: {len(tools)} tools, more than this server's limit of "
+                                f"{self.args.max_tools}", param="tools")
 
     def _check_prompt_length(self, prompts: list[list[int]], param: str) -> None:
         longest = max(map(len, prompts), default=0)
