@@ -44,6 +44,13 @@ COMMON = {
     "min_tokens": field(st.integers(-1, 4)), "ignore_eos": field(st.booleans()),
 }
 MODEL = {"model": field(st.sampled_from(["gpt-oss"] * 6 + ["other"]))}
+# well-formed requests, so that a good share of the fuzz runs all the way through the engine and back
+GOOD = {"max_tokens": st.integers(1, 8), "stream": st.booleans(), "n": st.integers(1, 2),
+        "temperature": st.floats(0, 2), "seed": st.integers(0, 2**31)}
+GOOD_CHAT = st.fixed_dictionaries({"model": st.just("gpt-oss"), "messages": st.lists(st.fixed_dictionaries(
+    {"role": st.just("user"), "content": st.text(max_size=40)}), min_size=1, max_size=2)}, optional=GOOD)
+GOOD_COMPLETION = st.fixed_dictionaries({"model": st.just("gpt-oss"), "prompt": st.text(min_size=1, max_size=40)},
+                                        optional=GOOD)
 CHAT = ({**MODEL, "messages": field(st.lists(MESSAGE, min_size=1, max_size=3))},
         {**COMMON, "tools": field(st.lists(TOOL, max_size=2)), "logprobs": field(st.booleans()),
          "top_logprobs": field(st.integers(-1, 25)),
@@ -54,14 +61,14 @@ COMPLETION = ({**MODEL, "prompt": field(st.text(min_size=1, max_size=40) | st.li
               {**COMMON, "logprobs": field(st.integers(-1, 25)), "echo": field(st.booleans())})
 
 
-def bodies(fields: tuple[dict, dict]) -> st.SearchStrategy:
-    """The required fields and some optional ones (each plausible or not), maybe unknown ones; sometimes fields
-    missing, or not an object at all."""
+def bodies(fields: tuple[dict, dict], good: st.SearchStrategy) -> st.SearchStrategy:
+    """A well-formed request, or the required fields and some optional ones (each plausible or not), maybe unknown
+    ones; sometimes fields missing, or not an object at all."""
     required, optional = fields
     extra = st.dictionaries(st.text(min_size=1, max_size=8), JSON, max_size=2)
     whole = st.builds(lambda a, b: {**b, **a}, st.fixed_dictionaries(required, optional=optional), extra)
     partial = st.fixed_dictionaries({}, optional={**required, **optional})
-    return st.one_of(whole, whole, whole, whole, partial, JSON)
+    return st.one_of(good, whole, whole, whole, partial, JSON)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +105,14 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
 
 
 @FUZZ
-@given(body=bodies(CHAT))
+@given(body=bodies(CHAT, GOOD_CHAT))
 def test_chat_fuzz(client, body):
     send, _ = client
     check(send("/v1/chat/completions", body))
 
 
 @FUZZ
-@given(body=bodies(COMPLETION))
+@given(body=bodies(COMPLETION, GOOD_COMPLETION))
 def test_completions_fuzz(client, body):
     send, _ = client
     check(send("/v1/completions", body))
