@@ -6,9 +6,10 @@
 
 Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens generated after every
 request of the batch has its first token; prefill tokens/s is prompt tokens over the time to those first tokens.
---eager both runs it without CUDA graphs (engine.enforce_eager), then with them. --experts both runs the engine
-twice, MXFP4 experts widened to bf16 at load and then kept packed. Each variant loads the model afresh in this one
-process and prints the GPU memory the weights take after the load (torch.cuda.memory_allocated).
+--eager both runs it without CUDA graphs (engine.enforce_eager), then with them; --scheduling both runs it with
+synchronous steps, then with async scheduling (engine.async_scheduling). --experts both loads the model twice,
+MXFP4 experts widened to bf16 at load and then kept packed, and prints the GPU memory the weights take after each
+load (torch.cuda.memory_allocated); every other variant is an engine built afresh on the same loaded model.
 """
 
 from __future__ import annotations
@@ -98,31 +99,38 @@ def load_hf(path: Path, device: torch.device):
     return model.to(device).eval()
 
 
-def run_engine_variant(path: Path, device: torch.device, args: argparse.Namespace, experts: str,
-                       eager: bool) -> list[dict]:
-    """Loads the model with its experts packed or dequantized, runs every batch size with or without CUDA graphs,
-    frees the model."""
+def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespace, experts: str,
+                        modes: list[tuple[bool, bool]]) -> list[dict]:
+    """Loads the model with its experts packed or dequantized; for each (eager, async scheduling) mode builds an
+    engine on it and runs every batch size; frees the model."""
     t = time.perf_counter()
     model = load_model(path, device=device, load_format=args.load_format, dequantize_experts=experts == "dequantized")
     weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
-    name = f"{experts}{', eager' if eager else ''}"
-    print(f"[{name}] loaded in {time.perf_counter() - t:.1f} s on {device}; weights on the GPU: "
+    print(f"[{experts}] loaded in {time.perf_counter() - t:.1f} s on {device}; weights on the GPU: "
           f"{weights_gb:.2f} GB (torch.cuda.memory_allocated)", flush=True)
-    config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.output_len + 16,
-                          gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=eager)
-    engine = LLMEngine(model, load_tokenizer(), config)
-    free = torch.cuda.mem_get_info(device)[0] / 1e9 if device.type == "cuda" else float("nan")
-    print(f"KV cache: {engine.kv_cache_bytes / 1e9:.2f} GB, {engine.num_blocks} blocks of {engine.config.block_size} "
-          f"tokens; {free:.2f} GB of the device still free", flush=True)
-    run_engine(engine, 2, 16, 4)  # warm-up
     rows = []
-    for batch in args.batches:
-        r = run_engine(engine, batch, args.prompt_len, args.output_len) | {
-            "experts": experts, "eager": eager, "weights_gb": weights_gb, "kv_cache_gb": engine.kv_cache_bytes / 1e9}
-        rows.append(r)
-        print(f"engine [{name}] batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
-              f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)", flush=True)
-    del engine, model
+    for eager, async_scheduling in modes:
+        name = f"{experts}{', eager' if eager else ''}{', async' if async_scheduling else ', sync'}"
+        config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.output_len + 16,
+                              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=eager,
+                              async_scheduling=async_scheduling)
+        engine = LLMEngine(model, load_tokenizer(), config)
+        free = torch.cuda.mem_get_info(device)[0] / 1e9 if device.type == "cuda" else float("nan")
+        print(f"[{name}] KV cache: {engine.kv_cache_bytes / 1e9:.2f} GB, {engine.num_blocks} blocks of "
+              f"{engine.config.block_size} tokens; {free:.2f} GB of the device still free", flush=True)
+        run_engine(engine, 2, 16, 4)  # warm-up
+        for batch in args.batches:
+            r = run_engine(engine, batch, args.prompt_len, args.output_len) | {
+                "experts": experts, "eager": eager, "async_scheduling": async_scheduling, "weights_gb": weights_gb,
+                "kv_cache_gb": engine.kv_cache_bytes / 1e9}
+            rows.append(r)
+            print(f"engine [{name}] batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
+                  f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)",
+                  flush=True)
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -141,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="MXFP4 experts kept packed, widened to bf16 at load, or both in turn")
     parser.add_argument("--eager", choices=["no", "yes", "both"], default="no",
                         help="yes: engine.enforce_eager (no CUDA graphs); both: eager first, then graphs")
+    parser.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
+                        help="engine.async_scheduling on, off, or off then on")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -162,9 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                "checkpoint": str(path), "load_format": args.load_format, "engine": [], "hf": []}
-    for eager in ([True, False] if args.eager == "both" else [args.eager == "yes"]):
-        for experts in (["dequantized", "packed"] if args.experts == "both" else [args.experts]):
-            results["engine"] += run_engine_variant(path, device, args, experts, eager)
+    modes = [(eager, async_scheduling)
+             for eager in ([True, False] if args.eager == "both" else [args.eager == "yes"])
+             for async_scheduling in ([False, True] if args.scheduling == "both" else [args.scheduling == "async"])]
+    for experts in (["dequantized", "packed"] if args.experts == "both" else [args.experts]):
+        results["engine"] += run_engine_variants(path, device, args, experts, modes)
     if args.hf:
         hf_model = load_hf(path, device)
         for batch in args.hf_batches:

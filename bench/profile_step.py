@@ -1,12 +1,13 @@
 """Where an engine step's time goes: launches, host syncs, GPU time against wall time, over decode steps.
 
     python -m gptoss_serve.bench.profile_step --model DIR [--load-format dummy] [--batch 1] [--steps 8]
-        [--enforce-eager] [--trace trace.json] [--json PATH]
+        [--enforce-eager] [--sync-scheduling] [--trace trace.json] [--json PATH]
 
 Per decode step it prints: kernel launches and CUDA-graph launches made by the host (cudaLaunchKernel and
 cudaGraphLaunch calls), kernels the GPU ran, host syncs (counted by torch's CUDA sync debug mode, which warns on
-each; the sampler's one read of the sampled ids is among them), the GPU's busy time (sum of kernel times) and the
-wall time; then the ops that take the most device time.
+each: with --sync-scheduling the sampler's read of the sampled ids is one; under async scheduling the host instead
+waits on an event for the step before, while this one runs, which is no sync of the stream), the GPU's busy time
+(sum of kernel times) and the wall time; then the ops that take the most device time.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--sync-scheduling", action="store_true", help="no async scheduling")
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--trace", help="write a Chrome trace here")
     parser.add_argument("--json", help="write the per-step figures here")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     model = load_model(args.model, device=device, load_format=args.load_format)
     engine = LLMEngine(model, load_tokenizer(), EngineConfig(max_num_seqs=max(args.batch, 1), max_model_len=4096,
-                                                             enforce_eager=args.enforce_eager))
+                                                             enforce_eager=args.enforce_eager,
+                                                             async_scheduling=not args.sync_scheduling))
     params = SamplingParams(temperature=0, max_tokens=args.steps * 4 + 16, ignore_eos=True)
     for i, prompt in enumerate(random_prompts(args.batch, args.prompt_len, seed=0)):
         engine.add_request(str(i), prompt, params)
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - start
     events = prof.events()
     per_step = {
-        "batch": args.batch, "enforce_eager": args.enforce_eager,
+        "batch": args.batch, "enforce_eager": args.enforce_eager, "async_scheduling": not args.sync_scheduling,
         "kernel_launches": sum(e.name in LAUNCHES for e in events) / args.steps,
         "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events) / args.steps,
         "gpu_kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) / args.steps,
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
-    print(f"batch {args.batch} ({'eager' if args.enforce_eager else 'CUDA graphs where they apply'}), per decode step: "
+    mode = f"{'eager' if args.enforce_eager else 'CUDA graphs where they apply'}, " \
+           f"{'sync' if args.sync_scheduling else 'async'} scheduling"
+    print(f"batch {args.batch} ({mode}), per decode step: "
           f"{per_step['kernel_launches']:.0f} kernel launches, {per_step['graph_launches']:.0f} graph launches, "
           f"{per_step['gpu_kernels']:.0f} GPU kernels, {per_step['host_syncs']:.1f} host syncs, "
           f"GPU busy {per_step['gpu_busy_ms']:.2f} ms of {per_step['wall_ms']:.2f} ms wall "

@@ -5,6 +5,13 @@
         for out in engine.step(): ...     # schedule -> run -> postprocess
 
 Requests join at any step and leave when they finish; `abort` frees a request's blocks at once.
+
+With async scheduling (on GPUs by default) a step only launches its work on the device: the call that launches
+step t+1 then reads step t's tokens and returns step t's outputs, so the host schedules, builds inputs and
+postprocesses while the device runs. Sequences decoding in step t+1 read their step-t token on the device
+(PENDING on the host until then); a stop token is found one step late, and the extra token computed for that
+sequence is dropped. Requests with penalties need every output token on the host when sampling: while one runs,
+steps are synchronous.
 """
 
 from __future__ import annotations
@@ -20,10 +27,10 @@ from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block
 from gptoss_serve.cluster.model_runner import ModelRunner
-from gptoss_serve.cluster.sampler import TokenLogprobs
+from gptoss_serve.cluster.sampler import PendingSample, TokenLogprobs
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.cluster.scheduler import Scheduler
-from gptoss_serve.cluster.sequence import Sequence
+from gptoss_serve.cluster.sequence import PENDING, Sequence, Status
 from gptoss_serve.model.experts import ExpertsUnavailableError
 from gptoss_serve.model.tokenizer import Tokenizer
 from gptoss_serve.model.transformer import GptOssForCausalLM
@@ -63,11 +70,13 @@ MAX_FAILED_STEPS_IN_A_ROW = 3  # then the failure is the engine's, not one batch
 
 
 @dataclass
-class _Request:
-    """What the engine's postprocess needs beyond the sequence: the output cap."""
+class _Launched:
+    """A step whose work is on the device: what it scheduled, the sequences that sample (in sample order), and its
+    samples on their way to the host (None when no sequence samples)."""
 
-    seq: Sequence
-    max_tokens: int
+    scheduled: list[tuple[Sequence, int]]
+    sampled: list[Sequence]
+    samples: PendingSample | None
 
 
 class LLMEngine:
@@ -93,7 +102,11 @@ class LLMEngine:
         self.weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                                         model.buffers()))
         self.kv_cache_bytes = self.num_blocks * bytes_per_block(model.config, config.block_size, model.dtype)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, Sequence] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else model.device.type == "cuda")
+        self.in_flight: _Launched | None = None
+        self.with_penalties: set[str] = set()  # requests whose sampling reads their whole output (see above)
         self.failed_steps_in_a_row = 0
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
@@ -119,63 +132,125 @@ class LLMEngine:
                              f"and max_model_len is {self.max_model_len}: at most {room} can be generated")
         max_tokens = room if sampling_params.max_tokens is None else sampling_params.max_tokens
         seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
-        self.requests[request_id] = _Request(seq, max_tokens)
+        seq.length_cap = len(prompt) + max_tokens
+        self.requests[request_id] = seq
+        p = sampling_params
+        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            self.with_penalties.add(request_id)
         if self.texts is not None:
             self.texts.add(request_id, sampling_params)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         """Stops a request and frees its blocks; unknown or finished ids are ignored. True if it was running."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
+        seq = self._forget(request_id)
+        if seq is None:
             return False
-        self.scheduler.finish(request.seq)
+        self.scheduler.finish(seq)
         if self.texts is not None:
             self.texts.remove(request_id)
+        if not self.requests and self.in_flight is not None:  # the last one left: nothing will read that step
+            self._collect(self._take_in_flight())
         return True
+
+    def _forget(self, request_id: str) -> Sequence | None:
+        self.with_penalties.discard(request_id)
+        return self.requests.pop(request_id, None)
 
     @property
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests left, or a step in flight whose outputs the next `step` returns."""
+        return bool(self.requests) or self.in_flight is not None
 
     # ---- the step -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches a step, and returns the outputs of the step before it (async scheduling) or of
+        this one."""
+        synchronous = not self.async_scheduling or bool(self.with_penalties)
+        if synchronous and self.in_flight is not None:  # a penalized request joined: first drain the step in flight
+            return self._collect(self._take_in_flight())
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        previous = self._take_in_flight()
+        outputs: list[RequestOutput] = []
+        if scheduled:
+            self.in_flight, failed = self._launch(scheduled, previous)
+            outputs += failed
+        if previous is not None:
+            outputs = self._collect(previous) + outputs
+        if synchronous and self.in_flight is not None:
+            outputs += self._collect(self._take_in_flight())
+        return outputs
+
+    def _take_in_flight(self) -> _Launched | None:
+        launched, self.in_flight = self.in_flight, None
+        return launched
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]],
+                previous: _Launched | None) -> tuple[_Launched | None, list[RequestOutput]]:
+        """-> the launched step, or None and its requests' failures."""
         try:
-            sampled = self.runner.run(scheduled)
-        except ExpertsUnavailableError as e:  # the step's requests fail; the engine and the others go on
-            # the details (which worker, which address) go to the log; clients get no internals
-            logger.warning("a step's experts failed: %s", e)
-            return [self._fail(seq, "the MoE workers serving this request failed; retry") for seq, _ in scheduled]
-        except Exception:  # noqa: BLE001 - one bad step fails its requests; a broken engine fails every step
-            self.failed_steps_in_a_row += 1
-            if self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
-                raise  # the device or the model is broken: the engine core dies and is replaced
-            logger.exception("a step of %d requests failed; failing them and going on", len(scheduled))
-            return [self._fail(seq, "the engine failed while running this request; retry") for seq, _ in scheduled]
+            samples = self.runner.launch(scheduled, previous.samples.tokens if previous and previous.samples else None)
+        except Exception as e:  # noqa: BLE001 - one bad step fails its requests; a broken engine fails every step
+            return None, self._fail_step(scheduled, e)
+        sampled = self.scheduler.advance(scheduled)
+        for row, seq in enumerate(sampled):
+            seq.output_token_ids.append(PENDING)
+            seq.pending_row = row
+        return _Launched(scheduled, sampled, samples), []
+
+    def _collect(self, launched: _Launched) -> list[RequestOutput]:
+        """Waits for a launched step's samples and turns them into its outputs."""
+        try:
+            sampled = launched.samples.result() if launched.samples is not None else None
+        except Exception as e:  # noqa: BLE001 - as in _launch: the device failed while running the step
+            for seq in launched.sampled:  # tokens that will never come: a retry must not read them
+                self._drop_pending(seq)
+            return self._fail_step(launched.scheduled, e)
         self.failed_steps_in_a_row = 0
-        seqs = self.scheduler.postprocess(scheduled, sampled.token_ids)
-        outputs = [self._postprocess(seq, logprobs) for seq, logprobs in zip(seqs, sampled.logprobs)]
+        outputs = []
+        for row, seq in enumerate(launched.sampled):
+            index = seq.output_token_ids.index(PENDING, max(0, len(seq.output_token_ids) - 2))
+            seq.output_token_ids[index] = sampled.token_ids[row]
+            if self.requests.get(seq.request_id) is seq and seq.status is not Status.FINISHED:
+                outputs.append(self._postprocess(seq, sampled.logprobs[row]))
+        self.scheduler.after_step(launched.scheduled)
         if self.texts is not None:
             outputs = [self._stop_at_text(self.texts.process(out)) for out in outputs]
         return outputs
 
+    def _drop_pending(self, seq: Sequence) -> None:
+        if PENDING in seq.output_token_ids[-2:]:
+            seq.output_token_ids.remove(PENDING)
+
+    def _fail_step(self, scheduled: list[tuple[Sequence, int]], error: Exception) -> list[RequestOutput]:
+        if isinstance(error, ExpertsUnavailableError):  # the step's requests fail; the engine and the others go on
+            # the details (which worker, which address) go to the log; clients get no internals
+            logger.warning("a step's experts failed: %s", error)
+            message = "the MoE workers serving this request failed; retry"
+        else:
+            self.failed_steps_in_a_row += 1
+            if self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                raise error  # the device or the model is broken: the engine core dies and is replaced
+            logger.error("a step of %d requests failed; failing them and going on", len(scheduled),
+                         exc_info=error)
+            message = "the engine failed while running this request; retry"
+        return [self._fail(seq, message) for seq, _ in scheduled if self.requests.get(seq.request_id) is seq]
+
     def _postprocess(self, seq: Sequence, logprobs: TokenLogprobs | None) -> RequestOutput:
         """The sequence's new token; ends the request on a stop token or at its length (stop strings are
         TextStreams' to find)."""
-        request = self.requests[seq.request_id]
         token, n = seq.output_token_ids[-1], len(seq.output_token_ids)
+        if token == PENDING:  # the next step already sampled after it: this output is the one before
+            token, n = seq.output_token_ids[-2], n - 1
         reason, stop_reason = None, None
         # the sampling state's stop ids are empty under ignore_eos
         if token in seq.sampling.stop_token_ids and n >= seq.params.min_tokens:
             reason, stop_reason = "stop", token
-        elif n >= request.max_tokens or len(seq) >= self.max_model_len:
+        elif len(seq.prompt_token_ids) + n >= seq.length_cap:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq)
-            del self.requests[seq.request_id]
+            self._forget(seq.request_id)
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=[token], new_text=None, finished=reason is not None,
             finish_reason=reason, stop_reason=stop_reason, logprobs=[logprobs] if logprobs else [],
@@ -183,14 +258,14 @@ class LLMEngine:
 
     def _stop_at_text(self, out: RequestOutput) -> RequestOutput:
         """A stop string found in the text ends the request here too."""
-        request = self.requests.pop(out.request_id, None) if out.finished else None
-        if request is not None:
-            self.scheduler.finish(request.seq)
+        seq = self._forget(out.request_id) if out.finished else None
+        if seq is not None:
+            self.scheduler.finish(seq)
         return out
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         self.scheduler.finish(seq)
-        self.requests.pop(seq.request_id, None)
+        self._forget(seq.request_id)
         if self.texts is not None:
             self.texts.remove(seq.request_id)
         return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
@@ -223,6 +298,8 @@ class LLMEngine:
                     result.logprobs += out.logprobs
                 if out.finished:
                     result.finish_reason = out.finish_reason
+        while self.in_flight is not None:  # a step launched past a stop: its tokens are dropped
+            self.step()
         return [done[name] for name in names]
 
     # ---- introspection (metrics, placement) ---------------------------------------------------------------------
@@ -240,4 +317,4 @@ class LLMEngine:
 
     def is_idle(self) -> bool:
         """No request left and every block back in the pool (cached prefix blocks count as free)."""
-        return not self.requests and self.blocks.num_free_blocks == self.num_blocks - 1
+        return not self.requests and self.in_flight is None and self.blocks.num_free_blocks == self.num_blocks - 1

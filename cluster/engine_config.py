@@ -34,6 +34,8 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(False, description="no CUDA graphs: every step's kernels launched one by one "
                                                    "(debugging; graphs are captured only on GPUs)")
+    async_scheduling: bool | None = Field(None, description="schedule step t+1 while step t runs on the device, "
+                                                             "reading its tokens a step late; default: on GPUs")
     seed: int = Field(0, description="for requests without their own seed")
 
     def __init__(self, **values: Any) -> None:

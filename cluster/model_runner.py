@@ -16,7 +16,7 @@ import torch
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
 from gptoss_serve.cluster.kv_cache import KVCache
-from gptoss_serve.cluster.sampler import Sampler, SamplerOutput
+from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
 from gptoss_serve.kernels.paged_attention import paged_attention_reference
@@ -80,15 +80,23 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self._forward, groups=groups, max_num_seqs=max_num_seqs,
                                        max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
 
-    @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:
         """(sequence, number of new tokens) pairs -> a token (and its logprobs, if asked) for each sequence whose
         chunk reaches its last token, in the order given."""
+        pending = self.launch(scheduled)
+        return pending.result() if pending is not None else SamplerOutput(token_ids=[], logprobs=[])
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[tuple[Sequence, int]],
+               pending_tokens: torch.Tensor | None = None) -> PendingSample | None:
+        """Queues the step's forward pass and sampling on the device and returns without waiting for them; None
+        when every chunk ends inside a prompt (nothing to sample). pending_tokens: the device samples of the step
+        still in flight, for sequences whose newest token is PENDING."""
         sampling = [seq.sampling for seq, n in scheduled if seq.num_computed_tokens + n == len(seq)]
-        logits = self._logits(scheduled)  # [S, vocab]
-        if not sampling:  # every chunk ends inside a prompt
-            return SamplerOutput(token_ids=[], logprobs=[])
-        return self.sampler.sample(logits, sampling)
+        logits = self._logits(scheduled, pending_tokens)  # [S, vocab]
+        if not sampling:
+            return None
+        return self.sampler.launch(logits, sampling)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward pass of a whole step -> float32 logits of its sampled rows."""
@@ -96,16 +104,17 @@ class ModelRunner:
         hidden = self.model.model(inputs.token_ids, inputs.positions, attend)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
-    def _logits(self, scheduled: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _logits(self, scheduled: list[tuple[Sequence, int]], pending_tokens: torch.Tensor | None) -> torch.Tensor:
         """-> float32 logits [S, vocab] for the S sequences that sample, in the order given."""
-        block_size = self.cache.block_size
+        build = functools.partial(StepInputs.build, block_size=self.cache.block_size, device=self.device,
+                                  pending_tokens=pending_tokens)
         bucket = self.graphs.bucket(len(scheduled)) if self.graphs is not None else None
         # (a table never outgrows the graphs' width: sequences are held to max_model_len)
         if bucket is not None and all(n == 1 for _, n in scheduled):
-            inputs = StepInputs.build(scheduled, block_size=block_size, device=self.device, pad_to=bucket)
+            inputs = build(scheduled, pad_to=bucket)
             return self.graphs.run(inputs)
         groups = self._split(scheduled)
-        prepared = [StepInputs.build(group, block_size=block_size, device=self.device) for group in groups]
+        prepared = [build(group) for group in groups]
         if len(prepared) == 1:
             return self._forward(prepared[0])
         hidden = self.model.model.forward_interleaved(

@@ -85,11 +85,47 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # None where the request asked for none
 
 
+class PendingSample:
+    """A step's samples on their way to the host. Everything the host will read is copied into pinned memory,
+    queued on the device behind the step, and an event marks when it landed: `result` waits for that event alone,
+    not for whatever the device ran after it (the next step, under async scheduling). `tokens` stays on the device
+    for the next step's inputs."""
+
+    def __init__(self, tokens: Tensor, logprobs: _LogprobTensors | None, params: list[SamplingParams]) -> None:
+        self.tokens = tokens  # [S] int64, on the logits' device
+        self.params = params
+        on_gpu = tokens.device.type == "cuda"
+        to_host = [tokens] + (list(logprobs.tensors) if logprobs else [])
+        self._host = [t.to("cpu", non_blocking=True) if on_gpu else t for t in to_host]
+        self._wanted = logprobs.rows if logprobs else []
+        self._event = None
+        if on_gpu:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        out: list[TokenLogprobs | None] = [None] * len(self.params)
+        if self._wanted:
+            chosen, rank, top_lp, top_id = (t.tolist() for t in self._host[1:])
+            for j, i in enumerate(self._wanted):
+                k = self.params[i].logprobs
+                out[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen[j], rank=rank[j],
+                                       top=list(zip(top_id[j][:k], top_lp[j][:k])))
+        return SamplerOutput(token_ids=token_ids, logprobs=out)
+
+
 class Sampler:
     """Stateless: every per-request thing lives in the SamplingStates passed in."""
 
     def sample(self, logits: Tensor, requests: list[SamplingState]) -> SamplerOutput:
         """logits: [B, V], one row per request, in the order of `requests`."""
+        return self.launch(logits, requests).result()
+
+    def launch(self, logits: Tensor, requests: list[SamplingState]) -> PendingSample:
+        """Queues the sampling of logits [B, V] on their device; nothing waits for the device here."""
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits must be [{len(requests)}, V], got {list(logits.shape)}")
         params = [state.params for state in requests]
@@ -108,8 +144,7 @@ class Sampler:
                 rows = torch.tensor(random_rows, device=logits.device)  # [R]
                 chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
                 tokens = tokens.index_copy(0, rows, chosen)
-        token_ids = tokens.tolist()
-        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(raw, tokens, token_ids, params))
+        return PendingSample(tokens, _logprob_tensors(raw, tokens, params), params)
 
 
 def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
@@ -230,23 +265,21 @@ def _mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor, *, leading: 
     return torch.where(top_k >= vocab_size, logits, masked)
 
 
-def _logprobs(
-    raw: Tensor, tokens: Tensor, token_ids: list[int], params: list[SamplingParams]
-) -> list[TokenLogprobs | None]:
+@dataclass(frozen=True)
+class _LogprobTensors:
+    rows: list[int]  # the requests that asked for logprobs, in batch order
+    tensors: tuple[Tensor, Tensor, Tensor, Tensor]  # chosen [L], rank [L], top logprobs [L, n], top ids [L, n]
+
+
+def _logprob_tensors(raw: Tensor, tokens: Tensor, params: list[SamplingParams]) -> _LogprobTensors | None:
+    """The logprobs the requests asked for, as device tensors (read with the tokens, in one wait)."""
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
-    out: list[TokenLogprobs | None] = [None] * len(params)
     if not wanted:
-        return out
+        return None
     index = torch.tensor(wanted, device=raw.device)  # [L]
     logprobs = raw[index].float().log_softmax(dim=-1)  # [L, V]
     chosen = logprobs.gather(1, tokens[index].unsqueeze(1))  # [L, 1]
     ranks = (logprobs > chosen).sum(dim=-1) + 1  # [L]
     n = min(max(params[i].logprobs for i in wanted), raw.shape[1])
     top_values, top_ids = logprobs.topk(n, dim=-1)  # [L, n]
-    # one transfer for everything, not one per request
-    chosen_lp, rank, top_lp, top_id = chosen.squeeze(1).tolist(), ranks.tolist(), top_values.tolist(), top_ids.tolist()
-    for j, i in enumerate(wanted):
-        k = params[i].logprobs
-        top = list(zip(top_id[j][:k], top_lp[j][:k]))
-        out[i] = TokenLogprobs(token_id=token_ids[i], logprob=chosen_lp[j], rank=rank[j], top=top)
-    return out
+    return _LogprobTensors(wanted, (chosen.squeeze(1), ranks, top_values, top_ids))

@@ -3,8 +3,11 @@
 Prompts are prefilled in chunks of at most the step's remaining token budget, so a long prompt never stalls the
 decoding sequences. When the cache has no room for a running sequence's next tokens, the most recently admitted
 sequence is preempted: its blocks are freed and it waits to be recomputed (its prefix may still be cached).
-After the step ran, `postprocess` records what it computed and appends the sampled tokens; whether a sequence is
-done (stop token, stop string, length) the engine decides, and `finish` takes it out.
+Once a step is launched, `advance` records what it computes and returns the sequences that sample; once it ran,
+`after_step` lets the cache keep or release their blocks. Whether a sequence is done (stop token, stop string,
+length) the engine decides, and `finish` takes it out. Under async scheduling the engine schedules step t+1 while
+step t runs: a sequence's last token may still be PENDING then (see sequence.py), and a sequence at its length cap
+is skipped, as its last token is already on its way.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Scheduler:
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or seq.at_length_cap:  # preempted earlier in this loop, or done
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             if n == 0:
@@ -69,19 +72,22 @@ class Scheduler:
             budget -= n
         return scheduled
 
-    def postprocess(self, scheduled: list[tuple[Sequence, int]], token_ids: list[int]) -> list[Sequence]:
-        """Once the step ran: its tokens are in the cache (full blocks join the prefix cache, blocks that left the
-        sliding window go back), and each sequence that computed its last token takes its sampled token.
-        token_ids: one per such sequence, in the order scheduled. -> those sequences."""
+    def advance(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """A step was launched: its tokens count as computed. -> the sequences whose chunk reaches their last token
+        (the ones that sample), in the order scheduled."""
         sampled = []
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.blocks.after_step(seq)
             if seq.num_computed_tokens == len(seq):
                 sampled.append(seq)
-        for seq, token in zip(sampled, token_ids, strict=True):
-            seq.output_token_ids.append(token)
         return sampled
+
+    def after_step(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """A step ran and its sampled tokens are known: full blocks join the prefix cache (their tokens are all
+        known by now), blocks that left the sliding window go back."""
+        for seq, _ in scheduled:
+            if seq.status is Status.RUNNING:  # not finished, aborted or preempted meanwhile
+                self.blocks.after_step(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

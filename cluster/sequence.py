@@ -9,6 +9,11 @@ from gptoss_serve.cluster.sampler import SamplingState
 from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
 
 
+# an output token sampled by the step still on the device (async scheduling): its value reaches the host one step
+# later; the next step reads it on the device, from that step's samples at the sequence's `pending_row`
+PENDING = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -29,6 +34,8 @@ class Sequence:
     block_tables: dict[str, list[int]] = field(default_factory=dict)
     num_hashed_blocks: int = 0  # leading full blocks already registered in the prefix cache
     block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block
+    length_cap: int = 0  # the engine sets it: prompt + max_tokens, within max_model_len; no token is computed past it
+    pending_row: int = -1  # where its PENDING last token lies in the samples of the step in flight
     # what the sampler keeps between steps (penalty counts, the seeded generator); it reads the tokens above live
     sampling: SamplingState = field(init=False, repr=False)
 
@@ -42,6 +49,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def at_length_cap(self) -> bool:
+        """It has every token it may have (the last perhaps PENDING): nothing more is scheduled for it."""
+        return len(self) >= self.length_cap
 
     @property
     def num_uncomputed_tokens(self) -> int:

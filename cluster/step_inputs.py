@@ -5,6 +5,9 @@ positions, where each sequence's rows start (query_start), its context length, t
 keys and values go to, and each group's block tables. They are written into one pinned host buffer and go to the
 device in one non-blocking copy; the tensors the model reads are views of the copy. No step reads anything back.
 
+Under async scheduling a sequence's newest token may still be PENDING on the host (sampled by the step in flight):
+its row is filled on the device from that step's samples, one gather after the copy, so nothing waits for it.
+
 A decode step run by a CUDA graph is padded to its batch bucket: padding rows are token 0 at position 0, context
 length 1, writing their keys and values into the null block (block 0, never read as real data).
 """
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from gptoss_serve.cluster.block_manager import NULL_BLOCK
-from gptoss_serve.cluster.sequence import Sequence
+from gptoss_serve.cluster.sequence import PENDING, Sequence
 
 
 def token_at(seq: Sequence, index: int) -> int:
@@ -44,9 +47,10 @@ class StepInputs:
 
     @classmethod
     def build(cls, scheduled: list[tuple[Sequence, int]], *, block_size: int, device: torch.device,
-              pad_to: int | None = None) -> StepInputs:
+              pad_to: int | None = None, pending_tokens: torch.Tensor | None = None) -> StepInputs:
         """(sequence, new tokens) pairs -> the step's inputs on `device`. pad_to: decode steps only (one token a
-        sequence), padded to that many sequences for a CUDA graph of that size."""
+        sequence), padded to that many sequences for a CUDA graph of that size. pending_tokens: the samples of the
+        step in flight ([S] on `device`), where PENDING tokens are read (at each sequence's pending_row)."""
         groups = list(scheduled[0][0].block_tables)
         B = len(scheduled)
         lens = [n for _, n in scheduled]
@@ -61,15 +65,23 @@ class StepInputs:
         # one int32 buffer: ids, positions, query_start, context_lens, slots per group, tables per group, rows
         sizes = [padded_n, padded_n, padded_b + 1, padded_b] + [padded_n] * len(groups) \
             + [padded_b * width] * len(groups)
-        host = np.zeros(sum(sizes) + B, dtype=np.int32)
-        ids, positions, query_start, context_lens, *rest = np.split(host, np.cumsum(sizes))
-        slots, tables, sample_rows = rest[:len(groups)], rest[len(groups):2 * len(groups)], rest[-1]
+        # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end
+        pending = [seq for seq, _ in scheduled if seq.output_token_ids and seq.output_token_ids[-1] == PENDING]
+        F = len(pending)
+        host = np.zeros(sum(sizes) + B + 2 * F, dtype=np.int32)
+        ids, positions, query_start, context_lens, *rest = np.split(host, np.cumsum([*sizes, B, F]))
+        slots, tables = rest[:len(groups)], rest[len(groups):2 * len(groups)]
+        sample_rows, fill_rows, fill_from = rest[-3:]
         tables = [t.reshape(padded_b, width) for t in tables]
 
-        row, samples = 0, 0
+        row, samples, fills = 0, 0, 0
         for b, (seq, n) in enumerate(scheduled):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids[row:row + n] = [token_at(seq, i) for i in range(start, end)]
+            if end == len(seq) and seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
+                fill_rows[fills], fill_from[fills] = row + n - 1, seq.pending_row
+                ids[row + n - 1] = 0  # a real token id until the gather below overwrites it
+                fills += 1
             positions[row:row + n] = np.arange(start, end)
             context_lens[b] = end
             for g, group in enumerate(groups):
@@ -91,9 +103,13 @@ class StepInputs:
         if device.type == "cuda":
             pinned = pinned.pin_memory()
         flat = pinned.to(device, non_blocking=True)
-        parts = torch.split(flat, [*sizes, B])
+        parts = torch.split(flat, [*sizes, B, F, F])
+        if F:
+            if pending_tokens is None:
+                raise ValueError(f"{F} sequences wait for tokens of a step in flight, but no pending_tokens came")
+            parts[0][parts[-2].long()] = pending_tokens[parts[-1].long()].to(torch.int32)
         return cls(
             token_ids=parts[0], positions=parts[1], query_start=parts[2], context_lens=parts[3],
             slot_mapping={group: parts[4 + g] for g, group in enumerate(groups)},
             block_tables={group: parts[4 + len(groups) + g].view(padded_b, width) for g, group in enumerate(groups)},
-            sample_rows=parts[-1][:samples].long(), num_seqs=B, num_tokens=N, max_query_len=max(lens))
+            sample_rows=parts[-3][:samples].long(), num_seqs=B, num_tokens=N, max_query_len=max(lens))

@@ -1,5 +1,6 @@
 """The engine's greedy output equals no-cache forward passes and transformers' generate, token for token,
-through continuous batching, chunked prefill, sliding windows, block boundaries, prefix hits and preemption."""
+through continuous batching, chunked prefill, sliding windows, block boundaries, prefix hits and preemption; each
+test runs with synchronous steps and with async scheduling (a step's tokens read while the next one runs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from gptoss_serve.model import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+SCHEDULING = {"async_scheduling": False}  # what engine() builds; set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def scheduling(request):
+    SCHEDULING["async_scheduling"] = request.param
+    yield request.param
+    SCHEDULING["async_scheduling"] = False
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +35,8 @@ def tokenizer():
 
 
 def engine(model, tokenizer, **config) -> LLMEngine:
-    return LLMEngine(model, tokenizer, EngineConfig(**{"num_kv_blocks": 128, "max_model_len": 512, **config}))
+    return LLMEngine(model, tokenizer, EngineConfig(**{"num_kv_blocks": 128, "max_model_len": 512, **SCHEDULING,
+                                                       **config}))
 
 
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -136,6 +146,30 @@ def test_seeded_sampling_is_reproducible_and_logprobs_come_back(model, tokenizer
     assert [lp.token_id for lp in a[0].logprobs] == a[0].token_ids
 
 
+def test_async_steps_return_the_tokens_of_the_step_before(model, tokenizer, scheduling):
+    """Under async scheduling a step hands back the previous step's tokens, so the host's work overlaps the
+    device's; synchronous steps hand back their own."""
+    eng = engine(model, tokenizer)
+    eng.add_request("a", prompts(6, seed=12)[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    counts = [len(eng.step()) for _ in range(4)]
+    assert counts == ([0, 1, 1, 1] if scheduling else [1, 1, 1, 0])
+    assert eng.is_idle()
+
+
+def test_penalized_requests_beside_plain_ones(model, tokenizer, scheduling):
+    """Penalties read every output token on the host: while such a request runs, steps are synchronous; the
+    tokens of every request are those each gets alone."""
+    ps = prompts(12, 17, 9, seed=13)
+    penalized = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3,
+                               frequency_penalty=0.5, presence_penalty=0.2)
+    alone = [engine(model, tokenizer).generate([p], params)[0].token_ids
+             for p, params in zip(ps, [GREEDY, penalized, GREEDY])]
+    eng = engine(model, tokenizer)
+    together = run_to_end(eng, {0: [("a", ps[0], GREEDY)], 2: [("b", ps[1], penalized)], 5: [("c", ps[2], GREEDY)]})
+    assert [together[k] for k in "abc"] == alone
+    assert eng.is_idle()
+
+
 @pytest.mark.parametrize("params, field", [
     (dict(temperature=-1.0), "temperature"),
     (dict(top_p=0.0), "top_p"),
@@ -199,8 +233,8 @@ def test_max_model_len_must_fit_the_cache(model, tokenizer):
 
 def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
     ps = prompts(9, 41, 70, 23, seed=10)
-    plain = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512)).generate(ps, GREEDY)
-    split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512),
+    plain = engine(model, tokenizer).generate(ps, GREEDY)
+    split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512, **SCHEDULING),
                       micro_batches=2).generate(ps, GREEDY)
     assert [r.token_ids for r in split] == [r.token_ids for r in plain]
 
@@ -212,13 +246,13 @@ def test_an_expert_failure_ends_only_that_steps_requests(model, tokenizer):
     a, b = prompts(8, 9, seed=11)
     eng.add_request("a", a, GREEDY)
     eng.add_request("b", b, GREEDY)
-    run = eng.runner.run
+    launch = eng.runner.launch
 
-    def lose_a_worker(scheduled):
-        eng.runner.run = run
+    def lose_a_worker(scheduled, pending_tokens=None):
+        eng.runner.launch = launch
         raise ExpertsUnavailableError("MoE worker 0 did not answer")
 
-    eng.runner.run = lose_a_worker
+    eng.runner.launch = lose_a_worker
     [failed] = eng.step()
     assert (failed.request_id, failed.finish_reason) == ("a", "error")
     assert failed.error == "the MoE workers serving this request failed; retry"  # which worker: the log's, not the client's
@@ -232,19 +266,19 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokeniz
     eng = engine(model, tokenizer)
     a, b = prompts(9, 12, seed=5)
     eng.add_request("a", a, GREEDY)
-    run = eng.runner.run
+    launch = eng.runner.launch
 
-    def broken(scheduled):
+    def broken(scheduled, pending_tokens=None):
         raise ValueError("secret detail: /some/path.py line 3")  # not the client's fault: no 400, no detail
 
-    eng.runner.run = broken
+    eng.runner.launch = broken
     [failed] = eng.step()
     assert (failed.request_id, failed.finish_reason) == ("a", "error") and "secret" not in failed.error
     assert eng.is_idle()
-    eng.runner.run = run
+    eng.runner.launch = launch
     eng.add_request("b", b, GREEDY)
     assert run_to_end(eng)["b"] == reference_greedy(model, b, GREEDY.max_tokens)
-    eng.runner.run = broken
+    eng.runner.launch = broken
     for i in range(3):
         eng.add_request(f"c{i}", a, GREEDY)
         if i < 2:

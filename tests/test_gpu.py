@@ -85,17 +85,42 @@ def test_decode_graphs_give_the_eager_tokens(tiny_mxfp4, batch):
         assert agree >= 0.9 * sum(map(len, expected)), (got, expected)
 
 
-def test_a_decode_step_syncs_with_the_host_once(tiny_mxfp4):
-    """The sampled ids' read is the step's one host sync: the inputs go over in one non-blocking copy and the
-    forward pass (a graph replay here) never waits for the host."""
+def test_async_scheduling_gives_the_synchronous_tokens(tiny_mxfp4):
+    """On the GPU, with graphs: steps launched ahead of their predecessors' tokens reaching the host, stop tokens
+    found a step late, requests of several lengths and a seeded sampled one: the same tokens as synchronous steps."""
+    model = load_model(tiny_mxfp4, device="cuda")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 200_000, (n,), generator=gen).tolist() for n in (7, 50, 90, 33, 16)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 9, 25, 1, 33)]
+    params[4] = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=30, ignore_eos=True, logprobs=2)
+    config = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=8)
+    free = LLMEngine(model, load_tokenizer(), EngineConfig(**config)).generate(prompts[:1], params[:1])[0].token_ids
+    prompts.append(prompts[0])  # again, stopped by the id of its 6th token
+    params.append(SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[free[5]]))
+    runs = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(model, load_tokenizer(), EngineConfig(**config, async_scheduling=async_scheduling))
+        runs[async_scheduling] = [(out.token_ids, [lp.token_id for lp in out.logprobs or []])
+                                  for out in engine.generate(prompts, params)]
+        assert engine.is_idle()
+    assert runs[True] == runs[False]
+    assert runs[True][-1][0] == free[:free.index(free[5]) + 1]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_decode_step_never_syncs_with_the_host(tiny_mxfp4, async_scheduling):
+    """The inputs go over in one non-blocking copy, the forward pass (a graph replay here) never waits for the host,
+    and the sampled ids come back through pinned memory: the host waits on that copy's event alone (at once when
+    steps are synchronous, while the next step runs under async scheduling), never on the whole stream."""
     from gptoss_serve.bench.profile_step import count_syncs
 
     model = load_model(tiny_mxfp4, device="cuda")
-    engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_seqs=4))
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_seqs=4,
+                                                             async_scheduling=async_scheduling))
     for i in range(3):
         engine.add_request(str(i), list(range(100 + i, 140 + i)), SamplingParams(temperature=0, max_tokens=30,
                                                                                   ignore_eos=True))
     for _ in range(3):  # the prefill (one step: 120 tokens), then decode steps, the graphs' first replays
         engine.step()
     assert engine.num_waiting == 0 and engine.num_running == 3
-    assert count_syncs(engine.step, 5) == 5
+    assert count_syncs(engine.step, 5) == 0
