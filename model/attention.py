@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from gptoss_serve.model.config import GptOssConfig
-from gptoss_serve.model.rotary import apply_rotary
+from gptoss_serve.model.rotary import rotate_qk
 
 
 def sink_attention(
@@ -80,11 +80,43 @@ class Attention(nn.Module):
         self.layer = layer
         self.window = config.sliding_window if config.is_sliding(layer) else None
         self.scale = self.head_dim**-0.5
+        self.qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # see init_buffers
+
+    def init_buffers(self) -> None:
+        """Called by the loader once the model is on its device, before the weights are copied in: q, k and v's
+        weights and biases become views of one matrix and one vector (names and checkpoint layout unchanged), so
+        the three projections run as one matrix product."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        like = self.q_proj.weight
+        weight = torch.empty(sum(p.out_features for p in projections), like.shape[1], dtype=like.dtype,
+                             device=like.device)
+        bias = torch.empty(weight.shape[0], dtype=like.dtype, device=like.device)
+        rows = 0
+        for p in projections:
+            p.weight = nn.Parameter(weight[rows:rows + p.out_features], requires_grad=False)
+            p.bias = nn.Parameter(bias[rows:rows + p.out_features], requires_grad=False)
+            rows += p.out_features
+        self.qkv = (weight, bias)
+
+    def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if self._fused_still_holds():
+            q, k, v = nn.functional.linear(x, *self.qkv).split([p.out_features for p in projections], dim=-1)
+        else:
+            q, k, v = (p(x) for p in projections)
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+
+    def _fused_still_holds(self) -> bool:
+        """Whether q, k and v still view the fused matrix: moving the model replaces its parameters."""
+        if self.qkv is None:
+            return False
+        weight, bias = (t.untyped_storage().data_ptr() for t in self.qkv)
+        return all(p.weight.untyped_storage().data_ptr() == weight and p.bias.untyped_storage().data_ptr() == bias
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
         """x [..., hidden], cos/sin [..., D/2] for the same tokens -> [..., hidden]."""
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        out = attend(self, apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)  # [..., Hq, D]
+        q, k, v = self._project_qkv(x)
+        out = attend(self, *rotate_qk(q, k, cos, sin), v)  # [..., Hq, D]
         return self.o_proj(out.flatten(-2))

@@ -21,6 +21,17 @@ class ExpertRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> expert ids [N, K], weights [N, K] (softmax over the K selected logits)."""
         logits = nn.functional.linear(x, self.weight, self.bias)  # [N, E]
+        if logits.is_cuda:
+            from gptoss_serve.kernels.router import top_k_softmax  # Triton: only where a GPU is
+
+            return top_k_softmax(logits, self.top_k)
+        return self.top_k_reference(logits)
+
+    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward in PyTorch alone."""
+        return self.top_k_reference(nn.functional.linear(x, self.weight, self.bias))
+
+    def top_k_reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
         return expert_ids, torch.softmax(top_logits, dim=-1)
 

@@ -55,6 +55,16 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
 
 
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys rotated: one Triton kernel for both on a GPU (kernels/rotary.py), apply_rotary elsewhere."""
+    if q.is_cuda and q.dim() == 3:  # a step's [N, heads, D] rows; cos/sin [N, D/2]
+        from gptoss_serve.kernels.rotary import rotary_qk  # Triton: only where a GPU is
+
+        return rotary_qk(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., heads, head_dim] rotated by cos/sin [..., head_dim / 2] (broadcast over heads)."""
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)

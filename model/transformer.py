@@ -25,17 +25,18 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoE(config, experts_factory(layer))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                attend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The previous block's output x and the residual stream before it (None at the first block) -> this
+        block's MoE output and the residual stream before that: the stream's adds are fused into the norms."""
+        x, residual = self.begin(x, residual, cos, sin, attend)
+        return self.mlp(x), residual
 
-    def begin(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: AttentionBackend):
-        """forward, split where the experts are: attention, routing, dispatch -> (residual, pending)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        return x, self.mlp.begin(self.post_attention_layernorm(x))
-
-    def end(self, x: torch.Tensor, pending: object) -> torch.Tensor:
-        return x + self.mlp.end(pending, x)
+    def begin(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+              attend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to the MoE: -> (its input, the residual stream)."""
+        normed, residual = self.input_layernorm(x, residual)
+        return self.post_attention_layernorm(self.self_attn(normed, cos, sin, attend), residual)
 
 
 class Decoder(nn.Module):
@@ -51,22 +52,25 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttentionBackend) -> torch.Tensor:
         """input_ids [...] at positions (broadcastable to them) -> final-normed hidden states [..., H]."""
         cos, sin = self.rotary_emb(positions)  # [..., D/2]
-        x = self.embed_tokens(input_ids)  # [..., H]
+        x, residual = self.embed_tokens(input_ids), None  # [..., H]
         for block in self.layers:
-            x = block(x, cos, sin, attend)
-        return self.norm(x)
+            x, residual = block(x, residual, cos, sin, attend)
+        return self.norm(x, residual)[0]
 
     def forward_interleaved(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, AttentionBackend]]):
         """Several micro-batches layer by layer, ping-pong: while one micro-batch is with the experts, the next
         one's attention runs. Same result as `forward` on each. -> final-normed hidden states, one per batch."""
-        states = []
+        states = []  # (block output, residual stream, rotary tables) per micro-batch
         for input_ids, positions, _ in micro_batches:
-            states.append((self.embed_tokens(input_ids), self.rotary_emb(positions)))
+            states.append((self.embed_tokens(input_ids), None, self.rotary_emb(positions)))
         for block in self.layers:
-            started = [block.begin(x, cos, sin, attend)
-                       for (x, (cos, sin)), (_, _, attend) in zip(states, micro_batches)]
-            states = [(block.end(x, pending), rope) for (x, pending), (_, rope) in zip(started, states)]
-        return [self.norm(x) for x, _ in states]
+            started = []
+            for (x, residual, (cos, sin)), (_, _, attend) in zip(states, micro_batches):
+                x, residual = block.begin(x, residual, cos, sin, attend)
+                started.append((block.mlp.begin(x), x, residual))
+            states = [(block.mlp.end(pending, like), residual, rope)
+                      for (pending, like, residual), (_, _, rope) in zip(started, states)]
+        return [self.norm(x, residual)[0] for x, residual, _ in states]
 
 
 class GptOssForCausalLM(nn.Module):
