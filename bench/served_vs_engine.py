@@ -42,8 +42,10 @@ def params(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
 
 
-def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: EngineConfig, requests) -> dict:
-    engine = LLMEngine(load_model(model_dir, device=device, dtype=dtype), load_tokenizer(), config)
+def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: EngineConfig, requests, *,
+                 load_format: str = "auto") -> dict:
+    engine = LLMEngine(load_model(model_dir, device=device, dtype=dtype, load_format=load_format), load_tokenizer(),
+                       config)
     engine.generate([requests[0][0]], params(4))  # warm-up
     start = time.perf_counter()
     done = engine.generate([p for p, _ in requests], [params(n) for _, n in requests])
@@ -107,7 +109,8 @@ async def single(url: str, prompt: list[int], n: int) -> dict:
     return {"ttft_ms": r["ttft"] * 1e3, "tpot_ms": (r["end"] - r["ttft"]) / max(1, r["tokens"] - 1) * 1e3}
 
 
-def served(model_dir: str, device: str, config: EngineConfig, requests, *, num_cpus: int) -> dict:
+def served(model_dir: str, device: str, config: EngineConfig, requests, *, num_cpus: int,
+           load_format: str = "auto") -> dict:
     import ray
     from ray import serve
 
@@ -116,7 +119,8 @@ def served(model_dir: str, device: str, config: EngineConfig, requests, *, num_c
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     n = len(requests)
-    serve.run(build_app({"model": model_dir, "num_gpus_per_replica": 1 if device == "cuda" else 0,
+    serve.run(build_app({"model": model_dir, "load_format": load_format,
+                         "num_gpus_per_replica": 1 if device == "cuda" else 0,
                          "engine": config.model_dump(), "max_ongoing_requests": n + 8, "max_queued_requests": 0,
                          "max_waiting_per_replica": n + 8}), name="gptoss", route_prefix="/")
     url = "http://127.0.0.1:8000"
@@ -136,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "20b", "120b"])
     p.add_argument("--mxfp4", action="store_true")
     p.add_argument("--write-to", default="/tmp/gptoss-bench-model")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights made on the device (the directory needs only config.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--burst", type=int, default=300)
     p.add_argument("--prompt-lens", type=int, nargs=2, default=[64, 64])
@@ -149,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
     requests = workload(args.burst, tuple(args.prompt_lens), tuple(args.output_lens))
-    alone = engine_alone(model_dir, args.device, dtype, config, requests)
-    serve_figures = served(model_dir, args.device, config, requests, num_cpus=args.num_cpus)
+    alone = engine_alone(model_dir, args.device, dtype, config, requests, load_format=args.load_format)
+    serve_figures = served(model_dir, args.device, config, requests, num_cpus=args.num_cpus,
+                           load_format=args.load_format)
     figures = {"engine": alone, "served": serve_figures, "ratio": serve_figures["tok_s"] / alone["tok_s"],
                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "requests": args.burst, "prompt_lens": args.prompt_lens, "output_lens": args.output_lens}
