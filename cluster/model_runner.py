@@ -19,39 +19,40 @@ from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
-from gptoss_serve.kernels.paged_attention import paged_attention_reference
+from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
 from gptoss_serve.model.attention import Attention
 from gptoss_serve.model.experts import ExpertShard
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
-def attention_kernel(device: torch.device):
-    """The variable-length paged attention for this device: Triton on CUDA, the PyTorch reference elsewhere."""
+def attention_kernels(device: torch.device):
+    """(cache write, variable-length paged attention) for this device: Triton on CUDA, PyTorch references
+    elsewhere."""
     if device.type == "cuda":
-        from gptoss_serve.kernels.varlen_attention import paged_attention  # Triton: only where a GPU is
+        from gptoss_serve.kernels.kv_store import store_kv  # Triton: only where a GPU is
+        from gptoss_serve.kernels.varlen_attention import paged_attention
 
-        return paged_attention
+        return store_kv, paged_attention
 
     @functools.wraps(paged_attention_reference)
     def reference(*args, max_query_len: int, **kwargs):  # noqa: ARG001 - the kernel's grid needs it, not this
         return paged_attention_reference(*args, **kwargs)
 
-    return reference
+    return store_kv_reference, reference
 
 
 class PagedAttention:
     """AttentionBackend over the KV cache: stores the step's keys and values, then attends."""
 
-    def __init__(self, cache: KVCache, inputs: StepInputs, kernel) -> None:
-        self.cache, self.inputs, self.kernel = cache, inputs, kernel
+    def __init__(self, cache: KVCache, inputs: StepInputs, kernels) -> None:
+        self.cache, self.inputs = cache, inputs
+        self.store, self.kernel = kernels
 
     def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = SLIDING if layer.window else FULL
         inputs = self.inputs
         key_cache, value_cache = self.cache.layer(layer.layer)
-        slots = inputs.slot_mapping[group]
-        key_cache.view(-1, *k.shape[1:])[slots] = k.to(key_cache.dtype)
-        value_cache.view(-1, *v.shape[1:])[slots] = v.to(value_cache.dtype)
+        self.store(k, v, key_cache, value_cache, inputs.slot_mapping[group])
         return self.kernel(q, key_cache, value_cache, block_tables=inputs.block_tables[group],
                            query_start=inputs.query_start, context_lens=inputs.context_lens, sinks=layer.sinks,
                            window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len)
@@ -69,7 +70,7 @@ class ModelRunner:
         self.device = model.device
         self.micro_batches = micro_batches
         self.sampler = Sampler()
-        self.attention = attention_kernel(self.device)
+        self.attention = attention_kernels(self.device)
         experts = model.model.layers[0].mlp.experts
         local = isinstance(experts, ExpertShard)
         if local:  # every layer's experts run the same kernels: compile them once

@@ -2,7 +2,8 @@
 
 PyTorch references: decoding sequences (one new token each) all at once, prefill chunks one sequence at a time,
 and `paged_attention_reference`, a whole step's tokens end to end with the arguments of the Triton kernel that
-replaces it on GPUs (varlen_attention.py), which is tested against it.
+replaces it on GPUs (varlen_attention.py), which is tested against it; `store_kv_reference`, the cache write that
+kv_store.py does in one kernel.
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ from __future__ import annotations
 import torch
 
 from gptoss_serve.model.attention import sink_attention
+
+
+def store_kv_reference(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       slots: torch.Tensor) -> None:
+    """k, v [N, Hkv, D] into caches [blocks, block_size, Hkv, D] at flat slots [N] (block * block_size + offset)."""
+    key_cache.view(-1, *k.shape[1:])[slots] = k.to(key_cache.dtype)
+    value_cache.view(-1, *v.shape[1:])[slots] = v.to(value_cache.dtype)
 
 
 def paged_decode_reference(

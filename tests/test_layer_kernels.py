@@ -1,5 +1,5 @@
-"""A layer's small fused kernels (residual add + RMSNorm, rotary on q and k, the MoE router's logits + top-k +
-softmax) against their PyTorch references: in Triton's CPU interpreter (a subprocess, float32) and on the GPU
+"""A layer's small fused kernels (residual add + RMSNorm, rotary on q and k, the KV-cache write, the MoE router's
+top-k + softmax) against their PyTorch references: in Triton's CPU interpreter (a subprocess, float32) and on the GPU
 (bf16, gpt-oss shapes, strided views as the model passes them)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from gptoss_serve.kernels.paged_attention import store_kv_reference
 from gptoss_serve.model.moe import ExpertRouter
 from gptoss_serve.model.norm import rms_norm_reference
 from gptoss_serve.model.rotary import apply_rotary
@@ -49,14 +50,27 @@ def router_case(tokens: int, experts: int, hidden: int, k: int, dtype: torch.dty
     return router.to(dtype=dtype, device=device), x.to(dtype=dtype, device=device)
 
 
+def kv_case(tokens: int, heads: int, dim: int, blocks: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """k, v as views of a fused projection's output, empty caches, distinct slots (the padding rows' in block 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(tokens, 3 * heads * dim, generator=gen)[:, heads * dim:].to(dtype=dtype, device=device)
+    k, v = (t.unflatten(-1, (heads, dim)) for t in kv.split(heads * dim, dim=-1))
+    caches = [torch.zeros(blocks, 16, heads, dim, dtype=dtype, device=device) for _ in range(2)]
+    slots = torch.randperm(blocks * 16 - 16, generator=gen)[:tokens].to(device) + 16
+    slots[-1] = 3  # a padding row: the null block
+    return k, v, caches, slots
+
+
 INTERPRETED = textwrap.dedent("""
     import torch
     from gptoss_serve.kernels.rms_norm import add_rms_norm
     from gptoss_serve.kernels.rotary import rotary_qk
     from gptoss_serve.kernels.router import top_k_softmax
+    from gptoss_serve.kernels.kv_store import store_kv
+    from gptoss_serve.kernels.paged_attention import store_kv_reference
     from gptoss_serve.model.norm import rms_norm_reference
     from gptoss_serve.model.rotary import apply_rotary
-    from tests.test_layer_kernels import norm_case, rotary_case, router_case
+    from tests.test_layer_kernels import kv_case, norm_case, rotary_case, router_case
     x, residual, weight = norm_case(3, 40, torch.float32, "cpu")
     for r in (residual, None):
         got, want = add_rms_norm(x, r, weight, 1e-5), rms_norm_reference(x, r, weight, 1e-5)
@@ -72,6 +86,11 @@ INTERPRETED = textwrap.dedent("""
     want_ids, want_weights = router.top_k_reference(logits)
     assert torch.equal(ids, want_ids), (ids, want_ids)
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+    k, v, caches, slots = kv_case(5, 3, 8, 4, torch.float32, "cpu")
+    want = [c.clone() for c in caches]
+    store_kv(k, v, *caches, slots)
+    store_kv_reference(k, v, *want, slots)
+    assert all(torch.equal(a, b) for a, b in zip(caches, want))
     print("ok")
 """)
 
@@ -124,6 +143,18 @@ def test_rotary_kernel_matches_the_reference_on_gpu(tokens):
         torch.testing.assert_close(got.float(), exact, rtol=2**-8, atol=2**-12)
         # the bf16 reference rounds each product and sum: it lies within a bf16 step of the kernel
         torch.testing.assert_close(got, apply_rotary(x, cos, sin), rtol=2**-6, atol=2**-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 2048])
+def test_kv_store_kernel_matches_the_reference_on_gpu(tokens):
+    from gptoss_serve.kernels.kv_store import store_kv
+
+    k, v, caches, slots = kv_case(tokens, 8, 64, 256, torch.bfloat16, "cuda", seed=tokens)
+    want = [c.clone() for c in caches]
+    store_kv(k, v, *caches, slots)
+    store_kv_reference(k, v, *want, slots)
+    assert all(torch.equal(a, b) for a, b in zip(caches, want))
 
 
 @pytest.mark.gpu
