@@ -1,15 +1,21 @@
 """Dispatch + combine time of one MoE layer against the number of tokens, over the real exchange.
 
-    python -m gptoss_serve.bench.expert_exchange [--workers 2] [--tokens 1 16 64 256 1024] [--device cpu|cuda] [--backend gloo]
+    python -m gptoss_serve.bench.expert_exchange [--workers 2] [--tokens 1 16 128 1024] [--device cpu|cuda]
+        [--backend gloo|nccl] [--layers 24] [--json PATH]
 
 The replica is this process; each worker is a process of its own whose experts echo their input (so the figure
-is the exchange alone: routing, sending, receiving, combining). gpt-oss-20b shapes: hidden 2880, 32 experts,
-top-4. On one GPU, gloo stages the GPU activations through host memory (NCCL needs one GPU per rank).
+is the exchange alone: packing, sending, receiving, adding the answers). gpt-oss-20b shapes: hidden 2880, 32
+experts, top-4, bf16. A step announces itself, then runs `--layers` layers back to back (each layer's dispatch
+depends on the one before, as in the model); the figure is the step's wall time over its layers, with the device
+synchronized before and after. NCCL puts each rank on a GPU of its own: the replica on cuda:0, worker i on cuda:i
+(so `--workers` at most the GPU count minus one); gloo stages GPU activations through host memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import statistics
 import time
@@ -17,78 +23,97 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from gptoss_serve.cluster.expert_exchange import ExpertClient, Shard, make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link, serve_replica
 
 
 class Echo(torch.nn.Module):
     """Stands in for a shard's experts: returns its input, so only the exchange is timed."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+    dtype = torch.bfloat16
 
     def forward(self, hidden, expert_ids, weights):
         return hidden
 
 
-def worker(rank: int, world: int, port: int, hidden: int, top_k: int) -> None:
-    group, _ = make_group(backend="gloo", host="127.0.0.1", port=port, rank=rank, world_size=world,
-                          is_master=False, prefix="bench")
-    serve_replica(group, [Echo()], hidden_size=hidden, top_k=top_k, device=torch.device("cpu"))
+def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    os.environ.update(NCCL_ENV)
+    device = torch.device(f"cuda:{rank}") if args.backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    link, _ = make_link(backend=args.backend, host="127.0.0.1", port=port, rank=rank, world_size=world,
+                        is_master=False, prefix="bench")
+    serve_replica(link, [Echo()] * args.layers, hidden_size=args.hidden, top_k=args.top_k, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024])
     parser.add_argument("--hidden", type=int, default=2880)
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json")
     args = parser.parse_args(argv)
+    os.environ.update(NCCL_ENV)
+    device = torch.device(args.device)
+    if args.backend == "nccl" and (device.type != "cuda" or torch.cuda.device_count() <= args.workers):
+        parser.error(f"nccl needs the replica and each of {args.workers} workers on a GPU of its own")
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = args.workers + 1
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, world, port, args.hidden, args.top_k), daemon=True)
-             for r in range(1, world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, args), daemon=True) for r in range(1, world)]
     for p in procs:
         p.start()
-    group, _store = make_group(backend="gloo", host="127.0.0.1", port=port, rank=0, world_size=world,
-                               is_master=True, prefix="bench")
-    device = torch.device(args.device)
+    link, _store = make_link(backend=args.backend, host="127.0.0.1", port=port, rank=0, world_size=world,
+                             is_master=True, prefix="bench")
     per = args.experts // args.workers
-    client = ExpertClient(group, [Shard(i * per, per) for i in range(args.workers)], device=device,
-                          staging=torch.device("cpu"))
+    staging = device if args.backend == "nccl" else torch.device("cpu")
+    client = ExpertClient(link, [Shard(i * per, per) for i in range(args.workers)], device=device, staging=staging,
+                          timeout_s=60)
+    client.handshake()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.workers} workers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, bf16, "
-          f"activations on {device}, gloo")
-    print(f"{'tokens':>7} {'p50 ms':>8} {'p90 ms':>8} {'MB a layer':>11}")
+          f"activations on {device} ({name}), {args.backend}, {args.layers} layers a step")
+    print(f"{'tokens':>7} {'us a layer p50':>15} {'p90':>8} {'MB a layer':>11}")
+    rows = []
     for n in args.tokens:
         hidden = torch.randn(n, args.hidden, device=device, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(args.experts, device=device)[:args.top_k] for _ in range(n)])
         weights = torch.full((n, args.top_k), 1 / args.top_k, device=device)
         times = []
-        for i in range(args.repeats + 5):
+        for i in range(args.repeats + 3):
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
-            client.combine(client.dispatch(0, hidden, ids, weights))
+            client.begin_step([n])
+            x = hidden
+            for layer in range(args.layers):
+                x = client.combine(client.dispatch(layer, x, ids, weights)) / args.workers
             if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 5:
-                times.append(time.perf_counter() - start)
+                torch.cuda.synchronize(device)
+            if i >= 3:
+                times.append((time.perf_counter() - start) / args.layers)
         client.drain()
-        rows = sum(int(((ids >= i * per) & (ids < (i + 1) * per)).any(1).sum()) for i in range(args.workers))
-        megabytes = rows * (2 * args.hidden * 2 + args.top_k * 12) / 1e6
+        megabytes = args.workers * n * (2 * args.hidden * 2 + args.top_k * 8) / 1e6
         times.sort()
-        print(f"{n:>7} {statistics.median(times) * 1e3:>8.3f} {times[int(0.9 * len(times))] * 1e3:>8.3f} "
-              f"{megabytes:>11.2f}")
+        row = {"tokens": n, "p50_us": statistics.median(times) * 1e6, "p90_us": times[int(0.9 * len(times))] * 1e6,
+               "megabytes": megabytes}
+        rows.append(row)
+        print(f"{n:>7} {row['p50_us']:>15.1f} {row['p90_us']:>8.1f} {megabytes:>11.2f}")
     client.close()
     for p in procs:
         p.join(timeout=10)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "backend": args.backend, "workers": args.workers, "layers": args.layers,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,28 @@
 """Per-layer token exchange between one attention replica and N MoE workers, over torch.distributed.
 
-Each replica forms its own process group with the workers: rank 0 is the replica, ranks 1..N the workers, so
-replicas start, fail and restart independently, and a worker serves each replica on its own thread.
+Each replica links to the workers on its own: two process groups (rank 0 the replica, ranks 1..N the workers),
+one carrying the replica's dispatches and one the workers' answers, so a send never queues behind a receive in the
+other direction (NCCL runs a pair's messages in order and ignores tags). Replicas start, fail and restart
+independently, and a worker serves each replica on a thread (and, on a GPU, a CUDA stream) of its own.
 
-The wire protocol for one MoE layer, to each worker, in this order (tags keep the messages apart):
-  header  int64 [2]       (layer, tokens) -- a small control message first, so sizes are known
-  hidden  [n, H]          the hidden states of the tokens routed to any of the worker's experts
-  routing int64 [n, K] and float32 [n, K]: global expert ids and weights
-and back: [n, H], the weighted sum of the worker's experts' outputs. The replica adds the workers' parts.
-Ray does the placement and the rendezvous (who is which rank, where the store is); it carries no tensor.
+The wire protocol, built for the GPU: nothing on the replica's side waits for the host or reads a count back.
+  once a step     header int64 [1 + MAX_MICRO_BATCHES]: how many micro-batches, and each one's token count
+  each layer and  one packed buffer [T, 2H + 8K] bytes to every worker: the T tokens' hidden states (the
+  micro-batch     activation dtype), their K global expert ids (int32) and weights (float32)
+                  one answer [T, H] from every worker: its experts' weighted sum (zero for tokens none of its
+                  experts got); the replica adds the answers in float32
+Every worker gets every token: with a few workers and top-4 routing almost every token reaches each of them
+anyway, and fixed sizes need no routing on the host. Over NCCL the sends and receives are queued on the GPU in
+stream order (a receive's wait is a stream wait); the step's samples reach the host through an event that the
+replica waits on with the expert timeout (see model_runner.py). Over gloo (CPUs, tests) waits block the host, with
+the same timeout. Ray does the placement and the rendezvous (who is which rank, where the store is); it carries
+no tensor.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,25 +31,71 @@ import torch.distributed as dist
 
 from gptoss_serve.model.experts import ExpertsUnavailableError
 
-HEADER, HIDDEN, IDS, WEIGHTS, RESULT = range(5)
-HEADER_SIZE = 2  # int64 (layer, tokens)
-STOP_LAYER = -1  # a header with this layer ends the worker's loop for this replica
+MAX_MICRO_BATCHES = 8
+STOP = -1  # a header with this micro-batch count ends the worker's loop for this replica
+HELLO = 7  # the handshake's value: both communicators are set up before the first step
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def make_group(*, backend: str, host: str, port: int, rank: int, world_size: int, is_master: bool,
-               prefix: str, timeout_s: float = 3600.0):
-    """A process group of its own (no global default group): one per replica-workers link."""
+@dataclass
+class Link:
+    """One replica's two process groups with its workers (or one worker's view of them)."""
+
+    dispatch: object  # replica -> workers
+    combine: object  # workers -> replica
+    backend: str
+
+    def abort(self) -> None:
+        """Ends both communicators now, without waiting for what is queued on them (a hung peer cannot block it)."""
+        for group in (self.dispatch, self.combine):
+            try:
+                if hasattr(group, "abort"):
+                    group.abort()
+            except Exception:  # noqa: BLE001 - a communicator already torn down
+                pass
+
+
+def make_link(*, backend: str, host: str, port: int, rank: int, world_size: int, is_master: bool, prefix: str,
+              timeout_s: float = 3600.0) -> tuple[Link, object]:
+    """The link's two process groups (no global default group), over one rendezvous store."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master, timeout=datetime.timedelta(seconds=60),
                           wait_for_workers=False)
-    store = dist.PrefixStore(prefix, store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout), store
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, options), store
-    raise ValueError(f"expert_transport must be 'gloo' or 'nccl', got {backend!r}")
+
+    def group(name: str):
+        prefixed = dist.PrefixStore(f"{prefix}/{name}", store)
+        if backend == "gloo":
+            return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        if backend == "nccl":
+            # this module's own timeouts abort a link; torch's watchdog must not tear the process down on a peer's
+            # failure (its default), and NVLink multicast stays off (read when the communicator is set up)
+            for key, value in NCCL_ENV.items():
+                os.environ.setdefault(key, value)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+        raise ValueError(f"expert_transport must be 'gloo' or 'nccl', got {backend!r}")
+
+    return Link(group("dispatch"), group("combine"), backend), store
+
+
+def row_bytes(hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
+    """Bytes of one token in a dispatch buffer."""
+    return hidden_size * dtype.itemsize + top_k * 8
+
+
+def pack(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H], expert_ids [T, K], weights [T, K] -> one uint8 buffer [T, row_bytes] (one send, one copy)."""
+    return torch.cat([hidden.contiguous().view(torch.uint8), expert_ids.to(torch.int32).contiguous().view(torch.uint8),
+                      weights.to(torch.float32).contiguous().view(torch.uint8)], dim=1)
+
+
+def unpack(buffer: torch.Tensor, hidden_size: int, top_k: int,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = hidden_size * dtype.itemsize
+    return (buffer[:, :a].contiguous().view(dtype), buffer[:, a:a + 4 * top_k].contiguous().view(torch.int32),
+            buffer[:, a + 4 * top_k:].contiguous().view(torch.float32))
 
 
 @dataclass
@@ -53,11 +108,12 @@ class Shard:
 
 @dataclass
 class PendingExchange:
-    """A dispatched layer: what came back is added into `out` at `combine`."""
+    """A dispatched layer: the workers' answers arrive in `results`; `combine` adds them."""
 
-    out: torch.Tensor
-    parts: list[tuple[torch.Tensor, torch.Tensor, object]]  # (token rows, result buffer, recv work)
-    sends: list[tuple[object, torch.Tensor]]  # send works and their tensors, alive until they complete
+    like: torch.Tensor  # the hidden states dispatched: the answer's shape, dtype and device
+    results: list[torch.Tensor]
+    receives: list[object]
+    sends: list[tuple[object, torch.Tensor]]  # send works and their buffers, alive until they complete
     client: ExpertClient | None = None
 
 
@@ -67,23 +123,24 @@ class ExchangeStats:
 
     tokens_per_worker: list[int]
     tokens_per_expert: list[int]  # filled in by drain()
-    dispatch_seconds: list[float] = field(default_factory=list)  # per layer: routing + sending
-    combine_seconds: list[float] = field(default_factory=list)  # per layer: waiting for the answers
+    dispatch_seconds: list[float] = field(default_factory=list)  # per layer: host time to queue the dispatch
+    combine_seconds: list[float] = field(default_factory=list)  # per layer: host time in combine
     step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
 
 
 class ExpertClient:
-    """The replica's side: dispatch a layer's routed tokens to the workers, combine their answers."""
+    """The replica's side: announce a step, dispatch each layer's tokens to the workers, combine their answers."""
 
-    def __init__(self, group, shards: list[Shard], *, device: torch.device, timeout_s: float = 10.0,
+    def __init__(self, link: Link, shards: list[Shard], *, device: torch.device, timeout_s: float = 10.0,
                  staging: torch.device | None = None) -> None:
-        self.group, self.shards, self.device = group, shards, device
+        self.link, self.shards, self.device = link, shards, device
         # gloo moves CPU tensors: GPU activations go through host memory
         self.staging = staging or device
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.num_experts = shards[-1].first + shards[-1].count
         self.stats = self._fresh_stats()
-        self._step_bytes, self._last_layer = 0, -1
+        self._step_bytes = 0
+        self._header_sends: list[tuple[object, torch.Tensor]] = []
 
     def _fresh_stats(self) -> ExchangeStats:
         self._expert_counts = None  # [E] on the activations' device, summed without a host sync
@@ -93,92 +150,140 @@ class ExpertClient:
         counts = self._expert_counts
         stats, self.stats = self.stats, self._fresh_stats()
         if counts is not None:
-            stats.tokens_per_expert = counts.tolist()
+            stats.tokens_per_expert = [int(c) for c in counts.tolist()]
         return stats
+
+    def _ranks(self) -> range:
+        return range(1, len(self.shards) + 1)
+
+    def handshake(self) -> None:
+        """A first message each way, so both communicators exist before a step needs them (NCCL sets one up
+        lazily, on its first message, which would otherwise stall the first request)."""
+        hello = torch.full((1,), HELLO, dtype=torch.int64, device=self.staging)
+        answers = [torch.zeros_like(hello) for _ in self.shards]
+        works = [self.link.dispatch.send([hello], rank, 0) for rank in self._ranks()]
+        works += [self.link.combine.recv([a], rank, 0) for a, rank in zip(answers, self._ranks())]
+        self._wait_all(works, "did not answer the handshake")
+        if self.staging.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            wait_for_event(done, self.timeout.total_seconds(), "did not answer the handshake")
+        if any(int(a) != HELLO for a in answers):
+            raise ExpertsUnavailableError("a MoE worker answered the handshake wrongly")
+
+    def begin_step(self, token_counts: list[int]) -> None:
+        """Tells the workers how many micro-batches the next step has and how many tokens each."""
+        if not 0 < len(token_counts) <= MAX_MICRO_BATCHES:
+            raise ValueError(f"a step has 1 to {MAX_MICRO_BATCHES} micro-batches, got {len(token_counts)}")
+        if self._step_bytes:
+            self.stats.step_bytes.append(self._step_bytes)
+        self._step_bytes = 0
+        header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
+        header[0] = len(token_counts)
+        header[1:1 + len(token_counts)] = torch.tensor(token_counts)
+        if self.staging.type == "cuda":
+            header = header.pin_memory().to(self.staging, non_blocking=True)
+        self._header_sends = [(self._send(header, rank), header) for rank in self._ranks()]
 
     def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> PendingExchange:
         """hidden [T, H], expert_ids/weights [T, K] -> an exchange in flight (nothing waits here)."""
         start = time.perf_counter()
-        if layer == 0 and self._last_layer != 0:  # a new step begins (its micro-batches all start at layer 0)
-            if self._step_bytes:
-                self.stats.step_bytes.append(self._step_bytes)
-            self._step_bytes = 0
-        self._last_layer = layer
-        counts = torch.bincount(expert_ids.flatten(), minlength=self.num_experts)
+        ones = torch.ones(expert_ids.numel(), dtype=torch.int64, device=expert_ids.device)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device).index_add_(
+            0, expert_ids.flatten().long(), ones)
         self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
-        out = torch.zeros_like(hidden)
-        parts, sends = [], []
-        for worker, shard in enumerate(self.shards):
-            local = (expert_ids >= shard.first) & (expert_ids < shard.first + shard.count)  # [T, K]
-            rows = local.any(dim=1).nonzero().flatten()  # [n] tokens this worker must see
-            n = rows.numel()
-            self.stats.tokens_per_worker[worker] += n
-            rank = worker + 1
-            header = torch.tensor([layer, n], dtype=torch.int64)
-            try:
-                sends.append((self.group.send([header], rank, HEADER), header))
-                if n == 0:
-                    continue
-                x = hidden[rows].to(self.staging).contiguous()
-                ids = expert_ids[rows].to(self.staging, torch.int64).contiguous()
-                w = weights[rows].to(self.staging, torch.float32).contiguous()
-                for tensor, tag in ((x, HIDDEN), (ids, IDS), (w, WEIGHTS)):
-                    sends.append((self.group.send([tensor], rank, tag), tensor))
-                    self._step_bytes += tensor.numel() * tensor.element_size()
-                result = torch.empty_like(x)
-                parts.append((rows, result, self.group.recv([result], rank, RESULT)))
-            except RuntimeError as e:
-                raise ExpertsUnavailableError(f"MoE worker {worker} is unreachable ({e})") from None
+        packed = pack(hidden, expert_ids, weights).to(self.staging)
+        sends = [(self._send(packed, rank), packed) for rank in self._ranks()]
+        results = [torch.empty(hidden.shape, dtype=hidden.dtype, device=self.staging) for _ in self.shards]
+        try:
+            receives = [self.link.combine.recv([r], rank, 0) for r, rank in zip(results, self._ranks())]
+        except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
+            raise ExpertsUnavailableError(f"the MoE workers are unreachable ({type(e).__name__}: {e})") from None
+        tokens = hidden.shape[0]
+        for worker in range(len(self.shards)):
+            self.stats.tokens_per_worker[worker] += tokens
+        self._step_bytes += len(self.shards) * (packed.numel() + hidden.numel() * hidden.element_size())
         self.stats.dispatch_seconds.append(time.perf_counter() - start)
-        return PendingExchange(out, parts, sends, self)
+        return PendingExchange(hidden, results, receives, sends, self)
 
     def combine(self, pending: PendingExchange) -> torch.Tensor:
+        """The workers' answers added up: [T, H] in the dispatched dtype, on its device."""
         start = time.perf_counter()
-        works = [work for work, _ in pending.sends] + [work for _, _, work in pending.parts]
-        for worker_rows, result, work in pending.parts:
-            try:
-                for w in works:
-                    w.wait(self.timeout)
-                works = []
-            except RuntimeError as e:
-                raise ExpertsUnavailableError(
-                    f"a MoE worker did not answer within {self.timeout.total_seconds():.0f} s ({e})") from None
-            self._step_bytes += result.numel() * result.element_size()
-            pending.out.index_add_(0, worker_rows, result.to(pending.out.device, pending.out.dtype))
+        header_sends, self._header_sends = self._header_sends, []
+        self._wait_all([work for work, _ in header_sends] + pending.receives + [work for work, _ in pending.sends],
+                       "did not answer")
+        total = pending.results[0].to(pending.like.device, torch.float32)
+        for result in pending.results[1:]:
+            total += result.to(pending.like.device, torch.float32)
         self.stats.combine_seconds.append(time.perf_counter() - start)
-        return pending.out
+        return total.to(pending.like.dtype)
 
     def close(self) -> None:
-        for worker in range(len(self.shards)):
-            try:
-                self.group.send([torch.tensor([STOP_LAYER, 0], dtype=torch.int64)], worker + 1, HEADER)
-            except RuntimeError:
-                pass
+        """Tells the workers this link ends (best effort: they may be gone)."""
+        try:
+            header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
+            header[0] = STOP
+            self._wait_all([self._send(header.to(self.staging), rank) for rank in self._ranks()], "did not stop")
+        except ExpertsUnavailableError:
+            pass
+
+    def _send(self, tensor: torch.Tensor, rank: int):
+        try:
+            return self.link.dispatch.send([tensor], rank, 0)
+        except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
+            raise ExpertsUnavailableError(f"MoE worker {rank - 1} is unreachable ({type(e).__name__}: {e})") from None
+
+    def _wait_all(self, works: list, what: str) -> None:
+        """gloo: blocks the host, up to the timeout. NCCL: makes the current stream wait (no host wait)."""
+        try:
+            for work in works:
+                if self.link.backend == "gloo":
+                    work.wait(self.timeout)
+                else:
+                    work.wait()
+        except Exception as e:  # noqa: BLE001
+            raise ExpertsUnavailableError(
+                f"a MoE worker {what} within {self.timeout.total_seconds():.0f} s ({type(e).__name__}: {e})") from None
 
 
-def serve_replica(group, experts: list, *, hidden_size: int, top_k: int, device: torch.device,
+def wait_for_event(event, timeout_s: float, what: str) -> None:
+    """Waits on the host for a CUDA event, up to timeout_s (a hung NCCL peer would block synchronize() forever)."""
+    deadline = time.monotonic() + timeout_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise ExpertsUnavailableError(f"a MoE worker {what} within {timeout_s:.0f} s")
+        time.sleep(20e-6)
+
+
+def serve_replica(link: Link, experts: list, *, hidden_size: int, top_k: int, device: torch.device,
                   staging: torch.device | None = None) -> None:
-    """The worker's side, for one replica: answer layer after layer until the link stops or breaks.
+    """The worker's side, for one replica: answer step after step until the link stops or breaks.
 
     experts[layer] computes (hidden [n, H], expert_ids [n, K], weights [n, K]) -> [n, H] for the local shard, in
-    the shard's dtype (ExpertShard.dtype).
+    the shard's dtype (ExpertShard.dtype), ignoring ids outside it. The header read is this loop's one host sync a
+    step; everything else is queued in stream order.
     """
     staging = staging or device
     dtype = experts[0].dtype
+    hello = torch.zeros(1, dtype=torch.int64, device=staging)
+    link.dispatch.recv([hello], 0, 0).wait()
+    link.combine.send([hello], 0, 0).wait()
+    width = row_bytes(hidden_size, top_k, dtype)
     while True:
-        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
-        group.recv([header], 0, HEADER).wait()
-        layer, n = int(header[0]), int(header[1])
-        if layer == STOP_LAYER:
+        header = torch.empty(1 + MAX_MICRO_BATCHES, dtype=torch.int64, device=staging)
+        link.dispatch.recv([header], 0, 0).wait()
+        count, *sizes = header.tolist()
+        if count == STOP:
             return
-        if n == 0:
-            continue
-        x = torch.empty(n, hidden_size, dtype=dtype, device=staging)
-        ids = torch.empty(n, top_k, dtype=torch.int64, device=staging)
-        w = torch.empty(n, top_k, dtype=torch.float32, device=staging)
-        for tensor, tag in ((x, HIDDEN), (ids, IDS), (w, WEIGHTS)):
-            group.recv([tensor], 0, tag).wait()
-        with torch.inference_mode():
-            y = experts[layer](x.to(device), ids.to(device), w.to(device))  # [n, H]
-        group.send([y.to(staging, dtype).contiguous()], 0, RESULT).wait()
+        sends = []
+        for layer in range(len(experts)):
+            for tokens in sizes[:count]:
+                buffer = torch.empty(tokens, width, dtype=torch.uint8, device=staging)
+                link.dispatch.recv([buffer], 0, 0).wait()
+                x, ids, w = (t.to(device) for t in unpack(buffer, hidden_size, top_k, dtype))
+                with torch.inference_mode():
+                    y = experts[layer](x, ids.long(), w).to(staging, dtype).contiguous()  # [n, H]
+                sends.append((link.combine.send([y], 0, 0), y))
+        for work, _ in sends:
+            work.wait()

@@ -21,7 +21,8 @@ from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
 from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
 from gptoss_serve.model.attention import Attention
-from gptoss_serve.model.experts import ExpertShard
+from gptoss_serve.cluster.expert_exchange import wait_for_event
+from gptoss_serve.model.experts import ExpertShard, ExpertsUnavailableError
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 
@@ -58,6 +59,27 @@ class PagedAttention:
                            window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len)
 
 
+class RemoteStepSamples:
+    """A step's samples when its experts are on MoE workers: the host waits for them at most the expert timeout
+    (a hung worker would otherwise block the wait forever); past it the link is aborted and the step fails."""
+
+    def __init__(self, samples: PendingSample, link) -> None:
+        self.samples, self.link = samples, link
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.samples.tokens
+
+    def result(self) -> SamplerOutput:
+        if self.samples.event is not None:
+            try:
+                wait_for_event(self.samples.event, self.link.timeout_s, "did not answer")
+            except ExpertsUnavailableError:
+                self.link.reset()
+                raise
+        return self.samples.result()
+
+
 class ModelRunner:
     def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_model_len: int = 8192,
@@ -73,6 +95,7 @@ class ModelRunner:
         self.attention = attention_kernels(self.device)
         experts = model.model.layers[0].mlp.experts
         local = isinstance(experts, ExpertShard)
+        self.expert_link = getattr(experts, "link", None)  # RemoteExperts' link to the MoE workers, if remote
         if local:  # every layer's experts run the same kernels: compile them once
             experts.warm_up(max_num_batched_tokens, model.config.num_experts_per_tok)
         self.graphs = None
@@ -94,10 +117,16 @@ class ModelRunner:
         when every chunk ends inside a prompt (nothing to sample). pending_tokens: the device samples of the step
         still in flight, for sequences whose newest token is PENDING."""
         sampling = [seq.sampling for seq, n in scheduled if seq.num_computed_tokens + n == len(seq)]
-        logits = self._logits(scheduled, pending_tokens)  # [S, vocab]
+        try:
+            logits = self._logits(scheduled, pending_tokens)  # [S, vocab]
+        except Exception:
+            if self.expert_link is not None:  # the workers may be mid-step: the link is out of step with them
+                self.expert_link.reset()
+            raise
         if not sampling:
             return None
-        return self.sampler.launch(logits, sampling)
+        samples = self.sampler.launch(logits, sampling)
+        return RemoteStepSamples(samples, self.expert_link) if self.expert_link is not None else samples
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward pass of a whole step -> float32 logits of its sampled rows."""
@@ -116,6 +145,8 @@ class ModelRunner:
             return self.graphs.run(inputs)
         groups = self._split(scheduled)
         prepared = [build(group) for group in groups]
+        if self.expert_link is not None:
+            self.expert_link.begin_step([p.token_ids.shape[0] for p in prepared])
         if len(prepared) == 1:
             return self._forward(prepared[0])
         hidden = self.model.model.forward_interleaved(

@@ -7,11 +7,13 @@ joins gets its own process group and its own serving thread.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import torch
 
-from gptoss_serve.cluster.expert_exchange import make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import Link, make_link, serve_replica
 from gptoss_serve.model.hub import resolve_checkpoint
 from gptoss_serve.model.loader import LoadFormat, open_checkpoint
 from gptoss_serve.model.packed_experts import expert_shard_class
@@ -39,27 +41,43 @@ class MoEWorker:
                             for layer in range(self.config.num_hidden_layers)]
         self.experts[0].warm_up(max_num_batched_tokens, self.config.num_experts_per_tok)
         self.links: dict[str, threading.Thread] = {}
+        self.link_of_replica: dict[str, Link] = {}  # each replica's current link (a reconnect ends the old one)
 
     def shard(self) -> tuple[int, int]:
         return self.first, self.count
 
     def ping(self) -> dict:
-        return {"index": self.index, "links": sum(t.is_alive() for t in self.links.values())}
+        """Alive and answering; its process id too (fault tests stop and kill it)."""
+        return {"index": self.index, "pid": os.getpid(), "links": sum(t.is_alive() for t in self.links.values())}
 
-    def join(self, *, host: str, port: int, rank: int, world_size: int, prefix: str, backend: str) -> bool:
-        """Joins one replica's process group (blocks until every member has joined), then serves it."""
-        group, _store = make_group(backend=backend, host=host, port=port, rank=rank, world_size=world_size,
-                                  is_master=False, prefix=prefix)
+    def join(self, *, host: str, port: int, rank: int, world_size: int, prefix: str, backend: str,
+             replica: str = "") -> bool:
+        """Joins one replica's link (blocks until every member has joined), then serves it on a thread and, on a
+        GPU, a CUDA stream of its own: a link whose replica hung or died blocks only its own stream. A replica
+        that reconnects ends its previous link here first (its communicators are aborted, not waited on)."""
+        link, _store = make_link(backend=backend, host=host, port=port, rank=rank, world_size=world_size,
+                                 is_master=False, prefix=prefix)
+        previous = self.link_of_replica.pop(replica, None)
+        if previous is not None:
+            previous.abort()
+        self.link_of_replica[replica] = link
         staging = self.device if backend == "nccl" else torch.device("cpu")
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         def serve() -> None:
             try:
-                serve_replica(group, self.experts, hidden_size=self.config.hidden_size,
-                              top_k=self.config.num_experts_per_tok, device=self.device, staging=staging)
-            except RuntimeError:
-                pass  # the replica went away or reconnected: this link is over
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    serve_replica(link, self.experts, hidden_size=self.config.hidden_size,
+                                  top_k=self.config.num_experts_per_tok, device=self.device, staging=staging)
+            except Exception:  # noqa: BLE001 - the replica went away, reconnected or aborted the link: it is over
+                pass
+            finally:
+                if self.link_of_replica.get(replica) is link:
+                    del self.link_of_replica[replica]
+                link.abort()
 
         thread = threading.Thread(target=serve, name=f"moe-link-{prefix}", daemon=True)
         thread.start()
+        self.links = {p: t for p, t in self.links.items() if t.is_alive()}
         self.links[prefix] = thread
         return True

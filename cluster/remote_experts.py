@@ -13,7 +13,7 @@ import uuid
 import ray
 import torch
 
-from gptoss_serve.cluster.expert_exchange import ExpertClient, PendingExchange, Shard, make_group
+from gptoss_serve.cluster.expert_exchange import ExpertClient, PendingExchange, Shard, make_link
 from gptoss_serve.model.experts import ExpertsUnavailableError
 
 CONNECT_TIMEOUT_S = 30.0
@@ -39,6 +39,7 @@ class ExpertLink:
         self.shards = [Shard(*shard) for shard in ray.get([w.shard.remote() for w in workers])]
         self.client: ExpertClient | None = None
         self.reconnects = 0
+        self.name = f"replica-{uuid.uuid4().hex[:12]}"  # the workers end this replica's old link when it reconnects
 
     def get(self) -> ExpertClient:
         if self.client is None:
@@ -53,24 +54,48 @@ class ExpertLink:
         host, port, prefix = _host_ip(), _free_port(), f"link-{uuid.uuid4().hex[:12]}"
         world = len(self.workers) + 1
         joins = [w.join.remote(host=host, port=port, rank=i + 1, world_size=world, prefix=prefix,
-                               backend=self.backend) for i, w in enumerate(self.workers)]
-        group, self._store = make_group(backend=self.backend, host=host, port=port, rank=0, world_size=world,
-                                        is_master=True, prefix=prefix)
+                               backend=self.backend, replica=self.name) for i, w in enumerate(self.workers)]
+        link, self._store = make_link(backend=self.backend, host=host, port=port, rank=0, world_size=world,
+                                      is_master=True, prefix=prefix)
         try:
             ray.get(joins, timeout=CONNECT_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001
+            link.abort()
             raise ExpertsUnavailableError(f"MoE workers did not join ({type(e).__name__}: {e})") from None
         staging = self.device if self.backend == "nccl" else torch.device("cpu")
-        self.client = ExpertClient(group, self.shards, device=self.device, timeout_s=self.timeout_s, staging=staging)
+        client = ExpertClient(link, self.shards, device=self.device, timeout_s=self.timeout_s, staging=staging)
+        try:
+            client.handshake()
+        except ExpertsUnavailableError:
+            link.abort()
+            raise
+        self.client = client
         self.reconnects += 1
 
     def drain_stats(self):
         """The exchange's stats since the last call (None while disconnected)."""
         return self.client.drain() if self.client is not None else None
 
+    def begin_step(self, token_counts: list[int]) -> None:
+        """The next step's micro-batch sizes, to every worker (connecting first if needed)."""
+        try:
+            self.get().begin_step(token_counts)
+        except ExpertsUnavailableError:
+            self.reset()
+            raise
+
     def reset(self) -> None:
-        """After a failure: the next step reconnects (the workers may have been restarted meanwhile)."""
+        """After a failure: the communicators are aborted, not waited on, and the next step reconnects (the
+        workers may have been restarted meanwhile)."""
+        if self.client is not None:
+            self.client.link.abort()
         self.client = None
+
+
+def _as_expert_failure(error: Exception) -> ExpertsUnavailableError:
+    if isinstance(error, ExpertsUnavailableError):
+        return error
+    return ExpertsUnavailableError(f"the expert exchange failed ({type(error).__name__}: {error})")
 
 
 class RemoteExperts:
@@ -82,16 +107,16 @@ class RemoteExperts:
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> PendingExchange:
         try:
             return self.link.get().dispatch(self.layer, hidden, expert_ids, weights)
-        except ExpertsUnavailableError:
+        except Exception as e:  # noqa: BLE001 - whatever broke in the exchange, it is the experts' failure
             self.link.reset()
-            raise
+            raise _as_expert_failure(e) from None
 
     def combine(self, pending: PendingExchange) -> torch.Tensor:
         try:
             return pending.client.combine(pending)
-        except ExpertsUnavailableError:
+        except Exception as e:  # noqa: BLE001
             self.link.reset()
-            raise
+            raise _as_expert_failure(e) from None
 
     def __call__(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.combine(self.dispatch(hidden, expert_ids, weights))

@@ -98,14 +98,14 @@ class PendingSample:
         to_host = [tokens] + (list(logprobs.tensors) if logprobs else [])
         self._host = [t.to("cpu", non_blocking=True) if on_gpu else t for t in to_host]
         self._wanted = logprobs.rows if logprobs else []
-        self._event = None
+        self.event = None  # marks the copies' arrival on the host (GPU only)
         if on_gpu:
-            self._event = torch.cuda.Event()
-            self._event.record()
+            self.event = torch.cuda.Event()
+            self.event.record()
 
     def result(self) -> SamplerOutput:
-        if self._event is not None:
-            self._event.synchronize()
+        if self.event is not None:
+            self.event.synchronize()
         token_ids = self._host[0].tolist()
         out: list[TokenLogprobs | None] = [None] * len(self.params)
         if self._wanted:

@@ -1,5 +1,5 @@
-"""The per-layer exchange over gloo, in one process (worker ranks on threads): results equal local experts,
-and a worker that stops answering fails the layer within the timeout instead of hanging."""
+"""The per-layer exchange over gloo, in one process (worker ranks on threads): results equal local experts across
+steps and micro-batches, and a worker that stops answering fails the layer within the timeout instead of hanging."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import HEADER_SIZE, ExpertClient, Shard, make_group, serve_replica
+from gptoss_serve.cluster.expert_exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link, serve_replica
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 from tests.net import free_port
@@ -26,43 +26,69 @@ def connect(num_workers: int, serve, timeout_s: float = 5.0):
     threads = []
     for rank in range(1, num_workers + 1):
         def run(rank=rank):
-            group, _ = make_group(backend="gloo", host="127.0.0.1", port=p, rank=rank, world_size=num_workers + 1,
-                                  is_master=False, prefix=prefix)
-            serve(group, rank)
+            link, _ = make_link(backend="gloo", host="127.0.0.1", port=p, rank=rank, world_size=num_workers + 1,
+                                is_master=False, prefix=prefix)
+            serve(link, rank)
         threads.append(threading.Thread(target=run, daemon=True))
         threads[-1].start()
-    group, store = make_group(backend="gloo", host="127.0.0.1", port=p, rank=0, world_size=num_workers + 1,
-                              is_master=True, prefix=prefix)
-    return group, store, threads
+    link, store = make_link(backend="gloo", host="127.0.0.1", port=p, rank=0, world_size=num_workers + 1,
+                            is_master=True, prefix=prefix)
+    return link, store, threads
+
+
+def routed(tokens: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = torch.randn(tokens, 64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(tokens)])
+    return hidden, ids, torch.softmax(torch.randn(tokens, 4, generator=gen), dim=-1)
 
 
 def test_two_workers_give_the_local_result(tiny_bf16):
+    """Two steps: one batch, then two micro-batches dispatched ping-pong (both before either is combined)."""
     full = shard(tiny_bf16, 4, 0, 8)
     shards = [shard(tiny_bf16, 4, 0, 4), shard(tiny_bf16, 4, 4, 4)]
-    group, store, threads = connect(2, lambda g, rank: serve_replica(
-        g, shards[rank - 1], hidden_size=64, top_k=4, device=torch.device("cpu")))
-    client = ExpertClient(group, [Shard(0, 4), Shard(4, 4)], device=torch.device("cpu"))
+    link, store, threads = connect(2, lambda link, rank: serve_replica(
+        link, shards[rank - 1], hidden_size=64, top_k=4, device=torch.device("cpu")))
+    client = ExpertClient(link, [Shard(0, 4), Shard(4, 4)], device=torch.device("cpu"))
+    client.handshake()
     gen = torch.Generator().manual_seed(0)
+    client.begin_step([33])
     for layer in range(4):
-        hidden = torch.randn(33, 64, generator=gen)
-        ids = torch.stack([torch.randperm(8, generator=gen)[:4] for _ in range(33)])
-        weights = torch.softmax(torch.randn(33, 4, generator=gen), dim=-1)
+        hidden, ids, weights = routed(33, gen)
         got = client.combine(client.dispatch(layer, hidden, ids, weights))
         torch.testing.assert_close(got, full[layer](hidden, ids, weights), rtol=1e-5, atol=1e-6)
+    client.begin_step([5, 9])
+    for layer in range(4):
+        batches = [routed(5, gen), routed(9, gen)]
+        pending = [client.dispatch(layer, *batch) for batch in batches]
+        for p, batch in zip(pending, batches):
+            torch.testing.assert_close(client.combine(p), full[layer](*batch), rtol=1e-5, atol=1e-6)
     stats = client.drain()
-    assert sum(stats.tokens_per_worker) >= 33 * 4 and sum(stats.tokens_per_expert) == 33 * 4 * 4
-    assert len(stats.dispatch_seconds) == len(stats.combine_seconds) == 4
+    assert stats.tokens_per_worker == [4 * (33 + 14)] * 2  # every worker sees every token
+    assert sum(stats.tokens_per_expert) == 4 * (33 + 14) * 4
+    assert len(stats.dispatch_seconds) == len(stats.combine_seconds) == 12
     client.close()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()  # the stop header ended the workers' loops
+
+
+def test_a_step_header_names_its_micro_batches():
+    client = ExpertClient(None, [Shard(0, 8)], device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=f"1 to {MAX_MICRO_BATCHES} micro-batches"):
+        client.begin_step([1] * (MAX_MICRO_BATCHES + 1))
 
 
 def test_a_silent_worker_fails_the_layer_within_the_timeout():
-    def silent(group, rank):
-        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
-        group.recv([header], 0, 0).wait()
-        time.sleep(30)  # received the layer, never answers
+    def silent(link, rank):
+        hello = torch.zeros(1, dtype=torch.int64)
+        link.dispatch.recv([hello], 0, 0).wait()
+        link.combine.send([hello], 0, 0).wait()
+        time.sleep(30)  # connected, never answers a layer
 
-    group, store, _ = connect(1, silent)
-    client = ExpertClient(group, [Shard(0, 8)], device=torch.device("cpu"), timeout_s=1.0)
+    link, store, _ = connect(1, silent)
+    client = ExpertClient(link, [Shard(0, 8)], device=torch.device("cpu"), timeout_s=1.0)
+    client.handshake()
+    client.begin_step([3])
     pending = client.dispatch(0, torch.randn(3, 64), torch.tensor([[0, 1, 2, 3]] * 3), torch.full((3, 4), 0.25))
     start = time.monotonic()
     with pytest.raises(ExpertsUnavailableError, match="did not answer"):

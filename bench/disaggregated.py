@@ -1,0 +1,197 @@
+"""Disaggregated serving (attention replicas + MoE workers over NCCL) beside colocated replicas, through Serve and
+HTTP, on the GPUs of one host, app after app (each stopped before the next starts):
+
+    python -m gptoss_serve.bench.disaggregated --model DIR [--load-format dummy] [--concurrency 1 64 256]
+        [--apps colocated disaggregated data-parallel] [--faults] [--json PATH]
+
+- colocated: one replica on one GPU, its experts in process (the reference outputs).
+- disaggregated: one attention replica on one GPU, `--moe-workers` MoE workers on a GPU each.
+- data-parallel: as many colocated replicas as the disaggregated app has GPUs.
+A dozen prompts get 64 greedy tokens from each app (the outputs must equal the colocated app's); then bursts of
+streaming completions at each concurrency (prompts 128, outputs 128, ignore_eos) give output tok/s, per GPU, and
+TPOT. --faults then runs, on the disaggregated app under load: kill -9 of a MoE worker, and SIGSTOP of one for 30 s:
+how long until the affected requests failed, how long until a request succeeds again, and whether any hung.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+
+import httpx
+
+from gptoss_serve.bench.served_vs_engine import stream_completion, workload
+
+URL = "http://127.0.0.1:8000"
+GREEDY_PROMPTS = 12
+GREEDY_TOKENS = 64
+
+
+def start_app(args: argparse.Namespace, app: str) -> int:
+    """Deploys one app; -> the GPUs it holds."""
+    from ray import serve
+
+    from gptoss_serve.deployments.builder import build_app
+
+    base = {"model": args.model, "load_format": args.load_format, "engine": {"max_model_len": 1024,
+                                                                             "max_num_seqs": args.max_num_seqs},
+            "max_ongoing_requests": 2048, "max_queued_requests": 0, "max_waiting_per_replica": 2048}
+    if app == "colocated":
+        config, gpus = {**base, "num_gpus_per_replica": 1}, 1
+    elif app == "disaggregated":
+        config = {**base, "num_gpus_per_replica": 1, "num_moe_workers": args.moe_workers,
+                  "num_gpus_per_moe_worker": 1, "expert_timeout_s": args.expert_timeout_s}
+        gpus = 1 + args.moe_workers
+    else:
+        gpus = 1 + args.moe_workers
+        config = {**base, "num_gpus_per_replica": 1, "num_attention_replicas": gpus}
+    serve.run(build_app(config), name="gptoss", route_prefix="/")
+    return gpus
+
+
+async def greedy_outputs(prompts: list[list[int]]) -> list[list[int]]:
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(prompt):
+            r = await client.post(URL + "/v1/completions", json={
+                "model": "gpt-oss", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True, "logprobs": 0})
+            r.raise_for_status()
+            choice = r.json()["choices"][0]
+            return choice.get("token_ids") or choice["logprobs"]["tokens"]
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+async def burst(concurrency: int, seconds_cap: float = 120) -> dict:
+    requests = workload(concurrency, (128, 128), (128, 128), seed=concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds_cap), limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_completion(client, URL, p, n) for p, n in requests))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    tpots = [(r["end"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    return {"concurrency": concurrency, "ok": len(ok), "tok_s": tokens / wall,
+            "tpot_ms": statistics.median(tpots) * 1e3 if tpots else float("nan"),
+            "ttft_ms": statistics.median(r["ttft"] for r in ok) * 1e3 if ok else float("nan")}
+
+
+def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
+    """Streams 8 long requests, hits a MoE worker, and times the failures and the recovery."""
+    outcomes: list[dict] = []
+
+    def client() -> None:
+        start, result = time.monotonic(), {"error_at": None, "status": None}
+        try:
+            with httpx.stream("POST", URL + "/v1/completions", timeout=180, json={
+                    "model": "gpt-oss", "prompt": [1000 + i for i in range(64)], "max_tokens": 900,
+                    "ignore_eos": True, "stream": True}) as r:
+                result["status"] = r.status_code
+                for line in r.iter_lines():
+                    if '"error"' in line:
+                        result["error_at"] = time.monotonic()
+        except httpx.HTTPError as e:
+            result["error_at"], result["exception"] = time.monotonic(), type(e).__name__
+        result["ended_at"] = time.monotonic()
+        result["started_at"] = start
+        outcomes.append(result)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(5)  # all streaming
+    hit_at = time.monotonic()
+    os.kill(worker_pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    if kind == "stop":
+        threading.Timer(stop_s, lambda: os.kill(worker_pid, signal.SIGCONT)).start()
+    for t in threads:
+        t.join(timeout=240)
+    hung = sum(t.is_alive() for t in threads)
+    failed = [o["error_at"] - hit_at for o in outcomes if o["error_at"] is not None]
+    back_at = None
+    while time.monotonic() - hit_at < 240:
+        try:
+            r = httpx.post(URL + "/v1/completions", timeout=30, json={
+                "model": "gpt-oss", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
+            if r.status_code == 200:
+                back_at = time.monotonic()
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return {"fault": kind, "clients": len(threads), "hung": hung, "failed": len(failed),
+            "failed_within_s": max(failed) if failed else None,
+            "service_back_after_s": back_at - hit_at if back_at else None}
+
+
+def worker_pid() -> int:
+    import ray
+
+    from gptoss_serve.deployments.expert_pool import worker_name
+
+    return ray.get(ray.get_actor(worker_name("gptoss", 0)).ping.remote())["pid"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--moe-workers", type=int, default=1)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--apps", nargs="+", default=["colocated", "disaggregated", "data-parallel"])
+    parser.add_argument("--expert-timeout-s", type=float, default=10.0)
+    parser.add_argument("--faults", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    prompts = [p for p, _ in workload(GREEDY_PROMPTS, (16, 200), (1, 1), seed=7)]
+    figures: dict = {"apps": {}}
+    reference = None
+    for app in args.apps:
+        t = time.perf_counter()
+        gpus = start_app(args, app)
+        row: dict = {"gpus": gpus, "start_s": time.perf_counter() - t}
+        outputs = asyncio.run(greedy_outputs(prompts))
+        if app == "colocated":
+            reference = outputs
+        if reference is not None:
+            row["greedy_equal_prompts"] = sum(a == b for a, b in zip(outputs, reference))
+            row["greedy_equal_tokens"] = sum(x == y for a, b in zip(outputs, reference) for x, y in zip(a, b))
+        row["bursts"] = [asyncio.run(burst(c)) for c in args.concurrency]
+        for b in row["bursts"]:
+            b["tok_s_per_gpu"] = b["tok_s"] / gpus
+            print(f"[{app}] concurrency {b['concurrency']:4d}: {b['tok_s']:9.1f} tok/s ({b['tok_s_per_gpu']:8.1f} a "
+                  f"GPU), TPOT {b['tpot_ms']:6.2f} ms, TTFT {b['ttft_ms']:7.1f} ms, ok {b['ok']}", flush=True)
+        if "greedy_equal_prompts" in row:
+            print(f"[{app}] greedy outputs equal to colocated: {row['greedy_equal_prompts']}/{GREEDY_PROMPTS} prompts, "
+                  f"{row['greedy_equal_tokens']}/{GREEDY_PROMPTS * GREEDY_TOKENS} tokens", flush=True)
+        if app == "disaggregated" and args.faults:
+            row["faults"] = []
+            for kind in ("kill", "stop"):
+                result = fault(kind, worker_pid(), stop_s=30)
+                row["faults"].append(result)
+                print(f"[{app}] fault {result}", flush=True)
+        figures["apps"][app] = row
+        serve.delete("gptoss")
+        time.sleep(5)  # the GPUs' memory goes back before the next app
+    serve.shutdown()
+    ray.shutdown()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
