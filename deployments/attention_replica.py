@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,14 +23,18 @@ from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
 from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
-from gptoss_serve.deployments.expert_pool import worker_name
+from gptoss_serve.deployments.expert_pool import wait_for_placement, worker_name
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.metrics import ExpertMetrics, ReplicaMetrics
 from gptoss_serve.deployments.replica_context import current_app_name, current_replica_id
+from gptoss_serve.deployments.resources import cluster_view, moe_workers_shortfall
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 STATS_PERIOD_S = 1.0
+UNPLACED = ("the MoE expert workers could not be placed: the cluster lacks the resources they ask for (the server "
+            "log says which); retry later")
+STARTING = "the engine is starting; retry shortly"
 logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
 
 
@@ -94,28 +99,65 @@ class AttentionReplica:
         build: how the engine core makes its engine (picklable); by default from `args` (tests inject one)."""
         self.args = args
         self.replica_id = current_replica_id()
+        app_name = current_app_name()
         if build is None:
             address, namespace = _ray_location()
-            build = functools.partial(build_engine_core, args, app_name=current_app_name(), ray_address=address,
+            build = functools.partial(build_engine_core, args, app_name=app_name, ray_address=address,
                                       namespace=namespace)
-        self.core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
         self.texts = TextStreams(load_tokenizer())  # for outputs the core left undecoded
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \
             if args.num_moe_workers else None
         self.calls: dict[str, _Call] = {}  # request id -> the batch call it came in
-        self.stats: dict = {**self.core.stats, "replica_id": self.replica_id}
-        logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
-                    args.resolved_device, self.stats["weights_bytes"] / 1e9, self.stats["kv_cache_bytes"] / 1e9,
-                    self.stats["num_blocks"], self.stats["num_blocks"] * self.stats["block_size"],
-                    self.stats["max_model_len"])
-        self._prefix_seen = (self.stats["prefix_queries"], self.stats["prefix_hits"])
+        self.core: EngineCoreClient | None = None  # None until the engine core has started
+        self.unavailable: str | None = None  # while there is no core: what requests are told (503)
+        self.start_error: str | None = None  # why a core started in the background could not start
+        self._prefix_seen = (0, 0)
+        self.stats: dict = {"running": 0, "waiting": 0, "free_blocks": 0, "num_blocks": 1, "time": time.time(),
+                            "replica_id": self.replica_id}
         self._last_step = time.time()
         self._next_stats = 0.0
+        if args.num_moe_workers and not wait_for_placement(app_name):
+            # the core would wait for workers that have no place: serve 503s at once instead, start it once placed
+            self.unavailable = UNPLACED
+            total, largest_node, free = cluster_view()
+            logger.error("the MoE workers have no place in the cluster (%s); answering every request with 503 until "
+                         "they have", moe_workers_shortfall(args, total=total, largest_node=largest_node, free=free))
+            threading.Thread(target=self._start_core_once_placed, args=(build, app_name), name="engine-core-start",
+                             daemon=True).start()
+        else:
+            self._start_core(build)
+
+    def _start_core(self, build: Callable[[], Built]) -> None:
+        core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
+        self.stats = {**core.stats, "replica_id": self.replica_id}
+        self._prefix_seen = (self.stats["prefix_queries"], self.stats["prefix_hits"])
+        self.core = core
+        logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
+                    self.args.resolved_device, self.stats["weights_bytes"] / 1e9, self.stats["kv_cache_bytes"] / 1e9,
+                    self.stats["num_blocks"], self.stats["num_blocks"] * self.stats["block_size"],
+                    self.stats["max_model_len"])
+
+    def _start_core_once_placed(self, build: Callable[[], Built], app_name: str) -> None:
+        while not wait_for_placement(app_name):
+            pass  # each call waits a while; a cluster may get room at any time (nodes join)
+        logger.info("the MoE workers are placed; starting the engine core")
+        self.unavailable = STARTING
+        try:
+            self._start_core(build)
+        except Exception as e:  # noqa: BLE001 - check_health reports it and Serve replaces this replica
+            self.unavailable = f"the engine could not start ({type(e).__name__})"
+            self.start_error = f"{type(e).__name__}: {e}"
+            return
+        self.unavailable = None
 
     # ---- the router's calls ---------------------------------------------------------------------------------
     async def generate_batch(self, requests: list[EngineRequest], *, target_replica: str | None = None):
         """Streams this replica's id, then lists of StreamItems until every request has ended."""
+        if self.core is None:  # nothing can run: every request is told why at once
+            yield self.replica_id
+            yield [StreamItem(r.request_id, error=self.unavailable or STARTING, status=503) for r in requests]
+            return
         call = _Call({r.request_id: r for r in requests})
         admitted, refused = self._admit(requests)
         for request in requests:
@@ -142,7 +184,8 @@ class AttentionReplica:
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
         """Stops requests (their clients left); their blocks are freed within a step."""
-        self.core.abort(request_ids)
+        if self.core is not None:
+            self.core.abort(request_ids)
         for request_id in request_ids:
             self.texts.remove(request_id)
             call = self.calls.pop(request_id, None)
@@ -155,7 +198,13 @@ class AttentionReplica:
         return dict(self.stats)
 
     def check_health(self) -> None:
-        """Healthy while a replacement core starts (its requests get 503 meanwhile); not once that failed."""
+        """Healthy while a replacement core starts (its requests get 503 meanwhile); not once that failed. Healthy
+        too while the MoE workers have no place (the ExpertPool reports that): a replica restarted for it would
+        serve nothing while it starts, not even the 503s that say why."""
+        if self.core is None:
+            if self.start_error is not None:
+                raise RuntimeError(f"the engine core could not start: {self.start_error}")
+            return
         if not self.core.alive and not self.core.restarting:
             raise RuntimeError(f"the engine core is down: {self.core.error}")
 

@@ -21,6 +21,7 @@ from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.expert_pool import NO_MULTICAST, ExpertPool
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress
 from gptoss_serve.deployments.batching_router import BatchingRouter
+from gptoss_serve.deployments.resources import warn_if_cluster_too_small
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.synthetic import preset_config
@@ -83,6 +84,7 @@ def check_expert_split(args: AppArgs) -> None:
 def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
     args = parse_args(raw_args or {})
     check_expert_split(args)
+    warn_if_cluster_too_small(args)
     pool = None
     if args.num_moe_workers:
         # it owns the workers' placement group; the attention replicas find the workers by name
