@@ -7,7 +7,9 @@ leaves at once. Each message that comes back holds one engine step's items for t
 among the sinks with one put per sink, so no hop carries a message per token per request.
 
 Aborts are gathered too: whatever was asked in one turn of the event loop goes downstream as one call per
-downstream replica (the first message of every downstream stream names its replica).
+downstream replica (the first message of every downstream stream names its replica). A batch whose requests have
+all been aborted or finished stops listening: its stream is closed, so no call stays open downstream waiting for
+items that will never come.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ class _Entry:
     sink: asyncio.Queue  # gets lists of StreamItems
     queued_at: float = field(default_factory=time.monotonic)
     replica: str | None = None  # set once its batch's stream names its replica
+    batch: _Batch | None = None  # set when its batch leaves
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Requests that went downstream in one streaming call, and the task that listens to that call."""
+
+    request_ids: list[str]
+    listener: asyncio.Task | None = None
 
 
 class BatchStreamer:
@@ -90,15 +101,18 @@ class BatchStreamer:
                         break
             batch, self.pending = self.pending[:self.max_batch_size], self.pending[self.max_batch_size:]
             if batch:
+                sent = _Batch([entry.request.request_id for entry in batch])
                 for entry in batch:
                     self.sent[entry.request.request_id] = entry
+                    entry.batch = sent
                 if self.on_batch is not None:
                     now = time.monotonic()
                     self.on_batch(len(batch), [now - e.queued_at for e in batch])
-                self._spawn(self._run_batch(batch))
+                sent.listener = self._spawn(self._run_batch(batch))
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         ids = [e.request.request_id for e in batch]
+        stream, ended = None, False
         try:
             stream = self.streams.generate_batch.remote([e.request for e in batch])
             async for chunk in stream:
@@ -108,6 +122,8 @@ class BatchStreamer:
                     if waiting := [i for i in ids if i in self.unplaced_aborts]:
                         self.unplaced_aborts.difference_update(waiting)
                         self._spawn(self._abort(chunk, waiting))
+                    if not any(i in self.sent for i in ids):
+                        break  # every request of it was aborted on the way
                     continue
                 by_sink: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
                 for item in chunk:
@@ -120,10 +136,19 @@ class BatchStreamer:
                 for sink, items in by_sink.values():
                     sink.put_nowait(items)
                 if not any(i in self.sent for i in ids):
-                    break  # leaving the stream early also stops anything of this batch still downstream
+                    break
+            else:
+                ended = True
             error = "the serving replica ended the stream early"
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - its requests fail, never hang
             error = f"the serving replica failed ({type(e).__name__})"
+        if stream is not None and not ended:
+            # Serve keeps a streaming call running when its caller merely stops reading: cancel it, so that the call
+            # downstream ends (and stops whatever of this batch is still running there) instead of staying open
+            try:
+                stream.cancel()
+            except Exception:  # noqa: BLE001 - best effort: a dead replica holds nothing open
+                pass
         failed: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
         for request_id in ids:
             entry = self.sent.pop(request_id, None)
@@ -135,6 +160,7 @@ class BatchStreamer:
 
     def _flush_aborts(self) -> None:
         by_replica: dict[str, list[str]] = defaultdict(list)
+        batches: set[_Batch] = set()
         for request_id in self.to_abort:
             entry = self.sent.pop(request_id, None)
             if entry is None:
@@ -143,9 +169,16 @@ class BatchStreamer:
                 self.unplaced_aborts.add(request_id)
             else:
                 by_replica[entry.replica].append(request_id)
+                batches.add(entry.batch)
         self.to_abort.clear()
         for replica, ids in by_replica.items():
             self._spawn(self._abort(replica, ids))
+        for batch in batches:
+            # Nothing left to hear from this call: stop listening. A call whose every request was aborted may never
+            # send again (downstream, a router's call waits for last items that aborted requests never produce), and
+            # an open call would hold a task here and a call downstream until shutdown, delaying its drain.
+            if batch.listener is not None and not any(i in self.sent for i in batch.request_ids):
+                batch.listener.cancel()
 
     async def _abort(self, replica: str, request_ids: list[str]) -> None:
         try:

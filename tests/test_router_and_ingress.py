@@ -12,6 +12,7 @@ import pytest
 from gptoss_serve.cluster.engine import RequestOutput
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.batching_router import BatchingRouter
@@ -33,7 +34,8 @@ class FakeReplicas:
             def remote(self, *args, **kwargs):
                 return self.fn(*args, **kwargs)
 
-        self.generate_batch = Method(self._generate_batch)
+        self.streams: list[FakeStream] = []  # every call's stream, to see which were cancelled
+        self.generate_batch = Method(self._stream)
 
         async def abort(ids, target_replica=None):
             outer.aborted += ids
@@ -43,6 +45,10 @@ class FakeReplicas:
     def options(self, **kwargs):
         return self
 
+    def _stream(self, requests: list[EngineRequest]) -> FakeStream:
+        self.streams.append(FakeStream(self._generate_batch(requests)))
+        return self.streams[-1]
+
     async def _generate_batch(self, requests: list[EngineRequest]):
         self.batches.append([r.request_id for r in requests])
         yield "replica-0"
@@ -51,6 +57,22 @@ class FakeReplicas:
             yield [StreamItem(r.request_id, output=RequestOutput(r.request_id, [7], "x", n == self.tokens,
                                                                  "length" if n == self.tokens else None,
                                                                  num_output_tokens=n)) for r in requests]
+
+
+class FakeStream:
+    """What a streaming handle call returns: its items, and `cancel` to end the call downstream."""
+
+    def __init__(self, items) -> None:
+        self.items, self.cancelled = items, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.items.__anext__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 def request(i: int) -> EngineRequest:
@@ -91,6 +113,41 @@ def test_client_leaving_aborts_on_its_replica():
         await stream.aclose()
         await asyncio.sleep(0.05)
         assert replicas.aborted == ["r9"]
+
+    asyncio.run(main())
+
+
+def test_a_batch_whose_requests_are_all_aborted_closes_its_call():
+    """Downstream may never send again for aborted requests (a router's call waits for their last items): the
+    streamer stops listening and cancels the call, instead of leaving it open until shutdown (this once held every
+    dropped client's router call open, and made each app's delete wait out the 20 s drain)."""
+
+    class Silent(FakeReplicas):
+        def __init__(self) -> None:
+            super().__init__()
+            self.closed: list[str] = []
+
+        async def _generate_batch(self, requests):
+            try:
+                yield "replica-0"
+                await asyncio.Event().wait()  # nothing more, ever
+            finally:
+                self.closed += [r.request_id for r in requests]
+
+    async def main():
+        replicas = Silent()
+        streamer = BatchStreamer(replicas)
+        sink: asyncio.Queue = asyncio.Queue()
+        streamer.submit([request(1), request(2)], sink)
+        while not streamer.sent or next(iter(streamer.sent.values())).replica is None:
+            await asyncio.sleep(0.01)
+        streamer.abort(["r1"])
+        await asyncio.sleep(0.05)
+        assert replicas.closed == [] and replicas.aborted == ["r1"]  # r2 still runs: the call stays open
+        streamer.abort(["r2"])
+        await asyncio.sleep(0.05)
+        assert replicas.closed == ["r1", "r2"] and streamer.tasks == {streamer.batcher} and sink.empty()
+        assert [s.cancelled for s in replicas.streams] == [True]
 
     asyncio.run(main())
 
