@@ -7,7 +7,9 @@ HTTP, on the GPUs of one host, app after app (each stopped before the next start
 - colocated: one replica on one GPU, its experts in process (the reference outputs).
 - disaggregated: one attention replica on one GPU, `--moe-workers` MoE workers on a GPU each.
 - data-parallel: as many colocated replicas as the disaggregated app has GPUs.
-A dozen prompts get 64 greedy tokens from each app (the outputs must equal the colocated app's); then bursts of
+A dozen prompts get 64 greedy tokens from each app, one request at a time (the outputs must equal the colocated
+app's: on random weights the logits are so flat that any change in how a batch is composed, and so in which GEMM
+kernels run, flips the argmax; one sequence at a time both apps run the same kernels); then bursts of
 streaming completions at each concurrency (prompts 128, outputs 128, ignore_eos) give output tok/s, per GPU, and
 TPOT. --faults then runs, on the disaggregated app under load: kill -9 of a MoE worker, and SIGSTOP of one for 30 s:
 how long until the affected requests failed, how long until a request succeeds again, and whether any hung.
@@ -57,14 +59,14 @@ def start_app(args: argparse.Namespace, app: str) -> int:
 
 async def greedy_outputs(prompts: list[list[int]]) -> list[list[int]]:
     async with httpx.AsyncClient(timeout=300) as client:
-        async def one(prompt):
+        async def one(prompt) -> list[str]:
             r = await client.post(URL + "/v1/completions", json={
                 "model": "gpt-oss", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True, "logprobs": 0})
             r.raise_for_status()
             choice = r.json()["choices"][0]
-            return choice.get("token_ids") or choice["logprobs"]["tokens"]
-        return await asyncio.gather(*(one(p) for p in prompts))
+            return choice["logprobs"]["tokens"]
+        return [await one(p) for p in prompts]
 
 
 async def burst(concurrency: int, seconds_cap: float = 120) -> dict:

@@ -141,6 +141,7 @@ class ExpertClient:
         self.stats = self._fresh_stats()
         self._step_bytes = 0
         self._header_sends: list[tuple[object, torch.Tensor]] = []
+        self._ones: torch.Tensor | None = None
 
     def _fresh_stats(self) -> ExchangeStats:
         self._expert_counts = None  # [E] on the activations' device, summed without a host sync
@@ -189,10 +190,12 @@ class ExpertClient:
                  weights: torch.Tensor) -> PendingExchange:
         """hidden [T, H], expert_ids/weights [T, K] -> an exchange in flight (nothing waits here)."""
         start = time.perf_counter()
-        ones = torch.ones(expert_ids.numel(), dtype=torch.int64, device=expert_ids.device)
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device).index_add_(
-            0, expert_ids.flatten().long(), ones)
-        self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
+        if self._expert_counts is None:
+            self._expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device)
+        flat = expert_ids.flatten()
+        if self._ones is None or self._ones.numel() < flat.numel() or self._ones.device != flat.device:
+            self._ones = torch.ones(max(flat.numel(), 4096), dtype=torch.int64, device=flat.device)
+        self._expert_counts.index_add_(0, flat.long(), self._ones[:flat.numel()])  # one kernel, no host sync
         packed = pack(hidden, expert_ids, weights).to(self.staging)
         sends = [(self._send(packed, rank), packed) for rank in self._ranks()]
         results = [torch.empty(hidden.shape, dtype=hidden.dtype, device=self.staging) for _ in self.shards]
@@ -213,11 +216,16 @@ class ExpertClient:
         header_sends, self._header_sends = self._header_sends, []
         self._wait_all([work for work, _ in header_sends] + pending.receives + [work for work, _ in pending.sends],
                        "did not answer")
-        total = pending.results[0].to(pending.like.device, torch.float32)
-        for result in pending.results[1:]:
-            total += result.to(pending.like.device, torch.float32)
+        like = pending.like
+        if len(pending.results) == 1:  # one worker: its answer as it is
+            out = pending.results[0].to(like.device, like.dtype)
+        else:
+            out = pending.results[0].to(like.device, torch.float32)
+            for result in pending.results[1:]:
+                out += result.to(like.device, torch.float32)
+            out = out.to(like.dtype)
         self.stats.combine_seconds.append(time.perf_counter() - start)
-        return total.to(pending.like.dtype)
+        return out
 
     def close(self) -> None:
         """Tells the workers this link ends (best effort: they may be gone)."""
