@@ -17,36 +17,60 @@ import time
 
 import httpx
 
+from gptoss_serve.bench.loadtest.connections import ClientShards
 from gptoss_serve.model.synthetic import write_preset
 
 PLAIN = {"model": "gpt-oss", "prompt": "Hi", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
 
 
-async def leave_after_first(client: httpx.AsyncClient, url: str, n: int) -> int:
-    body = {"model": "gpt-oss", "prompt": "go on", "n": n, "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return r.status_code
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                return 200
-    return 200
+async def leave_after_first(clients: ClientShards, n: int, *, model: str, max_tokens: int) -> int:
+    """One client: a streaming completion (n choices) it leaves after the first chunk; its HTTP status."""
+    body = {"model": model, "prompt": "go on", "n": n, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    slot, client = clients.acquire()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return r.status_code
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    return 200
+        return 200
+    finally:
+        clients.release(slot)
 
 
-async def storm(url: str, clients: int) -> dict[int, int]:
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        statuses = await asyncio.gather(*(leave_after_first(client, url, 1 + i % 2) for i in range(clients)))
+async def storm(url: str, clients: int, *, model: str = "gpt-oss", max_tokens: int = 2000) -> dict[int, int]:
+    """`clients` streams at once (every other one with n=2), each left after its first chunk: status -> count.
+    Returns when every client has left."""
+    async with ClientShards(base_url=url, timeout=600) as shards:
+        statuses = await asyncio.gather(*(leave_after_first(shards, 1 + i % 2, model=model, max_tokens=max_tokens)
+                                          for i in range(clients)))
     counts: dict[int, int] = {}
     for s in statuses:
         counts[s] = counts.get(s, 0) + 1
     return counts
 
 
-def replica_stats() -> dict:
+def replica_stats(app: str = "gptoss") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("AttentionReplica", app_name="gptoss").record_routing_stats.remote().result()
+    return serve.get_deployment_handle("AttentionReplica", app_name=app).record_routing_stats.remote().result()
+
+
+def is_idle(stats: dict) -> bool:
+    """No request running or waiting, and every KV block free (block 0 is the null block; cached prefixes
+    count as free)."""
+    return not stats["running"] and not stats["waiting"] and stats["free_blocks"] == stats["num_blocks"] - 1
+
+
+def seconds_until_idle(app: str = "gptoss", *, timeout: float = 600) -> float:
+    """How long until the (one) attention replica is idle; TimeoutError with its stats if it is not in time."""
+    start = time.perf_counter()
+    while not is_idle(stats := replica_stats(app)):
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"the replica was not idle within {timeout:.0f} s: {stats}")
+        time.sleep(0.05)
+    return time.perf_counter() - start
 
 
 def plain_seconds(url: str) -> float:
@@ -83,13 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         plain_seconds(url)  # warm-up
         before = plain_seconds(url)
         statuses = asyncio.run(storm(url, args.clients))
-        left = time.perf_counter()
-        while True:
-            stats = replica_stats()
-            if not stats["running"] and not stats["waiting"] and stats["free_blocks"] == stats["num_blocks"] - 1:
-                break
-            time.sleep(0.05)
-        freed = time.perf_counter() - left
+        freed = seconds_until_idle()
         after = plain_seconds(url)
     finally:
         serve.shutdown()

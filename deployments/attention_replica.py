@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +79,15 @@ def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"MoE workers {names} did not appear within {timeout_s:.0f} s") from None
             time.sleep(1)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process on this node (Linux /proc; 0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _ray_location() -> tuple[str | None, str | None]:
@@ -178,14 +188,13 @@ class AttentionReplica:
             for request_id in call.requests:
                 self.calls.pop(request_id, None)
             if call.open:
-                self.core.abort(list(call.open))
+                self._abort_in_core(list(call.open))
             for request_id in call.requests:
                 self.texts.remove(request_id)
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
         """Stops requests (their clients left); their blocks are freed within a step."""
-        if self.core is not None:
-            self.core.abort(request_ids)
+        self._abort_in_core(request_ids)
         for request_id in request_ids:
             self.texts.remove(request_id)
             call = self.calls.pop(request_id, None)
@@ -196,6 +205,16 @@ class AttentionReplica:
     def record_routing_stats(self) -> dict:
         """Serve hands these to the request router, which places batches on the replica with the most room."""
         return dict(self.stats)
+
+    def describe(self, *, target_replica: str | None = None) -> dict:
+        """This replica's process ids, memory and engine load, for operators, soak runs and fault tests
+        (target_replica: which replica answers, see MostRoomRouter)."""
+        core_pid = self.core.process.pid if self.core is not None else None
+        in_use = self.stats["num_blocks"] - 1 - self.stats["free_blocks"] if self.core is not None else 0
+        return {"replica_id": self.replica_id, "pid": os.getpid(), "rss_bytes": rss_bytes(os.getpid()),
+                "core_pid": core_pid, "core_rss_bytes": rss_bytes(core_pid) if core_pid else 0,
+                "running": self.stats["running"], "waiting": self.stats["waiting"], "kv_blocks_in_use": in_use,
+                "num_blocks": self.stats["num_blocks"], "unavailable": self.unavailable}
 
     def check_health(self) -> None:
         """Healthy while a replacement core starts (its requests get 503 meanwhile); not once that failed. Healthy
@@ -242,6 +261,14 @@ class AttentionReplica:
             self.core.abort([out.request_id])
         return decoded
 
+    def _abort_in_core(self, request_ids: list[str]) -> None:
+        """Stops requests whose clients left; they count as finished with reason "abort"."""
+        if self.core is None:
+            return
+        if aborted := sum(request_id in self.core.open for request_id in request_ids):
+            self.metrics.requests.inc(aborted, tags={**self.metrics.tags, "finish_reason": "abort"})
+        self.core.abort(request_ids)
+
     def _on_failure(self, request_id: str, message: str, status: int) -> None:
         self.texts.remove(request_id)
         call = self.calls.pop(request_id, None)
@@ -267,7 +294,8 @@ class AttentionReplica:
                     m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
                     m.requests.inc(1, tags={**tags, "finish_reason": out.finish_reason or "unknown"})
         self.stats = {**stats, "replica_id": self.replica_id}
-        if now >= self._next_stats:
+        idle = not stats["running"] and not stats["waiting"]
+        if now >= self._next_stats or idle:  # an idle engine sends no more steps: its gauges must say 0 now
             self._next_stats = now + STATS_PERIOD_S
             m.running.set(stats["running"], tags=tags)
             m.waiting.set(stats["waiting"], tags=tags)

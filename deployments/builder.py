@@ -27,6 +27,10 @@ from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.synthetic import preset_config
 
 ROUTING_STATS_PERIOD_S = 1.0
+# Requests past the app's own limit must reach the ingress to be turned away (429 at once): what Serve holds back
+# waits in the proxy, retried with backoff. With room for 16, 600 streams at once on a 64-request app took
+# 40-95 s to answer on 2 cores, and admitted more than 64 as slots freed; with this much room, 10 s.
+TURN_AWAY_ROOM = 1024
 # a call naming `target_replica` (an abort) reaches that replica; others go where there is most room
 MOST_ROOM = RequestRouterConfig(request_router_class="gptoss_serve.deployments.most_room_router:MostRoomRouter",
                                 request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
@@ -110,8 +114,9 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
                               ray_actor_options={"num_cpus": args.num_cpus_per_router}, **drain).bind(
         replica, model_name=args.served_model_name, max_batch_size=args.router_max_batch_size,
         max_wait_ms=args.router_max_wait_ms)
+    admitted = args.max_ongoing_requests + args.max_queued_requests  # the ingress answers 429 beyond
     ingress = serve.deployment(serve.ingress()(OpenAIIngress), name="OpenAIIngress",
-                               max_ongoing_requests=args.max_ongoing_requests + args.max_queued_requests + 16,
+                               max_ongoing_requests=admitted + TURN_AWAY_ROOM,
                                num_replicas=args.num_ingress_replicas,
                                ray_actor_options={"num_cpus": args.num_cpus_per_ingress}, **drain)
     return ingress.bind(router, args)
