@@ -1,8 +1,9 @@
-"""Overload and disconnect storms against one replica with 64 engine slots.
+"""Load against one replica with 64 engine slots: overload, a disconnect storm, a minute of steady load.
 
 600 streams at once: each gets a whole completion or a 429 with Retry-After, and no 429 waits for a slot to free;
 with the engine full, a further request is turned away at once; 50 clients that leave after their first token are
-all stopped within 2 s, and the metrics count them; afterwards nothing runs, waits or holds a KV block.
+all stopped within 2 s, and the metrics count them; afterwards nothing runs, waits or holds a KV block. A minute of
+steady load (bench/soak.py's code) grows neither the replica's memory nor its KV blocks in use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from gptoss_serve.bench.disconnect_storm import seconds_until_idle, storm
 from gptoss_serve.bench.loadtest.connections import ClientShards
+from gptoss_serve.bench.soak import MIB, Sample, SoakConfig, SoakResult, check, soak, table
 from gptoss_serve.deployments.builder import build_app
 from tests.test_serve_app import scrape_samples
 
@@ -158,3 +160,27 @@ def test_a_full_engine_turns_requests_away_at_once(app):
     assert max(waits) < 1.0, waits  # an admitted stream holds its slot for many seconds: none of these waited
     seconds_until_idle(APP, timeout=5)
 
+
+def test_a_minute_of_steady_load_grows_nothing(app):
+    config = SoakConfig(url=app, app=APP, model=MODEL, duration_s=60, sample_every_s=10, warmup_s=20)
+    result = asyncio.run(soak(config))
+    print("\n" + table(result))
+    assert result.problems == []
+    assert result.load.completed > 0 and len(result.samples) == 6
+
+
+def test_the_soak_check_catches_growth():
+    from gptoss_serve.bench.loadtest import LoadConfig, LoadResult
+
+    config = SoakConfig(url="http://127.0.0.1:1", duration_s=60, sample_every_s=10, warmup_s=20)
+    load = LoadResult(config=LoadConfig(url=config.url, num_requests=1), model=MODEL, records=[], duration=60,
+                      max_concurrent_requests=8, completed=100)
+
+    def samples(rss_step_mib: float, block_step: int) -> list[Sample]:
+        return [Sample(t, 400 * MIB + int(i * rss_step_mib * MIB), 1100 * MIB, 50 + i * block_step, 8, 0)
+                for i, t in enumerate(range(10, 70, 10))]
+
+    assert check(SoakResult(samples(1, 2), load, 0), config) == []
+    leaky = check(SoakResult(samples(10, 100), load, 3), config)
+    assert len(leaky) == 3 and "resident memory grew by 40 MiB" in leaky[0] and "grew by 400" in leaky[1]
+    assert "3 KV blocks still in use" in leaky[2]
