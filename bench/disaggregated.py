@@ -58,7 +58,7 @@ def start_app(args: argparse.Namespace, app: str) -> int:
 
 
 async def greedy_outputs(prompts: list[list[int]]) -> list[list[int]]:
-    async with httpx.AsyncClient(timeout=300) as client:
+    async with httpx.AsyncClient(timeout=60) as client:
         async def one(prompt) -> list[str]:
             r = await client.post(URL + "/v1/completions", json={
                 "model": "gpt-oss", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         t = time.perf_counter()
         gpus = start_app(args, app)
         row: dict = {"gpus": gpus, "start_s": time.perf_counter() - t}
+        print(f"[{app}] ready after {row['start_s']:.1f} s", flush=True)
         outputs = asyncio.run(greedy_outputs(prompts))
         if app == "colocated":
             reference = outputs

@@ -142,16 +142,32 @@ class ExpertClient:
         self._step_bytes = 0
         self._header_sends: list[tuple[object, torch.Tensor]] = []
         self._ones: torch.Tensor | None = None
+        self._counts_copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # per-expert counts on their way
 
     def _fresh_stats(self) -> ExchangeStats:
         self._expert_counts = None  # [E] on the activations' device, summed without a host sync
         return ExchangeStats([0] * len(self.shards), [0] * self.num_experts)
 
     def drain(self) -> ExchangeStats:
+        """The stats since the last drain. Never waits for the device: a hung worker leaves the stream stuck behind
+        its receive, and a blocking read here would stall the engine before the expert timeout could fail the step.
+        Per-expert counts on a GPU come from a copy started at an earlier drain, once it has landed."""
         counts = self._expert_counts
         stats, self.stats = self.stats, self._fresh_stats()
-        if counts is not None:
+        copy = self._counts_copy
+        if copy is not None and copy[1].query():
+            stats.tokens_per_expert = [int(c) for c in copy[0].tolist()]
+            self._counts_copy = copy = None
+        if counts is None:
+            return stats
+        if not counts.is_cuda:
             stats.tokens_per_expert = [int(c) for c in counts.tolist()]
+        elif copy is None:  # start the copy of what was counted, and count afresh
+            event = torch.cuda.Event()
+            self._counts_copy = (counts.to("cpu", non_blocking=True), event)
+            event.record()
+        else:  # the last copy is still on its way: keep counting into the same tensor
+            self._expert_counts = counts
         return stats
 
     def _ranks(self) -> range:
