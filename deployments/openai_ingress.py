@@ -1,7 +1,7 @@
 """OpenAIIngress: the FastAPI front (OpenAI-compatible), validating, rendering harmony, streaming SSE.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health. Every error is in
-OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health.
+Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
 
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
@@ -177,8 +178,15 @@ class OpenAIIngress:
         return {"status": "ok"}
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.args.served_model_name, "object": "model",
-                                            "created": 0, "owned_by": "gptoss-serve"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model: str) -> dict:
+        """The openai client's models.retrieve: the served model's card, 404 in OpenAI's shape for any other."""
+        self._check_model(model)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.args.served_model_name, "object": "model", "created": 0, "owned_by": "gptoss-serve"}
 
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)

@@ -1,7 +1,8 @@
 """Turns engine outputs into OpenAI response bodies and stream chunks, one choice at a time.
 
-Chat output goes through the harmony parser: the analysis channel becomes `reasoning_content`, the final
-channel `content`, and commentary addressed to `functions.*` becomes `tool_calls`.
+Chat output goes through the harmony parser: the analysis channel becomes `reasoning` (vLLM's name; also as
+`reasoning_content`, its older one, for older clients), the final channel `content`, and commentary addressed to
+`functions.*` becomes `tool_calls`.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class ChatChoice:
         for d in deltas:
             if self.stopped:
                 break
-            if d.kind == "reasoning":
-                delta["reasoning_content"] = delta.get("reasoning_content", "") + d.text
+            if d.kind == "reasoning":  # under vLLM's current name and its older one, for older clients
+                delta["reasoning"] = delta.get("reasoning", "") + d.text
+                delta["reasoning_content"] = delta["reasoning"]
             elif d.kind == "content":
                 text = self._visible(d.text)
                 if text or "content" in delta:
@@ -96,7 +98,8 @@ class ChatChoice:
         """The whole choice, for a non-streaming response."""
         result = self.parser.finish()
         content = self.shown if self.stop and result.content is not None else result.content
-        message: dict = {"role": "assistant", "content": content, "reasoning_content": result.reasoning_content}
+        message: dict = {"role": "assistant", "content": content, "reasoning": result.reasoning_content,
+                         "reasoning_content": result.reasoning_content}
         if result.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}

@@ -34,7 +34,8 @@ def run(tokenizer, stop: tuple[str, ...], *, per_output: int = 1):
         fed += 1
         delta, _ = result
         content += delta.get("content", "")
-        reasoning += delta.get("reasoning_content", "")
+        assert delta.get("reasoning") == delta.get("reasoning_content")  # vLLM's name and its older one
+        reasoning += delta.get("reasoning", "")
     return content, reasoning, choice, fed
 
 
@@ -46,7 +47,8 @@ def test_stop_strings_cut_the_final_channel_only(tokenizer, stop, shown, per_out
     assert content == shown
     assert reasoning == "The user says hi; be brief."  # "e" and "brief" appear here and end nothing
     assert choice.finish_reason == "stop"
-    assert choice.message()["message"]["content"] == shown
+    message = choice.message()["message"]
+    assert message["content"] == shown and message["reasoning"] == message["reasoning_content"] == reasoning
 
 
 def test_outputs_after_the_stop_are_dropped(tokenizer):

@@ -318,3 +318,11 @@ def test_sweep_writes_json_table_and_png_with_a_comparison(fresh, tmp_path, caps
                  str(second), "--plot", str(plot), "--compare", str(first)]) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert [p["request_rate"] for p in json.loads(second.read_text())["points"]] == [50.0, 100.0]
+
+
+def test_reasoning_sent_under_both_names_counts_once():
+    from gptoss_serve.bench.loadtest.sse import chunk_text
+
+    both = {"choices": [{"delta": {"reasoning": "think", "reasoning_content": "think", "content": "!"}}]}
+    older = {"choices": [{"delta": {"reasoning_content": "think"}}]}
+    assert chunk_text(both, chat=True) == "think!" and chunk_text(older, chat=True) == "think"

@@ -201,3 +201,16 @@ def test_malformed_json_is_a_400(client):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
     asyncio.run(main())
+
+
+def test_models_retrieve_and_an_unknown_model(client):
+    """The openai client's models.retrieve reads GET /v1/models/{model}; another model is a 404 in OpenAI's shape."""
+    async def main():
+        async with client:
+            card = (await client.get("/v1/models/gpt-oss")).json()
+            listed = (await client.get("/v1/models")).json()["data"]
+            other = await client.get("/v1/models/gpt-4o")
+        assert card == listed[0] and card["id"] == "gpt-oss" and card["object"] == "model"
+        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+
+    asyncio.run(main())

@@ -53,7 +53,8 @@ def _describe_error(error: Any) -> str:
 
 def chunk_text(chunk: dict[str, Any], *, chat: bool) -> str:
     """The text a chunk adds: choices[0].text for completions; delta.content plus the reasoning a reasoning
-    model streams beside it (`reasoning_content`, or `reasoning` in newer vLLM) for chat."""
+    model streams beside it (`reasoning` in newer vLLM, `reasoning_content` in older servers; a server that sends
+    both, as this one does for older clients, counts once) for chat."""
     choices = chunk.get("choices")
     if not choices:
         return ""
@@ -65,7 +66,8 @@ def chunk_text(chunk: dict[str, Any], *, chat: bool) -> str:
     delta = choice.get("delta") or {}
     if not isinstance(delta, dict):
         raise StreamFault(MALFORMED_SSE, f"delta is not an object: {str(delta)[:120]}")
-    return "".join(_text(delta.get(key)) for key in ("reasoning_content", "reasoning", "content"))
+    reasoning = delta.get("reasoning") if "reasoning" in delta else delta.get("reasoning_content")
+    return _text(reasoning) + _text(delta.get("content"))
 
 
 def _text(value: Any) -> str:
