@@ -125,8 +125,8 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
         await seen.wait(["doomed"], timeout=30)
         assert seen.failed["doomed"][1] == 503
         assert client.restarting  # the replica stays healthy meanwhile (a new core loads in seconds)
-        while not client.alive:  # a new core is started in the background
-            await asyncio.sleep(0.1)
+        while client.restarting or not client.alive:  # a new core is started in the background (it is alive a
+            await asyncio.sleep(0.1)  # moment before the restart is counted)
         assert client.restarts == 1
         client.add([("after", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))])
         await seen.wait(["after"])
