@@ -266,7 +266,7 @@ class AttentionReplica:
         if self.core is None:
             return
         if aborted := sum(request_id in self.core.open for request_id in request_ids):
-            self.metrics.requests.inc(aborted, tags={**self.metrics.tags, "finish_reason": "abort"})
+            self.metrics.requests.inc(aborted, tags={**self.metrics.tags, "finished_reason": "abort"})
         self.core.abort(request_ids)
 
     def _on_failure(self, request_id: str, message: str, status: int) -> None:
@@ -292,7 +292,7 @@ class AttentionReplica:
                     if arrival is not None:
                         m.e2e.observe(now - arrival, tags=tags)
                     m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
-                    m.requests.inc(1, tags={**tags, "finish_reason": out.finish_reason or "unknown"})
+                    m.requests.inc(1, tags={**tags, "finished_reason": out.finish_reason or "unknown"})
         self.stats = {**stats, "replica_id": self.replica_id}
         idle = not stats["running"] and not stats["waiting"]
         if now >= self._next_stats or idle:  # an idle engine sends no more steps: its gauges must say 0 now

@@ -1,39 +1,42 @@
 """Prometheus metrics of the app, through Ray's metrics agent (scraped at each node's metrics export port).
 
-Ray prefixes every name with `ray_` and counters get `_total`: `ray_gptoss_generation_tokens_total`, ...
-Each carries the tags `model` and `replica` (the Serve replica id). The README lists them.
+Named and labelled as vLLM names its own (`time_to_first_token_seconds`, `num_requests_running`,
+`kv_cache_usage_perc`, `request_success` by `finished_reason`, ... with a `model_name` label), under our prefix, so
+its users' queries carry over with `vllm:` turned into `ray_gptoss_`; the expert-parallel ones are ours. Ray
+prefixes every name with `ray_` and counters get `_total`: `ray_gptoss_generation_tokens_total`, ... Each carries
+`model_name` and `replica` (the Serve replica id). The README lists them; k8s/grafana/gptoss-serve.json charts them.
 """
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Gauge, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram, Metric
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-TAGS = ("model", "replica")
+TAGS = ("model_name", "replica")
 
 
 class ReplicaMetrics:
     """What an attention replica reports: load, tokens, latencies, cache."""
 
     def __init__(self, *, model: str, replica: str) -> None:
-        self.tags = {"model": model, "replica": replica}
-        self.running = Gauge("gptoss_requests_running", description="requests in the engine's running batch",
+        self.tags = {"model_name": model, "replica": replica}
+        self.running = Gauge("gptoss_num_requests_running", description="requests in the engine's running batch",
                              tag_keys=TAGS)
-        self.waiting = Gauge("gptoss_requests_waiting", description="requests waiting for the engine",
+        self.waiting = Gauge("gptoss_num_requests_waiting", description="requests waiting for the engine",
                              tag_keys=TAGS)
         self.prompt_tokens = Counter("gptoss_prompt_tokens", description="prompt tokens of finished requests",
                                      tag_keys=TAGS)
         self.generation_tokens = Counter("gptoss_generation_tokens", description="tokens generated",
                                          tag_keys=TAGS)
-        self.requests = Counter("gptoss_requests_finished", description="finished requests, by finish reason",
-                                tag_keys=(*TAGS, "finish_reason"))
+        self.requests = Counter("gptoss_request_success", description="finished requests, by finished_reason "
+                                "(stop, length, error, abort)", tag_keys=(*TAGS, "finished_reason"))
         self.ttft = Histogram("gptoss_time_to_first_token_seconds", description="arrival to first token",
                               boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
         self.itl = Histogram("gptoss_inter_token_latency_seconds", description="time between two tokens",
                              boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
         self.e2e = Histogram("gptoss_e2e_request_latency_seconds", description="arrival to last token",
                              boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
-        self.kv_usage = Gauge("gptoss_kv_cache_usage_ratio", description="fraction of KV blocks in use",
+        self.kv_usage = Gauge("gptoss_kv_cache_usage_perc", description="fraction of KV blocks in use (0 to 1)",
                               tag_keys=TAGS)
         self.prefix_queries = Counter("gptoss_prefix_cache_queries", description="prompt tokens looked up",
                                       tag_keys=TAGS)
@@ -43,7 +46,7 @@ class ReplicaMetrics:
 
 class RouterMetrics:
     def __init__(self, *, model: str, replica: str) -> None:
-        self.tags = {"model": model, "replica": replica}
+        self.tags = {"model_name": model, "replica": replica}
         self.batch_size = Histogram("gptoss_router_batch_size", description="requests per router batch",
                                     boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=TAGS)
         self.batch_wait = Histogram("gptoss_router_batch_wait_seconds",
@@ -55,7 +58,7 @@ class ExpertMetrics:
     """Expert parallelism, seen from an attention replica: load balance, exchange latency and volume."""
 
     def __init__(self, *, model: str, replica: str) -> None:
-        self.tags = {"model": model, "replica": replica}
+        self.tags = {"model_name": model, "replica": replica}
         self.worker_tokens = Counter("gptoss_expert_tokens_dispatched", description="tokens sent to each MoE worker",
                                      tag_keys=(*TAGS, "worker"))
         self.expert_tokens = Counter("gptoss_expert_tokens_routed", description="(token, expert) pairs per expert",
@@ -81,3 +84,21 @@ class ExpertMetrics:
             self.combine.observe(seconds, tags=tags)
         for n in stats.step_bytes:
             self.step_bytes.observe(n, tags=tags)
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series the app can export, as Prometheus names it (Ray's `ray_` prefix, `_total` on counters,
+    `_bucket`/`_sum`/`_count` on histograms) -> its labels. The dashboard's test checks its queries against it."""
+    series: dict[str, set[str]] = {}
+    for group in (ReplicaMetrics, RouterMetrics, ExpertMetrics):
+        for metric in vars(group(model="", replica="")).values():
+            if not isinstance(metric, Metric):
+                continue
+            name, labels = f"ray_{metric._name}", set(metric._tag_keys)
+            if isinstance(metric, Counter):
+                series[name + "_total"] = labels
+            elif isinstance(metric, Histogram):
+                series |= {name + "_bucket": labels | {"le"}, name + "_sum": labels, name + "_count": labels}
+            else:
+                series[name] = labels
+    return series

@@ -108,8 +108,8 @@ def test_600_streams_against_64_slots(app):
 def aborted_and_running(metrics_url: str) -> tuple[float, float]:
     samples = scrape_samples(metrics_url, MODEL)
     aborted = sum(v for name, labels, v in samples
-                  if name == "ray_gptoss_requests_finished_total" and labels.get("finish_reason") == "abort")
-    running = sum(v for name, _, v in samples if name == "ray_gptoss_requests_running")
+                  if name == "ray_gptoss_request_success_total" and labels.get("finished_reason") == "abort")
+    running = sum(v for name, _, v in samples if name == "ray_gptoss_num_requests_running")
     return aborted, running
 
 

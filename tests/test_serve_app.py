@@ -236,7 +236,7 @@ def scrape_samples(url: str, model: str) -> list[tuple[str, dict, float]]:
     return [(sample.name, sample.labels, sample.value)
             for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
             for sample in family.samples
-            if sample.name.startswith("ray_gptoss_") and sample.labels.get("model") == model]
+            if sample.name.startswith("ray_gptoss_") and sample.labels.get("model_name") == model]
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -270,8 +270,8 @@ def test_metrics_agree_with_responses(app, ray_cluster):
     assert wait_for_counters(ray_cluster["metrics_url"], before, expected) == expected
     after = scrape(ray_cluster["metrics_url"])
     for name in ("ray_gptoss_time_to_first_token_seconds_count", "ray_gptoss_e2e_request_latency_seconds_count",
-                 "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_ratio",
-                 "ray_gptoss_requests_running"):
+                 "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_perc",
+                 "ray_gptoss_num_requests_running"):
         assert name in after, name
 
 
