@@ -6,6 +6,10 @@ GPU tests import the Triton module inside the test, so the CPU suite never impor
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -195,3 +199,32 @@ def test_deterministic_and_graph_capturable():
     ids.copy_(ids.flip(0))  # new routing through the same buffers
     graph.replay()
     torch.testing.assert_close(captured, experts(hidden, ids, weights), rtol=0, atol=0)
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from gptoss_serve.kernels.moe_reference import moe_reference, random_packed_experts, relative_error
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS, PackedExperts, mxfp4_moe
+    from tests.test_mxfp4_moe_kernel import ALPHA, LIMIT, routing, shard
+    gen = torch.Generator().manual_seed(0)
+    experts = random_packed_experts(8, 64, 64, generator=gen)
+    for tokens, first, count, tiles in ((3, 0, 8, None), (5, 4, 4, PRESETS["decode"])):
+        packed = shard(experts, first, count, "cpu")
+        x = torch.randn(tokens, 64, generator=gen).bfloat16()
+        ids, weights = routing(tokens, 8, 4, gen)
+        got = mxfp4_moe(x, ids, weights, PackedExperts.of(**packed), first=first, alpha=ALPHA, limit=LIMIT,
+                        tiles=tiles, use_asm=False)
+        error = relative_error(got, moe_reference(x, ids, weights, **packed, first=first))
+        assert error < 3e-2, (tokens, first, error)  # the interpreter's bf16 casts truncate: looser than on GPUs
+    print("ok")
+""")
+
+
+def test_kernels_in_the_interpreter_match_the_reference():
+    """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
+    combine) on a whole shard and on half of one: the indexing and masks, without a GPU."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
