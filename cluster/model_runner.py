@@ -15,13 +15,13 @@ import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
+from gptoss_serve.cluster.expert_exchange import wait_for_event
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
 from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
 from gptoss_serve.model.attention import Attention
-from gptoss_serve.cluster.expert_exchange import wait_for_event
 from gptoss_serve.model.experts import ExpertShard, ExpertsUnavailableError
 from gptoss_serve.model.transformer import GptOssForCausalLM
 

@@ -51,6 +51,11 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def newest_is_pending(self) -> bool:
+        """Its newest token was sampled by the step still on the device (its value is not on the host yet)."""
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
+
+    @property
     def at_length_cap(self) -> bool:
         """It has every token it may have (the last perhaps PENDING): nothing more is scheduled for it."""
         return len(self) >= self.length_cap

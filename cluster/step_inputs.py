@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gptoss_serve.cluster.block_manager import NULL_BLOCK
-from gptoss_serve.cluster.sequence import PENDING, Sequence
+from gptoss_serve.cluster.sequence import Sequence
 
 
 def token_at(seq: Sequence, index: int) -> int:
@@ -66,8 +66,7 @@ class StepInputs:
         sizes = [padded_n, padded_n, padded_b + 1, padded_b] + [padded_n] * len(groups) \
             + [padded_b * width] * len(groups)
         # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end
-        pending = [seq for seq, _ in scheduled if seq.output_token_ids and seq.output_token_ids[-1] == PENDING]
-        F = len(pending)
+        F = sum(seq.newest_is_pending for seq, _ in scheduled)
         host = np.zeros(sum(sizes) + B + 2 * F, dtype=np.int32)
         ids, positions, query_start, context_lens, *rest = np.split(host, np.cumsum([*sizes, B, F]))
         slots, tables = rest[:len(groups)], rest[len(groups):2 * len(groups)]
@@ -78,7 +77,7 @@ class StepInputs:
         for b, (seq, n) in enumerate(scheduled):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids[row:row + n] = [token_at(seq, i) for i in range(start, end)]
-            if end == len(seq) and seq.output_token_ids and seq.output_token_ids[-1] == PENDING:
+            if end == len(seq) and seq.newest_is_pending:
                 fill_rows[fills], fill_from[fills] = row + n - 1, seq.pending_row
                 ids[row + n - 1] = 0  # a real token id until the gather below overwrites it
                 fills += 1
