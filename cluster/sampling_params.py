@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gptoss_serve.cluster.structured_output import StructuredOutput
+
 # harmony ends an assistant turn with <|return|> (final answer) or <|call|> (tool call); the engine fills these in
 # where a request leaves stop_token_ids at None
 HARMONY_STOP_TOKEN_IDS: tuple[int, ...] = (200002, 200012)
@@ -48,6 +50,8 @@ class SamplingParams:
     logprobs: int | None = None  # how many top alternatives come with each sampled token's logprob
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # a grammar the output must follow (constrained decoding); None: free
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self._check_lengths()
@@ -58,6 +62,9 @@ class SamplingParams:
             value = getattr(self, key)
             if not isinstance(value, bool):
                 _fail(key, f"must be a bool, got {type(value).__name__}")
+        spec = self.structured_output
+        if spec is not None and not isinstance(spec, StructuredOutput):
+            _fail("structured_output", f"must be a StructuredOutput or None, got {type(spec).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,209 @@
+"""What a request may generate, as an llguidance grammar: OpenAI's `response_format` and chat's `tool_choice`.
+
+    completion_constraint(response_format)                -> the whole output (/v1/completions)
+    harmony_constraint(response_format, tools, tool_choice) -> the final channel or the tool call (chat, harmony)
+
+Grammars are llguidance's Lark syntax: harmony's special tokens are written as themselves (`<|channel|>`), JSON
+schemas are inlined with `%json {...}`. On harmony the reasoning stays free: the grammar covers the whole generated
+text, but the analysis message is any text without a special token, so only what follows it is held to the format.
+The prompt ends with `<|start|>assistant` (render_chat), so the output opens with `<|channel|>`:
+
+    <|channel|>analysis<|message|>...free...<|end|><|start|>assistant<|channel|>final<|message|>JSON<|return|>
+    <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGUMENTS<|call|>
+
+(the tool call in the form OpenAI's harmony guide shows the model writing; HarmonyStreamParser reads it as a call).
+Both functions raise ValueError naming the offending field, which the ingress answers with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from llguidance import LLMatcher
+
+from gptoss_serve.cluster.structured_output import StructuredOutput
+
+__all__ = ["JSON_FORMAT", "completion_constraint", "harmony_constraint"]
+
+# JSON as OpenAI's structured outputs and harmony's tool calls write it: compact, a space allowed after ',' and ':'
+# (json.dumps' default). llguidance's default, any whitespace anywhere, lets a model pad a document without end (a
+# known failure of unbounded whitespace in constrained decoding); pretty-printed JSON is the trade-off given up.
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ?", "key_separator": ": ?"}
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+_TOOL_CHOICES = ("none", "auto", "required")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# any text without special tokens: llguidance's terminals match bytes, which a special token never is
+_FREE_TEXT = "TEXT: /(?s:.*)/"
+_ANALYSIS = 'analysis: <|channel|> "analysis" <|message|> TEXT <|end|> <|start|> "assistant"'
+
+
+def completion_constraint(response_format: dict | None) -> StructuredOutput | None:
+    """The whole output follows response_format; None for text (or no response_format)."""
+    answer = _response_body(response_format)
+    if answer is None:
+        return None
+    body, description = answer
+    return _checked(f"start: {body}", description)
+
+
+def harmony_constraint(response_format: dict | None, tools: list[dict] | None,
+                       tool_choice: str | dict | None) -> StructuredOutput | None:
+    """A harmony answer's final channel follows response_format, and tool_choice decides whether it may, must or
+    must not be a call of one of `tools` (chat's shape) with arguments valid for its parameters. None: free."""
+    functions = _functions(tools)
+    choice = _tool_choice(tool_choice, functions)
+    answer = _response_body(response_format)
+    if choice == "auto" and answer is None:
+        return None
+    if choice == "none" and answer is None and not functions:
+        return None  # nothing to forbid: no function is defined
+    rules = [_ANALYSIS]
+    descriptions = []
+    alternatives = []
+    if choice in ("none", "auto"):
+        body, description = answer if answer is not None else ("TEXT", "text")
+        rules.append(f'final: <|channel|> "final" <|message|> {body} <|return|>')
+        alternatives.append("final")
+        descriptions.append(description)
+    callable_ = [] if choice == "none" else list(functions) if choice in ("auto", "required") else [choice]
+    for i, name in enumerate(callable_):
+        rules.append(f'call_{i}: <|channel|> {_lark_string(f"commentary to=functions.{name} ")} <|constrain|> "json" '
+                     f'<|message|> {functions[name]} <|call|>')
+        alternatives.append(f"call_{i}")
+    if choice == "none":
+        descriptions.append("tool_choice none")
+    elif choice == "required":
+        descriptions.append("tool_choice required")
+    elif choice != "auto":
+        descriptions.append(f"tool_choice function {choice!r}")
+    grammar = "\n".join([f"start: analysis? ({' | '.join(alternatives)})", *rules, _FREE_TEXT])
+    return _checked(grammar, ", ".join(descriptions))
+
+
+# ---- response_format -----------------------------------------------------------------------------------------------
+
+def _response_body(response_format: Any) -> tuple[str, str] | None:
+    """-> (a Lark expression for the answer, its description), or None where the answer is free text."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise ValueError("response_format: must be an object")
+    kind = response_format.get("type")
+    if kind not in _RESPONSE_FORMATS:
+        raise ValueError(f"response_format.type: must be one of {', '.join(map(repr, _RESPONSE_FORMATS))}, "
+                         f"got {kind!r}")
+    _no_other_keys(response_format, ("type", "json_schema") if kind == "json_schema" else ("type",),
+                   "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _json({"type": "object"}, strict=False, where="response_format"), "json_object"
+    spec = response_format.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: required for type 'json_schema', as an object with name and schema")
+    _no_other_keys(spec, ("name", "description", "schema", "strict"), where)
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise ValueError(f"{where}.name: must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+    if not isinstance(spec.get("description", ""), str):
+        raise ValueError(f"{where}.description: must be a string")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"{where}.strict: must be a bool or null, got {strict!r}")
+    if "schema" not in spec:
+        raise ValueError(f"{where}.schema: required (a JSON schema object)")
+    return _json(spec["schema"], strict=bool(strict), where=f"{where}.schema"), f"json_schema {name!r}"
+
+
+def _json(schema: Any, *, strict: bool, where: str) -> str:
+    """`%json {...}` for a JSON schema, checked. strict: keywords llguidance does not support are an error (a 400);
+    otherwise they are ignored (the output may then not meet them), as a non-strict schema is a hint to OpenAI."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: must be a JSON schema object, got {type(schema).__name__}")
+    # llguidance reads its options from the schema's top level; a client's own x-guidance is not honoured
+    options = {**JSON_FORMAT, "lenient": not strict}
+    body = {key: value for key, value in schema.items() if key != "x-guidance"} | {"x-guidance": options}
+    try:
+        text = json.dumps(body, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(text))
+    if error:
+        raise ValueError(f"{where}: {error.strip()}")
+    return f"%json {text}"
+
+
+# ---- tools ---------------------------------------------------------------------------------------------------------
+
+def _functions(tools: Any) -> dict[str, str]:
+    """Function name -> `%json {...}` of its parameters (any JSON object where none are given)."""
+    if tools is None:
+        return {}
+    if not isinstance(tools, list):
+        raise ValueError("tools: must be a list")
+    functions: dict[str, str] = {}
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise ValueError(f"{where}: must be {{'type': 'function', 'function': {{...}}}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+            raise ValueError(f"{where}.function.name: must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+        if name in functions:
+            raise ValueError(f"{where}.function.name: {name!r} is defined twice")
+        parameters = function.get("parameters")
+        functions[name] = _json({"type": "object"} if parameters is None else parameters,
+                                strict=function.get("strict") is True, where=f"{where}.function.parameters")
+    return functions
+
+
+def _tool_choice(tool_choice: Any, functions: dict[str, str]) -> str:
+    """-> "none", "auto", "required", or the name of the one function to call."""
+    if tool_choice is None:
+        return "auto"
+    if isinstance(tool_choice, str):
+        if tool_choice not in _TOOL_CHOICES:
+            raise ValueError(f"tool_choice: must be one of {', '.join(map(repr, _TOOL_CHOICES))} or "
+                             f"{{'type': 'function', 'function': {{'name': ...}}}}, got {tool_choice!r}")
+        if tool_choice == "required" and not functions:
+            raise ValueError("tool_choice: 'required' needs at least one function in tools")
+        return tool_choice
+    if not isinstance(tool_choice, dict):
+        raise ValueError(f"tool_choice: must be a string or an object, got {type(tool_choice).__name__}")
+    if tool_choice.get("type") != "function":
+        raise ValueError(f"tool_choice.type: must be 'function', got {tool_choice.get('type')!r}")
+    _no_other_keys(tool_choice, ("type", "function"), "tool_choice")
+    function = tool_choice.get("function")
+    if not isinstance(function, dict):
+        raise ValueError("tool_choice.function: must be an object with a name")
+    _no_other_keys(function, ("name",), "tool_choice.function")
+    name = function.get("name")
+    if not isinstance(name, str):
+        raise ValueError(f"tool_choice.function.name: must be a string, got {name!r}")
+    if name not in functions:
+        defined = ", ".join(map(repr, functions)) or "none"
+        raise ValueError(f"tool_choice.function.name: no function {name!r} in tools (defined: {defined})")
+    return name
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+
+def _no_other_keys(value: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in value:
+        if key not in allowed:
+            raise ValueError(f"{where}.{key}: unknown field (expected {', '.join(allowed)})")
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # Lark's string literals take JSON's escapes
+
+
+def _checked(grammar: str, description: str) -> StructuredOutput:
+    error = LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(grammar))
+    if error:  # the pieces were checked one by one: a failure here is ours, not the request's
+        raise RuntimeError(f"the grammar built for {description} is invalid: {error}")
+    return StructuredOutput(grammar=grammar, description=description)
