@@ -54,6 +54,11 @@ class AppArgs(BaseModel):
                                                            "its requests in flight to finish before it goes")
     max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "
                                                                 "runs; more get 429 at once")
+    # POST /v1/responses: what the app keeps for previous_response_id and GET /v1/responses/{id} (one store per app,
+    # shared by its ingress replicas; the oldest responses go first)
+    response_store_max_entries: int = Field(10_000, ge=1, description="stored responses kept at most")
+    response_store_max_bytes: int = Field(256 << 20, ge=1024, description="their JSON size at most, in all")
+    response_store_ttl_s: float = Field(86_400.0, gt=0, description="how long a stored response is kept")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
                                                              "while replicas are busy (never when idle)")

@@ -1,6 +1,7 @@
 """OpenAIIngress: the FastAPI front (OpenAI-compatible), validating, rendering harmony, streaming SSE.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, and
+the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}: deployments/responses_api.py).
 Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
@@ -26,6 +27,8 @@ from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_responses import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from gptoss_serve.deployments.response_store import open_response_store
+from gptoss_serve.deployments.responses_api import ResponsesAPI
 from gptoss_serve.model import harmony
 from gptoss_serve.model.tokenizer import load_tokenizer
 
@@ -60,6 +63,9 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/responses", server.responses.create, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", server.responses.retrieve, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", server.responses.delete, methods=["DELETE"])
     app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
     app.add_middleware(ApiKeys, keys=server.args.resolved_api_keys)  # added last, so it runs first
     app.openapi = functools.partial(openapi_document, app)
@@ -87,7 +93,7 @@ def openapi_document(app: FastAPI) -> dict:
                 if path != "/health":
                     responses |= {str(status): {"description": text, "content": {
                         "application/json": {"schema": ERROR_SCHEMA}}} for status, text in ERRORS.items()}
-                if path in ("/v1/chat/completions", "/v1/completions"):
+                if path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
                     responses["200"].setdefault("content", {})["text/event-stream"] = {
                         "schema": {"type": "string", "description": "server-sent events, when stream is true"}}
         document.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
@@ -168,6 +174,10 @@ class OpenAIIngress:
         self.tokenizer = load_tokenizer()
         self.in_flight = 0
         self.capacity = args.max_ongoing_requests + args.max_queued_requests
+        # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses_api.py)
+        self.responses = ResponsesAPI(self, open_response_store(
+            max_entries=args.response_store_max_entries, max_bytes=args.response_store_max_bytes,
+            ttl_s=args.response_store_ttl_s))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's hook: the replica builds its FastAPI app around this instance."""

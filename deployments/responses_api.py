@@ -1,0 +1,240 @@
+"""The Responses API of one ingress replica: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+
+A request becomes chat messages (its input after the stored conversation of `previous_response_id`), is rendered
+with harmony as chat is, and runs as one engine request through the ingress's own path: the same slots (429 when
+full), prompt limits, error shapes, and abort when the client goes. The engine's outputs become output items and,
+when streaming, typed server-sent events (responses_output.py). A stored response keeps its whole conversation, so
+that a later request can continue it on any ingress replica (response_store.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import time
+import weakref
+
+from fastapi.responses import StreamingResponse
+
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.deployments.messages import EngineRequest
+from gptoss_serve.deployments.protocol import APIError
+from gptoss_serve.deployments.response_store import StoreClient
+from gptoss_serve.deployments.responses_conversation import (chat_response_format, chat_tool_choice, chat_tools,
+                                                             check_call_ids, to_chat_messages)
+from gptoss_serve.deployments.responses_output import ResponseOutput, new_id
+from gptoss_serve.deployments.responses_protocol import ResponsesRequest
+from gptoss_serve.model import harmony
+from gptoss_serve.model.constraints import harmony_constraint
+
+logger = logging.getLogger("ray.serve")
+# harmony_constraint names chat's fields; a Responses client sent these
+_CHAT_FIELDS = [(re.compile(r"^response_format\.json_schema"), "text.format"),
+                (re.compile(r"^response_format"), "text.format"),
+                (re.compile(r"^tools\[(\d+)\]\.function"), r"tools.\1"),
+                (re.compile(r"^tools\[(\d+)\]"), r"tools.\1"),
+                (re.compile(r"^tool_choice\.function"), "tool_choice")]
+
+
+class ResponsesAPI:
+    def __init__(self, ingress, store: StoreClient) -> None:
+        """ingress: the OpenAIIngress whose router, slots and checks the responses share."""
+        self.ingress, self.store = ingress, store
+
+    # ---- routes ---------------------------------------------------------------------------------------------
+    async def create(self, body: ResponsesRequest):
+        ingress = self.ingress
+        ingress._check_model(body.model)
+        if len(body.tools or ()) > ingress.args.max_tools:
+            raise APIError(400, f"tools: {len(body.tools)} tools, more than this server's limit of "
+                                f"{ingress.args.max_tools}", param="tools")
+        earlier = await self._conversation(body.previous_response_id)
+        try:
+            check_call_ids(earlier, body.items)
+        except ValueError as e:
+            raise _bad_request(e) from None
+        conversation = earlier + body.items
+        if not conversation:
+            raise APIError(400, "input: must not be empty", param="input")
+        try:
+            prompt = harmony.render_chat(to_chat_messages(conversation, instructions=body.instructions),
+                                         reasoning_effort=body.effort, tools=chat_tools(body.tools))
+        except ValueError as e:  # the items were checked: what is left is harmony's complaint about the whole
+            raise APIError(400, f"input: {e}", param="input") from None
+        ingress._check_prompt_length([prompt], "input")
+        params = self._sampling_params(body)
+        if ingress.in_flight >= ingress.capacity:
+            raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
+        response_id, now = new_id("resp"), time.time()
+        from gptoss_serve.deployments.openai_ingress import ResponseStream  # (the ingress imports this module)
+
+        slot = ingress._take_slot()
+        stream = ResponseStream(ingress.router, [EngineRequest(response_id, prompt, params, arrival_time=now)])
+        try:
+            firsts = await stream.first()
+        except BaseException:
+            stream.close()
+            slot()
+            raise
+        run = _Run(self, body, response_id, int(now), conversation, stream, slot)
+        if body.stream:
+            events = run.events(firsts)
+            # a stream dropped before it starts never runs its `finally`: give the slot back when it is collected
+            weakref.finalize(events, slot)
+            weakref.finalize(events, stream.close)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await run.whole(firsts)
+
+    async def retrieve(self, response_id: str) -> dict:
+        entry = await self._entry(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        return entry["response"]
+
+    async def delete(self, response_id: str) -> dict:
+        try:
+            deleted = await self.store.delete(response_id)
+        except Exception as e:  # noqa: BLE001 - the store's actor failed
+            raise _store_unavailable(e) from None
+        if not deleted:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    # ---- plumbing -----------------------------------------------------------------------------------------------
+    async def _entry(self, response_id: str) -> dict | None:
+        try:
+            return await self.store.get(response_id)
+        except Exception as e:  # noqa: BLE001 - the store's actor failed
+            raise _store_unavailable(e) from None
+
+    async def _conversation(self, previous_response_id: str | None) -> list[dict]:
+        if previous_response_id is None:
+            return []
+        entry = await self._entry(previous_response_id)
+        if entry is None:
+            raise APIError(404, f"Previous response with id '{previous_response_id}' not found (it was not stored, "
+                                "or has expired).", param="previous_response_id", code="previous_response_not_found")
+        return entry["conversation"]
+
+    def _sampling_params(self, body: ResponsesRequest) -> SamplingParams:
+        try:
+            constraint = harmony_constraint(chat_response_format(body.format.echo()), chat_tools(body.tools),
+                                            chat_tool_choice(body.tool_choice))
+        except ValueError as e:
+            raise _bad_request(e, renames=_CHAT_FIELDS) from None
+        fields = {"max_tokens": body.max_output_tokens, "structured_output": constraint}
+        fields |= {name: getattr(body, name) for name in ("temperature", "top_p") if getattr(body, name) is not None}
+        try:
+            return SamplingParams(**fields)
+        except ValueError as e:  # SamplingParams names the field first
+            raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+
+    async def _save(self, response: dict, conversation: list[dict]) -> None:
+        """Best effort: a store that fails leaves the response unstored (logged), not the client without it."""
+        try:
+            await self.store.put(response["id"], {"response": response, "conversation": conversation})
+        except Exception as e:  # noqa: BLE001
+            logger.warning("response %s not stored: %s: %s", response["id"], type(e).__name__, e)
+
+
+class _Run:
+    """One response in flight: its engine stream, what it has output so far, and how it ends."""
+
+    def __init__(self, api: ResponsesAPI, body: ResponsesRequest, response_id: str, created_at: int,
+                 conversation: list[dict], stream, slot) -> None:
+        self.api, self.body, self.stream, self.slot = api, body, stream, slot
+        self.conversation = conversation
+        self.output = ResponseOutput()
+        self.header = {"id": response_id, "object": "response", "created_at": created_at,
+                       "model": api.ingress.args.served_model_name}
+
+    def response(self, status: str, *, error: dict | None = None) -> dict:
+        done = status in ("completed", "incomplete", "failed")
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        return {**self.header, "status": status, "error": error, "incomplete_details": incomplete,
+                **self.body.echo(), "output": [dict(item) for item in self.output.items] if done else [],
+                "usage": self.output.usage() if done else None,
+                **({"completed_at": int(time.time())} if status == "completed" else {})}
+
+    async def whole(self, firsts) -> dict:
+        from gptoss_serve.deployments.openai_ingress import _raise_if_error
+
+        try:
+            items = firsts
+            while True:
+                _raise_if_error([item for _, item in items])
+                for _, item in items:
+                    if item.output is not None:
+                        self.output.feed(item.output)
+                if not self.stream.open:
+                    break
+                items = await self.stream.next()
+        finally:
+            self.stream.close()
+            self.slot()
+        return await self._finish()
+
+    async def _finish(self) -> dict:
+        response = self.response(self.output.status)
+        if self.body.store is not False:
+            await self.api._save(response, self.conversation + [_conversation_item(i) for i in self.output.items])
+        return response
+
+    async def events(self, firsts):
+        """Server-sent events, each numbered; one write per engine step."""
+        numbers = itertools.count()
+
+        def sse(event: dict) -> str:
+            event = {"type": event["type"], "sequence_number": next(numbers)} | event
+            return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+
+        try:
+            yield sse({"type": "response.created", "response": self.response("in_progress")}) + sse(
+                {"type": "response.in_progress", "response": self.response("in_progress")})
+            items = firsts
+            while True:
+                events = []
+                for _, item in items:
+                    if item.error is not None:
+                        error = {"code": "server_error", "message": item.error}
+                        yield "".join(map(sse, events)) + sse({"type": "response.failed",
+                                                               "response": self.response("failed", error=error)})
+                        return
+                    events += self.output.feed(item.output)
+                if events:
+                    yield "".join(map(sse, events))
+                if not self.stream.open:
+                    break
+                items = await self.stream.next()
+            response = await self._finish()
+            yield sse({"type": f"response.{response['status']}", "response": response})
+        finally:  # also when the client disconnects: stop the engine request
+            self.stream.close()
+            self.slot()
+
+
+def _conversation_item(item: dict) -> dict:
+    """An output item as the conversation keeps it (what the next turn's prompt needs)."""
+    if item["type"] == "function_call":
+        return {k: item[k] for k in ("type", "call_id", "name", "arguments")}
+    if item["type"] == "reasoning":
+        return {"type": "reasoning", "content": [{"type": "reasoning_text", "text": item["content"][0]["text"]}]}
+    return {"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                                  "text": item["content"][0]["text"]}]}
+
+
+def _bad_request(e: ValueError, *, renames=()) -> APIError:
+    message = str(e)
+    for pattern, name in renames:
+        message = pattern.sub(name, message, count=1)
+    field = re.match(r"[A-Za-z_]+", message)
+    return APIError(400, message, param=field.group(0) if field else None)
+
+
+def _store_unavailable(e: Exception) -> APIError:
+    logger.warning("response store failed: %s: %s", type(e).__name__, e)
+    return APIError(503, "the response store is unavailable; retry shortly")

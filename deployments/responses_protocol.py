@@ -1,0 +1,164 @@
+"""The request body of POST /v1/responses, checked field by field; what this server cannot honour is a 400.
+
+Unknown fields are refused (extra="forbid"), and so are OpenAI's fields in any value but their "off" one (background,
+truncation, include): a client must not believe it got something it did not. Input items are normalized here into the
+conversation items the rest of the code works with (responses_conversation.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, model_validator
+
+from gptoss_serve.deployments.responses_conversation import normalize_input
+
+Int = Annotated[int, Strict()]
+# OpenAI's rule for function names; anything else could break harmony's "to=functions.NAME" header
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
+                  "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
+
+
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    effort: Literal["low", "medium", "high"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None  # accepted; gpt-oss writes no summaries
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TextFormat:
+        if self.type == "json_schema" and (not self.name or self.json_schema is None):
+            raise ValueError("a json_schema format needs a name and a schema")
+        return self
+
+    def echo(self) -> dict:
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": "json_schema", "name": self.name, "schema": self.json_schema, "description": self.description,
+                "strict": self.strict}
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    reasoning: ReasoningConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # gpt-oss ends its turn at each call: at most one call per response
+    max_output_tokens: Int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    text: TextConfig | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # OpenAI fields this server takes only in their "off" value
+    background: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = Field(None, max_length=0)
+
+    _items: list[dict] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponsesRequest:
+        if self.background:
+            raise ValueError("background: background responses are not supported; send background: false")
+        self._items = normalize_input(self.input)
+        check_function_tools(self.tools or [])
+        names = {tool["name"] for tool in self.tools or []}
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            if choice.get("type") != "function" or set(choice) != {"type", "name"}:
+                raise ValueError(f"tool_choice: must be 'none', 'auto', 'required' or {{\"type\": \"function\", "
+                                 f"\"name\": ...}}; got {choice!r}")
+            if choice["name"] not in names:
+                raise ValueError(f"tool_choice.name: no function tool is named {choice['name']!r}")
+        elif choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs at least one function tool")
+        if self.metadata is not None:
+            if len(self.metadata) > MAX_METADATA_KEYS:
+                raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
+            for key, value in self.metadata.items():
+                if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+                    raise ValueError(f"metadata.{key[:64]}: keys take at most {MAX_METADATA_KEY} characters, values "
+                                     f"{MAX_METADATA_VALUE}")
+        return self
+
+    @property
+    def items(self) -> list[dict]:
+        """The input as normalized conversation items (a string input is one user message)."""
+        return self._items
+
+    @property
+    def effort(self) -> str:
+        return (self.reasoning and self.reasoning.effort) or "medium"
+
+    @property
+    def format(self) -> TextFormat:
+        return (self.text and self.text.format) or TextFormat(type="text")
+
+    def echo(self) -> dict:
+        """The request's settings as a response object repeats them, defaults filled in as OpenAI fills them."""
+        tools = [{"type": "function", "name": t["name"], "description": t.get("description"),
+                  "parameters": t.get("parameters"), "strict": t.get("strict")} for t in self.tools or []]
+        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+                "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls is not False,
+                "previous_response_id": self.previous_response_id,
+                "reasoning": {"effort": self.effort, "summary": self.reasoning and self.reasoning.summary},
+                "store": self.store is not False, "temperature": 1.0 if self.temperature is None else self.temperature,
+                "text": {"format": self.format.echo()}, "tool_choice": self.tool_choice or "auto", "tools": tools,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "truncation": "disabled", "user": self.user,
+                "background": False}
+
+
+def check_function_tools(tools: list[dict[str, Any]]) -> None:
+    """Function tools in the Responses shape: {"type": "function", "name", "description"?, "parameters"?,
+    "strict"?}. Raises naming the tool's field."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"tools.{i}"
+        kind = tool.get("type")
+        if kind != "function":
+            what = "built-in tool" if kind in BUILT_IN_TOOLS or str(kind).startswith("web_search") else "tool type"
+            raise ValueError(f"{where}.type: {what} {kind!r} is not supported; this server runs function tools only")
+        unknown = set(tool) - {"type", "name", "description", "parameters", "strict"}
+        if unknown:
+            raise ValueError(f"{where}.{sorted(unknown)[0]}: unknown field of a function tool")
+        name = tool.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise ValueError(f"{where}.name: must match {FUNCTION_NAME.pattern}")
+        if name in seen:
+            raise ValueError(f"{where}.name: two tools are named {name!r}")
+        seen.add(name)
+        if not isinstance(tool.get("description") or "", str):
+            raise ValueError(f"{where}.description: must be a string")
+        parameters = tool.get("parameters")
+        if parameters is not None and (not isinstance(parameters, dict)
+                                       or not isinstance(parameters.get("type", "object"), str)):
+            raise ValueError(f"{where}.parameters: must be a JSON schema object")
+        if tool.get("strict") is not None and not isinstance(tool["strict"], bool):
+            raise ValueError(f"{where}.strict: must be a boolean")
