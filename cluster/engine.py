@@ -10,8 +10,12 @@ With async scheduling (on GPUs by default) a step only launches its work on the 
 step t+1 then reads step t's tokens and returns step t's outputs, so the host schedules, builds inputs and
 postprocesses while the device runs. Sequences decoding in step t+1 read their step-t token on the device
 (PENDING on the host until then); a stop token is found one step late, and the extra token computed for that
-sequence is dropped. Requests with penalties need every output token on the host when sampling: while one runs,
-steps are synchronous.
+sequence is dropped. Requests with penalties or a grammar (structured outputs) need every output token on the host
+when sampling: while one runs, steps are synchronous.
+
+A request with a structured output gets a grammar matcher (cluster/grammar.py): its row of logits is masked to what
+the grammar allows (in the sampler), the sampled token advances the matcher, and a grammar that is complete ends the
+request ("stop"), unless max_tokens ended it first ("length").
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
+from gptoss_serve.cluster.grammar import GrammarCompiler, advance
 from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block
 from gptoss_serve.cluster.model_runner import ModelRunner
 from gptoss_serve.cluster.sampler import PendingSample, TokenLogprobs
@@ -106,7 +111,9 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else model.device.type == "cuda")
         self.in_flight: _Launched | None = None
-        self.with_penalties: set[str] = set()  # requests whose sampling reads their whole output (see above)
+        # requests whose sampling reads their whole output (penalties, a grammar): steps are synchronous (see above)
+        self.synchronous_requests: set[str] = set()
+        self.grammars = GrammarCompiler(tokenizer)
         self.failed_steps_in_a_row = 0
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
@@ -133,10 +140,13 @@ class LLMEngine:
         max_tokens = room if sampling_params.max_tokens is None else sampling_params.max_tokens
         seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
         seq.length_cap = len(prompt) + max_tokens
-        self.requests[request_id] = seq
         p = sampling_params
-        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
-            self.with_penalties.add(request_id)
+        if p.structured_output is not None:
+            seq.sampling.grammar = self.grammars.matcher(p.structured_output)  # ValueError: it does not compile
+        self.requests[request_id] = seq
+        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 \
+                or p.structured_output is not None:
+            self.synchronous_requests.add(request_id)
         if self.texts is not None:
             self.texts.add(request_id, sampling_params)
         self.scheduler.add(seq)
@@ -154,7 +164,7 @@ class LLMEngine:
         return True
 
     def _forget(self, request_id: str) -> Sequence | None:
-        self.with_penalties.discard(request_id)
+        self.synchronous_requests.discard(request_id)
         return self.requests.pop(request_id, None)
 
     @property
@@ -166,8 +176,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedules and launches a step, and returns the outputs of the step before it (async scheduling) or of
         this one."""
-        synchronous = not self.async_scheduling or bool(self.with_penalties)
-        if synchronous and self.in_flight is not None:  # a penalized request joined: first drain the step in flight
+        synchronous = not self.async_scheduling or bool(self.synchronous_requests)
+        if synchronous and self.in_flight is not None:  # such a request joined: first drain the step in flight
             return self._collect(self._take_in_flight())
         scheduled = self.scheduler.schedule()
         previous = self._take_in_flight()
@@ -208,11 +218,22 @@ class LLMEngine:
             return self._fail_step(launched.scheduled, e)
         self.failed_steps_in_a_row = 0
         outputs = []
+        live = []
         for row, seq in enumerate(launched.sampled):
             index = seq.output_token_ids.index(PENDING, max(0, len(seq.output_token_ids) - 2))
             seq.output_token_ids[index] = sampled.token_ids[row]
             if self.requests.get(seq.request_id) is seq and seq.status is not Status.FINISHED:
-                outputs.append(self._postprocess(seq, sampled.logprobs[row]))
+                live.append((seq, sampled.logprobs[row]))
+        # constrained requests are synchronous: the token just written is their newest
+        advance([(seq.sampling.grammar, seq.output_token_ids[-1]) for seq, _ in live if seq.sampling.grammar])
+        for seq, logprobs in live:
+            grammar = seq.sampling.grammar
+            if grammar is not None and grammar.error is not None:
+                logger.error("request %s: its grammar (%s) refused a token: %s", seq.request_id, grammar.description,
+                             grammar.error)
+                outputs.append(self._fail(seq, "the engine failed while constraining this request's output; retry"))
+            else:
+                outputs.append(self._postprocess(seq, logprobs))
         self.scheduler.after_step(launched.scheduled)
         if self.texts is not None:
             outputs = [self._stop_at_text(self.texts.process(out)) for out in outputs]
@@ -246,6 +267,8 @@ class LLMEngine:
         # the sampling state's stop ids are empty under ignore_eos
         if token in seq.sampling.stop_token_ids and n >= seq.params.min_tokens:
             reason, stop_reason = "stop", token
+        elif seq.sampling.grammar is not None and seq.sampling.grammar.finished:  # the answer is complete
+            reason = "stop"
         elif len(seq.prompt_token_ids) + n >= seq.length_cap:
             reason = "length"
         if reason is not None:

@@ -1,7 +1,10 @@
 """Turns a batch of next-token logits into one token per request, each with its own sampling options.
 
-The order is vLLM's: repetition, frequency and presence penalties, stop tokens held back until min_tokens, temperature,
-top-k, top-p, min-p, then argmax (greedy) or a draw from the softmax. Logprobs come from the raw model logits.
+The order is vLLM's: a grammar's token bitmask (constrained decoding), repetition, frequency and presence penalties,
+stop tokens held back until min_tokens, temperature, top-k, top-p, min-p, then argmax (greedy) or a draw from the
+softmax. Logprobs come from the model's logits, after the bitmask where there is one (vLLM's choice too: it masks the
+logits before its sampler): a constrained request's logprobs are those of the distribution it was drawn from, the
+tokens its grammar forbids at -inf.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gptoss_serve.cluster.grammar import GrammarMatcher, token_bitmasks
 from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
+from gptoss_serve.kernels.token_bitmask_reference import apply_token_bitmask_reference
 
 
 class SamplingState:
@@ -37,6 +42,7 @@ class SamplingState:
         # with ignore_eos no stop token ends the request, so none needs holding back for min_tokens either
         self.stop_token_ids: tuple[int, ...] = () if params.ignore_eos else stop
         self._generator: torch.Generator | None = None
+        self.grammar: GrammarMatcher | None = None  # the engine sets it for a request with a structured output
         # penalty inputs, built once on the logits' device; output counts are brought up to date each step
         self._prompt_mask: Tensor | None = None  # [V] bool
         self._output_counts: Tensor | None = None  # [V] float32
@@ -131,6 +137,8 @@ class Sampler:
         params = [state.params for state in requests]
         raw = logits
         logits = logits.to(torch.float32, copy=True)  # [B, V], changed in place below
+        if _apply_grammars(logits, requests) and any(p.logprobs is not None for p in params):
+            raw = logits.clone()  # logprobs of the constrained distribution (see the module's docstring)
         _apply_penalties(logits, requests)
         _suppress_stop_tokens(logits, requests)
 
@@ -145,6 +153,27 @@ class Sampler:
                 chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
                 tokens = tokens.index_copy(0, rows, chosen)
         return PendingSample(tokens, _logprob_tensors(raw, tokens, params), params)
+
+
+def _apply_grammars(logits: Tensor, requests: list[SamplingState]) -> bool:
+    """Masks the tokens each constrained row's grammar forbids; -> whether any row has a grammar. The masks are
+    filled on the host while the device may still be running the step's forward pass, then go over in one copy."""
+    rows = [i for i, state in enumerate(requests) if state.grammar is not None]
+    if not rows:
+        return False
+    on_gpu = logits.device.type == "cuda"
+    with torch.profiler.record_function("grammar_fill_bitmask"):
+        masks = token_bitmasks([requests[i].grammar for i in rows], logits.shape[1], pin=on_gpu)  # [R, W]
+    with torch.profiler.record_function("grammar_apply_bitmask"):
+        index = torch.tensor(rows, dtype=torch.int64)  # [R]
+        if on_gpu:
+            from gptoss_serve.kernels.token_bitmask import apply_token_bitmask  # Triton: only where a GPU is
+
+            apply_token_bitmask(logits, masks.to(logits.device, non_blocking=True),
+                                index.pin_memory().to(logits.device, non_blocking=True))
+        else:
+            apply_token_bitmask_reference(logits, masks.to(logits.device), index.to(logits.device))
+    return True
 
 
 def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
@@ -196,7 +225,8 @@ def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None
     rows: list[int] = []
     token_ids: list[int] = []
     for i, state in enumerate(requests):
-        if len(state.output_token_ids) < state.params.min_tokens:
+        # a grammar decides where its answer ends: holding its one allowed stop token back would leave no token
+        if len(state.output_token_ids) < state.params.min_tokens and state.grammar is None:
             # a stop id past this vocabulary (a small test model) cannot come out anyway
             stops = [t for t in state.stop_token_ids if t < vocab_size]
             rows += [i] * len(stops)

@@ -1,0 +1,95 @@
+"""Constrained decoding in the engine: a grammar matcher per constrained request (llguidance), the token bitmasks of a
+step's constrained rows, and the tokens they consume.
+
+    grammars = GrammarCompiler(tokenizer)
+    matcher = grammars.matcher(params.structured_output)    # add_request: ValueError for a grammar that won't compile
+    masks = token_bitmasks([...matchers of the step's rows])  # before sampling: int32 [R, ceil(V / 32)], 1 = allowed
+    advance([(matcher, token), ...])                          # after sampling
+
+A compiled grammar is kept (by its text, the most recent GRAMMAR_CACHE_SIZE) and each request gets a copy of it, so
+a schema sent again skips the compile. Bitmasks of a step are filled in one call on llguidance's thread pool, and the
+tokens consumed in one more; requests without a grammar cost nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+
+import torch
+from llguidance import LLExecutor, LLMatcher, LLTokenizer
+from llguidance.tiktoken import lltokenizer_from_encoding
+
+from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.model.tokenizer import Tokenizer
+
+GRAMMAR_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=2)
+def ll_tokenizer(tokenizer: Tokenizer) -> LLTokenizer:
+    """llguidance's view of the o200k_harmony vocabulary, harmony's special tokens (200000-201087) among its special
+    tokens, so grammars may name them. About a second to build: once per process. Its EOS is <|endoftext|>, which no
+    grammar of ours names: a grammar that is done allows nothing else, and the engine stops the request there."""
+    return lltokenizer_from_encoding(tokenizer.encoding, n_vocab=tokenizer.vocab_size,
+                                     eos_token=tokenizer.endoftext_token_id)
+
+
+class GrammarMatcher:
+    """One request's place in its grammar."""
+
+    def __init__(self, matcher: LLMatcher, executor: LLExecutor, description: str) -> None:
+        self.matcher, self.executor, self.description = matcher, executor, description
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and allows no further token (but EOS)."""
+        return self.matcher.is_stopped() and not self.matcher.is_error()
+
+    @property
+    def error(self) -> str | None:
+        return (self.matcher.get_error() or "error") if self.matcher.is_error() else None
+
+
+class GrammarCompiler:
+    """Compiles the engine's grammars, keeps the recent ones, and hands each request a matcher of its own."""
+
+    def __init__(self, tokenizer: Tokenizer, *, cache_size: int = GRAMMAR_CACHE_SIZE,
+                 num_threads: int | None = None) -> None:
+        self.tokenizer, self.cache_size = tokenizer, cache_size
+        self.executor = LLExecutor(num_threads)
+        self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar text -> an untouched matcher
+
+    def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
+        compiled = self._compiled.get(spec.grammar)
+        if compiled is None:
+            compiled = LLMatcher(ll_tokenizer(self.tokenizer), LLMatcher.grammar_from_lark(spec.grammar), log_level=0)
+            if compiled.is_error():
+                raise ValueError(f"structured output ({spec.description}): {compiled.get_error()}")
+            self._compiled[spec.grammar] = compiled
+            if len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(spec.grammar)
+        return GrammarMatcher(compiled.deep_copy(), self.executor, spec.description)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def token_bitmasks(matchers: list[GrammarMatcher], vocab_size: int, *, pin: bool = False) -> torch.Tensor:
+    """-> int32 [R, ceil(V / 32)] on the host: bit t % 32 of word t // 32 is set where token t is allowed next. One
+    call fills every row, on llguidance's threads (it drops the GIL)."""
+    masks = torch.empty(len(matchers), bitmask_width(vocab_size), dtype=torch.int32, pin_memory=pin)  # [R, W]
+    if matchers:
+        matchers[0].executor.unsafe_compute_mask_ptr([(m.matcher, row) for row, m in enumerate(matchers)],
+                                                     masks.data_ptr(), masks.shape[1] * 4, masks.shape[0])
+    return masks
+
+
+def advance(pairs: list[tuple[GrammarMatcher, int]]) -> None:
+    """Each matcher consumes its sampled token (all in one call). A token the grammar refuses leaves its matcher in
+    error (see GrammarMatcher.error); it cannot happen to a token drawn under the matcher's own bitmask."""
+    if pairs:
+        pairs[0][0].executor.consume_token_par([(m.matcher, token) for m, token in pairs])
