@@ -79,7 +79,7 @@ class ResponsesRequest(BaseModel):
     # OpenAI fields this server takes only in their "off" value
     background: bool | None = None
     truncation: Literal["disabled"] | None = None
-    include: list[str] | None = Field(None, max_length=0)
+    include: list[str] | None = None
 
     _items: list[dict] = PrivateAttr(default_factory=list)
 
@@ -87,6 +87,9 @@ class ResponsesRequest(BaseModel):
     def _check(self) -> ResponsesRequest:
         if self.background:
             raise ValueError("background: background responses are not supported; send background: false")
+        if self.include:
+            raise ValueError(f"include: {self.include[0]!r} is not available here (this server adds nothing to a "
+                             "response on request); leave include out")
         self._items = normalize_input(self.input)
         check_function_tools(self.tools or [])
         names = {tool["name"] for tool in self.tools or []}

@@ -1,0 +1,455 @@
+"""POST /v1/responses without Ray: Responses items <-> harmony, the typed events an output makes, the store's bounds,
+and the whole route in-process, driven by the official `openai` client (strict response validation on) in front of a
+stand-in engine that answers with harmony tokens the test chooses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx2
+import openai
+import pytest
+
+from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.messages import StreamItem
+from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from gptoss_serve.deployments.protocol import APIError
+from gptoss_serve.deployments.response_store import ResponseStore
+from gptoss_serve.deployments.responses_protocol import ResponsesRequest
+from gptoss_serve.deployments.responses_conversation import check_call_ids, normalize_input, to_chat_messages
+from gptoss_serve.deployments.responses_output import ResponseOutput
+from gptoss_serve.model.harmony import render_chat
+from gptoss_serve.model.tokenizer import load_tokenizer
+from tests.responses_cases import ANSWER, ARGUMENTS, CALL, JSON_ANSWER, JSON_FORMAT, TOOLS, check_event
+
+MODEL = "gpt-oss"
+tokenizer = load_tokenizer()
+
+
+def ids(text: str) -> list[int]:
+    return tokenizer.encode(text, allow_special=True)
+
+
+# ---- items <-> chat messages ------------------------------------------------------------------------------------
+
+def test_input_items_become_the_chat_messages_render_chat_takes():
+    items = normalize_input([
+        {"role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather "},
+                                                        {"type": "input_text", "text": "in Paris?"}]},
+        # as a client copies them from a response's output: ids, statuses, annotations
+        {"id": "rs_1", "type": "reasoning", "summary": [], "status": "completed",
+         "content": [{"type": "reasoning_text", "text": "Call the tool."}]},
+        {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ARGUMENTS,
+         "status": "completed"},
+        {"type": "function_call_output", "call_id": "call_1", "output": '{"temp":21}'},
+        {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "21 degrees.", "annotations": [], "logprobs": []}]},
+        {"role": "user", "content": "Thanks"},
+    ])
+    check_call_ids([], items)
+    assert to_chat_messages(items, instructions="You are a weather bot.") == [
+        {"role": "developer", "content": "You are a weather bot."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "reasoning_content": "Call the tool.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp":21}'},
+        {"role": "assistant", "content": "21 degrees."},
+        {"role": "user", "content": "Thanks"},
+    ]
+
+
+def test_reasoning_is_kept_before_a_call_and_dropped_after_a_final_answer():
+    """As harmony (and gpt-oss's training) has it: the analysis that led to the call being answered stays in the
+    prompt; analysis before an earlier final answer does not."""
+    call_turn = normalize_input([{"role": "user", "content": "Weather?"}, {
+        "type": "reasoning", "content": [{"type": "reasoning_text", "text": "THINK-CALL"}]}, {
+        "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": ARGUMENTS}, {
+        "type": "function_call_output", "call_id": "c1", "output": "sunny"}])
+    text = tokenizer.decode(render_chat(to_chat_messages(call_turn), tools=[
+        {"type": "function", "function": {"name": "get_weather"}}]))
+    assert "<|channel|>analysis<|message|>THINK-CALL<|end|>" in text
+    answered = normalize_input([{"role": "user", "content": "Hi"}, {
+        "type": "reasoning", "content": [{"type": "reasoning_text", "text": "THINK-HI"}]}, {
+        "role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}])
+    text = tokenizer.decode(render_chat(to_chat_messages(answered)))
+    assert "THINK-HI" not in text and "<|channel|>final<|message|>Hello<|end|>" in text
+
+
+@pytest.mark.parametrize("value, message", [
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}], "input.0.content.0.type"),
+    ([{"role": "wizard", "content": "x"}], "input.0.role"),
+    ([{"type": "web_search_call", "id": "ws_1"}], "input.0.type"),
+    ([{"type": "item_reference", "id": "msg_1"}], "input.0.type"),
+    ([{"type": "function_call", "call_id": "c", "name": "f", "arguments": 3}], "input.0.arguments"),
+    ([{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "x"}], "input.1.call_id"),
+])
+def test_bad_items_are_named(value, message):
+    with pytest.raises(ValueError, match=rf"^{message}:"):
+        normalize_input(value)
+
+
+def test_a_tool_output_needs_an_earlier_call():
+    with pytest.raises(ValueError, match=r"^input\.0\.call_id: no earlier function_call"):
+        check_call_ids([], normalize_input([{"type": "function_call_output", "call_id": "c9", "output": "x"}]))
+    check_call_ids(normalize_input([{"type": "function_call", "call_id": "c9", "name": "f", "arguments": "{}"}]),
+                   normalize_input([{"type": "function_call_output", "call_id": "c9", "output": "x"}]))
+
+
+# ---- output items and events ----------------------------------------------------------------------------------
+
+def run_output(text: str, *, finish_reason: str = "stop", step: int = 3) -> tuple[ResponseOutput, list[dict]]:
+    """Feeds the answer's tokens a few per step, as the engine does; the events numbered as the stream numbers them."""
+    output, events, tokens = ResponseOutput(), [], ids(text)
+    for start in range(0, len(tokens), step):
+        last = start + step >= len(tokens)
+        events += output.feed(RequestOutput("r", tokens[start:start + step], None, last, finish_reason if last else None,
+                                            num_prompt_tokens=10, num_output_tokens=min(start + step, len(tokens))))
+    return output, [{**e, "sequence_number": i} for i, e in enumerate(events)]
+
+
+def test_reasoning_and_answer_make_two_items_and_their_events():
+    output, events = run_output(ANSWER)
+    for event in events:
+        check_event(event)
+    kinds = [e["type"] for e in events]
+    squeezed = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
+    assert squeezed == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    reasoning, message = output.items
+    assert reasoning["type"] == "reasoning" and reasoning["content"] == [{"type": "reasoning_text",
+                                                                         "text": "User greets."}]
+    assert reasoning["summary"] == [] and reasoning["id"].startswith("rs_")
+    assert message["content"] == [{"type": "output_text", "text": "Hello there!", "annotations": []}]
+    assert message["role"] == "assistant" and message["status"] == "completed" and message["id"].startswith("msg_")
+    # the deltas add up to the done texts, and the done items are the output items
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there!"
+    assert [e["item"] for e in events if e["type"] == "response.output_item.done"] == output.items
+    assert {e["output_index"] for e in events if e.get("item_id") == message["id"]} == {1}
+    # the analysis message, its header included, is reasoning
+    assert output.num_reasoning_tokens == len(ids("<|channel|>analysis<|message|>User greets."))
+    assert output.status == "completed"
+
+
+def test_a_call_makes_a_function_call_item_and_its_argument_events():
+    output, events = run_output(CALL, step=1)
+    for event in events:
+        check_event(event)
+    assert events[0]["type"] == "response.output_item.added" and events[0]["item"]["arguments"] == ""
+    [call] = output.items
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"].startswith("call_")
+    assert call["arguments"] == ARGUMENTS and call["status"] == "completed" and call["id"].startswith("fc_")
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == ARGUMENTS and len(deltas) > 1
+    assert [e["type"] for e in events[-2:]] == ["response.function_call_arguments.done", "response.output_item.done"]
+
+
+def test_an_output_cut_at_max_tokens_is_incomplete():
+    output, events = run_output(ANSWER[:-len("Hello there!<|return|>")] + "Hello", finish_reason="length")
+    assert output.status == "incomplete" and output.items[-1]["status"] == "incomplete"
+    assert events[-1]["type"] == "response.output_item.done" and events[-1]["item"]["status"] == "incomplete"
+
+
+# ---- the store ----------------------------------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_store_keeps_at_most_max_entries_oldest_out_first():
+    store = ResponseStore(max_entries=3, max_bytes=1 << 20, ttl_s=100)
+    for i in range(5):
+        store.put(f"r{i}", {"i": i})
+    assert [store.get(f"r{i}") for i in range(5)] == [None, None, {"i": 2}, {"i": 3}, {"i": 4}]
+    assert store.delete("r3") and not store.delete("r3") and store.stats()["entries"] == 2
+
+
+def test_store_keeps_at_most_max_bytes():
+    store = ResponseStore(max_entries=100, max_bytes=100, ttl_s=100)
+    store.put("a", {"text": "x" * 30})
+    store.put("b", {"text": "y" * 30})
+    assert store.get("a") is not None and store.stats()["bytes"] <= 100
+    store.put("c", {"text": "z" * 30})  # over: the oldest goes
+    assert store.get("a") is None and store.get("b") is not None and store.get("c") is not None
+    assert not store.put("huge", {"text": "w" * 200}) and store.get("huge") is None
+
+
+def test_store_entries_expire():
+    clock = Clock()
+    store = ResponseStore(max_entries=10, max_bytes=1 << 20, ttl_s=60, clock=clock)
+    store.put("old", {})
+    clock.now = 30
+    store.put("new", {})
+    clock.now = 61
+    assert store.get("old") is None and store.get("new") == {}
+    clock.now = 91
+    assert store.get("new") is None and store.stats() == {"entries": 0, "bytes": 0}
+
+
+# ---- the route, in-process ----------------------------------------------------------------------------------------
+
+class HarmonyReplicas:
+    """Stands in for the AttentionReplica handle: each request is answered with the tokens of `answer(prompt)`, one
+    token a step, cut at its max_tokens; the requests and aborts are recorded."""
+
+    def __init__(self, answer=lambda prompt: ANSWER, *, delay: float = 0.0) -> None:
+        self.answer, self.delay = answer, delay
+        self.requests: list = []
+        self.aborted: list[str] = []
+        self.generate_batch = _Method(self._generate_batch)
+        self.abort = _Method(self._abort)
+
+    def options(self, **kwargs):
+        return self
+
+    async def _abort(self, request_ids, target_replica=None):
+        self.aborted += request_ids
+
+    async def _generate_batch(self, requests):
+        self.requests += requests
+        yield "replica-0"
+        answers = {r.request_id: ids(self.answer(tokenizer.decode(r.prompt_token_ids))) for r in requests}
+        for r in requests:
+            if r.params.max_tokens is not None:
+                answers[r.request_id] = answers[r.request_id][:r.params.max_tokens]
+        for n in range(1, max(map(len, answers.values())) + 1):
+            await asyncio.sleep(self.delay)
+            items = []
+            for r in requests:
+                tokens = answers[r.request_id]
+                if n <= len(tokens):
+                    last = n == len(tokens)
+                    reason = None if not last else "length" if n == r.params.max_tokens else "stop"
+                    items.append(StreamItem(r.request_id, output=RequestOutput(
+                        r.request_id, [tokens[n - 1]], None, last, reason, num_prompt_tokens=len(r.prompt_token_ids),
+                        num_output_tokens=n)))
+            yield items
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+def serve(replicas: HarmonyReplicas, args: AppArgs | None = None):
+    """The ingress app in this process, and the official client in front of it (strict validation of every answer)."""
+    app = build_fastapi_app(OpenAIIngress(replicas, args or AppArgs()))
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://ingress")
+    return openai.AsyncOpenAI(base_url="http://ingress/v1", api_key="none", http_client=http, max_retries=0,
+                              _strict_response_validation=True)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_a_response_in_openai_shape():
+    async def main():
+        replicas = HarmonyReplicas()
+        client = serve(replicas)
+        response = await client.responses.create(model=MODEL, input="Hi", instructions="Be kind.", temperature=0.5,
+                                                 metadata={"k": "v"}, reasoning={"effort": "low"})
+        assert response.output_text == "Hello there!" and response.status == "completed"
+        assert [item.type for item in response.output] == ["reasoning", "message"]
+        assert response.output[0].content[0].text == "User greets."
+        assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
+        assert response.instructions == "Be kind." and response.temperature == 0.5 and response.top_p == 1.0
+        assert response.metadata == {"k": "v"} and response.reasoning.effort == "low"
+        assert response.tool_choice == "auto" and response.tools == [] and response.parallel_tool_calls
+        [request] = replicas.requests
+        assert response.usage.input_tokens == len(request.prompt_token_ids)
+        assert response.usage.output_tokens == len(ids(ANSWER))
+        assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+        assert 0 < response.usage.output_tokens_details.reasoning_tokens < response.usage.output_tokens
+        # rendered as chat renders it
+        assert request.prompt_token_ids == render_chat([{"role": "developer", "content": "Be kind."},
+                                                        {"role": "user", "content": "Hi"}], reasoning_effort="low")
+        assert request.params.temperature == 0.5 and request.params.structured_output is None
+        # stored by default: GET gives it back
+        assert (await client.responses.retrieve(response.id)) == response
+
+    run(main())
+
+
+def test_streamed_events_in_order_and_the_same_response():
+    async def main():
+        client = serve(HarmonyReplicas())
+        whole = await client.responses.create(model=MODEL, input="Hi")
+        events = [event async for event in await client.responses.create(model=MODEL, input="Hi", stream=True)]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"]
+        assert events[0].response.status == "in_progress" and events[0].response.output == []
+        assert events[-1].type == "response.completed"
+        final = events[-1].response
+        # the same items as the whole response (ids and times aside), and the deltas add up to them
+        assert strip(final.model_dump()) == strip(whole.model_dump())
+        texts = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert texts == final.output_text == "Hello there!"
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        assert done == final.output
+        # the client's stream helper accumulates the same response
+        async with client.responses.stream(model=MODEL, input="Hi") as stream:
+            helped = await stream.get_final_response()
+        # (its items are its own Parsed* types: compared by what they say)
+        assert helped.output_text == whole.output_text and helped.usage == whole.usage
+        assert [item.type for item in helped.output] == [item.type for item in whole.output]
+        # and the streamed response was stored as it was sent
+        assert (await client.responses.retrieve(final.id)) == final
+
+    run(main())
+
+
+def strip(body: dict) -> dict:
+    """A response less what differs between two runs (ids, times, call ids)."""
+    body = {k: v for k, v in body.items() if k not in ("id", "created_at", "completed_at")}
+    body["output"] = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in body["output"]]
+    return body
+
+
+def test_function_call_then_its_output_over_previous_response_id():
+    async def main():
+        replicas = HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
+        client = serve(replicas)
+        first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
+        [call] = first.output
+        assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {
+            "city": "Paris"}
+        assert first.tools[0].name == "get_weather" and first.output_text == ""
+        second = await client.responses.create(model=MODEL, previous_response_id=first.id, tools=TOOLS, input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}])
+        assert second.output_text == "Hello there!" and second.previous_response_id == first.id
+        # the second prompt is the whole conversation, as chat would render it
+        expected = render_chat([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
+                "name": "get_weather", "arguments": ARGUMENTS}}]},
+            {"role": "tool", "tool_call_id": call.call_id, "content": '{"temp": 21}'},
+        ], tools=[{"type": "function", "function": {k: TOOLS[0][k] for k in ("name", "description", "parameters")}}])
+        assert replicas.requests[-1].prompt_token_ids == expected
+        # a third turn goes on from the second
+        await client.responses.create(model=MODEL, previous_response_id=second.id, input="And tomorrow?")
+        assert tokenizer.decode(replicas.requests[-1].prompt_token_ids).count('{"temp": 21}') == 1
+
+    run(main())
+
+
+def test_store_false_is_not_kept_and_delete_forgets():
+    async def main():
+        client = serve(HarmonyReplicas())
+        unstored = await client.responses.create(model=MODEL, input="Hi", store=False)
+        assert unstored.store is False
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.responses.create(model=MODEL, input="Go on", previous_response_id=unstored.id)
+        assert e.value.body["param"] == "previous_response_id"
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(unstored.id)
+        stored = await client.responses.create(model=MODEL, input="Hi")
+        await client.responses.delete(stored.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(stored.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.delete(stored.id)
+
+    run(main())
+
+
+def test_max_output_tokens_makes_an_incomplete_response():
+    async def main():
+        client = serve(HarmonyReplicas())
+        response = await client.responses.create(model=MODEL, input="Hi", max_output_tokens=12)
+        assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+        assert response.usage.output_tokens == 12 and response.output[-1].status == "incomplete"
+        events = [e async for e in await client.responses.create(model=MODEL, input="Hi", max_output_tokens=12,
+                                                                   stream=True)]
+        assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+
+    run(main())
+
+
+def test_text_format_and_tool_choice_reach_the_engine_as_a_grammar():
+    async def main():
+        replicas = HarmonyReplicas(lambda prompt: JSON_ANSWER)
+        client = serve(replicas)
+        response = await client.responses.create(model=MODEL, input="Where?", text=JSON_FORMAT)
+        assert json.loads(response.output_text) == {"city": "Paris"}
+        assert response.text.format.type == "json_schema" and response.text.format.name == "city"
+        grammar = replicas.requests[-1].params.structured_output
+        assert grammar is not None and "city" in grammar.description
+        await client.responses.create(model=MODEL, input="Weather?", tools=TOOLS,
+                                      tool_choice={"type": "function", "name": "get_weather"})
+        grammar = replicas.requests[-1].params.structured_output
+        assert grammar is not None and "functions.get_weather" in grammar.grammar
+        await client.responses.create(model=MODEL, input="Weather?", tools=TOOLS)  # auto: free
+        assert replicas.requests[-1].params.structured_output is None
+
+    run(main())
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools"),
+    ({"background": True}, "background"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"reasoning": {"effort": "minimal"}}, "reasoning"),
+    ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"temperature": -1}, "temperature"),
+    ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 7}}}}, "text"),
+    ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x"}]}]}, "input"),
+    ({"model": "other"}, "model"),
+])
+def test_unsupported_or_invalid_fields_are_named(extra, param):
+    async def main():
+        client = serve(HarmonyReplicas())
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.responses.create(**{"model": MODEL, "input": "Hi", **extra})
+        assert e.value.status_code == (404 if param == "model" else 400)
+        error = e.value.body
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+        assert param == "model" or error["message"].startswith(param), error
+
+    run(main())
+
+
+def test_a_client_that_leaves_aborts_its_request():
+    async def main():
+        replicas = HarmonyReplicas(delay=0.01)
+        ingress = OpenAIIngress(replicas, AppArgs())
+        sent = await ingress.responses.create(ResponsesRequest(model=MODEL, input="Hi", stream=True))
+        events = sent.body_iterator
+        assert "response.created" in await events.__anext__()
+        await events.__anext__()
+        await events.aclose()  # what Starlette does when the client goes
+        await asyncio.sleep(0.05)
+        assert replicas.aborted == [replicas.requests[0].request_id] and ingress.in_flight == 0
+
+    run(main())
+
+
+def test_requests_past_capacity_get_429():
+    async def main():
+        ingress = OpenAIIngress(HarmonyReplicas(delay=0.01), AppArgs(max_ongoing_requests=1, max_queued_requests=0))
+        streaming = await ingress.responses.create(ResponsesRequest(model=MODEL, input="Hi", stream=True))
+        with pytest.raises(APIError) as e:
+            await ingress.responses.create(ResponsesRequest(model=MODEL, input="Hi"))
+        assert e.value.status == 429 and e.value.retry_after
+        assert "response.completed" in "".join([chunk async for chunk in streaming.body_iterator])
+        assert (await ingress.responses.create(ResponsesRequest(model=MODEL, input="Hi")))["status"] == "completed"
+
+    run(main())
