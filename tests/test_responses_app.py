@@ -168,6 +168,33 @@ def test_the_store_is_shared_by_the_ingress_replicas(apps):
     assert serve.status().applications["responses"].deployments["OpenAIIngress"].replica_states == {"RUNNING": 2}
 
 
+class Replica:
+    """Stands in for an ingress replica in a process of its own: it opens the app's store as a replica does."""
+
+    def __init__(self, app_name: str) -> None:
+        from gptoss_serve.deployments.response_store import StoreClient, store_actor
+
+        self.store = StoreClient(store_actor(app_name, max_entries=10, max_bytes=1 << 20, ttl_s=60))
+
+    async def put(self, key: str, entry: dict) -> bool:
+        return await self.store.put(key, entry)
+
+    async def get(self, key: str) -> dict | None:
+        return await self.store.get(key)
+
+
+def test_replicas_in_other_processes_find_the_same_store(ray_cluster):
+    import ray
+
+    first, second = (ray.remote(num_cpus=0)(Replica).remote("store-check") for _ in range(2))
+    assert ray.get(first.put.remote("resp_1", {"conversation": []}))
+    assert ray.get(second.get.remote("resp_1")) == {"conversation": []}
+    assert ray.get(second.get.remote("resp_2")) is None
+    for actor in (first, second):
+        ray.kill(actor)
+    ray.kill(ray.get_actor(store_name("store-check"), namespace=STORE_NAMESPACE))
+
+
 def test_store_false_and_unknown_ids_are_404(apps):
     api = client(apps["answers"])
     unstored = api.responses.create(model=MODEL, input="Hi", store=False)
