@@ -1,6 +1,5 @@
-"""POST /v1/responses without Ray: Responses items <-> harmony, the typed events an output makes, the store's bounds,
-and the whole route in-process, driven by the official `openai` client (strict response validation on) in front of a
-stand-in engine that answers with harmony tokens the test chooses."""
+"""POST /v1/responses without Ray: the whole route in-process, driven by the official `openai` client (strict
+response validation on) in front of a stand-in engine that answers with harmony tokens the test chooses."""
 
 from __future__ import annotations
 
@@ -16,10 +15,7 @@ from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.messages import StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.protocol import APIError
-from gptoss_serve.deployments.response_store import ResponseStore
 from gptoss_serve.deployments.responses_protocol import ResponsesRequest
-from gptoss_serve.deployments.responses_conversation import check_call_ids, normalize_input, to_chat_messages
-from gptoss_serve.deployments.responses_output import ResponseOutput
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.responses_cases import ANSWER, ARGUMENTS, CALL, JSON_ANSWER, JSON_FORMAT, TOOLS, check_event
@@ -31,172 +27,6 @@ tokenizer = load_tokenizer()
 def ids(text: str) -> list[int]:
     return tokenizer.encode(text, allow_special=True)
 
-
-# ---- items <-> chat messages ------------------------------------------------------------------------------------
-
-def test_input_items_become_the_chat_messages_render_chat_takes():
-    items = normalize_input([
-        {"role": "system", "content": "Be brief."},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather "},
-                                                        {"type": "input_text", "text": "in Paris?"}]},
-        # as a client copies them from a response's output: ids, statuses, annotations
-        {"id": "rs_1", "type": "reasoning", "summary": [], "status": "completed",
-         "content": [{"type": "reasoning_text", "text": "Call the tool."}]},
-        {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": ARGUMENTS,
-         "status": "completed"},
-        {"type": "function_call_output", "call_id": "call_1", "output": '{"temp":21}'},
-        {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
-         "content": [{"type": "output_text", "text": "21 degrees.", "annotations": [], "logprobs": []}]},
-        {"role": "user", "content": "Thanks"},
-    ])
-    check_call_ids([], items)
-    assert to_chat_messages(items, instructions="You are a weather bot.") == [
-        {"role": "developer", "content": "You are a weather bot."},
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "reasoning_content": "Call the tool.", "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp":21}'},
-        {"role": "assistant", "content": "21 degrees."},
-        {"role": "user", "content": "Thanks"},
-    ]
-
-
-def test_reasoning_is_kept_before_a_call_and_dropped_after_a_final_answer():
-    """As harmony (and gpt-oss's training) has it: the analysis that led to the call being answered stays in the
-    prompt; analysis before an earlier final answer does not."""
-    call_turn = normalize_input([{"role": "user", "content": "Weather?"}, {
-        "type": "reasoning", "content": [{"type": "reasoning_text", "text": "THINK-CALL"}]}, {
-        "type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": ARGUMENTS}, {
-        "type": "function_call_output", "call_id": "c1", "output": "sunny"}])
-    text = tokenizer.decode(render_chat(to_chat_messages(call_turn), tools=[
-        {"type": "function", "function": {"name": "get_weather"}}]))
-    assert "<|channel|>analysis<|message|>THINK-CALL<|end|>" in text
-    answered = normalize_input([{"role": "user", "content": "Hi"}, {
-        "type": "reasoning", "content": [{"type": "reasoning_text", "text": "THINK-HI"}]}, {
-        "role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}])
-    text = tokenizer.decode(render_chat(to_chat_messages(answered)))
-    assert "THINK-HI" not in text and "<|channel|>final<|message|>Hello<|end|>" in text
-
-
-@pytest.mark.parametrize("value, message", [
-    ([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}], "input.0.content.0.type"),
-    ([{"role": "wizard", "content": "x"}], "input.0.role"),
-    ([{"type": "web_search_call", "id": "ws_1"}], "input.0.type"),
-    ([{"type": "item_reference", "id": "msg_1"}], "input.0.type"),
-    ([{"type": "function_call", "call_id": "c", "name": "f", "arguments": 3}], "input.0.arguments"),
-    ([{"role": "user", "content": "x"}, {"type": "function_call_output", "output": "x"}], "input.1.call_id"),
-])
-def test_bad_items_are_named(value, message):
-    with pytest.raises(ValueError, match=rf"^{message}:"):
-        normalize_input(value)
-
-
-def test_a_tool_output_needs_an_earlier_call():
-    with pytest.raises(ValueError, match=r"^input\.0\.call_id: no earlier function_call"):
-        check_call_ids([], normalize_input([{"type": "function_call_output", "call_id": "c9", "output": "x"}]))
-    check_call_ids(normalize_input([{"type": "function_call", "call_id": "c9", "name": "f", "arguments": "{}"}]),
-                   normalize_input([{"type": "function_call_output", "call_id": "c9", "output": "x"}]))
-
-
-# ---- output items and events ----------------------------------------------------------------------------------
-
-def run_output(text: str, *, finish_reason: str = "stop", step: int = 3) -> tuple[ResponseOutput, list[dict]]:
-    """Feeds the answer's tokens a few per step, as the engine does; the events numbered as the stream numbers them."""
-    output, events, tokens = ResponseOutput(), [], ids(text)
-    for start in range(0, len(tokens), step):
-        last = start + step >= len(tokens)
-        events += output.feed(RequestOutput("r", tokens[start:start + step], None, last, finish_reason if last else None,
-                                            num_prompt_tokens=10, num_output_tokens=min(start + step, len(tokens))))
-    return output, [{**e, "sequence_number": i} for i, e in enumerate(events)]
-
-
-def test_reasoning_and_answer_make_two_items_and_their_events():
-    output, events = run_output(ANSWER)
-    for event in events:
-        check_event(event)
-    kinds = [e["type"] for e in events]
-    squeezed = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]]
-    assert squeezed == [
-        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
-        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
-        "response.output_text.done", "response.content_part.done", "response.output_item.done"]
-    reasoning, message = output.items
-    assert reasoning["type"] == "reasoning" and reasoning["content"] == [{"type": "reasoning_text",
-                                                                         "text": "User greets."}]
-    assert reasoning["summary"] == [] and reasoning["id"].startswith("rs_")
-    assert message["content"] == [{"type": "output_text", "text": "Hello there!", "annotations": []}]
-    assert message["role"] == "assistant" and message["status"] == "completed" and message["id"].startswith("msg_")
-    # the deltas add up to the done texts, and the done items are the output items
-    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there!"
-    assert [e["item"] for e in events if e["type"] == "response.output_item.done"] == output.items
-    assert {e["output_index"] for e in events if e.get("item_id") == message["id"]} == {1}
-    # the analysis message, its header included, is reasoning
-    assert output.num_reasoning_tokens == len(ids("<|channel|>analysis<|message|>User greets."))
-    assert output.status == "completed"
-
-
-def test_a_call_makes_a_function_call_item_and_its_argument_events():
-    output, events = run_output(CALL, step=1)
-    for event in events:
-        check_event(event)
-    assert events[0]["type"] == "response.output_item.added" and events[0]["item"]["arguments"] == ""
-    [call] = output.items
-    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["call_id"].startswith("call_")
-    assert call["arguments"] == ARGUMENTS and call["status"] == "completed" and call["id"].startswith("fc_")
-    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
-    assert "".join(deltas) == ARGUMENTS and len(deltas) > 1
-    assert [e["type"] for e in events[-2:]] == ["response.function_call_arguments.done", "response.output_item.done"]
-
-
-def test_an_output_cut_at_max_tokens_is_incomplete():
-    output, events = run_output(ANSWER[:-len("Hello there!<|return|>")] + "Hello", finish_reason="length")
-    assert output.status == "incomplete" and output.items[-1]["status"] == "incomplete"
-    assert events[-1]["type"] == "response.output_item.done" and events[-1]["item"]["status"] == "incomplete"
-
-
-# ---- the store ----------------------------------------------------------------------------------------------------
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_store_keeps_at_most_max_entries_oldest_out_first():
-    store = ResponseStore(max_entries=3, max_bytes=1 << 20, ttl_s=100)
-    for i in range(5):
-        store.put(f"r{i}", {"i": i})
-    assert [store.get(f"r{i}") for i in range(5)] == [None, None, {"i": 2}, {"i": 3}, {"i": 4}]
-    assert store.delete("r3") and not store.delete("r3") and store.stats()["entries"] == 2
-
-
-def test_store_keeps_at_most_max_bytes():
-    store = ResponseStore(max_entries=100, max_bytes=100, ttl_s=100)
-    store.put("a", {"text": "x" * 30})
-    store.put("b", {"text": "y" * 30})
-    assert store.get("a") is not None and store.stats()["bytes"] <= 100
-    store.put("c", {"text": "z" * 30})  # over: the oldest goes
-    assert store.get("a") is None and store.get("b") is not None and store.get("c") is not None
-    assert not store.put("huge", {"text": "w" * 200}) and store.get("huge") is None
-
-
-def test_store_entries_expire():
-    clock = Clock()
-    store = ResponseStore(max_entries=10, max_bytes=1 << 20, ttl_s=60, clock=clock)
-    store.put("old", {})
-    clock.now = 30
-    store.put("new", {})
-    clock.now = 61
-    assert store.get("old") is None and store.get("new") == {}
-    clock.now = 91
-    assert store.get("new") is None and store.stats() == {"entries": 0, "bytes": 0}
-
-
-# ---- the route, in-process ----------------------------------------------------------------------------------------
 
 class HarmonyReplicas:
     """Stands in for the AttentionReplica handle: each request is answered with the tokens of `answer(prompt)`, one
@@ -423,6 +253,36 @@ def test_unsupported_or_invalid_fields_are_named(extra, param):
         error = e.value.body
         assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
         assert param == "model" or error["message"].startswith(param), error
+
+    run(main())
+
+
+class FailingReplicas(HarmonyReplicas):
+    """Answers a few tokens, then the request fails (a replica or expert worker gone)."""
+
+    async def _generate_batch(self, requests):
+        stream = super()._generate_batch(requests)
+        for _ in range(4):
+            yield await stream.__anext__()
+        yield [StreamItem(r.request_id, error="the serving replica failed", status=503) for r in requests]
+
+
+def test_an_engine_failure_fails_the_response():
+    async def main():
+        client = serve(FailingReplicas())
+        with pytest.raises(openai.InternalServerError) as e:
+            await client.responses.create(model=MODEL, input="Hi")
+        assert e.value.status_code == 503
+        ingress = OpenAIIngress(FailingReplicas(), AppArgs())
+        sent = await ingress.responses.create(ResponsesRequest(model=MODEL, input="Hi", stream=True))
+        chunks = "".join([chunk async for chunk in sent.body_iterator])
+        events = [json.loads(line[len("data: "):]) for line in chunks.splitlines() if line.startswith("data: ")]
+        for event in events:
+            check_event(event)
+        failed = events[-1]
+        assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+        assert failed["response"]["error"]["code"] == "server_error" and ingress.in_flight == 0
+        assert (await ingress.responses.store.get(failed["response"]["id"])) is None
 
     run(main())
 
