@@ -1,7 +1,7 @@
 """ResponseStore: stored responses, for `previous_response_id` and GET /v1/responses/{id}.
 
 In a Serve app the store is one named, detached Ray actor per app, shared by every ingress replica: the first replica
-to start creates it, the others find it by name, so a conversation goes on whichever replica its next request
+to use it creates it, the others find it by name, so a conversation goes on whichever replica its next request
 reaches, and outlives a redeploy of the ingress. Outside Serve (tests that build the ingress in-process) it is an
 object in the process.
 
@@ -77,20 +77,26 @@ class ResponseStore:
 
 
 class StoreClient:
-    """Awaitable access to a store: the app's actor, or a ResponseStore in this process."""
+    """Awaitable access to a store: a ResponseStore in this process, or the app's actor, found (or created) when first
+    used, so that an app whose clients never call /v1/responses starts no store."""
 
-    def __init__(self, target) -> None:
-        self.target = target
+    def __init__(self, target: ResponseStore | Callable[[], object]) -> None:
         self.local = isinstance(target, ResponseStore)
+        self._target, self._open = (target, None) if self.local else (None, target)
 
     async def put(self, key: str, entry: dict) -> bool:
-        return self.target.put(key, entry) if self.local else await self.target.put.remote(key, entry)
+        return self._target.put(key, entry) if self.local else await self._actor().put.remote(key, entry)
 
     async def get(self, key: str) -> dict | None:
-        return self.target.get(key) if self.local else await self.target.get.remote(key)
+        return self._target.get(key) if self.local else await self._actor().get.remote(key)
 
     async def delete(self, key: str) -> bool:
-        return self.target.delete(key) if self.local else await self.target.delete.remote(key)
+        return self._target.delete(key) if self.local else await self._actor().delete.remote(key)
+
+    def _actor(self):
+        if self._target is None:
+            self._target = self._open()  # a lookup by name at the GCS: once per replica
+        return self._target
 
 
 @functools.cache
@@ -116,7 +122,7 @@ def open_response_store(*, max_entries: int, max_bytes: int, ttl_s: float) -> St
     app_name = _serve_app_name()
     if app_name is None:
         return StoreClient(ResponseStore(**limits))
-    return StoreClient(store_actor(app_name, **limits))
+    return StoreClient(functools.partial(store_actor, app_name, **limits))
 
 
 def _serve_app_name() -> str | None:
