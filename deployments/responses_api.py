@@ -102,7 +102,7 @@ class ResponsesAPI:
         if not deleted:
             raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
                            code="not_found")
-        return {"id": response_id, "object": "response.deleted", "deleted": True}
+        return {"id": response_id, "object": "response", "deleted": True}  # as OpenAI answers
 
     # ---- plumbing -----------------------------------------------------------------------------------------------
     async def _entry(self, response_id: str) -> dict | None:
