@@ -101,14 +101,18 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
         except httpx.HTTPError as e:
             result["error_at"], result["exception"] = time.monotonic(), type(e).__name__
         result["ended_at"] = time.monotonic()
+        print(f"[fault {kind}] a client ended {result['ended_at'] - hit_at:.1f} s after the fault, status "
+              f"{result['status']}, error {result['error_at'] is not None}", flush=True)
         result["started_at"] = start
         outcomes.append(result)
 
+    hit_at = time.monotonic()  # reset when the worker is hit
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
     time.sleep(5)  # all streaming
     hit_at = time.monotonic()
+    print(f"[fault {kind}] hitting the worker (pid {worker_pid})", flush=True)
     os.kill(worker_pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
     if kind == "stop":
         threading.Timer(stop_s, lambda: os.kill(worker_pid, signal.SIGCONT)).start()
@@ -124,8 +128,9 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
             if r.status_code == 200:
                 back_at = time.monotonic()
                 break
-        except httpx.HTTPError:
-            pass
+            print(f"[fault {kind}] {time.monotonic() - hit_at:.1f} s: {r.status_code} {r.text[:120]}", flush=True)
+        except httpx.HTTPError as e:
+            print(f"[fault {kind}] {time.monotonic() - hit_at:.1f} s: {type(e).__name__}", flush=True)
         time.sleep(1)
     return {"fault": kind, "clients": len(threads), "hung": hung, "failed": len(failed),
             "failed_within_s": max(failed) if failed else None,

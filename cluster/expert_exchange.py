@@ -21,8 +21,10 @@ no tensor.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -128,6 +130,45 @@ class ExchangeStats:
     step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
 
 
+class StepWatch:
+    """Aborts a link whose steps stop completing on the GPU, from a thread of its own.
+
+    Over NCCL a dead or stopped worker leaves the replica's stream stuck in a receive, and the host can block
+    behind it anywhere (a copy from pageable memory, the allocator freeing memory, the next step's launch under
+    async scheduling) before any timeout of the step's own path is reached. So every step registers an event
+    recorded after its work; a step whose event has not fired `timeout_s` after it was launched aborts the link's
+    communicators (NCCL's kernels poll for the abort and exit, which frees the stream and any host call blocked
+    on it), and `failure` says why: the steps in flight then fail as an expert failure.
+    """
+
+    def __init__(self, link: Link, timeout_s: float, *, period_s: float = 0.05) -> None:
+        self.link, self.timeout_s, self.period_s = link, timeout_s, period_s
+        self.failure: str | None = None
+        self._steps: collections.deque = collections.deque()  # (deadline, event), oldest first
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._run, name="expert-step-watch", daemon=True).start()
+
+    def watch(self, event) -> None:
+        """event: marks the end of a step's work on the device (anything with query())."""
+        with self._lock:
+            self._steps.append((time.monotonic() + self.timeout_s, event))
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        while not self._closed.wait(self.period_s):
+            with self._lock:
+                while self._steps and self._steps[0][1].query():
+                    self._steps.popleft()
+                expired = bool(self._steps) and time.monotonic() > self._steps[0][0]
+            if expired:
+                self.failure = f"a MoE worker did not answer within {self.timeout_s:.0f} s"
+                self.link.abort()
+                return
+
+
 class ExpertClient:
     """The replica's side: announce a step, dispatch each layer's tokens to the workers, combine their answers."""
 
@@ -143,6 +184,20 @@ class ExpertClient:
         self._header_sends: list[tuple[object, torch.Tensor]] = []
         self._ones: torch.Tensor | None = None
         self._counts_copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # per-expert counts on their way
+        # over NCCL nothing on the step's path waits with a timeout: a watch thread aborts a hung link
+        self.watch = StepWatch(link, timeout_s) if self.staging.type == "cuda" else None
+
+    def watch_step(self) -> None:
+        """Marks the end of the step queued so far; past the timeout without reaching it, the link is aborted."""
+        if self.watch is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self.watch.watch(event)
+
+    def check(self) -> None:
+        """Raises the watch's verdict, if the link was aborted."""
+        if self.watch is not None and self.watch.failure is not None:
+            raise ExpertsUnavailableError(self.watch.failure)
 
     def _fresh_stats(self) -> ExchangeStats:
         self._expert_counts = None  # [E] on the activations' device, summed without a host sync
@@ -190,6 +245,7 @@ class ExpertClient:
 
     def begin_step(self, token_counts: list[int]) -> None:
         """Tells the workers how many micro-batches the next step has and how many tokens each."""
+        self.check()
         if not 0 < len(token_counts) <= MAX_MICRO_BATCHES:
             raise ValueError(f"a step has 1 to {MAX_MICRO_BATCHES} micro-batches, got {len(token_counts)}")
         if self._step_bytes:
@@ -206,6 +262,7 @@ class ExpertClient:
                  weights: torch.Tensor) -> PendingExchange:
         """hidden [T, H], expert_ids/weights [T, K] -> an exchange in flight (nothing waits here)."""
         start = time.perf_counter()
+        self.check()
         if self._expert_counts is None:
             self._expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device)
         flat = expert_ids.flatten()
@@ -232,6 +289,7 @@ class ExpertClient:
         header_sends, self._header_sends = self._header_sends, []
         self._wait_all([work for work, _ in header_sends] + pending.receives + [work for work, _ in pending.sends],
                        "did not answer")
+        self.check()
         like = pending.like
         if len(pending.results) == 1:  # one worker: its answer as it is
             out = pending.results[0].to(like.device, like.dtype)
@@ -243,8 +301,16 @@ class ExpertClient:
         self.stats.combine_seconds.append(time.perf_counter() - start)
         return out
 
+    def abort(self) -> None:
+        """Ends the link at once (its communicators are aborted, not waited on)."""
+        if self.watch is not None:
+            self.watch.close()
+        self.link.abort()
+
     def close(self) -> None:
         """Tells the workers this link ends (best effort: they may be gone)."""
+        if self.watch is not None:
+            self.watch.close()
         try:
             header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
             header[0] = STOP

@@ -77,6 +77,7 @@ class RemoteStepSamples:
             except ExpertsUnavailableError:
                 self.link.reset()
                 raise
+        self.link.check()  # an aborted link's kernels exit early: what the step computed is garbage
         return self.samples.result()
 
 
@@ -123,6 +124,8 @@ class ModelRunner:
             if self.expert_link is not None:  # the workers may be mid-step: the link is out of step with them
                 self.expert_link.reset()
             raise
+        if self.expert_link is not None:
+            self.expert_link.watch_step()
         if not sampling:
             return None
         samples = self.sampler.launch(logits, sampling)

@@ -88,8 +88,22 @@ class ExpertLink:
         """After a failure: the communicators are aborted, not waited on, and the next step reconnects (the
         workers may have been restarted meanwhile)."""
         if self.client is not None:
-            self.client.link.abort()
+            self.client.abort()
         self.client = None
+
+    def watch_step(self) -> None:
+        """Marks the end of the step just queued: a link that does not reach it within the timeout is aborted."""
+        if self.client is not None:
+            self.client.watch_step()
+
+    def check(self) -> None:
+        """Raises (and resets the link) if the link was aborted by its watch while steps were in flight."""
+        if self.client is not None:
+            try:
+                self.client.check()
+            except ExpertsUnavailableError:
+                self.reset()
+                raise
 
 
 def _as_expert_failure(error: Exception) -> ExpertsUnavailableError:

@@ -9,7 +9,14 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link, serve_replica
+from gptoss_serve.cluster.expert_exchange import (
+    MAX_MICRO_BATCHES,
+    ExpertClient,
+    Shard,
+    StepWatch,
+    make_link,
+    serve_replica,
+)
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 from tests.net import free_port
@@ -94,3 +101,47 @@ def test_a_silent_worker_fails_the_layer_within_the_timeout():
     with pytest.raises(ExpertsUnavailableError, match="did not answer"):
         client.combine(pending)
     assert time.monotonic() - start < 5
+
+
+class _Event:
+    """Stands in for a CUDA event: fires when told to."""
+
+    def __init__(self, fired: bool = False) -> None:
+        self.fired = fired
+
+    def query(self) -> bool:
+        return self.fired
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+
+def test_the_step_watch_aborts_a_link_whose_step_does_not_complete():
+    """Over NCCL the host may block behind a hung receive anywhere; the watch thread aborts the link on its own."""
+    link = _Link()
+    watch = StepWatch(link, timeout_s=0.3, period_s=0.01)
+    watch.watch(_Event(fired=True))
+    stuck = _Event()
+    start = time.monotonic()
+    watch.watch(stuck)
+    assert link.aborted.wait(5), "the watch never aborted the link"
+    assert 0.25 <= time.monotonic() - start < 2
+    assert "did not answer" in watch.failure
+
+
+def test_the_step_watch_leaves_a_link_whose_steps_complete():
+    link = _Link()
+    watch = StepWatch(link, timeout_s=0.2, period_s=0.01)
+    for _ in range(20):
+        event = _Event()
+        watch.watch(event)
+        time.sleep(0.02)
+        event.fired = True
+    time.sleep(0.4)
+    assert not link.aborted.is_set() and watch.failure is None
+    watch.close()
