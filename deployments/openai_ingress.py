@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptoss_serve.cluster.structured_output import StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
@@ -30,6 +31,7 @@ from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, C
 from gptoss_serve.deployments.response_store import open_response_store
 from gptoss_serve.deployments.responses_api import ResponsesAPI
 from gptoss_serve.model import harmony
+from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
@@ -109,6 +111,8 @@ def validation_error(e: RequestValidationError) -> APIError:
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'bad JSON')})")
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
     text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        text = "unknown field (not supported by this server)"
     if location:
         return APIError(400, f"{'.'.join(location)}: {text}", param=location[0])
     # a check across fields (a model validator): its message starts with the field it is about
@@ -203,15 +207,21 @@ class OpenAIIngress:
         self._check_limits(body)
         try:
             prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
+            constraint = harmony_constraint(body.response_format, body.tools, body.tool_choice)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         self._check_prompt_length([prompt], "messages")
         choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs, stop=body.stop_strings) for i in range(body.n)]
-        return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs)
+        return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs,
+                                   constraint)
 
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         self._check_limits(body)
+        try:
+            constraint = completion_constraint(body.response_format)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         self._check_prompt_length(prompts, "prompt")
         vocab = self.tokenizer.vocab_size
@@ -220,7 +230,8 @@ class OpenAIIngress:
         choices = [CompletionChoice(p * body.n + j, self.tokenizer, logprobs=body.logprobs is not None,
                                     prefix=self.tokenizer.decode(ids) if body.echo else "")
                    for p, ids in enumerate(prompts) for j in range(body.n)]
-        return await self._respond(body, prompts, choices, "text_completion", body.max_tokens, body.logprobs)
+        return await self._respond(body, prompts, choices, "text_completion", body.max_tokens, body.logprobs,
+                                   constraint)
 
     # ---- plumbing -----------------------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -247,7 +258,8 @@ class OpenAIIngress:
             raise APIError(400, f"{param}: the prompt has {longest} tokens, more than this server's limit of "
                                 f"{self.args.max_prompt_tokens}", param=param)
 
-    async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs):
+    async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs,
+                       structured_output: StructuredOutput | None = None):
         if self.in_flight >= self.capacity:
             raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
         base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -257,7 +269,8 @@ class OpenAIIngress:
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
                 params = body.sampling_params(max_tokens=max_tokens, logprobs=logprobs, seed=seed,
-                                              engine_stops=kind != "chat.completion")
+                                              engine_stops=kind != "chat.completion",
+                                              structured_output=structured_output)
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
         slot = self._take_slot()
         stream = ResponseStream(self.router, requests)

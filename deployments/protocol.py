@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.cluster.structured_output import StructuredOutput
 
 
 class APIError(Exception):
@@ -31,13 +32,36 @@ Int = Annotated[int, Strict()]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    # vLLM's extension (usage in every chunk), which AIPerf sends as false unless asked for per-chunk usage
+    continuous_usage_stats: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamOptions:
+        if self.continuous_usage_stats:
+            raise ValueError("continuous_usage_stats: usage in every chunk is not supported; leave it false")
+        return self
+
+
+def unsupported(body: BaseModel, allowed: dict[str, Any]) -> None:
+    """Raises for the first field set to something other than the value(s) that leave the output as it is:
+    fields of OpenAI's API whose feature this server lacks are refused, never silently ignored."""
+    for name, ok in allowed.items():
+        value = getattr(body, name)
+        if not (ok(value) if callable(ok) else value in ok):
+            raise ValueError(f"{name}: not supported by this server (got {value!r})")
 
 
 class _Sampling(BaseModel):
-    """Fields both endpoints share; vLLM's extras (top_k, min_p, ignore_eos, ...) are accepted too."""
+    """Fields both endpoints share; vLLM's extras (top_k, min_p, ignore_eos, ...) are accepted too.
 
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, metadata, ...) are ignored
+    Any other field is a 400 naming it: OpenAI's fields that do not change the output (user, metadata, store, ...)
+    are accepted and ignored; those that would and are not supported here are accepted only at their no-op value
+    (logit_bias empty, prediction null, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: Int | None = Field(None, ge=1)
@@ -59,18 +83,34 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: {"type": "text" | "json_object" | "json_schema", ...}, checked by model.constraints
+    response_format: dict[str, Any] | None = None
+    # OpenAI's, no effect on the output: accepted and ignored
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # OpenAI's, not supported: accepted at their no-op value only (see `unsupported`)
+    logit_bias: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> _Sampling:
+        unsupported(self, {"logit_bias": lambda v: not v})
+        return self
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None, seed: int | None,
-                        engine_stops: bool = True) -> SamplingParams:
+                        engine_stops: bool = True, structured_output: StructuredOutput | None = None) -> SamplingParams:
         """engine_stops=False leaves stop strings to the caller (chat: they apply to the final channel only)."""
         fields: dict[str, Any] = dict(
             max_tokens=max_tokens, min_tokens=self.min_tokens, seed=seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
             stop=self.stop_strings if engine_stops else (), stop_token_ids=self.stop_token_ids, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output, structured_output=structured_output)
         for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             if getattr(self, name) is not None:
@@ -91,13 +131,26 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked with response_format (model.constraints)
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    # harmony ends a turn at its one tool call: calls are never parallel, whatever this says
+    parallel_tool_calls: bool | None = None
+    # OpenAI's, not supported: accepted at their no-op value only
+    prediction: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    functions: list[Any] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None  # the deprecated form of tool_choice
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        unsupported(self, {"prediction": (None,), "modalities": lambda v: v in (None, ["text"]),
+                           "audio": (None,), "functions": lambda v: not v, "function_call": (None,),
+                           "web_search_options": (None,), "verbosity": (None,)})
         check_tools(self.tools)
         return self
 
@@ -115,6 +168,14 @@ class CompletionRequest(_Sampling):
     max_tokens: Int | None = Field(16, ge=1)
     logprobs: Int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # OpenAI's, not supported: accepted at their no-op value only
+    best_of: Int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        unsupported(self, {"best_of": lambda v: v is None or v == self.n, "suffix": lambda v: not v})
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

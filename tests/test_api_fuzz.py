@@ -42,6 +42,10 @@ COMMON = {
     "presence_penalty": field(st.floats(-3, 3)),
     "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
     "min_tokens": field(st.integers(-1, 4)), "ignore_eos": field(st.booleans()),
+    "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}]) | st.builds(
+        lambda name, schema: {"type": "json_schema", "json_schema": {"name": name, "schema": schema}},
+        st.sampled_from(["w", "bad name"]), JSON | st.just({"type": "object", "properties": {"a": {"enum": [1]}}}))),
+    "user": field(st.text(max_size=5)), "logit_bias": field(st.just({}) | st.just({"1": 5})),
 }
 MODEL = {"model": field(st.sampled_from(["gpt-oss"] * 6 + ["other"]))}
 # well-formed requests, so that a good share of the fuzz runs all the way through the engine and back
@@ -53,6 +57,9 @@ GOOD_COMPLETION = st.fixed_dictionaries({"model": st.just("gpt-oss"), "prompt": 
                                         optional=GOOD)
 CHAT = ({**MODEL, "messages": field(st.lists(MESSAGE, min_size=1, max_size=3))},
         {**COMMON, "tools": field(st.lists(TOOL, max_size=2)), "logprobs": field(st.booleans()),
+         "tool_choice": field(st.sampled_from(["none", "auto", "required", "any"]) | st.builds(
+             lambda name: {"type": "function", "function": {"name": name}}, st.text(max_size=4))),
+         "parallel_tool_calls": field(st.booleans()),
          "top_logprobs": field(st.integers(-1, 25)),
          "reasoning_effort": field(st.sampled_from(["low", "high", "max"])),
          "max_completion_tokens": field(st.integers(-1, 8))})

@@ -1,6 +1,7 @@
 """A tool call comes back parsed, streamed or not: the OpenAI ingress, in-process (no Ray), in front of a real
 AttentionReplica and its engine core, whose tiny model is scripted (tests/scripted_model.py) to answer with
-harmony's tokens of a get_weather call."""
+harmony's tokens of a get_weather call; tool_choice (none, required, a named function) holds it to what the request
+allows, by constrained decoding."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 import json
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -115,3 +117,32 @@ def test_a_streamed_tool_call_comes_back_parsed(replica):
     assert json.loads(arguments) == {"city": "Paris"}
     assert chunks[-1]["finish_reason"] == "tool_calls"
     assert all(c["finish_reason"] is None for c in chunks[:-1])
+
+
+# ---- tool_choice: the same model, which always wants to call get_weather, held to what the request allows ----------
+
+GET_TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a zone", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["zone"],
+    "properties": {"zone": {"type": "string", "maxLength": 5}}}}}
+
+
+def test_tool_choice_none_forbids_the_call_the_model_wants(replica):
+    body = post(replica, request(tool_choice="none", max_tokens=20)).json()
+    [choice] = body["choices"]
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "length"
+
+
+def test_tool_choice_required_lets_the_models_own_call_through(replica):
+    body = post(replica, request(tool_choice="required")).json()
+    [call] = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_tool_choice_naming_a_function_calls_that_one(replica):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    body = post(replica, request(tools=[*TOOLS, GET_TIME], tool_choice=named, max_tokens=60)).json()
+    [choice] = body["choices"]
+    assert choice["finish_reason"] == "tool_calls", choice
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), GET_TIME["function"]["parameters"])
