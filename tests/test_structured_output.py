@@ -1,5 +1,5 @@
-"""Structured outputs and tool_choice, enforced by constrained decoding: the grammars (model/constraints.py), the token
-bitmask kernel against its reference, the engine (cluster/grammar.py, the sampler), and the whole path through the
+"""Structured outputs and tool_choice, enforced by constrained decoding: the grammars (model/constraints.py), the engine
+(cluster/grammar.py, the sampler; the bitmask kernel has tests/test_token_bitmask.py), and the whole path through the
 OpenAI ingress in front of a real AttentionReplica and engine core (in-process, no Ray): on the random tiny model for
 /v1/completions, on a tiny model scripted to reason first (tests/scripted_model.py) for chat."""
 
@@ -9,10 +9,6 @@ import asyncio
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import httpx
 import jsonschema
@@ -27,7 +23,6 @@ from gptoss_serve.cluster.structured_output import StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
-from gptoss_serve.kernels.token_bitmask_reference import apply_token_bitmask_reference
 from gptoss_serve.model import load_model
 from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.harmony import parse_completion, render_chat
@@ -174,64 +169,6 @@ def test_the_json_is_compact_or_spaced_but_never_padded():
     assert consume(spec, ids('{"a":1,"b":[1,2]}')) == (True, True)
     assert consume(spec, ids('{"a": 1, "b": [1, 2]}')) == (True, True)
     assert consume(spec, ids('{"a":  1}'))[0] is False and consume(spec, ids('{\n"a":1}'))[0] is False
-
-
-# ---- the bitmask kernel --------------------------------------------------------------------------------------------
-
-def bitmask_case(batch: int, vocab: int, words: int, rows: list[int], seed: int = 0, device: str = "cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, vocab + 3, generator=gen)[:, :vocab]  # strided rows
-    masks = torch.randint(-2**31, 2**31, (len(rows), words), generator=gen, dtype=torch.int64).to(torch.int32)
-    return logits.to(device), masks.to(device), torch.tensor(rows, device=device)
-
-
-def test_the_reference_masks_exactly_the_forbidden_tokens():
-    # vocab 70 over 2 words: tokens 64-69 have no bit and are forbidden; vocab 33 over 2 words: bits past it unused
-    for batch, vocab, words, rows in [(5, 100, 4, [0, 3]), (3, 70, 2, [2]), (4, 33, 2, [1, 0, 3])]:
-        logits, masks, index = bitmask_case(batch, vocab, words, rows)
-        got = logits.clone()
-        apply_token_bitmask_reference(got, masks, index)
-        for b in range(batch):
-            for t in range(vocab):
-                allowed = b not in rows or (t < 32 * words and int(masks[rows.index(b), t // 32]) >> (t % 32) & 1)
-                assert got[b, t] == (logits[b, t] if allowed else -math.inf), (b, t)
-
-
-INTERPRETED = textwrap.dedent("""
-    import torch
-    from gptoss_serve.kernels.token_bitmask import apply_token_bitmask
-    from gptoss_serve.kernels.token_bitmask_reference import apply_token_bitmask_reference
-    from tests.test_structured_output import bitmask_case
-    for batch, vocab, words, rows in [(5, 100, 4, [0, 3]), (3, 70, 2, [2]), (4, 33, 2, [1, 0, 3]),
-                                      (2, 9000, 282, [1])]:
-        logits, masks, index = bitmask_case(batch, vocab, words, rows)
-        got, want = logits.clone(), logits.clone()
-        apply_token_bitmask(got, masks, index)
-        apply_token_bitmask_reference(want, masks, index)
-        assert torch.equal(got, want), (batch, vocab)
-    print("ok")
-""")
-
-
-def test_the_kernel_in_the_interpreter_matches_the_reference():
-    """Odd vocabularies (a mask shorter than the row, bits past the row), strided rows, rows out of order."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("batch, rows", [(1, [0]), (64, list(range(0, 64, 3))), (256, list(range(255, -1, -1)))])
-def test_the_kernel_matches_the_reference_on_gpu(batch, rows):
-    from gptoss_serve.kernels.token_bitmask import apply_token_bitmask
-
-    logits, masks, index = bitmask_case(batch, 201088, 6284, rows, seed=batch, device="cuda")
-    got, want = logits.clone(), logits.clone()
-    apply_token_bitmask(got, masks, index)
-    apply_token_bitmask_reference(want, masks, index)
-    assert torch.equal(got, want)
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------------
