@@ -22,6 +22,7 @@ from gptoss_serve.cluster.detokenizer import TextStreams
 from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
 from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
+from gptoss_serve.cluster.grammar import ll_tokenizer
 from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.expert_pool import wait_for_placement, worker_name
@@ -52,6 +53,9 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
                        dequantize_experts=args.dequantize_experts, load_format=args.load_format)
     # text and stop strings are decoded beside the core, by the replica (see AttentionReplica._on_step)
     engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches, detokenize=False)
+    # llguidance's view of the vocabulary (about 1 s, 140 MB) now, not when the first request with a structured output
+    # arrives and every running request would wait for it
+    ll_tokenizer(engine.tokenizer)
     return engine, (link.drain_stats if link is not None else None)
 
 

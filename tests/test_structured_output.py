@@ -420,3 +420,18 @@ def test_the_openai_client_sends_structured_outputs_we_accept():
 
     completion = asyncio.run(main())
     assert completion.choices[0].finish_reason is not None
+
+
+def test_a_grammar_that_could_go_on_ends_at_a_stop_token(tiny_bf16):
+    """A number may always take one more digit: once it is whole the grammar also allows <|return|> (its EOS, a stop
+    token), which ends the request. The model is scripted to write 12 and then <|return|>."""
+    tokenizer = load_tokenizer()
+    model = load_model(tiny_bf16, dtype=torch.float32)
+    prompt = tokenizer.encode("A number:")
+    follow_chain(model, [prompt[-1], *tokenizer.encode("12"), tokenizer.return_token_id])
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=64, max_model_len=256))
+    spec = completion_constraint({"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "integer", "minimum": 0, "maximum": 99999}}})
+    [out] = engine.generate([prompt], SamplingParams(max_tokens=20, structured_output=spec))
+    assert out.finish_reason == "stop" and out.text == "12"
+    assert out.token_ids == [*tokenizer.encode("12"), tokenizer.return_token_id]
