@@ -91,7 +91,7 @@ def time_parts(engine: LLMEngine, outputs: list[list[int]], args: argparse.Names
     fill, apply, consume = [], [], []
     for step in range(min(map(len, outputs))):
         start = time.perf_counter()
-        masks = token_bitmasks(matchers, vocab, pin=on_gpu)  # [B, W]
+        masks = token_bitmasks(matchers, pin=on_gpu)  # [B, W]
         fill.append(time.perf_counter() - start)
         sync(device)
         start = time.perf_counter()
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     constrained_ms = runs["constrained"]["ms_per_step"]
     for name in ("free, sync", "free, async"):
         free_ms = runs[name]["ms_per_step"]
-        print(f"constrained vs {name:11s}: +{constrained_ms - free_ms:7.2f} ms per step, "
+        print(f"constrained vs {name:11s}: {constrained_ms - free_ms:+8.2f} ms per step, "
               f"x{constrained_ms / free_ms:.3f}")
     parts = results["parts"]
     print(f"parts, batch {args.batch} (each alone, {parts['replayed_steps']} steps replayed): "

@@ -39,8 +39,9 @@ def ll_tokenizer(tokenizer: Tokenizer) -> LLTokenizer:
 class GrammarMatcher:
     """One request's place in its grammar."""
 
-    def __init__(self, matcher: LLMatcher, executor: LLExecutor, description: str) -> None:
+    def __init__(self, matcher: LLMatcher, executor: LLExecutor, description: str, vocab_size: int) -> None:
         self.matcher, self.executor, self.description = matcher, executor, description
+        self.vocab_size = vocab_size  # of llguidance's tokenizer: its masks have one bit per token of it
 
     @property
     def finished(self) -> bool:
@@ -72,17 +73,19 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(spec.grammar)
-        return GrammarMatcher(compiled.deep_copy(), self.executor, spec.description)
+        return GrammarMatcher(compiled.deep_copy(), self.executor, spec.description, self.tokenizer.vocab_size)
 
 
 def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def token_bitmasks(matchers: list[GrammarMatcher], vocab_size: int, *, pin: bool = False) -> torch.Tensor:
-    """-> int32 [R, ceil(V / 32)] on the host: bit t % 32 of word t // 32 is set where token t is allowed next. One
-    call fills every row, on llguidance's threads (it drops the GIL)."""
-    masks = torch.empty(len(matchers), bitmask_width(vocab_size), dtype=torch.int32, pin_memory=pin)  # [R, W]
+def token_bitmasks(matchers: list[GrammarMatcher], *, pin: bool = False) -> torch.Tensor:
+    """-> int32 [R, ceil(V / 32)] on the host, V the tokenizer's vocabulary: bit t % 32 of word t // 32 is set where
+    token t is allowed next (a model's logits may be wider or narrower: see kernels/token_bitmask.py). One call fills
+    every row, on llguidance's threads (it drops the GIL)."""
+    width = bitmask_width(matchers[0].vocab_size) if matchers else 0
+    masks = torch.empty(len(matchers), width, dtype=torch.int32, pin_memory=pin)  # [R, W]
     if matchers:
         matchers[0].executor.unsafe_compute_mask_ptr([(m.matcher, row) for row, m in enumerate(matchers)],
                                                      masks.data_ptr(), masks.shape[1] * 4, masks.shape[0])

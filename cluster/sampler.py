@@ -163,7 +163,7 @@ def _apply_grammars(logits: Tensor, requests: list[SamplingState]) -> bool:
         return False
     on_gpu = logits.device.type == "cuda"
     with torch.profiler.record_function("grammar_fill_bitmask"):
-        masks = token_bitmasks([requests[i].grammar for i in rows], logits.shape[1], pin=on_gpu)  # [R, W]
+        masks = token_bitmasks([requests[i].grammar for i in rows], pin=on_gpu)  # [R, W]
     with torch.profiler.record_function("grammar_apply_bitmask"):
         index = torch.tensor(rows, dtype=torch.int64)  # [R]
         if on_gpu:

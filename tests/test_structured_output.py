@@ -214,7 +214,7 @@ def test_logprobs_are_those_of_the_constrained_distribution(model):
     spec = completion_constraint(WEATHER_FORMAT)
     matcher = GrammarCompiler(load_tokenizer()).matcher(spec)
     for token, lp in zip(out.token_ids, out.logprobs):
-        allowed = token_bitmasks([matcher], 201088)[0]
+        allowed = token_bitmasks([matcher])[0]
         allows = lambda t: int(allowed[t // 32]) >> (t % 32) & 1  # noqa: E731
         # every alternative offered is one the grammar allowed, and all of the mass lies on those
         assert all(allows(t) for t, v in lp.top if v > -math.inf)
@@ -366,8 +366,8 @@ def fake_post(path: str, body: dict) -> httpx.Response:
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("/v1/completions", {"best_of": 3}, "best_of"),
     ("/v1/completions", {"suffix": "end"}, "suffix"),
-    ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
-     "stream_options"),
+    ("/v1/chat/completions",
+     {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "stream_options"),
     ("/v1/chat/completions", {"stream_options": {"include_usag": True}}, "stream_options"),
 ])
 def test_unknown_or_unsupported_fields_are_400s_naming_them(path, extra, param):
@@ -382,8 +382,9 @@ def test_unknown_or_unsupported_fields_are_400s_naming_them(path, extra, param):
 @pytest.mark.parametrize("path, extra", [
     # fields of OpenAI's that change nothing here, at their no-op values where they have one
     ("/v1/chat/completions", {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto",
-                              "parallel_tool_calls": False, "prediction": None, "logit_bias": {}, "modalities": ["text"],
-                              "prompt_cache_key": "k", "safety_identifier": "s", "tools": TOOLS, "tool_choice": "auto"}),
+                              "parallel_tool_calls": False, "prediction": None, "logit_bias": {},
+                              "modalities": ["text"], "prompt_cache_key": "k", "safety_identifier": "s",
+                              "tools": TOOLS, "tool_choice": "auto"}),
     ("/v1/completions", {"user": "u1", "logit_bias": None, "best_of": 1, "suffix": None}),
     # what AIPerf sends by default (its chat and completions payloads), and genai-perf's extras
     ("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}, "max_completion_tokens": 3}),

@@ -93,7 +93,7 @@ def test_the_sampler_draws_only_allowed_tokens_on_gpu():
     logits = torch.randn(8, 201088, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         constrained = [s.grammar for s in states if s.grammar is not None]
-        allowed = unpack_token_bitmask(token_bitmasks(constrained, 201088), 201088)  # [R, V]
+        allowed = unpack_token_bitmask(token_bitmasks(constrained), 201088)  # [R, V]
         out = Sampler().sample(logits, states)
         rows = [i for i, s in enumerate(states) if s.grammar is not None]
         for r, i in enumerate(rows):
