@@ -51,7 +51,10 @@ def completion_constraint(response_format: dict | None) -> StructuredOutput | No
 def harmony_constraint(response_format: dict | None, tools: list[dict] | None,
                        tool_choice: str | dict | None) -> StructuredOutput | None:
     """A harmony answer's final channel follows response_format, and tool_choice decides whether it may, must or
-    must not be a call of one of `tools` (chat's shape) with arguments valid for its parameters. None: free."""
+    must not be a call of one of `tools` (chat's shape) with arguments valid for its parameters. None: free.
+
+    A tool's parameters are compiled only where a call of it is held to them: a free request (tool_choice auto, no
+    response_format) is never refused for a schema the grammar could not enforce."""
     functions = _functions(tools)
     choice = _tool_choice(tool_choice, functions)
     answer = _response_body(response_format)
@@ -59,6 +62,8 @@ def harmony_constraint(response_format: dict | None, tools: list[dict] | None,
         return None
     if choice == "none" and answer is None and not functions:
         return None  # nothing to forbid: no function is defined
+    callable_ = [] if choice == "none" else list(functions) if choice in ("auto", "required") else [choice]
+    arguments = {name: _arguments(tools, functions[name]) for name in callable_}
     rules = [_ANALYSIS]
     descriptions = []
     alternatives = []
@@ -67,10 +72,9 @@ def harmony_constraint(response_format: dict | None, tools: list[dict] | None,
         rules.append(f'final: <|channel|> "final" <|message|> {body} <|return|>')
         alternatives.append("final")
         descriptions.append(description)
-    callable_ = [] if choice == "none" else list(functions) if choice in ("auto", "required") else [choice]
     for i, name in enumerate(callable_):
         rules.append(f'call_{i}: <|channel|> {_lark_string(f"commentary to=functions.{name} ")} <|constrain|> "json" '
-                     f'<|message|> {functions[name]} <|call|>')
+                     f'<|message|> {arguments[name]} <|call|>')
         alternatives.append(f"call_{i}")
     if choice == "none":
         descriptions.append("tool_choice none")
@@ -138,13 +142,13 @@ def _json(schema: Any, *, strict: bool, where: str) -> str:
 
 # ---- tools ---------------------------------------------------------------------------------------------------------
 
-def _functions(tools: Any) -> dict[str, str]:
-    """Function name -> `%json {...}` of its parameters (any JSON object where none are given)."""
+def _functions(tools: Any) -> dict[str, list[int]]:
+    """Function name -> where in `tools` it is defined (more than once is an error only for a call held to it)."""
     if tools is None:
         return {}
     if not isinstance(tools, list):
         raise ValueError("tools: must be a list")
-    functions: dict[str, str] = {}
+    functions: dict[str, list[int]] = {}
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
@@ -153,15 +157,22 @@ def _functions(tools: Any) -> dict[str, str]:
         name = function.get("name")
         if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
             raise ValueError(f"{where}.function.name: must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
-        if name in functions:
-            raise ValueError(f"{where}.function.name: {name!r} is defined twice")
-        parameters = function.get("parameters")
-        functions[name] = _json({"type": "object"} if parameters is None else parameters,
-                                strict=function.get("strict") is True, where=f"{where}.function.parameters")
+        functions.setdefault(name, []).append(i)
     return functions
 
 
-def _tool_choice(tool_choice: Any, functions: dict[str, str]) -> str:
+def _arguments(tools: list[dict], where_defined: list[int]) -> str:
+    """`%json {...}` of a function's parameters (any JSON object where none are given)."""
+    i, *others = where_defined
+    function = tools[i]["function"]
+    if others:
+        raise ValueError(f"tools[{others[0]}].function.name: {function['name']!r} is defined twice")
+    parameters = function.get("parameters")
+    return _json({"type": "object"} if parameters is None else parameters, strict=function.get("strict") is True,
+                 where=f"tools[{i}].function.parameters")
+
+
+def _tool_choice(tool_choice: Any, functions: dict[str, list[int]]) -> str:
     """-> "none", "auto", "required", or the name of the one function to call."""
     if tool_choice is None:
         return "auto"

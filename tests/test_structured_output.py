@@ -110,6 +110,18 @@ def test_a_bad_tool_choice_names_the_field(tools, tool_choice, param):
     assert str(e.value).split(":", 1)[0] == param, e.value
 
 
+def test_a_free_request_is_never_refused_for_its_tools_schemas():
+    # a schema llguidance cannot compile, a function defined twice: harmony renders them; nothing holds a call to them
+    odd = [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}, TOOLS[0], TOOLS[0]]
+    assert harmony_constraint(None, odd, "auto") is None
+    with pytest.raises(ValueError, match=r"^tools\[0\]\.function\.parameters: "):
+        harmony_constraint(None, odd, "required")
+    with pytest.raises(ValueError, match=r"^tools\[1\]\.function\.name: 'get_weather' is defined twice"):
+        harmony_constraint(None, odd[1:] + [TOOLS[1]], {"type": "function", "function": {"name": "get_weather"}})
+    # only get_time may be called: f's schema is never compiled
+    assert harmony_constraint(None, [odd[0], TOOLS[1]], {"type": "function", "function": {"name": "get_time"}})
+
+
 def test_free_requests_have_no_grammar():
     assert completion_constraint(None) is None and completion_constraint({"type": "text"}) is None
     assert harmony_constraint(None, None, None) is None and harmony_constraint({"type": "text"}, TOOLS, "auto") is None
