@@ -1,13 +1,14 @@
 """Dispatch + combine time of one MoE layer against the number of tokens, over the real exchange.
 
     python -m gptoss_serve.bench.expert_exchange [--workers 2] [--tokens 1 16 128 1024] [--device cpu|cuda]
-        [--backend gloo|nccl] [--layers 24] [--json PATH]
+        [--backend gloo|nccl] [--graph] [--layers 24] [--json PATH]
 
 The replica is this process; each worker is a process of its own whose experts echo their input (so the figure
 is the exchange alone: packing, sending, receiving, adding the answers). gpt-oss-20b shapes: hidden 2880, 32
 experts, top-4, bf16. A step announces itself, then runs `--layers` layers back to back (each layer's dispatch
 depends on the one before, as in the model); the figure is the step's wall time over its layers, with the device
-synchronized before and after. NCCL puts each rank on a GPU of its own: the replica on cuda:0, worker i on cuda:i
+synchronized before and after. With --graph the replica's 24 layers replay from a CUDA graph (as a
+disaggregated decode step does); the worker's loop stays eager. NCCL puts each rank on a GPU of its own: the replica on cuda:0, worker i on cuda:i
 (so `--workers` at most the GPU count minus one); gloo stages GPU activations through host memory.
 """
 
@@ -56,10 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--graph", action="store_true",
+                        help="replay the replica's side from a CUDA graph, as a disaggregated decode step does (nccl)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.environ.update(NCCL_ENV)
     device = torch.device(args.device)
+    if args.graph and args.backend != "nccl":
+        parser.error("--graph needs --backend nccl")
     if args.backend == "nccl" and (device.type != "cuda" or torch.cuda.device_count() <= args.workers):
         parser.error(f"nccl needs the replica and each of {args.workers} workers on a GPU of its own")
 
@@ -80,22 +85,38 @@ def main(argv: list[str] | None = None) -> None:
     client.handshake()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.workers} workers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, bf16, "
-          f"activations on {device} ({name}), {args.backend}, {args.layers} layers a step")
+          f"activations on {device} ({name}), {args.backend}, {args.layers} layers a step"
+          + (", replica side from a CUDA graph" if args.graph else ""))
     print(f"{'tokens':>7} {'us a layer p50':>15} {'p90':>8} {'MB a layer':>11}")
     rows = []
     for n in args.tokens:
         hidden = torch.randn(n, args.hidden, device=device, dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(args.experts, device=device)[:args.top_k] for _ in range(n)])
         weights = torch.full((n, args.top_k), 1 / args.top_k, device=device)
+        def layers() -> torch.Tensor:
+            x = hidden
+            for layer in range(args.layers):
+                x = client.combine(client.dispatch(layer, x, ids, weights)) / args.workers
+            return x
+
+        graph = None
+        if args.graph:  # the replica's side captured as a decode step is (one warm-up pass first, for real)
+            client.begin_step([n])
+            layers()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                layers()
         times = []
         for i in range(args.repeats + 3):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             client.begin_step([n])
-            x = hidden
-            for layer in range(args.layers):
-                x = client.combine(client.dispatch(layer, x, ids, weights)) / args.workers
+            if graph is not None:
+                client.order_after_header()
+                graph.replay()
+            else:
+                layers()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= 3:
@@ -112,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         p.join(timeout=10)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "backend": args.backend, "workers": args.workers, "layers": args.layers,
+            json.dump({"device": name, "backend": args.backend, "graph": args.graph, "workers": args.workers, "layers": args.layers,
                        "rows": rows}, f, indent=1)
 
 

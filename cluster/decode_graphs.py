@@ -51,7 +51,8 @@ class DecodeGraphs:
                 forward(inputs)
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread-local: other threads (the expert link's watch, NCCL's) go on querying events meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[bucket] = forward(inputs)
             self.graphs[bucket] = graph
         torch.cuda.synchronize(device)

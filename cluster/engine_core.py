@@ -20,6 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.expert_exchange import publish_step_deadlines
 from gptoss_serve.cluster.sampling_params import SamplingParams
 
 # (request id, prompt token ids, sampling params): what "add" carries, one tuple a request
@@ -37,8 +38,11 @@ def engine_stats(engine: LLMEngine) -> dict:
             "kv_cache_bytes": engine.kv_cache_bytes, "block_size": engine.config.block_size, "time": time.time()}
 
 
-def run_engine_core(conn: Connection, build: Callable[[], Built]) -> None:
-    """The process's main function."""
+def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines=None) -> None:
+    """The process's main function. step_deadlines: a shared number the expert exchange writes its oldest
+    unfinished step's deadline to (see expert_exchange.publish_step_deadlines); the parent watches it."""
+    if step_deadlines is not None:
+        publish_step_deadlines(step_deadlines)
     try:
         engine, extra_stats = build()
     except BaseException as e:  # noqa: BLE001 - the parent reports it; nothing runs without an engine

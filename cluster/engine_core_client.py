@@ -4,7 +4,8 @@ Requests are added with a sink (an asyncio.Queue): every step message from the c
 of the requests in it, one put per sink per step. Commands asked in one turn of the event loop leave as one
 message, from a writer thread, so the event loop never blocks on the pipe; a reader thread hands each step
 message to the event loop whole. If the core dies, its open requests end with a 503 item and a new core is
-started in the background.
+started in the background. A core whose expert exchange is past a step's deadline (the core publishes it, see
+expert_exchange.py) by STALL_GRACE_S is taken as hung and killed, which is the same death.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from gptoss_serve.cluster.engine import RequestOutput
 from gptoss_serve.cluster.engine_core import Built, NewRequest, run_engine_core
 
 START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
+# past a published step deadline: time for the core's own watch to abort the link and fail the step first
+STALL_GRACE_S = 3.0
+STALL_CHECK_PERIOD_S = 0.25
 logger = logging.getLogger(__name__)
 
 
@@ -45,8 +50,10 @@ class EngineCoreClient:
         self._outbox: list[tuple] = []  # commands of this event-loop turn
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._generation = 0
+        self._stalled: str | None = None  # why the stall watch killed the current core
         self._start()
         threading.Thread(target=self._write_loop, name="engine-core-writer", daemon=True).start()
+        threading.Thread(target=self._stall_loop, name="engine-core-stall-watch", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -81,7 +88,9 @@ class EngineCoreClient:
         """Spawns a core and waits until its engine is built (the caller's thread blocks meanwhile)."""
         self.ready = False
         parent, child = self.context.Pipe()
-        self.process = self.context.Process(target=run_engine_core, args=(child, self.build),
+        self.step_deadline = self.context.Value("d", 0.0, lock=False)
+        self._stalled = None
+        self.process = self.context.Process(target=run_engine_core, args=(child, self.build, self.step_deadline),
                                             name="engine-core", daemon=True)
         self.process.start()
         child.close()
@@ -120,6 +129,20 @@ class EngineCoreClient:
         self.open.clear()
         threading.Thread(target=self._restart, name="engine-core-restart", daemon=True).start()
 
+    def _stall_loop(self) -> None:
+        """Kills a core that is past its published step deadline (it is blocked on a hung exchange so hard that
+        its own watch could not run); the reader then reports the death as for any other."""
+        while True:
+            time.sleep(STALL_CHECK_PERIOD_S)
+            process, deadline = self.process, self.step_deadline.value
+            if (self.ready and deadline and time.monotonic() > deadline + STALL_GRACE_S and process is not None
+                    and process.is_alive()):
+                self._stalled = (f"the engine core was stuck {time.monotonic() - deadline:.0f} s past a step's "
+                                 "expert timeout (a MoE worker died or hung); killed")
+                logger.warning("%s", self._stalled)
+                process.kill()
+                self.step_deadline.value = 0.0
+
     # ---- messages ------------------------------------------------------------------------------------------
     def _bind_loop(self) -> None:
         """Step messages go to the event loop of the latest caller (the replica has one; tests run several)."""
@@ -154,7 +177,7 @@ class EngineCoreClient:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                message = ("dead", f"the engine core exited (code {self.process.exitcode})")
+                message = ("dead", self._stalled or f"the engine core exited (code {self.process.exitcode})")
             if self.loop is None:  # nothing was ever added: no request to fail, only a core to replace
                 if message[0] == "dead":
                     self._on_death(message[1])

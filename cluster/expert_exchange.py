@@ -130,6 +130,19 @@ class ExchangeStats:
     step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
 
 
+# A number shared with the process that started this one (EngineCoreClient): the deadline (time.monotonic(), the
+# same clock in every process of a host) of the oldest step not yet seen complete, 0.0 when none. If this process
+# blocks so hard that the watch thread cannot run (a CUDA call that waits on the stuck stream while holding the
+# GIL), the parent kills it once the deadline has passed, and starts another.
+_deadline_board = None
+
+
+def publish_step_deadlines(board) -> None:
+    """board: a multiprocessing.Value("d") the parent reads (see EngineCoreClient)."""
+    global _deadline_board
+    _deadline_board = board
+
+
 class StepWatch:
     """Aborts a link whose steps stop completing on the GPU, from a thread of its own.
 
@@ -153,9 +166,18 @@ class StepWatch:
         """event: marks the end of a step's work on the device (anything with query())."""
         with self._lock:
             self._steps.append((time.monotonic() + self.timeout_s, event))
+            self._publish()
+
+    def _publish(self) -> None:
+        """The oldest step's deadline to the parent's board (nothing once closed: a newer link's watch owns it)."""
+        if _deadline_board is not None and not self._closed.is_set():
+            _deadline_board.value = self._steps[0][0] if self._steps else 0.0
 
     def close(self) -> None:
-        self._closed.set()
+        with self._lock:
+            self._steps.clear()
+            self._publish()
+            self._closed.set()
 
     def _run(self) -> None:
         while not self._closed.wait(self.period_s):
@@ -163,8 +185,12 @@ class StepWatch:
                 while self._steps and self._steps[0][1].query():
                     self._steps.popleft()
                 expired = bool(self._steps) and time.monotonic() > self._steps[0][0]
+                if not expired:
+                    self._publish()
             if expired:
                 self.failure = f"a MoE worker did not answer within {self.timeout_s:.0f} s"
+                # the deadline stays published: the step's path clears it (close) once the abort has freed it,
+                # and if nothing frees it the parent kills this process
                 self.link.abort()
                 return
 
@@ -179,10 +205,14 @@ class ExpertClient:
         self.staging = staging or device
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.num_experts = shards[-1].first + shards[-1].count
+        # per-expert token counts, summed on the activations' device without a host sync; one tensor for the
+        # client's life (a decode step captured in a CUDA graph adds into this very memory), zeroed when drained
+        self._expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=device)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
         self.stats = self._fresh_stats()
         self._step_bytes = 0
+        self._hidden_bytes, self._top_k = 0, 0  # of the last dispatch: a replayed step's bytes
         self._header_sends: list[tuple[object, torch.Tensor]] = []
-        self._ones: torch.Tensor | None = None
         self._counts_copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # per-expert counts on their way
         # over NCCL nothing on the step's path waits with a timeout: a watch thread aborts a hung link
         self.watch = StepWatch(link, timeout_s) if self.staging.type == "cuda" else None
@@ -200,30 +230,43 @@ class ExpertClient:
             raise ExpertsUnavailableError(self.watch.failure)
 
     def _fresh_stats(self) -> ExchangeStats:
-        self._expert_counts = None  # [E] on the activations' device, summed without a host sync
         return ExchangeStats([0] * len(self.shards), [0] * self.num_experts)
 
+    @torch.inference_mode()  # the counts were made under it (the link connects inside a step)
     def drain(self) -> ExchangeStats:
         """The stats since the last drain. Never waits for the device: a hung worker leaves the stream stuck behind
         its receive, and a blocking read here would stall the engine before the expert timeout could fail the step.
-        Per-expert counts on a GPU come from a copy started at an earlier drain, once it has landed."""
+        Per-expert counts on a GPU come from a copy started at an earlier drain, once it has landed (the copy and
+        the zeroing after it are queued in stream order, so no count is lost or counted twice)."""
         counts = self._expert_counts
         stats, self.stats = self.stats, self._fresh_stats()
+        if not counts.is_cuda:
+            stats.tokens_per_expert = [int(c) for c in counts.tolist()]
+            counts.zero_()
+            return stats
         copy = self._counts_copy
         if copy is not None and copy[1].query():
             stats.tokens_per_expert = [int(c) for c in copy[0].tolist()]
             self._counts_copy = copy = None
-        if counts is None:
-            return stats
-        if not counts.is_cuda:
-            stats.tokens_per_expert = [int(c) for c in counts.tolist()]
-        elif copy is None:  # start the copy of what was counted, and count afresh
+        if copy is None:  # start the copy of what was counted, and count afresh
             event = torch.cuda.Event()
             self._counts_copy = (counts.to("cpu", non_blocking=True), event)
+            counts.zero_()
             event.record()
-        else:  # the last copy is still on its way: keep counting into the same tensor
-            self._expert_counts = counts
         return stats
+
+    def record_replayed_step(self, tokens: int, layers: int) -> None:
+        """Host-side stats of a step replayed from a CUDA graph (its dispatches ran on the device alone)."""
+        for worker in range(len(self.shards)):
+            self.stats.tokens_per_worker[worker] += tokens * layers
+        per_token = 2 * self._hidden_bytes + 8 * self._top_k  # its dispatched row and its answer, to each worker
+        self._step_bytes += layers * len(self.shards) * tokens * per_token
+
+    def order_after_header(self) -> None:
+        """Makes the current stream wait until the step's header is sent: a step replayed from a CUDA graph sends
+        its layers from the graph, and NCCL must see them after the header on the same communicator."""
+        header_sends, self._header_sends = self._header_sends, []
+        self._wait_all([work for work, _ in header_sends], "did not take the step's header")
 
     def _ranks(self) -> range:
         return range(1, len(self.shards) + 1)
@@ -263,12 +306,8 @@ class ExpertClient:
         """hidden [T, H], expert_ids/weights [T, K] -> an exchange in flight (nothing waits here)."""
         start = time.perf_counter()
         self.check()
-        if self._expert_counts is None:
-            self._expert_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids.device)
         flat = expert_ids.flatten()
-        if self._ones is None or self._ones.numel() < flat.numel() or self._ones.device != flat.device:
-            self._ones = torch.ones(max(flat.numel(), 4096), dtype=torch.int64, device=flat.device)
-        self._expert_counts.index_add_(0, flat.long(), self._ones[:flat.numel()])  # one kernel, no host sync
+        self._expert_counts.index_add_(0, flat.long(), self._one.expand(flat.numel()))  # no host sync
         packed = pack(hidden, expert_ids, weights).to(self.staging)
         sends = [(self._send(packed, rank), packed) for rank in self._ranks()]
         results = [torch.empty(hidden.shape, dtype=hidden.dtype, device=self.staging) for _ in self.shards]
@@ -276,11 +315,13 @@ class ExpertClient:
             receives = [self.link.combine.recv([r], rank, 0) for r, rank in zip(results, self._ranks())]
         except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
             raise ExpertsUnavailableError(f"the MoE workers are unreachable ({type(e).__name__}: {e})") from None
-        tokens = hidden.shape[0]
-        for worker in range(len(self.shards)):
-            self.stats.tokens_per_worker[worker] += tokens
-        self._step_bytes += len(self.shards) * (packed.numel() + hidden.numel() * hidden.element_size())
-        self.stats.dispatch_seconds.append(time.perf_counter() - start)
+        self._hidden_bytes, self._top_k = hidden.shape[1] * hidden.element_size(), expert_ids.shape[1]
+        if not capturing():  # a captured step's host stats are counted at each replay (record_replayed_step)
+            tokens = hidden.shape[0]
+            for worker in range(len(self.shards)):
+                self.stats.tokens_per_worker[worker] += tokens
+            self._step_bytes += len(self.shards) * (packed.numel() + hidden.numel() * hidden.element_size())
+            self.stats.dispatch_seconds.append(time.perf_counter() - start)
         return PendingExchange(hidden, results, receives, sends, self)
 
     def combine(self, pending: PendingExchange) -> torch.Tensor:
@@ -298,7 +339,8 @@ class ExpertClient:
             for result in pending.results[1:]:
                 out += result.to(like.device, torch.float32)
             out = out.to(like.dtype)
-        self.stats.combine_seconds.append(time.perf_counter() - start)
+        if not capturing():
+            self.stats.combine_seconds.append(time.perf_counter() - start)
         return out
 
     def abort(self) -> None:
@@ -335,6 +377,11 @@ class ExpertClient:
         except Exception as e:  # noqa: BLE001
             raise ExpertsUnavailableError(
                 f"a MoE worker {what} within {self.timeout.total_seconds():.0f} s ({type(e).__name__}: {e})") from None
+
+
+def capturing() -> bool:
+    """Whether this thread is capturing a CUDA graph (host-side bookkeeping would run once, not per replay)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def wait_for_event(event, timeout_s: float, what: str) -> None:

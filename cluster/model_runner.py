@@ -15,7 +15,7 @@ import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
-from gptoss_serve.cluster.expert_exchange import wait_for_event
+from gptoss_serve.cluster.expert_exchange import capturing, wait_for_event
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence
@@ -100,10 +100,17 @@ class ModelRunner:
         if local:  # every layer's experts run the same kernels: compile them once
             experts.warm_up(max_num_batched_tokens, model.config.num_experts_per_tok)
         self.graphs = None
+        groups = [FULL, SLIDING] if model.config.sliding_window else [FULL]
+        self._capture = functools.partial(DecodeGraphs, groups=groups, max_num_seqs=max_num_seqs,
+                                          max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
         if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
-            groups = [FULL, SLIDING] if model.config.sliding_window else [FULL]
-            self.graphs = DecodeGraphs(self._forward, groups=groups, max_num_seqs=max_num_seqs,
-                                       max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
+            self.graphs = self._capture(self._forward)
+        # Remote experts over NCCL: the exchange's sends and receives are captured with the rest of a decode step.
+        # The graphs hold the link's communicators, so they are captured once a link is up, and again after a
+        # reconnect (see _remote_graphs).
+        self.remote_graphs = (self.expert_link is not None and self.expert_link.backend == "nccl"
+                              and self.device.type == "cuda" and not enforce_eager)
+        self._graphs_client = None  # the ExpertClient the graphs were captured over
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:
         """(sequence, number of new tokens) pairs -> a token (and its logprobs, if asked) for each sequence whose
@@ -141,11 +148,18 @@ class ModelRunner:
         """-> float32 logits [S, vocab] for the S sequences that sample, in the order given."""
         build = functools.partial(StepInputs.build, block_size=self.cache.block_size, device=self.device,
                                   pending_tokens=pending_tokens)
-        bucket = self.graphs.bucket(len(scheduled)) if self.graphs is not None else None
+        decode = all(n == 1 for _, n in scheduled)
+        graphs = self._remote_graphs() if self.remote_graphs and decode else self.graphs
+        bucket = graphs.bucket(len(scheduled)) if graphs is not None else None
         # (a table never outgrows the graphs' width: sequences are held to max_model_len)
-        if bucket is not None and all(n == 1 for _, n in scheduled):
+        if bucket is not None and decode:
             inputs = build(scheduled, pad_to=bucket)
-            return self.graphs.run(inputs)
+            if self.remote_graphs:
+                client = self._graphs_client
+                self.expert_link.begin_step([bucket])
+                client.order_after_header()
+                client.record_replayed_step(bucket, self.model.config.num_hidden_layers)
+            return graphs.run(inputs)
         groups = self._split(scheduled)
         prepared = [build(group) for group in groups]
         if self.expert_link is not None:
@@ -155,6 +169,22 @@ class ModelRunner:
         hidden = self.model.model.forward_interleaved(
             [(p.token_ids, p.positions, PagedAttention(self.cache, p, self.attention)) for p in prepared])
         return torch.cat([self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hidden, prepared)])
+
+    def _remote_graphs(self) -> DecodeGraphs | None:
+        """The decode graphs over the current link to the MoE workers, captured now if the link is new (at the
+        first decode step, and after a reconnect: the old graphs held the old link's communicators)."""
+        client = self.expert_link.get()
+        if client is not self._graphs_client:
+            self.graphs, self._graphs_client = None, None
+
+            def forward(inputs: StepInputs) -> torch.Tensor:
+                if not capturing():  # a warm-up pass before the capture exchanges for real: announce it
+                    self.expert_link.begin_step([inputs.num_tokens])
+                return self._forward(inputs)
+
+            self.graphs = self._capture(forward)
+            self._graphs_client = client
+        return self.graphs
 
     def _split(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """Contiguous groups with about the same number of tokens each (order kept: logits follow it)."""

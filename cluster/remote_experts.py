@@ -33,13 +33,15 @@ def _free_port() -> int:
 
 
 class ExpertLink:
-    def __init__(self, workers: list, *, backend: str, device: torch.device, timeout_s: float = 10.0) -> None:
-        """workers: Ray actor handles of the MoE workers, in rank order."""
+    def __init__(self, workers: list, *, backend: str, device: torch.device, timeout_s: float = 10.0,
+                 name: str | None = None) -> None:
+        """workers: Ray actor handles of the MoE workers, in rank order. name: the replica's, as the workers know
+        it (a reconnect under the same name ends the old link on their side); a fresh one if not given."""
         self.workers, self.backend, self.device, self.timeout_s = workers, backend, device, timeout_s
         self.shards = [Shard(*shard) for shard in ray.get([w.shard.remote() for w in workers])]
         self.client: ExpertClient | None = None
         self.reconnects = 0
-        self.name = f"replica-{uuid.uuid4().hex[:12]}"  # the workers end this replica's old link when it reconnects
+        self.name = name or f"replica-{uuid.uuid4().hex[:12]}"  # the workers end its old link when it reconnects
 
     def get(self) -> ExpertClient:
         if self.client is None:

@@ -40,14 +40,15 @@ STARTING = "the engine is starting; retry shortly"
 logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
 
 
-def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
+def build_engine(args: AppArgs, *, expert_workers: list | None = None, link_name: str | None = None) -> Built:
     """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer; with them, the
-    exchange's stats."""
+    exchange's stats. link_name: the replica's name to the workers, the same for each engine core it starts (a
+    worker ends a replica's old link when it reconnects, also after its core was replaced)."""
     device = args.resolved_device
     factory, micro_batches, link = None, 1, None
     if expert_workers:
         link = ExpertLink(expert_workers, backend=args.resolved_transport, device=torch.device(device),
-                          timeout_s=args.expert_timeout_s)
+                          timeout_s=args.expert_timeout_s, name=link_name)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory,
                        dequantize_experts=args.dequantize_experts, load_format=args.load_format)
@@ -59,7 +60,8 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None) -> Built:
     return engine, (link.drain_stats if link is not None else None)
 
 
-def build_engine_core(args: AppArgs, *, app_name: str, ray_address: str | None, namespace: str | None) -> Built:
+def build_engine_core(args: AppArgs, *, app_name: str, ray_address: str | None, namespace: str | None,
+                      replica_id: str | None = None) -> Built:
     """Runs in the engine core process. With MoE workers it joins the Ray cluster to reach them by name."""
     workers = None
     if args.num_moe_workers:
@@ -67,7 +69,8 @@ def build_engine_core(args: AppArgs, *, app_name: str, ray_address: str | None, 
 
         ray.init(address=ray_address, namespace=namespace, log_to_driver=False, configure_logging=False)
         workers = find_expert_workers(args, app_name=app_name)
-    return build_engine(args, expert_workers=workers)
+    return build_engine(args, expert_workers=workers,
+                        link_name=f"{app_name}/{replica_id}" if replica_id is not None else None)
 
 
 def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600) -> list:
@@ -117,7 +120,7 @@ class AttentionReplica:
         if build is None:
             address, namespace = _ray_location()
             build = functools.partial(build_engine_core, args, app_name=app_name, ray_address=address,
-                                      namespace=namespace)
+                                      namespace=namespace, replica_id=self.replica_id)
         self.texts = TextStreams(load_tokenizer())  # for outputs the core left undecoded
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \

@@ -1,5 +1,5 @@
 """The engine core process: same tokens as the engine in-process, batched messages, aborts, bad requests, and a
-core that dies is replaced while its requests fail with 503."""
+core that dies, or hangs past an expert deadline, is replaced while its requests fail with 503."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import asyncio
 import functools
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
-from gptoss_serve.cluster.engine_core_client import EngineCoreClient, EngineCoreError
+from gptoss_serve.cluster.engine_core_client import STALL_GRACE_S, EngineCoreClient, EngineCoreError
+from gptoss_serve.cluster.expert_exchange import StepWatch
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.model import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
@@ -138,3 +140,51 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
 def test_a_core_that_cannot_start_says_why():
     with pytest.raises(EngineCoreError, match="FileNotFoundError: no checkpoint at /nowhere"):
         EngineCoreClient(build_broken)
+
+
+class _DeadLink:
+    def abort(self) -> None:  # an abort that frees nothing: the step stays blocked
+        pass
+
+
+class _NeverFires:
+    def query(self) -> bool:
+        return False
+
+
+def _stuck_step(engine):
+    """A step whose exchange never completes and whose host stays blocked after the link's abort (as a CUDA call
+    waiting on a stuck stream does, GIL held)."""
+    watch = StepWatch(_DeadLink(), timeout_s=0.5, period_s=0.02)
+    watch.watch(_NeverFires())
+    time.sleep(3600)
+
+
+def build_stuck(path: str):
+    engine, extra = build_tiny(path)
+    engine.step = functools.partial(_stuck_step, engine)
+    return engine, extra
+
+
+def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16):
+    seen = Collector()
+    client = EngineCoreClient(functools.partial(build_stuck, str(tiny_bf16)), on_step=seen.on_step,
+                              on_failure=seen.on_failure)
+
+    async def main():
+        start = time.monotonic()
+        client.add([("stuck", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))])
+        await seen.wait(["stuck"], timeout=30)
+        # the watch's deadline (0.5 s) plus the parent's grace, not the client's patience
+        assert time.monotonic() - start < 0.5 + STALL_GRACE_S + 5
+        message, status = seen.failed["stuck"]
+        assert status == 503
+        assert client.error and "stuck" in client.error and "expert timeout" in client.error
+        while client.restarting or not client.alive:
+            await asyncio.sleep(0.1)
+        assert client.restarts == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        client.shutdown()
