@@ -112,6 +112,8 @@ class EngineCoreClient:
 
     def _restart(self) -> None:
         try:
+            if self.process is not None:  # the old core's device memory is freed when it has exited
+                self.process.join(timeout=30)
             self._start()
             self.restarts += 1
         except EngineCoreError as e:

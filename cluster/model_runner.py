@@ -178,9 +178,13 @@ class ModelRunner:
             self.graphs, self._graphs_client = None, None
 
             def forward(inputs: StepInputs) -> torch.Tensor:
-                if not capturing():  # a warm-up pass before the capture exchanges for real: announce it
-                    self.expert_link.begin_step([inputs.num_tokens])
-                return self._forward(inputs)
+                if capturing():
+                    return self._forward(inputs)
+                # a warm-up pass before the capture exchanges for real: announced, and watched as a step is
+                self.expert_link.begin_step([inputs.num_tokens])
+                logits = self._forward(inputs)
+                self.expert_link.watch_step()
+                return logits
 
             self.graphs = self._capture(forward)
             self._graphs_client = client
