@@ -35,6 +35,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def checkpoint_path(parser: argparse.ArgumentParser, args: argparse.Namespace, *, mxfp4_experts: bool = False) -> Path:
+    """--model DIR as given, or a random --preset checkpoint written to --write-to (once: kept for later runs)."""
+    if args.model:
+        return Path(args.model)
+    if not args.preset:
+        parser.error("give --model DIR or --preset")
+    path = Path(args.write_to)
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        write_preset(path, args.preset, mxfp4_experts=mxfp4_experts)
+        print(f"wrote random {args.preset} checkpoint in {time.perf_counter() - t:.0f} s")
+    return path
+
+
 def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 199_000, (batch, length), generator=gen).tolist()
@@ -160,15 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
-    path = Path(args.model) if args.model else None
-    if path is None:
-        if not args.preset:
-            parser.error("give --model DIR or --preset")
-        path = Path(args.write_to)
-        if not (path / "config.json").exists():
-            t = time.perf_counter()
-            write_preset(path, args.preset, mxfp4_experts=args.mxfp4)
-            print(f"wrote random {args.preset} checkpoint in {time.perf_counter() - t:.0f} s")
+    path = checkpoint_path(parser, args, mxfp4_experts=args.mxfp4)
     device = torch.device(args.device)
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                "checkpoint": str(path), "load_format": args.load_format, "engine": [], "hf": []}

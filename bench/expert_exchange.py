@@ -8,8 +8,9 @@ is the exchange alone: packing, sending, receiving, adding the answers). gpt-oss
 experts, top-4, bf16. A step announces itself, then runs `--layers` layers back to back (each layer's dispatch
 depends on the one before, as in the model); the figure is the step's wall time over its layers, with the device
 synchronized before and after. With --graph the replica's 24 layers replay from a CUDA graph (as a
-disaggregated decode step does); the worker's loop stays eager. NCCL puts each rank on a GPU of its own: the replica on cuda:0, worker i on cuda:i
-(so `--workers` at most the GPU count minus one); gloo stages GPU activations through host memory.
+disaggregated decode step does); the worker's loop stays eager. NCCL puts each rank on a GPU of its own: the
+replica on cuda:0, worker i on cuda:i (so `--workers` at most the GPU count minus one); gloo stages GPU
+activations through host memory.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         p.join(timeout=10)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "backend": args.backend, "graph": args.graph, "workers": args.workers, "layers": args.layers,
-                       "rows": rows}, f, indent=1)
+            json.dump({"device": name, "backend": args.backend, "graph": args.graph, "workers": args.workers,
+                       "layers": args.layers, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

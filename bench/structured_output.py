@@ -25,14 +25,13 @@ from pathlib import Path
 
 import torch
 
-from gptoss_serve.bench.engine_throughput import random_prompts, sync
+from gptoss_serve.bench.engine_throughput import checkpoint_path, random_prompts, sync
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarMatcher, advance, token_bitmasks
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.model.constraints import completion_constraint
 from gptoss_serve.model.loader import load_model
-from gptoss_serve.model.synthetic import write_preset
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 # An order of items: strings, bounded integers, enums, nested arrays. minItems keeps a random model's document open
@@ -121,13 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
-    path = Path(args.model) if args.model else None
-    if path is None:
-        if not args.preset:
-            parser.error("give --model DIR or --preset")
-        path = Path(args.write_to)
-        if not (path / "config.json").exists():
-            write_preset(path, args.preset)
+    path = checkpoint_path(parser, args)
     device = torch.device(args.device)
     model = load_model(path, device=device, load_format=args.load_format)
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -272,14 +273,7 @@ class OpenAIIngress:
                                               engine_stops=kind != "chat.completion",
                                               structured_output=structured_output)
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
-        slot = self._take_slot()
-        stream = ResponseStream(self.router, requests)
-        try:
-            firsts = await stream.first()
-        except BaseException:
-            stream.close()
-            slot()
-            raise
+        stream, firsts, slot = await self._open_stream(requests)
         header = {"id": base, "object": kind + ".chunk" if kind == "chat.completion" else kind,
                   "created": int(now), "model": self.args.served_model_name}
         if body.stream:
@@ -309,6 +303,19 @@ class OpenAIIngress:
     @staticmethod
     def _feed(choice, items: list[StreamItem]) -> list:
         return [choice.feed(item.output) for item in items if item.output is not None]
+
+    async def _open_stream(self, requests: list[EngineRequest]) -> tuple[ResponseStream, list, Callable[[], None]]:
+        """Sends the requests holding a slot -> (their stream, its first items, the slot's release): on a failure
+        before the first items the stream is closed and the slot given back."""
+        slot = self._take_slot()
+        stream = ResponseStream(self.router, requests)
+        try:
+            firsts = await stream.first()
+        except BaseException:
+            stream.close()
+            slot()
+            raise
+        return stream, firsts, slot
 
     def _take_slot(self):
         """Counts a request in; the returned callable counts it out, once, however often it is called."""

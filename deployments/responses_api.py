@@ -68,16 +68,8 @@ class ResponsesAPI:
         if ingress.in_flight >= ingress.capacity:
             raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
         response_id, now = new_id("resp"), time.time()
-        from gptoss_serve.deployments.openai_ingress import ResponseStream  # (the ingress imports this module)
-
-        slot = ingress._take_slot()
-        stream = ResponseStream(ingress.router, [EngineRequest(response_id, prompt, params, arrival_time=now)])
-        try:
-            firsts = await stream.first()
-        except BaseException:
-            stream.close()
-            slot()
-            raise
+        request = EngineRequest(response_id, prompt, params, arrival_time=now)
+        stream, firsts, slot = await ingress._open_stream([request])
         run = _Run(self, body, response_id, int(now), conversation, stream, slot)
         if body.stream:
             events = run.events(firsts)
