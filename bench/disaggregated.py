@@ -2,17 +2,20 @@
 HTTP, on the GPUs of one host, app after app (each stopped before the next starts):
 
     python -m gptoss_serve.bench.disaggregated --model DIR [--load-format dummy] [--concurrency 1 64 256]
-        [--apps colocated disaggregated data-parallel] [--faults] [--json PATH]
+        [--apps colocated data-parallel disaggregated] [--attention-replicas 1] [--moe-workers 1] [--faults]
+        [--json PATH]
 
 - colocated: one replica on one GPU, its experts in process (the reference outputs).
-- disaggregated: one attention replica on one GPU, `--moe-workers` MoE workers on a GPU each.
+- disaggregated: `--attention-replicas` attention replicas and `--moe-workers` MoE workers, each on a GPU of its
+  own (4 GPUs and 120b: `--attention-replicas 2 --moe-workers 2`, or `3` and `1`).
 - data-parallel: as many colocated replicas as the disaggregated app has GPUs.
 A dozen prompts get 64 greedy tokens from each app, one request at a time (the outputs must equal the colocated
 app's: on random weights the logits are so flat that any change in how a batch is composed, and so in which GEMM
 kernels run, flips the argmax; one sequence at a time both apps run the same kernels); then bursts of
 streaming completions at each concurrency (prompts 128, outputs 128, ignore_eos) give output tok/s, per GPU, and
-TPOT. --faults then runs, on the disaggregated app under load: kill -9 of a MoE worker, and SIGSTOP of one for 30 s:
-how long until the affected requests failed, how long until a request succeeds again, and whether any hung.
+TPOT. --faults then runs on the disaggregated app (last by default, so that a failed fault costs no figure),
+under load: kill -9 of a MoE worker, and SIGSTOP of one for 30 s: how long until the affected requests failed, how
+long until a request succeeds again, and whether any hung.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from gptoss_serve.bench.served_vs_engine import stream_completion, workload
 URL = "http://127.0.0.1:8000"
 GREEDY_PROMPTS = 12
 GREEDY_TOKENS = 64
+# a fault's streams that have not ended by then count as hung; service not back by then counts as not back
+CLIENT_TIMEOUT_S = 90.0
+BACK_WITHIN_S = 150.0
 
 
 def start_app(args: argparse.Namespace, app: str) -> int:
@@ -47,11 +53,12 @@ def start_app(args: argparse.Namespace, app: str) -> int:
     if app == "colocated":
         config, gpus = {**base, "num_gpus_per_replica": 1}, 1
     elif app == "disaggregated":
-        config = {**base, "num_gpus_per_replica": 1, "num_moe_workers": args.moe_workers,
-                  "num_gpus_per_moe_worker": 1, "expert_timeout_s": args.expert_timeout_s}
-        gpus = 1 + args.moe_workers
+        config = {**base, "num_gpus_per_replica": 1, "num_attention_replicas": args.attention_replicas,
+                  "num_moe_workers": args.moe_workers, "num_gpus_per_moe_worker": 1,
+                  "expert_timeout_s": args.expert_timeout_s}
+        gpus = args.attention_replicas + args.moe_workers
     else:
-        gpus = 1 + args.moe_workers
+        gpus = args.attention_replicas + args.moe_workers
         config = {**base, "num_gpus_per_replica": 1, "num_attention_replicas": gpus}
     serve.run(build_app(config), name="gptoss", route_prefix="/")
     return gpus
@@ -91,7 +98,7 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
     def client() -> None:
         start, result = time.monotonic(), {"error_at": None, "status": None}
         try:
-            with httpx.stream("POST", URL + "/v1/completions", timeout=180, json={
+            with httpx.stream("POST", URL + "/v1/completions", timeout=CLIENT_TIMEOUT_S, json={
                     "model": "gpt-oss", "prompt": [1000 + i for i in range(64)], "max_tokens": 900,
                     "ignore_eos": True, "stream": True}) as r:
                 result["status"] = r.status_code
@@ -117,11 +124,11 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
     if kind == "stop":
         threading.Timer(stop_s, lambda: os.kill(worker_pid, signal.SIGCONT)).start()
     for t in threads:
-        t.join(timeout=240)
+        t.join(timeout=CLIENT_TIMEOUT_S + 10)
     hung = sum(t.is_alive() for t in threads)
     failed = [o["error_at"] - hit_at for o in outcomes if o["error_at"] is not None]
     back_at = None
-    while time.monotonic() - hit_at < 240:
+    while time.monotonic() - hit_at < BACK_WITHIN_S:
         try:
             r = httpx.post(URL + "/v1/completions", timeout=30, json={
                 "model": "gpt-oss", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
@@ -150,9 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--moe-workers", type=int, default=1)
+    parser.add_argument("--attention-replicas", type=int, default=1, help="of the disaggregated app, a GPU each")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--apps", nargs="+", default=["colocated", "disaggregated", "data-parallel"])
+    # the disaggregated app last: its fault runs come after every app's figures (a failed fault cannot cost them)
+    parser.add_argument("--apps", nargs="+", default=["colocated", "data-parallel", "disaggregated"])
     parser.add_argument("--expert-timeout-s", type=float, default=10.0)
     parser.add_argument("--faults", action="store_true")
     parser.add_argument("--json")
