@@ -1,7 +1,8 @@
 """OpenAIIngress: the FastAPI front (OpenAI-compatible), validating, rendering harmony, streaming SSE.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, and
-the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}: deployments/responses_api.py).
+the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items:
+deployments/responses_api.py).
 Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
@@ -69,6 +70,7 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     app.add_api_route("/v1/responses", server.responses.create, methods=["POST"])
     app.add_api_route("/v1/responses/{response_id}", server.responses.retrieve, methods=["GET"])
     app.add_api_route("/v1/responses/{response_id}", server.responses.delete, methods=["DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", server.responses.input_items, methods=["GET"])
     app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
     app.add_middleware(ApiKeys, keys=server.args.resolved_api_keys)  # added last, so it runs first
     app.openapi = functools.partial(openapi_document, app)

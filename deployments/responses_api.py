@@ -1,4 +1,5 @@
-"""The Responses API of one ingress replica: POST /v1/responses, GET and DELETE /v1/responses/{id}.
+"""The Responses API of one ingress replica: POST /v1/responses, GET and DELETE /v1/responses/{id}, and GET
+/v1/responses/{id}/input_items.
 
 A request becomes chat messages (its input after the stored conversation of `previous_response_id`), is rendered
 with harmony as chat is, and runs as one engine request through the ingress's own path: the same slots (429 when
@@ -15,7 +16,9 @@ import logging
 import re
 import time
 import weakref
+from typing import Literal
 
+from fastapi import Query
 from fastapi.responses import StreamingResponse
 
 from gptoss_serve.cluster.sampling_params import SamplingParams
@@ -86,6 +89,24 @@ class ResponsesAPI:
                            code="not_found")
         return entry["response"]
 
+    async def input_items(self, response_id: str, limit: int = Query(20, ge=1, le=100),
+                          order: Literal["asc", "desc"] = "desc", after: str | None = None) -> dict:
+        """The items of a stored response's own input (not the earlier turns it continued), as OpenAI lists them:
+        newest first unless order=asc, `limit` a page, the next page after the id of the last item seen."""
+        entry = await self._entry(response_id)
+        if entry is None:
+            raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                           code="not_found")
+        items = entry["input_items"] if order == "asc" else entry["input_items"][::-1]
+        if after is not None:
+            position = next((i for i, item in enumerate(items) if item["id"] == after), None)
+            if position is None:
+                raise APIError(400, f"after: no input item '{after}' in response '{response_id}'", param="after")
+            items = items[position + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
     async def delete(self, response_id: str) -> dict:
         try:
             deleted = await self.store.delete(response_id)
@@ -125,10 +146,11 @@ class ResponsesAPI:
         except ValueError as e:  # SamplingParams names the field first
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
-    async def _save(self, response: dict, conversation: list[dict]) -> None:
+    async def _save(self, response: dict, conversation: list[dict], input_items: list[dict]) -> None:
         """Best effort: a store that fails leaves the response unstored (logged), not the client without it."""
         try:
-            await self.store.put(response["id"], {"response": response, "conversation": conversation})
+            await self.store.put(response["id"], {"response": response, "conversation": conversation,
+                                                  "input_items": input_items})
         except Exception as e:  # noqa: BLE001
             logger.warning("response %s not stored: %s: %s", response["id"], type(e).__name__, e)
 
@@ -173,7 +195,8 @@ class _Run:
     async def _finish(self) -> dict:
         response = self.response(self.output.status)
         if self.body.store is not False:
-            await self.api._save(response, self.conversation + [_conversation_item(i) for i in self.output.items])
+            await self.api._save(response, self.conversation + [_conversation_item(i) for i in self.output.items],
+                                 [listed_input_item(item) for item in self.body.items])
         return response
 
     async def events(self, firsts):
@@ -207,6 +230,20 @@ class _Run:
         finally:  # also when the client disconnects: stop the engine request
             self.stream.close()
             self.slot()
+
+
+_ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def listed_input_item(item: dict) -> dict:
+    """A normalized input item as GET /v1/responses/{id}/input_items lists it: with an id and a status (an assistant
+    message's text as output_text with its annotations, as in an output item)."""
+    listed = {"id": new_id(_ITEM_ID_PREFIX[item["type"]]), **item}
+    if item["type"] == "reasoning":
+        return listed | {"summary": []}
+    if item["type"] == "message" and item["role"] == "assistant":
+        listed["content"] = [{**part, "annotations": []} for part in item["content"]]
+    return listed | {"status": "completed"}
 
 
 def _conversation_item(item: dict) -> dict:

@@ -173,6 +173,32 @@ def test_function_call_then_its_output_over_previous_response_id():
     run(main())
 
 
+def test_input_items_list_a_responses_own_input():
+    async def main():
+        replicas = HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
+        client = serve(replicas)
+        first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
+        [call] = first.output
+        second = await client.responses.create(model=MODEL, previous_response_id=first.id, tools=TOOLS, input=[
+            {"role": "user", "content": "In Celsius, please."},
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}])
+        [asked] = (await client.responses.input_items.list(first.id)).data
+        assert asked.type == "message" and asked.role == "user" and asked.content[0].text == "Weather in Paris?"
+        # only the second response's own input, not the turn it continued; newest first unless asked otherwise
+        page = await client.responses.input_items.list(second.id, order="asc")
+        assert [item.type for item in page.data] == ["message", "function_call_output"]
+        assert page.data[1].call_id == call.call_id and page.data[1].output == '{"temp": 21}'
+        newest_first = [item.id async for item in client.responses.input_items.list(second.id, limit=1)]
+        assert newest_first == [item.id for item in reversed(page.data)] and len(set(newest_first)) == 2
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.input_items.list("resp_unknown")
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.responses.input_items.list(second.id, after="msg_unknown")
+        assert e.value.body["param"] == "after"
+
+    run(main())
+
+
 def test_store_false_is_not_kept_and_delete_forgets():
     async def main():
         client = serve(HarmonyReplicas())
