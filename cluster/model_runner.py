@@ -65,6 +65,7 @@ class RemoteStepSamples:
 
     def __init__(self, samples: PendingSample, link) -> None:
         self.samples, self.link = samples, link
+        self.client = link.client  # the link the step ran over: a later reconnect does not make its samples good
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -77,7 +78,13 @@ class RemoteStepSamples:
             except ExpertsUnavailableError:
                 self.link.reset()
                 raise
-        self.link.check()  # an aborted link's kernels exit early: what the step computed is garbage
+        if self.client is not None:  # an aborted link's kernels exit early: what the step computed is garbage
+            try:
+                self.client.check()
+            except ExpertsUnavailableError:
+                if self.link.client is self.client:
+                    self.link.reset()
+                raise
         return self.samples.result()
 
 

@@ -98,15 +98,6 @@ class ExpertLink:
         if self.client is not None:
             self.client.watch_step()
 
-    def check(self) -> None:
-        """Raises (and resets the link) if the link was aborted by its watch while steps were in flight."""
-        if self.client is not None:
-            try:
-                self.client.check()
-            except ExpertsUnavailableError:
-                self.reset()
-                raise
-
 
 def _as_expert_failure(error: Exception) -> ExpertsUnavailableError:
     if isinstance(error, ExpertsUnavailableError):
