@@ -45,6 +45,7 @@ class EngineCoreClient:
         self.stats: dict = {}
         self.error: str | None = None  # why the last core died (or could not start)
         self.restarts = 0
+        self.deaths = {"died": 0, "stalled": 0}  # cores lost, by why: it exited, or the stall watch killed it
         self.restarting = False  # a replacement core is being started
         self.loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple] = []  # commands of this event-loop turn
@@ -124,6 +125,7 @@ class EngineCoreClient:
     def _on_death(self, message: str) -> None:
         """On the event loop: the core is gone; fail what it held and start another."""
         self.ready, self.error = False, message.splitlines()[0] if message else "the engine core died"
+        self.deaths["stalled" if self._stalled else "died"] += 1
         logger.warning("engine core died (%s); failing %d requests and restarting it", self.error, len(self.open))
         self.restarting = True
         for request_id in list(self.open):

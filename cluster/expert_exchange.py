@@ -128,6 +128,7 @@ class ExchangeStats:
     dispatch_seconds: list[float] = field(default_factory=list)  # per layer: host time to queue the dispatch
     combine_seconds: list[float] = field(default_factory=list)  # per layer: host time in combine
     step_bytes: list[int] = field(default_factory=list)  # bytes sent + received, per engine step
+    link_failures: int = 0  # links reset after a failure (filled in by the replica's ExpertLink)
 
 
 # A number shared with the process that started this one (EngineCoreClient): the deadline (time.monotonic(), the

@@ -41,6 +41,7 @@ class ExpertLink:
         self.shards = [Shard(*shard) for shard in ray.get([w.shard.remote() for w in workers])]
         self.client: ExpertClient | None = None
         self.reconnects = 0
+        self.failures = 0  # links reset after a failure, since the stats were last drained
         self.name = name or f"replica-{uuid.uuid4().hex[:12]}"  # the workers end its old link when it reconnects
 
     def get(self) -> ExpertClient:
@@ -75,8 +76,12 @@ class ExpertLink:
         self.reconnects += 1
 
     def drain_stats(self):
-        """The exchange's stats since the last call (None while disconnected)."""
-        return self.client.drain() if self.client is not None else None
+        """The exchange's stats since the last call (None while disconnected: failures wait for the next call)."""
+        if self.client is None:
+            return None
+        stats = self.client.drain()
+        stats.link_failures, self.failures = self.failures, 0
+        return stats
 
     def begin_step(self, token_counts: list[int]) -> None:
         """The next step's micro-batch sizes, to every worker (connecting first if needed)."""
@@ -91,6 +96,7 @@ class ExpertLink:
         workers may have been restarted meanwhile)."""
         if self.client is not None:
             self.client.abort()
+            self.failures += 1
         self.client = None
 
     def watch_step(self) -> None:

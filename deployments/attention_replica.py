@@ -130,6 +130,7 @@ class AttentionReplica:
         self.unavailable: str | None = None  # while there is no core: what requests are told (503)
         self.start_error: str | None = None  # why a core started in the background could not start
         self._prefix_seen = (0, 0)
+        self._deaths_seen: dict[str, int] = {}  # engine core deaths already counted, by reason
         self.stats: dict = {"running": 0, "waiting": 0, "free_blocks": 0, "num_blocks": 1, "time": time.time(),
                             "replica_id": self.replica_id}
         self._last_step = time.time()
@@ -309,6 +310,8 @@ class AttentionReplica:
             m.kv_usage.set(stats["kv_usage"], tags=tags)
             # the engine keeps running totals; the counters get what was added since the last look
             queries, hits = stats["prefix_queries"], stats["prefix_hits"]
+            if queries < self._prefix_seen[0] or hits < self._prefix_seen[1]:  # a new engine core counts from 0
+                self._prefix_seen = (0, 0)
             if queries > self._prefix_seen[0]:  # Ray's counters refuse an increment of 0
                 m.prefix_queries.inc(queries - self._prefix_seen[0], tags=tags)
             if hits > self._prefix_seen[1]:
@@ -316,6 +319,10 @@ class AttentionReplica:
             self._prefix_seen = (queries, hits)
         if stats.get("extra") is not None and self.expert_metrics is not None:
             self.expert_metrics.record(stats["extra"])
+        for reason, count in (self.core.deaths if self.core is not None else {}).items():  # the client keeps totals: the counter gets what was added
+            if count > self._deaths_seen.get(reason, 0):
+                m.engine_core_restarts.inc(count - self._deaths_seen.get(reason, 0), tags={**tags, "reason": reason})
+                self._deaths_seen[reason] = count
 
 
 class _Call:

@@ -42,6 +42,9 @@ class ReplicaMetrics:
                                       tag_keys=TAGS)
         self.prefix_hits = Counter("gptoss_prefix_cache_hits", description="prompt tokens found in the cache",
                                    tag_keys=TAGS)
+        self.engine_core_restarts = Counter(
+            "gptoss_engine_core_restarts", description="engine cores lost and replaced, by reason (died: it exited; "
+            "stalled: stuck past an expert deadline and killed)", tag_keys=(*TAGS, "reason"))
 
 
 class RouterMetrics:
@@ -69,6 +72,9 @@ class ExpertMetrics:
                                  boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
         self.step_bytes = Histogram("gptoss_expert_exchange_bytes_per_step", description="bytes sent + received",
                                     boundaries=[2**k for k in range(10, 34, 2)], tag_keys=TAGS)
+        self.link_failures = Counter("gptoss_expert_link_failures", description="links to the MoE workers that "
+                                     "failed (a worker died, hung or could not be reached) and were reset",
+                                     tag_keys=TAGS)
 
     def record(self, stats) -> None:
         tags = self.tags
@@ -84,6 +90,8 @@ class ExpertMetrics:
             self.combine.observe(seconds, tags=tags)
         for n in stats.step_bytes:
             self.step_bytes.observe(n, tags=tags)
+        if stats.link_failures:
+            self.link_failures.inc(stats.link_failures, tags=tags)
 
 
 def exported_series() -> dict[str, set[str]]:

@@ -129,7 +129,7 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
         assert client.restarting  # the replica stays healthy meanwhile (a new core loads in seconds)
         while client.restarting or not client.alive:  # a new core is started in the background (it is alive a
             await asyncio.sleep(0.1)  # moment before the restart is counted)
-        assert client.restarts == 1
+        assert client.restarts == 1 and client.deaths == {"died": 1, "stalled": 0}
         client.add([("after", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))])
         await seen.wait(["after"])
         assert seen.finished["after"] == "length"
@@ -182,7 +182,7 @@ def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16)
         assert client.error and "stuck" in client.error and "expert timeout" in client.error
         while client.restarting or not client.alive:
             await asyncio.sleep(0.1)
-        assert client.restarts == 1
+        assert client.restarts == 1 and client.deaths == {"died": 0, "stalled": 1}
 
     try:
         asyncio.run(main())

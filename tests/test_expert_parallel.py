@@ -98,7 +98,7 @@ def test_exchange_metrics_per_worker_and_expert(app, ray_cluster):
         time.sleep(2)
 
 
-def test_lost_worker_fails_requests_fast_then_service_resumes(app):
+def test_lost_worker_fails_requests_fast_then_service_resumes(app, ray_cluster):
     import ray
 
     outcome: dict = {}
@@ -138,4 +138,18 @@ def test_lost_worker_fails_requests_fast_then_service_resumes(app):
         assert r.status_code == 503 and "MoE" in r.json()["error"]["message"], r.text
         assert time.monotonic() < deadline, "service did not resume"
         time.sleep(1)
+
+    # operators see it: the link's failure is counted (the engine cores lived on: none was restarted)
+    from tests.test_serve_app import scrape_samples
+
+    deadline = time.monotonic() + 40
+    while True:
+        samples = scrape_samples(ray_cluster["metrics_url"], MODEL)
+        failures = sum(v for name, _, v in samples if name == "ray_gptoss_expert_link_failures_total")
+        restarts = sum(v for name, _, v in samples if name == "ray_gptoss_engine_core_restarts_total")
+        if failures >= 1:
+            break
+        assert time.monotonic() < deadline, sorted({n for n, _, _ in samples})
+        time.sleep(2)
+    assert restarts == 0
     assert r.json()["usage"]["completion_tokens"] == 4
