@@ -20,7 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from gptoss_serve.cluster.engine import LLMEngine
-from gptoss_serve.cluster.expert_exchange import publish_step_deadlines
+from gptoss_serve.cluster.step_watch import publish_step_deadlines
 from gptoss_serve.cluster.sampling_params import SamplingParams
 
 # (request id, prompt token ids, sampling params): what "add" carries, one tuple a request
@@ -40,7 +40,7 @@ def engine_stats(engine: LLMEngine) -> dict:
 
 def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines=None) -> None:
     """The process's main function. step_deadlines: a shared number the expert exchange writes its oldest
-    unfinished step's deadline to (see expert_exchange.publish_step_deadlines); the parent watches it."""
+    unfinished step's deadline to (see step_watch.publish_step_deadlines); the parent watches it."""
     if step_deadlines is not None:
         publish_step_deadlines(step_deadlines)
     try:

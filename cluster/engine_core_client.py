@@ -5,7 +5,7 @@ of the requests in it, one put per sink per step. Commands asked in one turn of 
 message, from a writer thread, so the event loop never blocks on the pipe; a reader thread hands each step
 message to the event loop whole. If the core dies, its open requests end with a 503 item and a new core is
 started in the background. A core whose expert exchange is past a step's deadline (the core publishes it, see
-expert_exchange.py) by STALL_GRACE_S is taken as hung and killed, which is the same death.
+step_watch.py) by STALL_GRACE_S is taken as hung and killed, which is the same death.
 """
 
 from __future__ import annotations

@@ -9,14 +9,8 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import (
-    MAX_MICRO_BATCHES,
-    ExpertClient,
-    Shard,
-    StepWatch,
-    make_link,
-    serve_replica,
-)
+from gptoss_serve.cluster.expert_exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link, serve_replica
+from gptoss_serve.cluster.step_watch import StepWatch
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 from tests.net import free_port

@@ -146,9 +146,14 @@ def strip(body: dict) -> dict:
     return body
 
 
+def weather_replicas() -> HarmonyReplicas:
+    """A model that calls get_weather, and answers once the call's output is in its prompt."""
+    return HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
+
+
 def test_function_call_then_its_output_over_previous_response_id():
     async def main():
-        replicas = HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
+        replicas = weather_replicas()
         client = serve(replicas)
         first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
         [call] = first.output
@@ -175,7 +180,7 @@ def test_function_call_then_its_output_over_previous_response_id():
 
 def test_input_items_list_a_responses_own_input():
     async def main():
-        replicas = HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
+        replicas = weather_replicas()
         client = serve(replicas)
         first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
         [call] = first.output
