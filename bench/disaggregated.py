@@ -121,8 +121,15 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
     hit_at = time.monotonic()
     print(f"[fault {kind}] hitting the worker (pid {worker_pid})", flush=True)
     os.kill(worker_pid, signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+    resumed: list[bool] = []
     if kind == "stop":
-        threading.Timer(stop_s, lambda: os.kill(worker_pid, signal.SIGCONT)).start()
+        def resume() -> None:
+            try:
+                os.kill(worker_pid, signal.SIGCONT)
+                resumed.append(True)
+            except ProcessLookupError:  # the ExpertPool's health loop took it for hung and had it killed
+                resumed.append(False)
+        threading.Timer(stop_s, resume).start()
     for t in threads:
         t.join(timeout=CLIENT_TIMEOUT_S + 10)
     hung = sum(t.is_alive() for t in threads)
@@ -139,6 +146,9 @@ def fault(kind: str, worker_pid: int, stop_s: float) -> dict:
         except httpx.HTTPError as e:
             print(f"[fault {kind}] {time.monotonic() - hit_at:.1f} s: {type(e).__name__}", flush=True)
         time.sleep(1)
+    if kind == "stop":
+        print(f"[fault stop] the stopped worker was {'resumed' if resumed and resumed[0] else 'killed by the pool'}",
+              flush=True)
     return {"fault": kind, "clients": len(threads), "hung": hung, "failed": len(failed),
             "failed_within_s": max(failed) if failed else None,
             "service_back_after_s": back_at - hit_at if back_at else None}

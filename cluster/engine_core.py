@@ -14,6 +14,8 @@ the parent fails the open requests and starts a new core.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -41,6 +43,9 @@ def engine_stats(engine: LLMEngine) -> dict:
 def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines=None) -> None:
     """The process's main function. step_deadlines: a shared number the expert exchange writes its oldest
     unfinished step's deadline to (see step_watch.publish_step_deadlines); the parent watches it."""
+    # SIGUSR1 writes every thread's stack to stderr (the replica's log): the parent asks for it before it kills a
+    # stuck core, and an operator can ask for it with `kill -USR1`
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if step_deadlines is not None:
         publish_step_deadlines(step_deadlines)
     try:

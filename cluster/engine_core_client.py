@@ -11,9 +11,12 @@ step_watch.py) by STALL_GRACE_S is taken as hung and killed, which is the same d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
 # past a published step deadline: time for the core's own watch to abort the link and fail the step first
 STALL_GRACE_S = 3.0
 STALL_CHECK_PERIOD_S = 0.25
+STACK_DUMP_WAIT_S = 0.5  # for a stuck core to write its threads' stacks to the log before it is killed
 logger = logging.getLogger(__name__)
 
 
@@ -143,7 +147,10 @@ class EngineCoreClient:
                     and process.is_alive()):
                 self._stalled = (f"the engine core was stuck {time.monotonic() - deadline:.0f} s past a step's "
                                  "expert timeout (a MoE worker died or hung); killed")
-                logger.warning("%s", self._stalled)
+                logger.warning("%s; its threads' stacks follow in this log", self._stalled)
+                with contextlib.suppress(OSError):  # where it was stuck, for whoever reads the log
+                    os.kill(process.pid, signal.SIGUSR1)
+                    time.sleep(STACK_DUMP_WAIT_S)
                 process.kill()
                 self.step_deadline.value = 0.0
 

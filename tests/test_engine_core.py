@@ -166,7 +166,7 @@ def build_stuck(path: str):
     return engine, extra
 
 
-def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16):
+def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16, capfd):
     seen = Collector()
     client = EngineCoreClient(functools.partial(build_stuck, str(tiny_bf16)), on_step=seen.on_step,
                               on_failure=seen.on_failure)
@@ -188,3 +188,5 @@ def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16)
         asyncio.run(main())
     finally:
         client.shutdown()
+    # before it was killed, the core wrote where it was stuck to the log
+    assert "in _stuck_step" in capfd.readouterr().err
