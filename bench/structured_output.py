@@ -17,6 +17,7 @@ and the matchers consuming their tokens. --json FILE writes every figure.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="tokens each request decodes")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0,
+                        help="each engine's KV cache on a GPU (the three engines are built one after another)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, async_scheduling, constrained in [("free, async", True, False), ("free, sync", False, False),
                                                 ("constrained", True, True)]:
         config = EngineConfig(max_num_seqs=args.batch, max_model_len=args.prompt_len + args.steps + 16,
-                              gpu_memory_utilization=args.gpu_memory_utilization, async_scheduling=async_scheduling)
+                              kv_cache_gib=args.kv_cache_gib if device.type == "cuda" else None,
+                              async_scheduling=async_scheduling)
         engine = LLMEngine(model, load_tokenizer(), config)
         warm = argparse.Namespace(**{**vars(args), "batch": 2, "prompt_len": 16, "steps": 4})
         run(engine, warm, constrained=constrained)  # compiles the grammar, warms the kernels and CUDA graphs
@@ -141,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         results["runs"][name] = {k: v for k, v in r.items() if k != "tokens"}
         print(f"[{name:11s}] {r['ms_per_step']:8.2f} ms per decode step ({r['steps']} steps, "
               f"{r['mean_rows']:.1f} rows on average)", flush=True)
-        del engine
+        del engine  # its cache and graphs go back before the next engine sizes its own
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     runs = results["runs"]
     constrained_ms = runs["constrained"]["ms_per_step"]
     for name in ("free, sync", "free, async"):
