@@ -3,7 +3,7 @@ HTTP, on the GPUs of one host, app after app (each stopped before the next start
 
     python -m gptoss_serve.bench.disaggregated --model DIR [--load-format dummy] [--concurrency 1 64 256]
         [--apps colocated data-parallel disaggregated] [--attention-replicas 1] [--moe-workers 1] [--faults]
-        [--json PATH]
+        [--reference PATH] [--json PATH]
 
 - colocated: one replica on one GPU, its experts in process (the reference outputs).
 - disaggregated: `--attention-replicas` attention replicas and `--moe-workers` MoE workers, each on a GPU of its
@@ -11,7 +11,8 @@ HTTP, on the GPUs of one host, app after app (each stopped before the next start
 - data-parallel: as many colocated replicas as the disaggregated app has GPUs.
 A dozen prompts get 64 greedy tokens from each app, one request at a time (the outputs must equal the colocated
 app's: on random weights the logits are so flat that any change in how a batch is composed, and so in which GEMM
-kernels run, flips the argmax; one sequence at a time both apps run the same kernels); then bursts of
+kernels run, flips the argmax; one sequence at a time both apps run the same kernels; --reference keeps the colocated
+app's outputs in a file for a later run on the same machine that leaves that app out); then bursts of
 streaming completions at each concurrency (prompts 128, outputs 128, ignore_eos) give output tok/s, per GPU, and
 TPOT. --faults then runs on the disaggregated app (last by default, so that a failed fault costs no figure),
 under load: kill -9 of a MoE worker, and SIGSTOP of one for 30 s: how long until the affected requests failed, how
@@ -47,8 +48,9 @@ def start_app(args: argparse.Namespace, app: str) -> int:
 
     from gptoss_serve.deployments.builder import build_app
 
-    base = {"model": args.model, "load_format": args.load_format, "engine": {"max_model_len": 1024,
-                                                                             "max_num_seqs": args.max_num_seqs},
+    engine = {"max_model_len": 1024, "max_num_seqs": args.max_num_seqs,
+              "gpu_memory_utilization": args.gpu_memory_utilization}
+    base = {"model": args.model, "load_format": args.load_format, "engine": engine,
             "max_ongoing_requests": 2048, "max_queued_requests": 0, "max_waiting_per_replica": 2048}
     if app == "colocated":
         config, gpus = {**base, "num_gpus_per_replica": 1}, 1
@@ -169,11 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moe-workers", type=int, default=1)
     parser.add_argument("--attention-replicas", type=int, default=1, help="of the disaggregated app, a GPU each")
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="0.95 for 120b on an 80 GB GPU")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     # the disaggregated app last: its fault runs come after every app's figures (a failed fault cannot cost them)
     parser.add_argument("--apps", nargs="+", default=["colocated", "data-parallel", "disaggregated"])
     parser.add_argument("--expert-timeout-s", type=float, default=10.0)
     parser.add_argument("--faults", action="store_true")
+    parser.add_argument("--reference", help="the colocated app's greedy outputs: written by a run that has that app, "
+                        "read by one that has not")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -185,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [p for p, _ in workload(GREEDY_PROMPTS, (16, 200), (1, 1), seed=7)]
     figures: dict = {"apps": {}}
     reference = None
+    if args.reference and "colocated" not in args.apps:
+        with open(args.reference) as f:
+            reference = json.load(f)
     for app in args.apps:
         t = time.perf_counter()
         gpus = start_app(args, app)
@@ -193,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         outputs = asyncio.run(greedy_outputs(prompts))
         if app == "colocated":
             reference = outputs
+            if args.reference:
+                with open(args.reference, "w") as f:
+                    json.dump(outputs, f)
         if reference is not None:
             row["greedy_equal_prompts"] = sum(a == b for a, b in zip(outputs, reference))
             row["greedy_equal_tokens"] = sum(x == y for a, b in zip(outputs, reference) for x, y in zip(a, b))
