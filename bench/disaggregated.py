@@ -71,7 +71,7 @@ async def greedy_outputs(prompts: list[list[int]]) -> list[list[int]]:
         async def one(prompt) -> list[str]:
             r = await client.post(URL + "/v1/completions", json={
                 "model": "gpt-oss", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True, "logprobs": 0})
+                "ignore_eos": True, "logprobs": 0})
             r.raise_for_status()
             choice = r.json()["choices"][0]
             return choice["logprobs"]["tokens"]
