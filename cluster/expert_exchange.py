@@ -1,16 +1,24 @@
 """Per-layer token exchange between one attention replica and N MoE workers, over torch.distributed.
 
-Each replica links to the workers on its own: two process groups (rank 0 the replica, ranks 1..N the workers),
+Each replica links to the workers on its own: three process groups (rank 0 the replica, ranks 1..N the workers),
 one carrying the replica's dispatches and one the workers' answers, so a send never queues behind a receive in the
-other direction (NCCL runs a pair's messages in order and ignores tags). Replicas start, fail and restart
-independently, and a worker serves each replica on a thread (and, on a GPU, a CUDA stream) of its own.
+other direction (NCCL runs a pair's messages in order and ignores tags), and a gloo one for the step headers.
+Replicas start, fail and restart independently, and a worker serves each replica on a thread (and, on a GPU, a CUDA
+stream) of its own.
+
+The headers travel on the host so that a worker waiting for a replica's next step leaves nothing on its GPU: an NCCL
+receive posted for a header would spin on the device for as long as that replica is idle, and NCCL cannot set up
+another replica's communicator on the same GPU meanwhile (the second replica's first send hangs). Measured on 4
+H200s: 2 attention replicas sharing a worker hung at their first request with the header on NCCL.
 
 The wire protocol, built for the GPU: nothing on the replica's side waits for the host or reads a count back.
-  once a step     header int64 [1 + MAX_MICRO_BATCHES]: how many micro-batches, and each one's token count
+  once a step     header int64 [1 + MAX_MICRO_BATCHES] (host memory, gloo): how many micro-batches, and each
+                  one's token count
   each layer and  one packed buffer [T, 2H + 8K] bytes to every worker: the T tokens' hidden states (the
   micro-batch     activation dtype), their K global expert ids (int32) and weights (float32)
                   one answer [T, H] from every worker: its experts' weighted sum (zero for tokens none of its
-                  experts got); the replica adds the answers in float32
+                  experts got), in the activation dtype from a single worker, in float32 from each of several
+                  (see answer_dtype); the replica adds the answers in float32 and rounds once
 Every worker gets every token: with a few workers and top-4 routing almost every token reaches each of them
 anyway, and fixed sizes need no routing on the host. Over NCCL the sends and receives are queued on the GPU in
 stream order (a receive's wait is a stream wait); the step's samples reach the host through an event that the
@@ -46,10 +54,11 @@ class Link:
     dispatch: object  # replica -> workers
     combine: object  # workers -> replica
     backend: str
+    control: object = None  # replica -> workers, gloo: the step headers
 
     def abort(self) -> None:
-        """Ends both communicators now, without waiting for what is queued on them (a hung peer cannot block it)."""
-        for group in (self.dispatch, self.combine):
+        """Ends the communicators now, without waiting for what is queued on them (a hung peer cannot block it)."""
+        for group in (self.dispatch, self.combine, self.control):
             try:
                 if hasattr(group, "abort"):
                     group.abort()
@@ -59,12 +68,12 @@ class Link:
 
 def make_link(*, backend: str, host: str, port: int, rank: int, world_size: int, is_master: bool, prefix: str,
               timeout_s: float = 3600.0) -> tuple[Link, object]:
-    """The link's two process groups (no global default group), over one rendezvous store."""
+    """The link's three process groups (no global default group), over one rendezvous store."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master, timeout=datetime.timedelta(seconds=60),
                           wait_for_workers=False)
 
-    def group(name: str):
+    def group(name: str, backend: str = backend):
         prefixed = dist.PrefixStore(f"{prefix}/{name}", store)
         if backend == "gloo":
             return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
@@ -78,7 +87,14 @@ def make_link(*, backend: str, host: str, port: int, rank: int, world_size: int,
             return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
         raise ValueError(f"expert_transport must be 'gloo' or 'nccl', got {backend!r}")
 
-    return Link(group("dispatch"), group("combine"), backend), store
+    return Link(group("dispatch"), group("combine"), backend, control=group("control", "gloo")), store
+
+
+def answer_dtype(num_workers: int, dtype: torch.dtype) -> torch.dtype:
+    """What a worker answers in. One worker's answer is the layer's output, rounded once like colocated experts';
+    several answer unrounded (float32) so that their sum is rounded once too, and greedy outputs stay those of
+    colocated mode."""
+    return dtype if num_workers == 1 else torch.float32
 
 
 def row_bytes(hidden_size: int, top_k: int, dtype: torch.dtype) -> int:
@@ -146,7 +162,7 @@ class ExpertClient:
         self._one = torch.ones(1, dtype=torch.int64, device=device)
         self.stats = self._fresh_stats()
         self._step_bytes = 0
-        self._hidden_bytes, self._top_k = 0, 0  # of the last dispatch: a replayed step's bytes
+        self._hidden_bytes, self._top_k, self._answer_bytes = 0, 0, 0  # of the last dispatch: a replayed step's bytes
         self._header_sends: list[tuple[object, torch.Tensor]] = []
         self._counts_copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # per-expert counts on their way
         # over NCCL nothing on the step's path waits with a timeout: a watch thread aborts a hung link
@@ -194,14 +210,8 @@ class ExpertClient:
         """Host-side stats of a step replayed from a CUDA graph (its dispatches ran on the device alone)."""
         for worker in range(len(self.shards)):
             self.stats.tokens_per_worker[worker] += tokens * layers
-        per_token = 2 * self._hidden_bytes + 8 * self._top_k  # its dispatched row and its answer, to each worker
+        per_token = self._hidden_bytes + 8 * self._top_k + self._answer_bytes  # its row and its answer, per worker
         self._step_bytes += layers * len(self.shards) * tokens * per_token
-
-    def order_after_header(self) -> None:
-        """Makes the current stream wait until the step's header is sent: a step replayed from a CUDA graph sends
-        its layers from the graph, and NCCL must see them after the header on the same communicator."""
-        header_sends, self._header_sends = self._header_sends, []
-        self._wait_all([work for work, _ in header_sends], "did not take the step's header")
 
     def _ranks(self) -> range:
         return range(1, len(self.shards) + 1)
@@ -232,9 +242,11 @@ class ExpertClient:
         header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
         header[0] = len(token_counts)
         header[1:1 + len(token_counts)] = torch.tensor(token_counts)
-        if self.staging.type == "cuda":
-            header = header.pin_memory().to(self.staging, non_blocking=True)
-        self._header_sends = [(self._send(header, rank), header) for rank in self._ranks()]
+        # Nothing waits for a header here: it has a channel of its own, so no layer's message can overtake it. Over
+        # NCCL the sends stay listed (their buffers alive) until they complete; a worker that never takes one hangs
+        # the step, which the step watch fails. Over gloo combine waits for them.
+        self._header_sends = [(work, buffer) for work, buffer in self._header_sends if not work.is_completed()]
+        self._header_sends += [(self._send(header, rank, self.link.control), header) for rank in self._ranks()]
 
     def dispatch(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> PendingExchange:
@@ -245,26 +257,29 @@ class ExpertClient:
         self._expert_counts.index_add_(0, flat.long(), self._one.expand(flat.numel()))  # no host sync
         packed = pack(hidden, expert_ids, weights).to(self.staging)
         sends = [(self._send(packed, rank), packed) for rank in self._ranks()]
-        results = [torch.empty(hidden.shape, dtype=hidden.dtype, device=self.staging) for _ in self.shards]
+        answer = answer_dtype(len(self.shards), hidden.dtype)
+        results = [torch.empty(hidden.shape, dtype=answer, device=self.staging) for _ in self.shards]
         try:
             receives = [self.link.combine.recv([r], rank, 0) for r, rank in zip(results, self._ranks())]
         except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
             raise ExpertsUnavailableError(f"the MoE workers are unreachable ({type(e).__name__}: {e})") from None
         self._hidden_bytes, self._top_k = hidden.shape[1] * hidden.element_size(), expert_ids.shape[1]
+        self._answer_bytes = hidden.shape[1] * answer.itemsize
         if not capturing():  # a captured step's host stats are counted at each replay (record_replayed_step)
             tokens = hidden.shape[0]
             for worker in range(len(self.shards)):
                 self.stats.tokens_per_worker[worker] += tokens
-            self._step_bytes += len(self.shards) * (packed.numel() + hidden.numel() * hidden.element_size())
+            self._step_bytes += len(self.shards) * (packed.numel() + hidden.shape[0] * self._answer_bytes)
             self.stats.dispatch_seconds.append(time.perf_counter() - start)
         return PendingExchange(hidden, results, receives, sends, self)
 
     def combine(self, pending: PendingExchange) -> torch.Tensor:
         """The workers' answers added up: [T, H] in the dispatched dtype, on its device."""
         start = time.perf_counter()
-        header_sends, self._header_sends = self._header_sends, []
-        self._wait_all([work for work, _ in header_sends] + pending.receives + [work for work, _ in pending.sends],
-                       "did not answer")
+        if self.link.backend == "gloo":  # over NCCL nothing on the step's path waits on the host
+            header_sends, self._header_sends = self._header_sends, []
+            self._wait_headers(header_sends)
+        self._wait_all(pending.receives + [work for work, _ in pending.sends], "did not answer")
         self.check()
         like = pending.like
         if len(pending.results) == 1:  # one worker: its answer as it is
@@ -291,15 +306,24 @@ class ExpertClient:
         try:
             header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
             header[0] = STOP
-            self._wait_all([self._send(header.to(self.staging), rank) for rank in self._ranks()], "did not stop")
+            self._wait_headers([(self._send(header, rank, self.link.control), header) for rank in self._ranks()])
         except ExpertsUnavailableError:
             pass
 
-    def _send(self, tensor: torch.Tensor, rank: int):
+    def _send(self, tensor: torch.Tensor, rank: int, group=None):
         try:
-            return self.link.dispatch.send([tensor], rank, 0)
+            return (group or self.link.dispatch).send([tensor], rank, 0)
         except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
             raise ExpertsUnavailableError(f"MoE worker {rank - 1} is unreachable ({type(e).__name__}: {e})") from None
+
+    def _wait_headers(self, header_sends: list[tuple[object, torch.Tensor]]) -> None:
+        """The headers are on their way (gloo: the host waits, up to the timeout; a header is soon written)."""
+        try:
+            for work, _ in header_sends:
+                work.wait(self.timeout)
+        except Exception as e:  # noqa: BLE001
+            raise ExpertsUnavailableError(f"a MoE worker did not answer within {self.timeout.total_seconds():.0f} s "
+                                          f"(it did not take the step's header: {type(e).__name__}: {e})") from None
 
     def _wait_all(self, works: list, what: str) -> None:
         """gloo: blocks the host, up to the timeout. NCCL: makes the current stream wait (no host wait)."""
@@ -333,8 +357,8 @@ def serve_replica(link: Link, experts: list, *, hidden_size: int, top_k: int, de
     """The worker's side, for one replica: answer step after step until the link stops or breaks.
 
     experts[layer] computes (hidden [n, H], expert_ids [n, K], weights [n, K]) -> [n, H] for the local shard, in
-    the shard's dtype (ExpertShard.dtype), ignoring ids outside it. The header read is this loop's one host sync a
-    step; everything else is queued in stream order.
+    the shard's dtype (ExpertShard.dtype), ignoring ids outside it. The header read (on the host, gloo) is this loop's
+    one host wait a step; everything else is queued in stream order.
     """
     staging = staging or device
     dtype = experts[0].dtype
@@ -342,9 +366,11 @@ def serve_replica(link: Link, experts: list, *, hidden_size: int, top_k: int, de
     link.dispatch.recv([hello], 0, 0).wait()
     link.combine.send([hello], 0, 0).wait()
     width = row_bytes(hidden_size, top_k, dtype)
+    header = torch.empty(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
+    workers = link.dispatch.size() - 1
+    answer = answer_dtype(workers, dtype)
     while True:
-        header = torch.empty(1 + MAX_MICRO_BATCHES, dtype=torch.int64, device=staging)
-        link.dispatch.recv([header], 0, 0).wait()
+        link.control.recv([header], 0, 0).wait()  # on the host: an idle replica leaves nothing on the GPU
         count, *sizes = header.tolist()
         if count == STOP:
             return
@@ -355,7 +381,9 @@ def serve_replica(link: Link, experts: list, *, hidden_size: int, top_k: int, de
                 link.dispatch.recv([buffer], 0, 0).wait()
                 x, ids, w = (t.to(device) for t in unpack(buffer, hidden_size, top_k, dtype))
                 with torch.inference_mode():
-                    y = experts[layer](x, ids.long(), w).to(staging, dtype).contiguous()  # [n, H]
+                    shard = experts[layer]  # one worker: the layer's output; several: an unrounded share
+                    y = shard(x, ids.long(), w) if workers == 1 else shard.partial(x, ids.long(), w)  # [n, H]
+                    y = y.to(staging, answer).contiguous()
                 sends.append((link.combine.send([y], 0, 0), y))
         for work, _ in sends:
             work.wait()

@@ -164,7 +164,6 @@ class ModelRunner:
             if self.remote_graphs:
                 client = self._graphs_client
                 self.expert_link.begin_step([bucket])
-                client.order_after_header()
                 client.record_replayed_step(bucket, self.model.config.num_hidden_layers)
             return graphs.run(inputs)
         groups = self._split(scheduled)

@@ -8,7 +8,9 @@ joins gets its own process group and its own serving thread.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import signal
 import threading
 
 import torch
@@ -33,6 +35,7 @@ class MoEWorker:
         (the same kernels as colocated experts) unless dequantize_experts. max_num_batched_tokens: the most tokens
         a replica's step sends (the kernels are compiled up to it before the worker says it is ready)."""
         self.index, self.device = index, torch.device(device)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, to the log
         with open_checkpoint(resolve_checkpoint(checkpoint), device=self.device, load_format=load_format) as reader:
             self.config = reader.config
             self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)

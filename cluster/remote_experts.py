@@ -14,6 +14,7 @@ import ray
 import torch
 
 from gptoss_serve.cluster.expert_exchange import ExpertClient, PendingExchange, Shard, make_link
+from gptoss_serve.cluster.step_watch import bounded
 from gptoss_serve.model.experts import ExpertsUnavailableError
 
 CONNECT_TIMEOUT_S = 30.0
@@ -50,6 +51,11 @@ class ExpertLink:
         return self.client
 
     def connect(self) -> None:
+        # the parent kills this process if the link is not up by then (a handshake can hang inside NCCL's set-up)
+        with bounded(5 + CONNECT_TIMEOUT_S + 2 * self.timeout_s):
+            self._connect()
+
+    def _connect(self) -> None:
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=5)
         except Exception as e:  # noqa: BLE001 - dead, restarting or hung: fail fast, retry next step

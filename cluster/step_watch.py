@@ -6,6 +6,7 @@ process if it is still stuck past it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 
@@ -20,6 +21,21 @@ def publish_step_deadlines(board) -> None:
     """board: a multiprocessing.Value("d") the parent reads (see EngineCoreClient)."""
     global _deadline_board
     _deadline_board = board
+
+
+@contextlib.contextmanager
+def bounded(timeout_s: float):
+    """Publishes a deadline for a blocking section that no step watch covers: setting up a link, where NCCL sets up
+    a communicator inside the first send and waits for the peer with no timeout. Past it the parent kills this
+    process (no watch may be running meanwhile: this clears the board when the section ends)."""
+    if _deadline_board is None:
+        yield
+        return
+    _deadline_board.value = time.monotonic() + timeout_s
+    try:
+        yield
+    finally:
+        _deadline_board.value = 0.0
 
 
 class StepWatch:

@@ -149,7 +149,8 @@ class PackedExperts:
 def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
               first: int, alpha: float, limit: float, tiles: Tiles | None = None, use_asm: bool = True,
               workspace: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> [N, H] in hidden's dtype. No host sync."""
+    """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> [N, H] in hidden's dtype, or in out's (a
+    float32 out keeps the sum unrounded). No host sync."""
     N, H = hidden.shape
     K = expert_ids.shape[1]
     count, I = experts.count, experts.inter

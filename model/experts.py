@@ -102,6 +102,13 @@ class ExpertShard(nn.Module):
         """Whether a call on activations of `dtype` runs without a host sync, so a CUDA graph can capture it."""
         return False
 
+    def partial(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This shard's share of the layer in float32, not rounded to the activations' dtype: an expert-parallel
+        worker's answer when there are several, so that their sum is rounded once, as one shard's output is (two
+        bf16-rounded shares would add up to a different layer output, and greedy outputs would part from colocated
+        mode's). Computed in the shard's own dtype unless a subclass keeps more."""
+        return self(hidden, expert_ids, weights).float()
+
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self(hidden, expert_ids, weights)  # local: nothing to overlap, done at once
 

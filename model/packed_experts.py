@@ -50,17 +50,25 @@ class Mxfp4Experts(ExpertShard):
                 bias.copy_(reader.read(f"{prefix}{proj}_bias", dtype=bias.dtype, rows=rows, expect=tuple(bias.shape)))
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden, expert_ids, weights, out_dtype=hidden.dtype)
+
+    def partial(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self._run(hidden, expert_ids, weights, out_dtype=torch.float32)  # the kernels add in float32
+
+    def _run(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
+             out_dtype: torch.dtype) -> torch.Tensor:
         if hidden.is_cuda and hidden.dtype == torch.bfloat16:
             from gptoss_serve.kernels.mxfp4_moe import mxfp4_moe  # Triton: imported only where a GPU is
 
+            out = torch.empty(hidden.shape, dtype=out_dtype, device=hidden.device)
             return mxfp4_moe(hidden, expert_ids, weights, self.kernel_view(), first=self.first, alpha=self.alpha,
-                             limit=self.limit)
+                             limit=self.limit, out=out)
         # imported here: kernels/moe_reference.py imports this package (its mxfp4 and swiglu)
         from gptoss_serve.kernels.moe_reference import moe_reference
 
         out = moe_reference(hidden, expert_ids, weights, **self.packed_tensors(), first=self.first, alpha=self.alpha,
                             limit=self.limit)
-        return out.to(hidden.dtype)
+        return out.to(out_dtype)
 
     def never_waits_for_host(self, dtype: torch.dtype) -> bool:
         return self.gate_up_blocks.is_cuda and dtype == torch.bfloat16  # the kernels; the reference syncs

@@ -3,6 +3,7 @@ steps and micro-batches, and a worker that stops answering fails the layer withi
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from gptoss_serve.cluster.expert_exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link, serve_replica
-from gptoss_serve.cluster.step_watch import StepWatch
+from gptoss_serve.cluster.step_watch import StepWatch, bounded, publish_step_deadlines
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
+from gptoss_serve.model.packed_experts import expert_shard_class
 from tests.net import free_port
 
 
@@ -71,6 +73,30 @@ def test_two_workers_give_the_local_result(tiny_bf16):
     for thread in threads:
         thread.join(timeout=10)
         assert not thread.is_alive()  # the stop header ended the workers' loops
+
+
+def test_two_workers_answer_what_one_shard_would_rounded_once(tiny_mxfp4):
+    """bf16 activations, MXFP4 experts split over two workers: each answers its share unrounded, so the sum is the
+    whole layer's output rounded once, as colocated experts give it. Shares rounded to bf16 first, as before, differ
+    from it in a good part of the elements (which flips greedy tokens of a random model)."""
+    with CheckpointReader(tiny_mxfp4) as reader:
+        cls = expert_shard_class(reader.config, dequantize=False)
+        full = cls.from_checkpoint(reader, 0, dtype=torch.bfloat16)
+        shards = [cls.from_checkpoint(reader, 0, first=f, count=4, dtype=torch.bfloat16) for f in (0, 4)]
+    link, store, threads = connect(2, lambda link, rank: serve_replica(
+        link, [shards[rank - 1]], hidden_size=64, top_k=4, device=torch.device("cpu")))
+    client = ExpertClient(link, [Shard(0, 4), Shard(4, 4)], device=torch.device("cpu"))
+    client.handshake()
+    hidden, ids, weights = routed(256, torch.Generator().manual_seed(3))
+    hidden = hidden.bfloat16()
+    client.begin_step([256])
+    got = client.combine(client.dispatch(0, hidden, ids, weights))
+    expected = full(hidden, ids, weights)
+    assert got.dtype == torch.bfloat16
+    assert (got != expected).float().mean() < 0.01  # float32 sums in another order: a rare last-bit difference
+    rounded_twice = sum(s(hidden, ids, weights).float() for s in shards).bfloat16()
+    assert (rounded_twice != expected).float().mean() > 0.05
+    client.close()
 
 
 def test_a_step_header_names_its_micro_batches():
@@ -139,3 +165,19 @@ def test_the_step_watch_leaves_a_link_whose_steps_complete():
     time.sleep(0.4)
     assert not link.aborted.is_set() and watch.failure is None
     watch.close()
+
+
+def test_setting_up_a_link_publishes_a_deadline_for_the_parent():
+    """NCCL sets up a communicator inside the first send and waits for the peer with no timeout: the link's set-up
+    publishes a deadline (the engine core's parent kills a core stuck past it) and clears it when done."""
+    board = multiprocessing.Value("d", 0.0, lock=False)
+    publish_step_deadlines(board)
+    try:
+        with bounded(30):
+            assert time.monotonic() + 29 < board.value <= time.monotonic() + 30
+        assert board.value == 0.0
+        with pytest.raises(RuntimeError), bounded(30):
+            raise RuntimeError("the set-up failed")
+        assert board.value == 0.0
+    finally:
+        publish_step_deadlines(None)

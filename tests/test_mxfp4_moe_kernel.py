@@ -90,7 +90,8 @@ def test_random_packed_values_stay_order_one():
 
 def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter: int = 256, top_k: int = 4,
              first: int = 0, count: int | None = None, ids: torch.Tensor | None = None, tiles=None,
-             use_asm: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             use_asm: bool = True, seed: int = 0, out_dtype: torch.dtype = torch.bfloat16,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU."""
     from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe, new_workspace
 
@@ -109,7 +110,7 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
         workspace.gate_up_partials.fill_(float("nan"))
     workspace.sorted_pairs.fill_(-1)
     workspace.expert_start.fill_(-1)
-    out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+    out = torch.full((num_tokens, hidden), float("nan"), dtype=out_dtype, device="cuda")
     got = mxfp4_moe(hidden_states, ids, weights, view, first=first, alpha=ALPHA, limit=LIMIT, tiles=tiles,
                     use_asm=use_asm, workspace=workspace, out=out)
     assert got.data_ptr() == out.data_ptr()
@@ -174,6 +175,19 @@ def test_shard_drops_other_experts_and_shards_add_up(num_tokens):
     check(upper, ref_upper)
     whole, ref_whole = run_case(num_tokens, seed=5)
     check(lower.float() + upper.float(), ref_whole)
+
+
+@pytest.mark.gpu
+def test_float32_shares_add_up_to_the_whole_rounded_once():
+    """Several expert-parallel workers answer in float32 (expert_exchange.answer_dtype): the halves' sum, rounded
+    once, is the kernel's own bf16 output for the whole layer but for rare last-bit differences."""
+    lower, _ = run_case(200, first=0, count=8, seed=6, out_dtype=torch.float32)
+    upper, _ = run_case(200, first=8, count=8, seed=6, out_dtype=torch.float32)
+    whole, ref = run_case(200, seed=6)
+    assert lower.dtype == upper.dtype == torch.float32
+    summed = (lower + upper).bfloat16()
+    check(summed, ref)
+    assert (summed != whole).float().mean() < 0.01
 
 
 @pytest.mark.gpu
