@@ -256,7 +256,7 @@ class ExpertClient:
         flat = expert_ids.flatten()
         self._expert_counts.index_add_(0, flat.long(), self._one.expand(flat.numel()))  # no host sync
         packed = pack(hidden, expert_ids, weights).to(self.staging)
-        sends = [(self._send(packed, rank), packed) for rank in self._ranks()]
+        sends = [(self._send(packed, rank, self.link.dispatch), packed) for rank in self._ranks()]
         answer = answer_dtype(len(self.shards), hidden.dtype)
         results = [torch.empty(hidden.shape, dtype=answer, device=self.staging) for _ in self.shards]
         try:
@@ -310,9 +310,9 @@ class ExpertClient:
         except ExpertsUnavailableError:
             pass
 
-    def _send(self, tensor: torch.Tensor, rank: int, group=None):
+    def _send(self, tensor: torch.Tensor, rank: int, group):
         try:
-            return (group or self.link.dispatch).send([tensor], rank, 0)
+            return group.send([tensor], rank, 0)
         except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
             raise ExpertsUnavailableError(f"MoE worker {rank - 1} is unreachable ({type(e).__name__}: {e})") from None
 
