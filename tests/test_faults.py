@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from gptoss_serve.deployments.builder import build_app
+from gptoss_serve.deployments.builder import ROUTING_STATS_PERIOD_S, build_app
 from gptoss_serve.deployments.expert_pool import worker_name
 
 APP = "gptoss-faults"
@@ -86,9 +86,9 @@ class Stream:
             self.ended_at = time.monotonic()
 
 
-def start_streams(url: str, n: int) -> list[Stream]:
+def start_streams(url: str, n: int, *, first: int = 0) -> list[Stream]:
     streams = []
-    for i in range(n):
+    for i in range(first, first + n):
         streams.append(Stream(url, i))
         time.sleep(0.3)  # one batch each, so that they spread over both replicas
     deadline = time.monotonic() + 60
@@ -178,8 +178,17 @@ def test_killed_attention_replica(app):
     handle = serve.get_deployment_handle("AttentionReplica", app_name=APP)
     replicas = attention_replicas()
     assert len(replicas) == 2, replicas
+    def describe() -> list[dict]:
+        return [handle.describe.remote(target_replica=r).result(timeout_s=30) for r in replicas]
+
     streams = start_streams(app, 4)
-    described = [handle.describe.remote(target_replica=r).result(timeout_s=30) for r in replicas]
+    described = describe()
+    # The router spreads by the replicas' reports (every ROUTING_STATS_PERIOD_S) and the requests it sent since; on a
+    # slow machine a burst can still land on one replica before a report: one more stream after each report.
+    while not all(d["running"] for d in described) and len(streams) < 8:
+        time.sleep(ROUTING_STATS_PERIOD_S + 0.5)
+        streams += start_streams(app, 1, first=len(streams))
+        described = describe()
     assert all(d["running"] for d in described), f"the streams did not spread over both replicas: {described}"
     victim = described[0]
     fault_at = time.monotonic()

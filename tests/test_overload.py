@@ -30,6 +30,7 @@ ARGS = {"served_model_name": MODEL, "max_ongoing_requests": SLOTS, "max_queued_r
         "engine": {"max_num_seqs": SLOTS, "max_model_len": 512, "num_kv_blocks": 2048}}
 BURST = 600
 MAX_TOKENS = 64  # admitted streams outlast the burst's 429s by seconds on 2 cores, and end in well under a minute
+SLOT_FREED_BEFORE_READ_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,10 @@ def test_600_streams_against_64_slots(app):
     turned_away = [o for o in outcomes if o.status == 429]
     assert len(admitted) + len(turned_away) == BURST, sorted({o.status for o in outcomes})
     # every slot was used, and a request beyond them was admitted only into a slot that an admitted one had left
+    # (the server frees a slot when its stream's last chunk is sent, a moment before this client has read it: on a
+    # busy machine the burst's last 429s can fall in that moment)
     last_429 = max(o.ended_at for o in turned_away)
-    freed = sum(o.ended_at < last_429 for o in admitted)
+    freed = sum(o.ended_at < last_429 + SLOT_FREED_BEFORE_READ_S for o in admitted)
     assert SLOTS <= len(admitted) <= SLOTS + freed, (len(admitted), freed)
     for o in admitted:
         assert o.done and o.error is None and o.finish_reason == "length" and o.completion_tokens == MAX_TOKENS, o
