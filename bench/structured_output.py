@@ -3,7 +3,7 @@
     python -m gptoss_serve.bench.structured_output --model DIR --load-format dummy [--device cuda] [--batch 64]
     python -m gptoss_serve.bench.structured_output --preset tiny --device cpu --batch 8 --steps 16   # a quick look
 
-Three engine runs on one loaded model, each --batch requests of a --prompt-len prompt decoding --steps tokens at
+Four engine runs on one loaded model, each --batch requests of a --prompt-len prompt decoding --steps tokens at
 temperature 1: free with async scheduling (the GPU's default), free with synchronous steps, and constrained by
 ORDER_SCHEMA (a constrained request makes steps synchronous, so the second run is the like-for-like one), then
 constrained by the same schema without its strings' maxLength (llguidance's masks inside a length-bounded string

@@ -42,6 +42,7 @@ from gptoss_serve.model.experts import ExpertsUnavailableError
 
 MAX_MICRO_BATCHES = 8
 STOP = -1  # a header with this micro-batch count ends the worker's loop for this replica
+HEADER_NOT_TAKEN = "did not answer (it did not take the step's header)"
 HELLO = 7  # the handshake's value: both communicators are set up before the first step
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
@@ -54,7 +55,7 @@ class Link:
     dispatch: object  # replica -> workers
     combine: object  # workers -> replica
     backend: str
-    control: object = None  # replica -> workers, gloo: the step headers
+    control: object  # replica -> workers, gloo: the step headers
 
     def abort(self) -> None:
         """Ends the communicators now, without waiting for what is queued on them (a hung peer cannot block it)."""
@@ -87,7 +88,7 @@ def make_link(*, backend: str, host: str, port: int, rank: int, world_size: int,
             return dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
         raise ValueError(f"expert_transport must be 'gloo' or 'nccl', got {backend!r}")
 
-    return Link(group("dispatch"), group("combine"), backend, control=group("control", "gloo")), store
+    return Link(group("dispatch"), group("combine"), backend, group("control", "gloo")), store
 
 
 def answer_dtype(num_workers: int, dtype: torch.dtype) -> torch.dtype:
@@ -278,7 +279,7 @@ class ExpertClient:
         start = time.perf_counter()
         if self.link.backend == "gloo":  # over NCCL nothing on the step's path waits on the host
             header_sends, self._header_sends = self._header_sends, []
-            self._wait_headers(header_sends)
+            self._wait_all([work for work, _ in header_sends], HEADER_NOT_TAKEN, on_host=True)
         self._wait_all(pending.receives + [work for work, _ in pending.sends], "did not answer")
         self.check()
         like = pending.like
@@ -306,7 +307,8 @@ class ExpertClient:
         try:
             header = torch.zeros(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
             header[0] = STOP
-            self._wait_headers([(self._send(header, rank, self.link.control), header) for rank in self._ranks()])
+            self._wait_all([self._send(header, rank, self.link.control) for rank in self._ranks()], HEADER_NOT_TAKEN,
+                           on_host=True)
         except ExpertsUnavailableError:
             pass
 
@@ -316,20 +318,12 @@ class ExpertClient:
         except Exception as e:  # noqa: BLE001 - any failure of the link is the experts', never the request's
             raise ExpertsUnavailableError(f"MoE worker {rank - 1} is unreachable ({type(e).__name__}: {e})") from None
 
-    def _wait_headers(self, header_sends: list[tuple[object, torch.Tensor]]) -> None:
-        """The headers are on their way (gloo: the host waits, up to the timeout; a header is soon written)."""
-        try:
-            for work, _ in header_sends:
-                work.wait(self.timeout)
-        except Exception as e:  # noqa: BLE001
-            raise ExpertsUnavailableError(f"a MoE worker did not answer within {self.timeout.total_seconds():.0f} s "
-                                          f"(it did not take the step's header: {type(e).__name__}: {e})") from None
-
-    def _wait_all(self, works: list, what: str) -> None:
-        """gloo: blocks the host, up to the timeout. NCCL: makes the current stream wait (no host wait)."""
+    def _wait_all(self, works: list, what: str, *, on_host: bool = False) -> None:
+        """gloo (the link's, or on_host: the header group's): blocks the host, up to the timeout. NCCL: makes the
+        current stream wait (no host wait)."""
         try:
             for work in works:
-                if self.link.backend == "gloo":
+                if on_host or self.link.backend == "gloo":
                     work.wait(self.timeout)
                 else:
                     work.wait()

@@ -49,14 +49,14 @@ def serve_two_links(ports: list[int], backend: str) -> None:
         thread.join()
 
 
-def link_up(port: int, backend: str, device: torch.device) -> ExpertClient:
+def link_up(port: int, backend: str, device: torch.device) -> tuple[ExpertClient, object]:
+    """-> the replica's client, handshake done, and the link's rendezvous store (alive as long as the link)."""
     link, store = make_link(backend=backend, host="127.0.0.1", port=port, rank=0, world_size=2, is_master=True,
                             prefix="t")
     staging = device if backend == "nccl" else torch.device("cpu")
     client = ExpertClient(link, [Shard(0, 8)], device=device, staging=staging, timeout_s=LINK_UP_S)
-    client.store = store  # the rendezvous store lives as long as the link
     client.handshake()
-    return client
+    return client, store
 
 
 def one_step(client: ExpertClient, tokens: int) -> None:
@@ -102,16 +102,16 @@ def test_two_replicas_share_a_worker(backend):
         ports += [p for p in [free_port()] if p not in ports]
     worker = multiprocessing.get_context("spawn").Process(target=serve_two_links, args=(ports, backend), daemon=True)
     worker.start()
-    clients: list[ExpertClient] = []
+    linked: list[tuple[ExpertClient, object]] = []  # each replica's client and its link's store
     try:
-        in_time(lambda: clients.append(link_up(ports[0], backend, device)), "the first replica's link")
-        in_time(lambda: one_step(clients[0], 16), "the first replica's step")
+        in_time(lambda: linked.append(link_up(ports[0], backend, device)), "the first replica's link")
+        in_time(lambda: one_step(linked[0][0], 16), "the first replica's step")
         # the first replica is idle now; the second links up beside it
-        in_time(lambda: clients.append(link_up(ports[1], backend, device)),
+        in_time(lambda: linked.append(link_up(ports[1], backend, device)),
                 "the second replica's link, beside an idle one")
         for tokens in (1, 128):
-            in_time(lambda: [one_step(c, tokens) for c in clients], "both replicas' steps")
-        for client in clients:
+            in_time(lambda: [one_step(client, tokens) for client, _ in linked], "both replicas' steps")
+        for client, _ in linked:
             client.close()
         worker.join(LINK_UP_S)
         assert worker.exitcode == 0
