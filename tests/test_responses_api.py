@@ -151,12 +151,18 @@ def weather_replicas() -> HarmonyReplicas:
     return HarmonyReplicas(lambda prompt: ANSWER if "functions.get_weather<|channel|>" in prompt else CALL)
 
 
+async def weather_call(client):
+    """A first turn that asks for the weather: -> (the response, its one function call)."""
+    first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
+    [call] = first.output
+    return first, call
+
+
 def test_function_call_then_its_output_over_previous_response_id():
     async def main():
         replicas = weather_replicas()
         client = serve(replicas)
-        first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
-        [call] = first.output
+        first, call = await weather_call(client)
         assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {
             "city": "Paris"}
         assert first.tools[0].name == "get_weather" and first.output_text == ""
@@ -182,8 +188,7 @@ def test_input_items_list_a_responses_own_input():
     async def main():
         replicas = weather_replicas()
         client = serve(replicas)
-        first = await client.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS)
-        [call] = first.output
+        first, call = await weather_call(client)
         second = await client.responses.create(model=MODEL, previous_response_id=first.id, tools=TOOLS, input=[
             {"role": "user", "content": "In Celsius, please."},
             {"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}])
