@@ -18,6 +18,7 @@ import time
 import httpx
 
 from gptoss_serve.bench.loadtest.connections import ClientShards
+from gptoss_serve.bench.local_app import local_app
 from gptoss_serve.model.synthetic import write_preset
 
 PLAIN = {"model": "gpt-oss", "prompt": "Hi", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
@@ -89,29 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=600)
     p.add_argument("--num-cpus", type=int, default=4)
     args = p.parse_args(argv)
-    import ray
-    from ray import serve
-
-    from gptoss_serve.deployments.builder import build_app
-
     model = args.model or str(write_preset(args.write_to, args.preset))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     # room for every client's requests: the point is aborts, not admission
-    serve.run(build_app({"model": model, "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
-                         "max_ongoing_requests": args.clients + 8, "max_queued_requests": 0,
-                         "max_waiting_per_replica": 2 * args.clients, "engine": {"max_model_len": 4096}}),
-              name="gptoss", route_prefix="/")
-    url = "http://127.0.0.1:8000"
-    try:
+    app = {"model": model, "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
+           "max_ongoing_requests": args.clients + 8, "max_queued_requests": 0,
+           "max_waiting_per_replica": 2 * args.clients, "engine": {"max_model_len": 4096}}
+    with local_app(app, num_cpus=args.num_cpus) as url:
         plain_seconds(url)  # warm-up
         before = plain_seconds(url)
         statuses = asyncio.run(storm(url, args.clients))
         freed = seconds_until_idle()
         after = plain_seconds(url)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     print(f"{args.clients} clients (half with n=2), statuses {statuses}")
     print(f"all requests stopped and every KV block free {freed:.2f} s after the last client left")
     print(f"a plain request ({PLAIN['max_tokens']} tokens): {before * 1e3:.0f} ms before, {after * 1e3:.0f} ms after")

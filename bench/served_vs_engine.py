@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from gptoss_serve.bench.local_app import local_app
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.sampling_params import SamplingParams
@@ -111,26 +112,14 @@ async def single(url: str, prompt: list[int], n: int) -> dict:
 
 def served(model_dir: str, device: str, config: EngineConfig, requests, *, num_cpus: int,
            load_format: str = "auto") -> dict:
-    import ray
-    from ray import serve
-
-    from gptoss_serve.deployments.builder import build_app
-
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     n = len(requests)
-    serve.run(build_app({"model": model_dir, "load_format": load_format,
-                         "num_gpus_per_replica": 1 if device == "cuda" else 0,
-                         "engine": config.model_dump(), "max_ongoing_requests": n + 8, "max_queued_requests": 0,
-                         "max_waiting_per_replica": n + 8}), name="gptoss", route_prefix="/")
-    url = "http://127.0.0.1:8000"
-    try:
+    app = {"model": model_dir, "load_format": load_format, "num_gpus_per_replica": 1 if device == "cuda" else 0,
+           "engine": config.model_dump(), "max_ongoing_requests": n + 8, "max_queued_requests": 0,
+           "max_waiting_per_replica": n + 8}
+    with local_app(app, num_cpus=num_cpus) as url:
         asyncio.run(single(url, requests[0][0], 4))  # warm-up
         result = asyncio.run(burst(url, requests))
         result |= asyncio.run(single(url, requests[0][0][:SINGLE[0]], SINGLE[1]))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return result
 
 

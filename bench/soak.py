@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from gptoss_serve.bench.disconnect_storm import seconds_until_idle
+from gptoss_serve.bench.local_app import local_app
 from gptoss_serve.bench.loadtest import LoadConfig, LoadResult, run_load
 from gptoss_serve.model.synthetic import write_preset
 
@@ -153,25 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=defaults.output_len)
     p.add_argument("--rss-tolerance-mib", type=float, default=defaults.rss_tolerance_mib)
     args = p.parse_args(argv)
-    import ray
-    from ray import serve
-
-    from gptoss_serve.deployments.builder import build_app
-
     model = args.model or str(write_preset(args.write_to, args.preset))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app({"model": model, "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
-                         "engine": {"max_model_len": 1024}}), name="gptoss", route_prefix="/")
-    config = SoakConfig(url=f"http://127.0.0.1:{args.port}", duration_s=args.duration,
-                        sample_every_s=args.sample_every, warmup_s=args.warmup, concurrency=args.concurrency,
-                        input_len=args.input_len, output_len=args.output_len,
-                        rss_tolerance_mib=args.rss_tolerance_mib)
-    try:
+    app = {"model": model, "num_gpus_per_replica": 1 if args.device == "cuda" else 0, "engine": {"max_model_len": 1024}}
+    with local_app(app, num_cpus=args.num_cpus, port=args.port) as url:
+        config = SoakConfig(url=url, duration_s=args.duration, sample_every_s=args.sample_every, warmup_s=args.warmup,
+                            concurrency=args.concurrency, input_len=args.input_len, output_len=args.output_len,
+                            rss_tolerance_mib=args.rss_tolerance_mib)
         result = asyncio.run(soak(config))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     print(table(result))
     for problem in result.problems:
         print(f"FAIL: {problem}")

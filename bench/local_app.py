@@ -1,0 +1,26 @@
+"""One app served by a local Ray cluster on this machine, for the benches that drive it over HTTP (soak, disconnect
+storm, served against the engine alone)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def local_app(config: dict, *, num_cpus: int, port: int = 8000) -> Iterator[str]:
+    """Starts Ray (num_cpus) and Serve on 127.0.0.1:port, deploys build_app(config) at "/"; yields its URL, and shuts
+    both down after."""
+    import ray
+    from ray import serve
+
+    from gptoss_serve.deployments.builder import build_app
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="gptoss", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
