@@ -1,14 +1,15 @@
 """Dispatch + combine time of one MoE layer against the number of tokens, over the real exchange.
 
     python -m gptoss_serve.bench.expert_exchange [--workers 2] [--tokens 1 16 128 1024] [--device cpu|cuda]
-        [--backend gloo|nccl] [--graph] [--layers 24] [--json PATH]
+        [--backend gloo|nccl] [--graph] [--worker-eager] [--layers 24] [--json PATH]
 
 The replica is this process; each worker is a process of its own whose experts echo their input (so the figure
 is the exchange alone: packing, sending, receiving, adding the answers). gpt-oss-20b shapes: hidden 2880, 32
 experts, top-4, bf16. A step announces itself, then runs `--layers` layers back to back (each layer's dispatch
 depends on the one before, as in the model); the figure is the step's wall time over its layers, with the device
 synchronized before and after. With --graph the replica's 24 layers replay from a CUDA graph (as a
-disaggregated decode step does); the worker's loop stays eager. NCCL puts each rank on a GPU of its own: the
+disaggregated decode step does). Over NCCL the worker replays each repeated step from a CUDA graph of its own, as
+MoEWorker does (cluster/worker_steps.py), unless --worker-eager. NCCL puts each rank on a GPU of its own: the
 replica on cuda:0, worker i on cuda:i (so `--workers` at most the GPU count minus one); gloo stages GPU
 activations through host memory.
 """
@@ -25,7 +26,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link, serve_replica
+from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link
+from gptoss_serve.cluster.worker_steps import serve_replica
 
 
 class Echo(torch.nn.Module):
@@ -39,6 +41,9 @@ class Echo(torch.nn.Module):
     def partial(self, hidden, expert_ids, weights):  # one of several workers' answers: float32
         return hidden.float()
 
+    def never_waits_for_host(self, dtype):  # capturable, like the real experts' kernels
+        return True
+
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     os.environ.update(NCCL_ENV)
@@ -47,7 +52,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     link, _ = make_link(backend=args.backend, host="127.0.0.1", port=port, rank=rank, world_size=world,
                         is_master=False, prefix="bench")
-    serve_replica(link, [Echo()] * args.layers, hidden_size=args.hidden, top_k=args.top_k, device=device)
+    serve_replica(link, [Echo()] * args.layers, hidden_size=args.hidden, top_k=args.top_k, device=device,
+                  graphs=not args.worker_eager)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--graph", action="store_true",
                         help="replay the replica's side from a CUDA graph, as a disaggregated decode step does (nccl)")
+    parser.add_argument("--worker-eager", action="store_true",
+                        help="the worker launches every step's kernels from Python (no CUDA graphs of its own)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.environ.update(NCCL_ENV)
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.workers} workers, hidden {args.hidden}, {args.experts} experts top-{args.top_k}, bf16, "
           f"activations on {device} ({name}), {args.backend}, {args.layers} layers a step"
-          + (", replica side from a CUDA graph" if args.graph else ""))
+          + (", replica side from a CUDA graph" if args.graph else "")
+          + (", worker side from CUDA graphs" if args.backend == "nccl" and not args.worker_eager else ""))
     print(f"{'tokens':>7} {'us a layer p50':>15} {'p90':>8} {'MB a layer':>11}")
     rows = []
     for n in args.tokens:
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         p.join(timeout=10)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "backend": args.backend, "graph": args.graph, "workers": args.workers,
+            json.dump({"device": name, "backend": args.backend, "graph": args.graph,
+                       "worker_graphs": args.backend == "nccl" and not args.worker_eager, "workers": args.workers,
                        "layers": args.layers, "rows": rows}, f, indent=1)
 
 

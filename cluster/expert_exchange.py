@@ -4,7 +4,7 @@ Each replica links to the workers on its own: three process groups (rank 0 the r
 one carrying the replica's dispatches and one the workers' answers, so a send never queues behind a receive in the
 other direction (NCCL runs a pair's messages in order and ignores tags), and a gloo one for the step headers.
 Replicas start, fail and restart independently, and a worker serves each replica on a thread (and, on a GPU, a CUDA
-stream) of its own.
+stream) of its own. This module holds the protocol and the replica's side; the worker's is worker_steps.py.
 
 The headers travel on the host so that a worker waiting for a replica's next step leaves nothing on its GPU: an NCCL
 receive posted for a header would spin on the device for as long as that replica is idle, and NCCL cannot set up
@@ -345,39 +345,3 @@ def wait_for_event(event, timeout_s: float, what: str) -> None:
             raise ExpertsUnavailableError(f"a MoE worker {what} within {timeout_s:.0f} s")
         time.sleep(20e-6)
 
-
-def serve_replica(link: Link, experts: list, *, hidden_size: int, top_k: int, device: torch.device,
-                  staging: torch.device | None = None) -> None:
-    """The worker's side, for one replica: answer step after step until the link stops or breaks.
-
-    experts[layer] computes (hidden [n, H], expert_ids [n, K], weights [n, K]) -> [n, H] for the local shard, in
-    the shard's dtype (ExpertShard.dtype), ignoring ids outside it. The header read (on the host, gloo) is this loop's
-    one host wait a step; everything else is queued in stream order.
-    """
-    staging = staging or device
-    dtype = experts[0].dtype
-    hello = torch.zeros(1, dtype=torch.int64, device=staging)
-    link.dispatch.recv([hello], 0, 0).wait()
-    link.combine.send([hello], 0, 0).wait()
-    width = row_bytes(hidden_size, top_k, dtype)
-    header = torch.empty(1 + MAX_MICRO_BATCHES, dtype=torch.int64)
-    workers = link.dispatch.size() - 1
-    answer = answer_dtype(workers, dtype)
-    while True:
-        link.control.recv([header], 0, 0).wait()  # on the host: an idle replica leaves nothing on the GPU
-        count, *sizes = header.tolist()
-        if count == STOP:
-            return
-        sends = []
-        for layer in range(len(experts)):
-            for tokens in sizes[:count]:
-                buffer = torch.empty(tokens, width, dtype=torch.uint8, device=staging)
-                link.dispatch.recv([buffer], 0, 0).wait()
-                x, ids, w = (t.to(device) for t in unpack(buffer, hidden_size, top_k, dtype))
-                with torch.inference_mode():
-                    shard = experts[layer]  # one worker: the layer's output; several: an unrounded share
-                    y = shard(x, ids.long(), w) if workers == 1 else shard.partial(x, ids.long(), w)  # [n, H]
-                    y = y.to(staging, answer).contiguous()
-                sends.append((link.combine.send([y], 0, 0), y))
-        for work, _ in sends:
-            work.wait()

@@ -7,7 +7,6 @@ joins gets its own process group and its own serving thread.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import os
 import signal
@@ -15,7 +14,8 @@ import threading
 
 import torch
 
-from gptoss_serve.cluster.expert_exchange import Link, make_link, serve_replica
+from gptoss_serve.cluster.expert_exchange import Link, make_link
+from gptoss_serve.cluster.worker_steps import serve_replica
 from gptoss_serve.model.hub import resolve_checkpoint
 from gptoss_serve.model.loader import LoadFormat, open_checkpoint
 from gptoss_serve.model.packed_experts import expert_shard_class
@@ -30,11 +30,13 @@ def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
 class MoEWorker:
     def __init__(self, checkpoint: str, *, index: int, num_workers: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, dequantize_experts: bool = False,
-                 load_format: LoadFormat = "auto", max_num_batched_tokens: int = 2048) -> None:
+                 load_format: LoadFormat = "auto", max_num_batched_tokens: int = 2048,
+                 enforce_eager: bool = False) -> None:
         """checkpoint: a directory or a hub id, resolved on this worker's own node. MXFP4 experts stay packed
         (the same kernels as colocated experts) unless dequantize_experts. max_num_batched_tokens: the most tokens
-        a replica's step sends (the kernels are compiled up to it before the worker says it is ready)."""
-        self.index, self.device = index, torch.device(device)
+        a replica's step sends (the kernels are compiled up to it before the worker says it is ready).
+        enforce_eager: no CUDA graphs (every step's kernels launched one by one), as the engine's option."""
+        self.index, self.device, self.enforce_eager = index, torch.device(device), enforce_eager
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, to the log
         with open_checkpoint(resolve_checkpoint(checkpoint), device=self.device, load_format=load_format) as reader:
             self.config = reader.config
@@ -56,8 +58,9 @@ class MoEWorker:
     def join(self, *, host: str, port: int, rank: int, world_size: int, prefix: str, backend: str,
              replica: str = "") -> bool:
         """Joins one replica's link (blocks until every member has joined), then serves it on a thread and, on a
-        GPU, a CUDA stream of its own: a link whose replica hung or died blocks only its own stream. A replica
-        that reconnects ends its previous link here first (its communicators are aborted, not waited on)."""
+        GPU, a CUDA stream of its own (see worker_steps.serve_replica): a link whose replica hung or died blocks only
+        its own stream. A replica that reconnects ends its previous link here first (its communicators are aborted,
+        not waited on)."""
         link, _store = make_link(backend=backend, host=host, port=port, rank=rank, world_size=world_size,
                                  is_master=False, prefix=prefix)
         previous = self.link_of_replica.pop(replica, None)
@@ -65,13 +68,12 @@ class MoEWorker:
             previous.abort()
         self.link_of_replica[replica] = link
         staging = self.device if backend == "nccl" else torch.device("cpu")
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         def serve() -> None:
             try:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    serve_replica(link, self.experts, hidden_size=self.config.hidden_size,
-                                  top_k=self.config.num_experts_per_tok, device=self.device, staging=staging)
+                serve_replica(link, self.experts, hidden_size=self.config.hidden_size,
+                              top_k=self.config.num_experts_per_tok, device=self.device, staging=staging,
+                              graphs=not self.enforce_eager)
             except Exception:  # noqa: BLE001 - the replica went away, reconnected or aborted the link: it is over
                 pass
             finally:

@@ -103,7 +103,8 @@ class ExpertPool:
                 runtime_env={"env_vars": NO_MULTICAST},
             ).remote(self.checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype,
                      dequantize_experts=args.dequantize_experts, load_format=args.load_format,
-                     max_num_batched_tokens=args.engine.max_num_batched_tokens)
+                     max_num_batched_tokens=args.engine.max_num_batched_tokens,
+                     enforce_eager=args.engine.enforce_eager)
             for i in range(n)]
         ray.get([w.ping.remote() for w in workers], timeout=STARTUP_TIMEOUT_S)
         self.workers = workers
