@@ -18,7 +18,8 @@ The wire protocol, built for the GPU: nothing on the replica's side waits for th
   micro-batch     activation dtype), their K global expert ids (int32) and weights (float32)
                   one answer [T, H] from every worker: its experts' weighted sum (zero for tokens none of its
                   experts got), in the activation dtype from a single worker, in float32 from each of several
-                  (see answer_dtype); the replica adds the answers in float32 and rounds once
+                  (see answer_dtype); the replica adds the answers in float32 up a fixed tree (add_as_groups)
+                  and rounds once
 Every worker gets every token: with a few workers and top-4 routing almost every token reaches each of them
 anyway, and fixed sizes need no routing on the host. Over NCCL the sends and receives are queued on the GPU in
 stream order (a receive's wait is a stream wait); the step's samples reach the host through an event that the
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from gptoss_serve.cluster.step_watch import StepWatch
-from gptoss_serve.model.experts import ExpertsUnavailableError
+from gptoss_serve.model.experts import ExpertsUnavailableError, add_as_groups
 
 MAX_MICRO_BATCHES = 8
 STOP = -1  # a header with this micro-batch count ends the worker's loop for this replica
@@ -285,11 +286,8 @@ class ExpertClient:
         like = pending.like
         if len(pending.results) == 1:  # one worker: its answer as it is
             out = pending.results[0].to(like.device, like.dtype)
-        else:
-            out = pending.results[0].to(like.device, torch.float32)
-            for result in pending.results[1:]:
-                out += result.to(like.device, torch.float32)
-            out = out.to(like.dtype)
+        else:  # float32 shares, added up the kernel's tree and rounded once: colocated experts' output exactly
+            out = add_as_groups([r.to(like.device, torch.float32) for r in pending.results]).to(like.dtype)
         if not capturing():
             self.stats.combine_seconds.append(time.perf_counter() - start)
         return out

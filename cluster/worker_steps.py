@@ -24,7 +24,11 @@ logger = logging.getLogger(__name__)
 
 MAX_GRAPH_TOKENS = 512  # the most tokens a step may have to be captured (every decode bucket by default)
 MAX_GRAPHS = 64  # per link: prefill chunks of a repeated length get graphs too, up to this many
-_capture_lock = threading.Lock()  # one capture at a time in a worker process (its links share the allocator)
+# Over NCCL a worker's links queue their steps one at a time (queueing never waits for a peer there), so that no
+# capture overlaps another link's launches: without this, two replicas stepping at once through one worker hung a
+# step in 1 of 3 runs of tests/test_shared_worker.py on 2 H200s (and 120b's 2 + 2 split once, at its first decode
+# steps under load); with it, 3 of 3 passed.
+_launch_lock = threading.Lock()
 _capture_failed = False  # a capture that failed once in this process would fail again: every link stays eager
 
 
@@ -48,14 +52,14 @@ class WorkerSteps:
 
     def run(self, sizes: tuple[int, ...]) -> None:
         """Queues one step of micro-batches of these token counts (waits on the host only over gloo)."""
-        if sizes in self.graphs:
-            self.graphs[sizes][0].replay()
-        elif self._should_capture(sizes):
-            graph = self._capture(sizes)
-            graph.replay()
-        else:
-            self._queue(self._buffers(sizes))
-            self.seen.add(sizes)
+        with _launch_lock if self.graphs_wanted else contextlib.nullcontext():
+            if sizes in self.graphs:
+                self.graphs[sizes][0].replay()
+            elif self._should_capture(sizes):
+                self._capture(sizes).replay()
+            else:
+                self._queue(self._buffers(sizes))
+                self.seen.add(sizes)
 
     def _should_capture(self, sizes: tuple[int, ...]) -> bool:
         return (self.graphs_wanted and not _capture_failed and sizes in self.seen
@@ -93,19 +97,18 @@ class WorkerSteps:
         global _capture_failed
         buffers = self._buffers(sizes)
         graph = torch.cuda.CUDAGraph()
-        with _capture_lock:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            # thread-local: the worker's other links go on launching and querying meanwhile
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
-                self._queue(buffers)
-            except BaseException:
-                _capture_failed = True
-                logger.exception("capturing a step of %s tokens failed; this worker's steps stay eager", sizes)
-                raise
-            finally:
-                graph.capture_end()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        # thread-local: NCCL's and the step watch's threads go on querying events meanwhile
+        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        try:
+            self._queue(buffers)
+        except BaseException:
+            _capture_failed = True
+            logger.exception("capturing a step of %s tokens failed; this worker's steps stay eager", sizes)
+            raise
+        finally:
+            graph.capture_end()
         self.graphs[sizes] = (graph, buffers)  # the graph reads and writes these buffers at every replay
         return graph
 

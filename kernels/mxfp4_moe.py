@@ -8,7 +8,9 @@ One call is four launches (five with split-K), none waiting on the host (so it c
   _route     one program: counting sort of the (token, slot) pairs by local expert, stable, on the device
   _gate_up   per (expert row tile, column tile): x @ gate_up + bias, clamped SwiGLU -> act [pairs, I], sorted order
   _down      per (expert row tile, column tile): act @ down + bias, times the routing weight -> y [pairs, H]
-  _combine   per token: the sum of its K rows of y, in slot order (deterministic; no atomics)
+  _combine   per token: the sum of its K rows of y (deterministic, no atomics): in slot order within each of 8
+             groups of experts, then the groups up a fixed tree, so that expert-parallel shards' float32 answers
+             add up to the whole layer's output bit for bit (see layer_experts)
 With a handful of tokens (decode) there are too few tiles to fill the GPU, so the "decode" tiles split each
 reduction over 2 programs (a third grid axis): _gate_up then stores float32 partial sums that _swiglu_splits adds
 up (in split order) before the SwiGLU, and _down's partials are added by _combine.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, _combine, _down, _gate_up, _route, _swiglu_splits
+from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, SUM_GROUPS, _combine, _down, _gate_up, _route, _swiglu_splits
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
 
@@ -148,9 +150,15 @@ class PackedExperts:
 
 def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: PackedExperts, *,
               first: int, alpha: float, limit: float, tiles: Tiles | None = None, use_asm: bool = True,
-              workspace: Workspace | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+              workspace: Workspace | None = None, out: torch.Tensor | None = None,
+              layer_experts: int | None = None) -> torch.Tensor:
     """hidden [N, H], expert_ids [N, K] (global ids), weights [N, K] -> [N, H] in hidden's dtype, or in out's (a
-    float32 out keeps the sum unrounded). No host sync."""
+    float32 out keeps the sum unrounded). No host sync.
+
+    layer_experts: how many experts the whole layer has (by default first + count). The tiles and the order
+    of the sum follow it, not the shard: every pair's row of y is then what the whole layer's call computes, and
+    shards of 1/2, 1/4 or 1/8 of the layer answering in float32 add up (model/experts.add_as_groups) to its
+    output exactly."""
     N, H = hidden.shape
     K = expert_ids.shape[1]
     count, I = experts.count, experts.inter
@@ -158,7 +166,10 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     out = torch.empty_like(hidden) if out is None else out
     if N == 0:
         return out
-    tiles = tiles or pick_tiles(P, count)
+    layer_experts = layer_experts or first + count
+    if layer_experts < first + count:
+        raise ValueError(f"experts [{first}, {first + count}) do not fit in a layer of {layer_experts}")
+    tiles = tiles or pick_tiles(P, layer_experts)
     ws = workspace or new_workspace(N, K, experts, device=hidden.device, tiles=tiles)
     split = tiles.split_k
     if ws.split_k != split or ws.y.shape[1] != P:
@@ -189,8 +200,10 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
         EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
-    _combine[(N, triton.cdiv(H, 1024))](ws.y, ids, out, first, count, H, P, TOP_K=K, SPLIT_K=split, BLOCK=1024,
-                                        num_warps=4)
+    groups = SUM_GROUPS.value
+    group_experts = layer_experts // groups if layer_experts % groups == 0 else layer_experts  # else one group
+    _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=split,
+                                       BLOCK=512, num_warps=4)
     return out
 
 

@@ -9,6 +9,9 @@ import triton
 import triton.language as tl
 
 GROUP = 32  # values per MXFP4 block (one scale)
+# _combine adds a token's slots in 8 groups of experts, then the groups up a fixed tree: the order an expert-parallel
+# split into 1, 2, 4 or 8 workers can reproduce exactly
+SUM_GROUPS: tl.constexpr = tl.constexpr(8)
 
 # One 32-bit word of checkpoint blocks (eight FP4 codes, value q in bits 4q..4q+3) and its block's E8M0 exponent ->
 # the eight values as bf16 bits, $0..$7 in order; $8 the word, $9 the exponent. Codes q and q + 4 sit 16 bits apart,
@@ -306,18 +309,36 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
 
 
 @triton.jit(do_not_specialize=["first", "num_rows"])
-def _combine(y_ptr, ids_ptr, out_ptr, first, count, hidden, num_rows,
+def _combine(y_ptr, ids_ptr, out_ptr, first, count, group_experts, hidden, num_rows,
              TOP_K: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[token] = sum over its slots, in order, of y[z, token * K + slot] over splits z in order; slots outside
-    the shard add nothing."""
+    """out[token] = the tree sum ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)) of the token's 8 expert groups
+    (global expert id // group_experts), each group the sum of its slots in slot order, of y[z, token * K + slot]
+    over splits z in order; slots outside the shard add nothing. A shard that is an aligned run of 1, 2, 4 or 8
+    groups gets exactly its subtree (the other groups are 0, and x + 0 == x), so expert-parallel workers' float32
+    answers added up the same tree (model/experts.add_as_groups) are this sum bit for bit."""
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     col_ok = cols < hidden
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    groups = tl.arange(0, SUM_GROUPS)[:, None]  # [8, 1]
+    acc = tl.zeros([SUM_GROUPS, BLOCK], dtype=tl.float32)
     for slot in tl.static_range(TOP_K):
-        local = tl.load(ids_ptr + token * TOP_K + slot).to(tl.int32) - first + tl.zeros_like(cols)  # [BLOCK]
+        expert = tl.load(ids_ptr + token * TOP_K + slot).to(tl.int32)
+        local = expert - first + tl.zeros_like(cols)  # [BLOCK]
         mine = col_ok & (local >= 0) & (local < count)
+        in_group = groups == expert // group_experts  # [8, 1]: the one row this slot adds to
         for z in tl.static_range(SPLIT_K):
-            acc += tl.load(y_ptr + (z * num_rows + token * TOP_K + slot) * hidden + cols, mask=mine,
-                           other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+            value = tl.load(y_ptr + (z * num_rows + token * TOP_K + slot) * hidden + cols, mask=mine,
+                            other=0.0).to(tl.float32)
+            acc += tl.where(in_group, value[None, :], 0.0)
+    g0, g1 = _group_row(acc, groups, 0), _group_row(acc, groups, 1)
+    g2, g3 = _group_row(acc, groups, 2), _group_row(acc, groups, 3)
+    g4, g5 = _group_row(acc, groups, 4), _group_row(acc, groups, 5)
+    g6, g7 = _group_row(acc, groups, 6), _group_row(acc, groups, 7)
+    total = ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7))
+    tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _group_row(acc, groups, row: tl.constexpr):
+    """Row `row` of acc [8, BLOCK], exactly: a sum of it and seven zeros."""
+    return tl.sum(tl.where(groups == row, acc, 0.0), axis=0)

@@ -50,6 +50,15 @@ def swiglu(gate_up: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor
     return (up + 1) * (gate * torch.sigmoid(alpha * gate))
 
 
+def add_as_groups(shares: list[torch.Tensor]) -> torch.Tensor:
+    """Equal shards' float32 shares of a layer added pairwise, neighbours first: ((s0 + s1) + (s2 + s3)) + ... The
+    tree the MXFP4 kernel adds its 8 expert groups up (kernels/mxfp4_moe_kernels._combine), so 2, 4 or 8 workers'
+    shares give the whole layer's sum exactly."""
+    while len(shares) > 1:
+        shares = [shares[i] + shares[i + 1] if i + 1 < len(shares) else shares[i] for i in range(0, len(shares), 2)]
+    return shares[0]
+
+
 class ExpertShard(nn.Module):
     """Experts [first, first + count) of one layer with their weights in this process: what colocated mode and an
     expert-parallel worker hold. Subclasses keep the weights dense (`LocalExperts`) or packed as the checkpoint
@@ -64,7 +73,7 @@ class ExpertShard(nn.Module):
 
     def __init__(self, config: GptOssConfig, *, first: int = 0, count: int | None = None) -> None:
         super().__init__()
-        self.first = first
+        self.first, self.layer_experts = first, config.num_local_experts
         self.count = config.num_local_experts - first if count is None else count
         if not (0 <= first and first + self.count <= config.num_local_experts and self.count > 0):
             raise ValueError(f"expert range [{first}, {first + self.count}) is outside 0..{config.num_local_experts}")
@@ -104,9 +113,10 @@ class ExpertShard(nn.Module):
 
     def partial(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This shard's share of the layer in float32, not rounded to the activations' dtype: an expert-parallel
-        worker's answer when there are several, so that their sum is rounded once, as one shard's output is (two
-        bf16-rounded shares would add up to a different layer output, and greedy outputs would part from colocated
-        mode's). Computed in the shard's own dtype unless a subclass keeps more."""
+        worker's answer when there are several, so that their sum (add_as_groups) is rounded once, as one shard's
+        output is (two bf16-rounded shares would add up to a different layer output, and greedy outputs would part
+        from colocated mode's). Computed in the shard's own dtype unless a subclass keeps more; MXFP4 shards of
+        1/2, 1/4 or 1/8 of the layer add up to its output bit for bit (kernels/mxfp4_moe.py)."""
         return self(hidden, expert_ids, weights).float()
 
     def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -61,8 +61,9 @@ class Mxfp4Experts(ExpertShard):
             from gptoss_serve.kernels.mxfp4_moe import mxfp4_moe  # Triton: imported only where a GPU is
 
             out = torch.empty(hidden.shape, dtype=out_dtype, device=hidden.device)
+            # tiles and summation order of the whole layer: shards add up to it exactly (see mxfp4_moe)
             return mxfp4_moe(hidden, expert_ids, weights, self.kernel_view(), first=self.first, alpha=self.alpha,
-                             limit=self.limit, out=out)
+                             limit=self.limit, out=out, layer_experts=self.layer_experts)
         # imported here: kernels/moe_reference.py imports this package (its mxfp4 and swiglu)
         from gptoss_serve.kernels.moe_reference import moe_reference
 
@@ -79,7 +80,7 @@ class Mxfp4Experts(ExpertShard):
         if not self.gate_up_blocks.is_cuda:
             return
         per_expert_steps = (1, 16, 64)  # kernels/mxfp4_moe.pick_tiles: tokens an expert where the tiles change
-        counts = sorted({min(max_tokens, max(1, -(-n * self.count // top_k))) for n in per_expert_steps}
+        counts = sorted({min(max_tokens, max(1, -(-n * self.layer_experts // top_k))) for n in per_expert_steps}
                         | {max_tokens})
         gen = torch.Generator(self.gate_up_blocks.device).manual_seed(0)
         for n in counts:

@@ -16,6 +16,7 @@ import torch
 
 from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, random_packed_experts, relative_error
 from gptoss_serve.model import LocalExperts, mxfp4
+from gptoss_serve.model.experts import add_as_groups
 from gptoss_serve.model.synthetic import preset_config
 
 TOLERANCE = 1e-2  # bf16 operands and a bf16 activation in between; float32 accumulation
@@ -91,9 +92,9 @@ def test_random_packed_values_stay_order_one():
 def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter: int = 256, top_k: int = 4,
              first: int = 0, count: int | None = None, ids: torch.Tensor | None = None, tiles=None,
              use_asm: bool = True, seed: int = 0, out_dtype: torch.dtype = torch.bfloat16,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             layer_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU."""
-    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe, new_workspace
+    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe, new_workspace, pick_tiles
 
     gen = torch.Generator().manual_seed(seed)
     count = num_experts - first if count is None else count
@@ -103,6 +104,7 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     ids = (route_ids if ids is None else ids).cuda()
     weights = weights.cuda()
     view = PackedExperts.of(**packed)
+    tiles = tiles or pick_tiles(num_tokens * top_k, layer_experts or count)  # the call's own choice, made here
     workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"), tiles=tiles)
     workspace.act.fill_(float("nan"))
     workspace.y.fill_(float("nan"))
@@ -112,7 +114,7 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     workspace.expert_start.fill_(-1)
     out = torch.full((num_tokens, hidden), float("nan"), dtype=out_dtype, device="cuda")
     got = mxfp4_moe(hidden_states, ids, weights, view, first=first, alpha=ALPHA, limit=LIMIT, tiles=tiles,
-                    use_asm=use_asm, workspace=workspace, out=out)
+                    use_asm=use_asm, workspace=workspace, out=out, layer_experts=layer_experts)
     assert got.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     return got, moe_reference(hidden_states, ids, weights, **packed, first=first)
@@ -178,16 +180,21 @@ def test_shard_drops_other_experts_and_shards_add_up(num_tokens):
 
 
 @pytest.mark.gpu
-def test_float32_shares_add_up_to_the_whole_rounded_once():
-    """Several expert-parallel workers answer in float32 (expert_exchange.answer_dtype): the halves' sum, rounded
-    once, is the kernel's own bf16 output for the whole layer but for rare last-bit differences."""
-    lower, _ = run_case(200, first=0, count=8, seed=6, out_dtype=torch.float32)
-    upper, _ = run_case(200, first=8, count=8, seed=6, out_dtype=torch.float32)
-    whole, ref = run_case(200, seed=6)
-    assert lower.dtype == upper.dtype == torch.float32
-    summed = (lower + upper).bfloat16()
+@pytest.mark.parametrize("num_tokens", [3, 40, 200])  # decode, medium and prefill tiles for the whole layer
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens):
+    """Expert-parallel workers answer in float32 (expert_exchange.answer_dtype) and the replica adds their answers up
+    the kernel's tree (add_as_groups) and rounds once: exactly the kernel's own bf16 output for the whole layer, so
+    greedy outputs stay colocated mode's. (A shard picking tiles for its own expert count, or a plain running sum,
+    differs in a few elements in the last bit, enough to part a random model's greedy tokens.)"""
+    per = 16 // workers
+    shares = [run_case(num_tokens, first=i * per, count=per, seed=6, out_dtype=torch.float32, layer_experts=16)[0]
+              for i in range(workers)]
+    whole, ref = run_case(num_tokens, seed=6)
+    assert all(share.dtype == torch.float32 for share in shares)
+    summed = add_as_groups(shares).bfloat16()
     check(summed, ref)
-    assert (summed != whole).float().mean() < 0.01
+    assert torch.equal(summed, whole), f"{(summed != whole).sum().item()} of {whole.numel()} elements differ"
 
 
 @pytest.mark.gpu
@@ -219,6 +226,7 @@ INTERPRETED = textwrap.dedent("""
     import torch
     from gptoss_serve.kernels.moe_reference import moe_reference, random_packed_experts, relative_error
     from gptoss_serve.kernels.mxfp4_moe import PRESETS, PackedExperts, mxfp4_moe
+    from gptoss_serve.model.experts import add_as_groups
     from tests.test_mxfp4_moe_kernel import ALPHA, LIMIT, routing, shard
     gen = torch.Generator().manual_seed(0)
     experts = random_packed_experts(8, 64, 64, generator=gen)
@@ -230,13 +238,24 @@ INTERPRETED = textwrap.dedent("""
                         tiles=tiles, use_asm=False)
         error = relative_error(got, moe_reference(x, ids, weights, **packed, first=first))
         assert error < 3e-2, (tokens, first, error)  # the interpreter's bf16 casts truncate: looser than on GPUs
+    # four workers' float32 shares, added up the kernel's tree: the whole layer's unrounded sum bit for bit (compared
+    # before rounding: the interpreter's bf16 cast truncates where torch's rounds)
+    x = torch.randn(6, 64, generator=gen).bfloat16()
+    ids, weights = routing(6, 8, 4, gen)
+    def layer(first, count, **kwargs):
+        return mxfp4_moe(x, ids, weights, PackedExperts.of(**shard(experts, first, count, "cpu")), first=first,
+                         alpha=ALPHA, limit=LIMIT, use_asm=False, out=torch.empty(6, 64), **kwargs)
+    whole = layer(0, 8)
+    shares = [layer(first, 2, layer_experts=8) for first in (0, 2, 4, 6)]
+    assert torch.equal(add_as_groups(shares), whole)
     print("ok")
 """)
 
 
 def test_kernels_in_the_interpreter_match_the_reference():
     """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
-    combine) on a whole shard and on half of one: the indexing and masks, without a GPU."""
+    combine) on a whole shard and on half of one: the indexing and masks, without a GPU; and four quarter shards'
+    float32 answers add up to the whole layer's bf16 output exactly."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),

@@ -5,6 +5,7 @@ communicator while the step header travelled on NCCL; over gloo on the CPU it ch
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
@@ -76,20 +77,35 @@ def one_step(client: ExpertClient, tokens: int) -> None:
 
 def in_time(fn, what: str) -> None:
     """fn on a thread, failing the test if it has not returned within LINK_UP_S (a hang inside NCCL never returns)."""
+    side_by_side([fn], what)
+
+
+def side_by_side(fns: list, what: str) -> None:
+    """Each fn on a thread of its own, all at once, failing the test unless all return within LINK_UP_S."""
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def run(fn) -> None:
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(LINK_UP_S)
-    assert not thread.is_alive(), f"{what} did not finish within {LINK_UP_S} s"
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in fns]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(LINK_UP_S)
+        assert not thread.is_alive(), f"{what} did not finish within {LINK_UP_S} s"
     if errors:
         raise errors[0]
+
+
+def steps_on_a_stream(client: ExpertClient, sizes) -> None:
+    """One step of each token count in turn, on a CUDA stream of this thread's own (a replica's engine core)."""
+    on_gpu = client.device.type == "cuda"
+    with torch.cuda.stream(torch.cuda.Stream(client.device)) if on_gpu else contextlib.nullcontext():
+        for tokens in sizes:
+            one_step(client, tokens)
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
@@ -114,6 +130,9 @@ def test_two_replicas_share_a_worker(backend):
                 "the second replica's link, beside an idle one")
         for tokens in (1, 128, 1, 128, 1, 128):  # over NCCL each shape's second step is captured, later ones replay
             in_time(lambda: [one_step(client, tokens) for client, _ in linked], "both replicas' steps")
+        # both replicas at once, on new shapes: one link's captures come while the other launches and replays
+        side_by_side([lambda c=client: steps_on_a_stream(c, (2, 3, 4, 5) * 4) for client, _ in linked],
+                     "both replicas' steps at once")
         for client, _ in linked:
             client.close()
         worker.join(LINK_UP_S)
