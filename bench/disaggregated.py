@@ -3,11 +3,12 @@ HTTP, on the GPUs of one host, app after app (each stopped before the next start
 
     python -m gptoss_serve.bench.disaggregated --model DIR [--load-format dummy] [--concurrency 1 64 256]
         [--apps colocated data-parallel disaggregated] [--attention-replicas 1] [--moe-workers 1] [--faults]
-        [--reference PATH] [--json PATH]
+        [--micro-batches 2] [--reference PATH] [--json PATH]
 
 - colocated: one replica on one GPU, its experts in process (the reference outputs).
 - disaggregated: `--attention-replicas` attention replicas and `--moe-workers` MoE workers, each on a GPU of its
-  own (4 GPUs and 120b: `--attention-replicas 2 --moe-workers 2`, or `3` and `1`).
+  own (4 GPUs and 120b: `--attention-replicas 2 --moe-workers 2`, or `3` and `1`). `--micro-batches 1` turns the
+  ping-pong off (the app's default is 2): run the app both ways to see what the overlap is worth.
 - data-parallel: as many colocated replicas as the disaggregated app has GPUs.
 A dozen prompts get 64 greedy tokens from each app, one request at a time (the outputs must equal the colocated
 app's: on random weights the logits are so flat that any change in how a batch is composed, and so in which GEMM
@@ -57,7 +58,7 @@ def start_app(args: argparse.Namespace, app: str) -> int:
     elif app == "disaggregated":
         config = {**base, "num_gpus_per_replica": 1, "num_attention_replicas": args.attention_replicas,
                   "num_moe_workers": args.moe_workers, "num_gpus_per_moe_worker": 1,
-                  "expert_timeout_s": args.expert_timeout_s}
+                  "expert_timeout_s": args.expert_timeout_s, "micro_batches": args.micro_batches}
         gpus = args.attention_replicas + args.moe_workers
     else:
         gpus = args.attention_replicas + args.moe_workers
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     # the disaggregated app last: its fault runs come after every app's figures (a failed fault cannot cost them)
     parser.add_argument("--apps", nargs="+", default=["colocated", "data-parallel", "disaggregated"])
     parser.add_argument("--expert-timeout-s", type=float, default=10.0)
+    parser.add_argument("--micro-batches", type=int, default=2, help="of the disaggregated app's steps (ping-pong)")
     parser.add_argument("--faults", action="store_true")
     parser.add_argument("--reference", help="the colocated app's greedy outputs: written by a run that has that app, "
                         "read by one that has not")

@@ -32,8 +32,8 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache budget instead of gpu_memory_utilization "
                                                               "(on the CPU the default is 0.5)")
     enable_prefix_caching: bool = True
-    enforce_eager: bool = Field(False, description="no CUDA graphs: every step's kernels launched one by one "
-                                                   "(debugging; graphs are captured only on GPUs)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: every step's kernels launched one by one, "
+                                                   "MoE workers' too (debugging; graphs are captured only on GPUs)")
     async_scheduling: bool | None = Field(None, description="schedule step t+1 while step t runs on the device, "
                                                              "reading its tokens a step late; default: on GPUs")
     seed: int = Field(0, description="for requests without their own seed")
