@@ -114,7 +114,8 @@ class WorkerSteps:
 
     def release(self) -> None:
         """Destroys the graphs (a graph still running is freed when it completes). NCCL holds a communicator that a
-        graph captured until the graph is gone: destroying the link's groups first would wait forever."""
+        graph captured until the graph is gone: with the graphs left to the interpreter's exit, the GPU test's worker
+        process never exited."""
         for graph, _ in self.graphs.values():
             graph.reset()
         self.graphs.clear()
