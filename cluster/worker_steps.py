@@ -46,7 +46,7 @@ class WorkerSteps:
         self.answer = answer_dtype(self.workers, self.dtype)
         self.graphs_wanted = (graphs and link.backend == "nccl" and staging.type == "cuda"
                               and experts[0].never_waits_for_host(self.dtype))
-        self.seen: set[tuple[int, ...]] = set()  # shapes run eagerly once: their kernels are compiled
+        self.seen: set[tuple[int, ...]] = set()  # shapes that may be captured, run eagerly once (kernels compiled)
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, list]] = {}  # graph and its buffers
         self._pool = None  # one memory pool for the link's graphs: they replay one at a time, on one stream
 
@@ -59,11 +59,15 @@ class WorkerSteps:
                 self._capture(sizes).replay()
             else:
                 self._queue(self._buffers(sizes))
-                self.seen.add(sizes)
+                if self._may_capture(sizes):  # only these: a long-lived worker sees countless prefill shapes
+                    self.seen.add(sizes)
+
+    def _may_capture(self, sizes: tuple[int, ...]) -> bool:
+        return (self.graphs_wanted and not _capture_failed and sum(sizes) <= MAX_GRAPH_TOKENS
+                and len(self.graphs) < MAX_GRAPHS)
 
     def _should_capture(self, sizes: tuple[int, ...]) -> bool:
-        return (self.graphs_wanted and not _capture_failed and sizes in self.seen
-                and sum(sizes) <= MAX_GRAPH_TOKENS and len(self.graphs) < MAX_GRAPHS)
+        return sizes in self.seen and self._may_capture(sizes)
 
     def _buffers(self, sizes: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each micro-batch's receive buffer and answer, reused by every layer of the step."""
