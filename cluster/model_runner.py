@@ -92,8 +92,10 @@ class ModelRunner:
     def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_model_len: int = 8192,
                  enforce_eager: bool = False) -> None:
-        """micro_batches > 1 splits a step into that many groups of sequences, run ping-pong (see
-        Decoder.forward_interleaved): worth it when experts are remote, so their exchange hides behind attention.
+        """micro_batches > 1 splits an eager step into that many groups of sequences, run ping-pong (see
+        Decoder.forward_interleaved): worth it when experts are remote, so the wait for them hides the other
+        groups' attention. Decode steps replayed from graphs stay whole (split, they read the experts' weights twice;
+        measured in bench/ping_pong.py).
         max_num_batched_tokens: the most tokens a step holds (kernels are compiled up to it at start-up).
         max_num_seqs, max_model_len: the largest decode batch and sequence the CUDA graphs must hold."""
         self.model, self.cache = model, cache

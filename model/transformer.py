@@ -58,19 +58,25 @@ class Decoder(nn.Module):
         return self.norm(x, residual)[0]
 
     def forward_interleaved(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor, AttentionBackend]]):
-        """Several micro-batches layer by layer, ping-pong: while one micro-batch is with the experts, the next
-        one's attention runs. Same result as `forward` on each. -> final-normed hidden states, one per batch."""
-        states = []  # (block output, residual stream, rotary tables) per micro-batch
-        for input_ids, positions, _ in micro_batches:
-            states.append((self.embed_tokens(input_ids), None, self.rotary_emb(positions)))
+        """Several micro-batches through the layers ping-pong, for experts that are remote. Each micro-batch goes on
+        to its next layer as soon as its experts have answered, without waiting for the others: so while one is with
+        the experts, the others' attention runs, and the experts get the next micro-batch's tokens while they still
+        work on this one's. (Ending every micro-batch's layer before starting the next layer would leave the experts
+        idle during the first micro-batch's attention.) Same result as `forward` on each. -> final-normed hidden
+        states, one per micro-batch."""
+        ropes = [self.rotary_emb(positions) for _, positions, _ in micro_batches]  # (cos, sin) each
+        xs = [self.embed_tokens(input_ids) for input_ids, _, _ in micro_batches]  # each one's latest block output
+        residuals: list[torch.Tensor | None] = [None] * len(micro_batches)
+        in_flight: list[tuple | None] = [None] * len(micro_batches)  # (MoE, its exchange, the shape of its answer)
         for block in self.layers:
-            started = []
-            for (x, residual, (cos, sin)), (_, _, attend) in zip(states, micro_batches):
-                x, residual = block.begin(x, residual, cos, sin, attend)
-                started.append((block.mlp.begin(x), x, residual))
-            states = [(block.mlp.end(pending, like), residual, rope)
-                      for (pending, like, residual), (_, _, rope) in zip(started, states)]
-        return [self.norm(x, residual)[0] for x, residual, _ in states]
+            for i, (_, _, attend) in enumerate(micro_batches):
+                if in_flight[i] is not None:
+                    mlp, exchange, like = in_flight[i]
+                    xs[i] = mlp.end(exchange, like)
+                x, residuals[i] = block.begin(xs[i], residuals[i], *ropes[i], attend)
+                in_flight[i] = (block.mlp, block.mlp.begin(x), x)
+        return [self.norm(mlp.end(exchange, like), residual)[0]
+                for (mlp, exchange, like), residual in zip(in_flight, residuals)]
 
 
 class GptOssForCausalLM(nn.Module):
