@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 
 from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, random_packed_experts, relative_error
-from gptoss_serve.model import LocalExperts, mxfp4
+from gptoss_serve.model import mxfp4
+from gptoss_serve.model.experts import LocalExperts
 from gptoss_serve.model.synthetic import preset_config
 
 HIDDEN = INTER = 2880

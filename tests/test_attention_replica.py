@@ -16,7 +16,7 @@ from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.messages import EngineRequest
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.scripted_model import follow_chain
 

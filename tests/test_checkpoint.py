@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from gptoss_serve.model.synthetic import write_preset
 

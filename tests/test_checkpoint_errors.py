@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptoss_serve.model import CheckpointError, load_model
+from gptoss_serve.model.errors import CheckpointError
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.checkpoint import INDEX_FILE
 
 

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from gptoss_serve.model import CheckpointError, GptOssConfig
+from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.synthetic import preset_config
 
 # config.json of openai/gpt-oss-20b as published (transformers 4.55 layout)

@@ -16,7 +16,7 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.builder import build_app
 from gptoss_serve.deployments.expert_pool import worker_name
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 APP = "gptoss-ep"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gptoss_serve.model import LocalExperts, load_model
+from gptoss_serve.model.experts import LocalExperts
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.transformer import GptOssForCausalLM
 

@@ -9,7 +9,7 @@ import torch
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.gpu

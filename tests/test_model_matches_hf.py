@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 
 
 def hf_model(path, quantized: bool):

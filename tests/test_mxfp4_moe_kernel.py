@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, random_packed_experts, relative_error
-from gptoss_serve.model import LocalExperts, mxfp4
+from gptoss_serve.model import mxfp4
+from gptoss_serve.model.experts import LocalExperts
 from gptoss_serve.model.experts import add_as_groups
 from gptoss_serve.model.synthetic import preset_config
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from gptoss_serve.cluster.moe_worker import MoEWorker
-from gptoss_serve.model import CheckpointError, LocalExperts, Mxfp4Experts, load_model
+from gptoss_serve.model.errors import CheckpointError
+from gptoss_serve.model.experts import LocalExperts
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.packed_experts import Mxfp4Experts
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.synthetic import RandomCheckpoint, preset_config, write_config
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from gptoss_serve.deployments.builder import build_app
 from gptoss_serve.deployments.response_store import STORE_NAMESPACE, store_name
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.responses_cases import ARGUMENTS, CALL, CITY_SCHEMA, JSON_ANSWER, JSON_FORMAT, TOOLS

@@ -23,7 +23,7 @@ from gptoss_serve.cluster.structured_output import StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.harmony import parse_completion, render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer

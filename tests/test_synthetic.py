@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.checkpoint import INDEX_FILE
 from gptoss_serve.model.synthetic import main, preset_config, tensor_layout
 

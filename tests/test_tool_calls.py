@@ -19,7 +19,7 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
-from gptoss_serve.model import load_model
+from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.scripted_model import follow_chain

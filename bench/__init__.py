@@ -1,1 +1,0 @@
-"""Benchmarks and load tests: scripts that print figures."""

@@ -1,1 +1,0 @@
-"""Kubernetes (KubeRay) manifests; a package so tests can find and validate them."""
