@@ -9,7 +9,7 @@ experts, top-4, bf16. A step announces itself, then runs `--layers` layers back 
 depends on the one before, as in the model); the figure is the step's wall time over its layers, with the device
 synchronized before and after. With --graph the replica's 24 layers replay from a CUDA graph (as a
 disaggregated decode step does). Over NCCL the worker replays each repeated step from a CUDA graph of its own, as
-MoEWorker does (cluster/worker_steps.py), unless --worker-eager. NCCL puts each rank on a GPU of its own: the
+MoEWorker does (cluster/expert_parallel/worker_steps.py), unless --worker-eager. NCCL puts each rank on a GPU of its own: the
 replica on cuda:0, worker i on cuda:i (so `--workers` at most the GPU count minus one); gloo stages GPU
 activations through host memory.
 """
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link
-from gptoss_serve.cluster.worker_steps import serve_replica
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV, ExpertClient, Shard, make_link
+from gptoss_serve.cluster.expert_parallel.worker_steps import serve_replica
 
 
 class Echo(torch.nn.Module):

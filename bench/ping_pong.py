@@ -36,9 +36,9 @@ from torch.profiler import ProfilerActivity, profile
 from gptoss_serve.bench.engine_throughput import run_engine
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
-from gptoss_serve.cluster.expert_exchange import NCCL_ENV
-from gptoss_serve.cluster.moe_worker import MoEWorker
-from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV
+from gptoss_serve.cluster.expert_parallel.moe_worker import MoEWorker
+from gptoss_serve.cluster.expert_parallel.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 

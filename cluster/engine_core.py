@@ -22,7 +22,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from gptoss_serve.cluster.engine import LLMEngine
-from gptoss_serve.cluster.step_watch import publish_step_deadlines
+from gptoss_serve.cluster.expert_parallel.step_watch import publish_step_deadlines
 from gptoss_serve.cluster.sampling_params import SamplingParams
 
 # (request id, prompt token ids, sampling params): what "add" carries, one tuple a request

@@ -15,7 +15,7 @@ import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
-from gptoss_serve.cluster.expert_exchange import capturing, wait_for_event
+from gptoss_serve.cluster.expert_parallel.exchange import capturing, wait_for_event
 from gptoss_serve.cluster.kv_cache import KVCache
 from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
 from gptoss_serve.cluster.sequence import Sequence

@@ -23,7 +23,7 @@ from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
 from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
 from gptoss_serve.cluster.grammar import ll_tokenizer
-from gptoss_serve.cluster.remote_experts import ExpertLink, RemoteExperts
+from gptoss_serve.cluster.expert_parallel.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.expert_pool import wait_for_placement, worker_name
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem

@@ -21,7 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from gptoss_serve.cluster.moe_worker import MoEWorker
+from gptoss_serve.cluster.expert_parallel.moe_worker import MoEWorker
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.replica_context import current_app_name
 from gptoss_serve.deployments.resources import cluster_view, moe_worker_bundle, moe_workers_shortfall

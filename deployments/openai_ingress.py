@@ -2,7 +2,7 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, and
 the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items:
-deployments/responses_api.py).
+deployments/responses/api.py).
 Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
@@ -28,10 +28,10 @@ from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
 from gptoss_serve.deployments.messages import EngineRequest, StreamItem
-from gptoss_serve.deployments.openai_responses import ChatChoice, CompletionChoice, usage
+from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from gptoss_serve.deployments.response_store import open_response_store
-from gptoss_serve.deployments.responses_api import ResponsesAPI
+from gptoss_serve.deployments.responses.store import open_response_store
+from gptoss_serve.deployments.responses.api import ResponsesAPI
 from gptoss_serve.model import harmony
 from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.tokenizer import load_tokenizer
@@ -181,7 +181,7 @@ class OpenAIIngress:
         self.tokenizer = load_tokenizer()
         self.in_flight = 0
         self.capacity = args.max_ongoing_requests + args.max_queued_requests
-        # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses_api.py)
+        # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses/api.py)
         self.responses = ResponsesAPI(self, open_response_store(
             max_entries=args.response_store_max_entries, max_bytes=args.response_store_max_bytes,
             ttl_s=args.response_store_ttl_s))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gptoss_serve.cluster.engine import RequestOutput
-from gptoss_serve.deployments.openai_responses import ChatChoice
+from gptoss_serve.deployments.completion_bodies import ChatChoice
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 ANSWER = ("<|channel|>analysis<|message|>The user says hi; be brief.<|end|>"

@@ -15,7 +15,7 @@ import torch
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.engine_core_client import STALL_GRACE_S, EngineCoreClient, EngineCoreError
-from gptoss_serve.cluster.step_watch import StepWatch
+from gptoss_serve.cluster.expert_parallel.step_watch import StepWatch
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link
-from gptoss_serve.cluster.worker_steps import serve_replica
-from gptoss_serve.cluster.step_watch import StepWatch, bounded, publish_step_deadlines
+from gptoss_serve.cluster.expert_parallel.exchange import MAX_MICRO_BATCHES, ExpertClient, Shard, make_link
+from gptoss_serve.cluster.expert_parallel.worker_steps import serve_replica
+from gptoss_serve.cluster.expert_parallel.step_watch import StepWatch, bounded, publish_step_deadlines
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.experts import ExpertsUnavailableError, LocalExperts
 from gptoss_serve.model.packed_experts import expert_shard_class

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_serve.cluster.moe_worker import MoEWorker
+from gptoss_serve.cluster.expert_parallel.moe_worker import MoEWorker
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.experts import LocalExperts
 from gptoss_serve.model.loader import load_model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gptoss_serve.deployments.response_store import ResponseStore
+from gptoss_serve.deployments.responses.store import ResponseStore
 
 
 class Clock:

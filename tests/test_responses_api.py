@@ -15,7 +15,7 @@ from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.messages import StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.protocol import APIError
-from gptoss_serve.deployments.responses_protocol import ResponsesRequest
+from gptoss_serve.deployments.responses.protocol import ResponsesRequest
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.responses_cases import ANSWER, ARGUMENTS, CALL, JSON_ANSWER, JSON_FORMAT, TOOLS, check_event

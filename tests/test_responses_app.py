@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptoss_serve.deployments.builder import build_app
-from gptoss_serve.deployments.response_store import STORE_NAMESPACE, store_name
+from gptoss_serve.deployments.responses.store import STORE_NAMESPACE, store_name
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
@@ -175,7 +175,7 @@ class Replica:
     """Stands in for an ingress replica in a process of its own: it opens the app's store as a replica does."""
 
     def __init__(self, app_name: str) -> None:
-        from gptoss_serve.deployments.response_store import StoreClient, store_actor
+        from gptoss_serve.deployments.responses.store import StoreClient, store_actor
 
         self.store = StoreClient(lambda: store_actor(app_name, max_entries=10, max_bytes=1 << 20, ttl_s=60))
 

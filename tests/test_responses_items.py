@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from gptoss_serve.cluster.engine import RequestOutput
-from gptoss_serve.deployments.responses_conversation import check_call_ids, normalize_input, to_chat_messages
-from gptoss_serve.deployments.responses_output import ResponseOutput
+from gptoss_serve.deployments.responses.conversation import check_call_ids, normalize_input, to_chat_messages
+from gptoss_serve.deployments.responses.output import ResponseOutput
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.responses_cases import ANSWER, ARGUMENTS, CALL, check_event

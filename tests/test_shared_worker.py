@@ -13,8 +13,8 @@ import threading
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link
-from gptoss_serve.cluster.worker_steps import serve_replica
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV, ExpertClient, Shard, make_link
+from gptoss_serve.cluster.expert_parallel.worker_steps import serve_replica
 from tests.net import free_port
 
 HIDDEN, TOP_K, LAYERS = 256, 4, 3

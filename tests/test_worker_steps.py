@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from gptoss_serve.cluster.expert_exchange import NCCL_ENV, ExpertClient, Shard, make_link
-from gptoss_serve.cluster.worker_steps import MAX_GRAPH_TOKENS, serve_replica
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV, ExpertClient, Shard, make_link
+from gptoss_serve.cluster.expert_parallel.worker_steps import MAX_GRAPH_TOKENS, serve_replica
 from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.packed_experts import Mxfp4Experts
 from tests.net import free_port

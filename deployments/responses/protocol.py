@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, model_validator
 
-from gptoss_serve.deployments.responses_conversation import normalize_input
+from gptoss_serve.deployments.responses.conversation import normalize_input
 
 Int = Annotated[int, Strict()]
 # OpenAI's rule for function names; anything else could break harmony's "to=functions.NAME" header

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from gptoss_serve.cluster.step_watch import StepWatch
+from gptoss_serve.cluster.expert_parallel.step_watch import StepWatch
 from gptoss_serve.model.experts import ExpertsUnavailableError, add_as_groups
 
 MAX_MICRO_BATCHES = 8

@@ -13,8 +13,8 @@ import uuid
 import ray
 import torch
 
-from gptoss_serve.cluster.expert_exchange import ExpertClient, PendingExchange, Shard, make_link
-from gptoss_serve.cluster.step_watch import bounded
+from gptoss_serve.cluster.expert_parallel.exchange import ExpertClient, PendingExchange, Shard, make_link
+from gptoss_serve.cluster.expert_parallel.step_watch import bounded
 from gptoss_serve.model.experts import ExpertsUnavailableError
 
 CONNECT_TIMEOUT_S = 30.0

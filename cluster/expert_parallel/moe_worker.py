@@ -14,8 +14,8 @@ import threading
 
 import torch
 
-from gptoss_serve.cluster.expert_exchange import Link, make_link
-from gptoss_serve.cluster.worker_steps import serve_replica
+from gptoss_serve.cluster.expert_parallel.exchange import Link, make_link
+from gptoss_serve.cluster.expert_parallel.worker_steps import serve_replica
 from gptoss_serve.model.hub import resolve_checkpoint
 from gptoss_serve.model.loader import LoadFormat, open_checkpoint
 from gptoss_serve.model.packed_experts import expert_shard_class

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from gptoss_serve.cluster.expert_exchange import (MAX_MICRO_BATCHES, STOP, Link, answer_dtype, row_bytes,
+from gptoss_serve.cluster.expert_parallel.exchange import (MAX_MICRO_BATCHES, STOP, Link, answer_dtype, row_bytes,
                                                   unpack)
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ from fastapi.responses import StreamingResponse
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.messages import EngineRequest
 from gptoss_serve.deployments.protocol import APIError
-from gptoss_serve.deployments.response_store import StoreClient
-from gptoss_serve.deployments.responses_conversation import (chat_response_format, chat_tool_choice, chat_tools,
+from gptoss_serve.deployments.responses.store import StoreClient
+from gptoss_serve.deployments.responses.conversation import (chat_response_format, chat_tool_choice, chat_tools,
                                                              check_call_ids, to_chat_messages)
-from gptoss_serve.deployments.responses_output import ResponseOutput, new_id
-from gptoss_serve.deployments.responses_protocol import ResponsesRequest
+from gptoss_serve.deployments.responses.output import ResponseOutput, new_id
+from gptoss_serve.deployments.responses.protocol import ResponsesRequest
 from gptoss_serve.model import harmony
 from gptoss_serve.model.constraints import harmony_constraint
 
