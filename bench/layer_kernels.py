@@ -17,9 +17,10 @@ import json
 import torch
 
 from gptoss_serve.bench.moe_kernel import copy_bandwidth, eager_mean, events_median, graphed
+from gptoss_serve.kernels.rms_norm_reference import add_rms_norm_reference
+from gptoss_serve.kernels.rotary_reference import rotary_qk_reference
+from gptoss_serve.kernels.router_reference import top_k_softmax_reference
 from gptoss_serve.model.moe import ExpertRouter
-from gptoss_serve.model.norm import rms_norm_reference
-from gptoss_serve.model.rotary import apply_rotary
 from gptoss_serve.model.synthetic import preset_config
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM = 2880, 64, 8, 64
@@ -51,20 +52,20 @@ def main(argv: list[str] | None = None) -> None:
         x, residual = (torch.randn(n, HIDDEN, dtype=torch.bfloat16, device="cuda") for _ in range(2))
         weight = torch.rand(HIDDEN, dtype=torch.bfloat16, device="cuda") + 0.5
         norm = time_pair(lambda: add_rms_norm(x, residual, weight, 1e-5)[0],
-                         lambda: rms_norm_reference(x, residual, weight, 1e-5)[0], 2 * (4 * n + 1) * HIDDEN)
+                         lambda: add_rms_norm_reference(x, residual, weight, 1e-5)[0], 2 * (4 * n + 1) * HIDDEN)
         qkv = torch.randn(n, (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         q = qkv[:, :Q_HEADS * HEAD_DIM].unflatten(-1, (Q_HEADS, HEAD_DIM))  # views, as the model passes them
         k = qkv[:, Q_HEADS * HEAD_DIM:(Q_HEADS + KV_HEADS) * HEAD_DIM].unflatten(-1, (KV_HEADS, HEAD_DIM))
         angles = torch.rand(n, HEAD_DIM // 2, device="cuda") * 100
         cos, sin = angles.cos(), angles.sin()
         rotary = time_pair(lambda: rotary_qk(q, k, cos, sin)[0],
-                           lambda: (apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))[0],
+                           lambda: rotary_qk_reference(q, k, cos, sin)[0],
                            2 * 2 * n * (Q_HEADS + KV_HEADS) * HEAD_DIM + 2 * 4 * n * HEAD_DIM // 2)
         router = ExpertRouter(preset_config("20b")).to(dtype=torch.bfloat16, device="cuda")
         torch.nn.init.normal_(router.weight, std=HIDDEN**-0.5)
         torch.nn.init.zeros_(router.bias)
         logits = torch.nn.functional.linear(x, router.weight, router.bias)
-        top_k = time_pair(lambda: top_k_softmax(logits, 4)[1], lambda: router.top_k_reference(logits)[1],
+        top_k = time_pair(lambda: top_k_softmax(logits, 4)[1], lambda: top_k_softmax_reference(logits, 4)[1],
                           2 * logits.numel() + 8 * 4 * n)
         for name, r in (("norm", norm), ("rotary", rotary), ("top-k", top_k)):
             rows.append({"kernel": name, "tokens": n, **r})

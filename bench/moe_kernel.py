@@ -24,9 +24,10 @@ from collections.abc import Callable
 
 import torch
 
-from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, random_packed_experts, relative_error
+from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, relative_error
 from gptoss_serve.model import mxfp4
 from gptoss_serve.model.experts import LocalExperts
+from gptoss_serve.model.packed_experts import random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
 
 HIDDEN = INTER = 2880

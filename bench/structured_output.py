@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from gptoss_serve.bench.engine_throughput import checkpoint_path, random_prompts, sync
+from gptoss_serve.cluster.constraints import completion_constraint
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarMatcher, advance, token_bitmasks
 from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.model.constraints import completion_constraint
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 from llguidance.tiktoken import lltokenizer_from_encoding
 
-from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.model.tokenizer import Tokenizer
 
 GRAMMAR_CACHE_SIZE = 256

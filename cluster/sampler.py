@@ -16,9 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gptoss_serve.cluster.engine_protocol import TokenLogprobs
 from gptoss_serve.cluster.grammar import GrammarMatcher, token_bitmasks
 from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
+from gptoss_serve.kernels.dispatch import TritonOp
 from gptoss_serve.kernels.token_bitmask_reference import apply_token_bitmask_reference
+
+# logits [B, V] masked in place: the Triton kernel on a GPU, the PyTorch reference elsewhere
+_apply_token_bitmask = TritonOp("token_bitmask.apply_token_bitmask", reference=apply_token_bitmask_reference)
 
 
 class SamplingState:
@@ -75,14 +80,6 @@ class SamplingState:
         new = output[self._counted:]
         self._counted = len(output)
         return self._prompt_mask, self._output_counts, self.prompt_token_ids if fresh else [], new
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float  # of the sampled token, under the raw model distribution
-    rank: int  # 1 + how many tokens the model found strictly likelier
-    top: list[tuple[int, float]]  # the params.logprobs likeliest (token id, logprob), likeliest first
 
 
 @dataclass(frozen=True)
@@ -161,18 +158,15 @@ def _apply_grammars(logits: Tensor, requests: list[SamplingState]) -> bool:
     rows = [i for i, state in enumerate(requests) if state.grammar is not None]
     if not rows:
         return False
-    on_gpu = logits.device.type == "cuda"
+    on_gpu = logits.device.type == "cuda"  # host buffers pinned, so the copies to the GPU don't block the host
     with torch.profiler.record_function("grammar_fill_bitmask"):
         masks = token_bitmasks([requests[i].grammar for i in rows], pin=on_gpu)  # [R, W]
     with torch.profiler.record_function("grammar_apply_bitmask"):
         index = torch.tensor(rows, dtype=torch.int64)  # [R]
         if on_gpu:
-            from gptoss_serve.kernels.token_bitmask import apply_token_bitmask  # Triton: only where a GPU is
-
-            apply_token_bitmask(logits, masks.to(logits.device, non_blocking=True),
-                                index.pin_memory().to(logits.device, non_blocking=True))
-        else:
-            apply_token_bitmask_reference(logits, masks.to(logits.device), index.to(logits.device))
+            index = index.pin_memory()
+        _apply_token_bitmask(logits, masks.to(logits.device, non_blocking=on_gpu),
+                             index.to(logits.device, non_blocking=on_gpu))
     return True
 
 

@@ -1,11 +1,13 @@
-"""Per-request sampling options, with vLLM's names, defaults and ranges, checked when built."""
+"""Per-request sampling options, with vLLM's names, defaults and ranges, checked when built; among them the grammar
+the output must match (`StructuredOutput`).
+
+No torch here: the CPU-only ingress builds these.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-from gptoss_serve.cluster.structured_output import StructuredOutput
 
 # harmony ends an assistant turn with <|return|> (final answer) or <|call|> (tool call); the engine fills these in
 # where a request leaves stop_token_ids at None
@@ -30,6 +32,27 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What a request's output must match (a grammar), as it travels to the engine core inside SamplingParams.
+
+    Plain, frozen and picklable: the ingress builds it (cluster/constraints.py) and the engine core's process compiles
+    its grammar (cluster/grammar.py).
+
+    grammar: llguidance's Lark syntax, over the whole generated text (harmony's special tokens written as
+    `<|channel|>` etc., JSON schemas inlined as `%json {...}`). description: a few words for errors, logs and
+    metrics, e.g. "json_schema 'weather'" or "tool_choice required"."""
+
+    grammar: str
+    description: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grammar, str) or not self.grammar.strip():
+            raise ValueError("structured_output.grammar must be a non-empty string")
+        if not isinstance(self.description, str):
+            raise ValueError("structured_output.description must be a string")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
-from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.cluster.sampling_params import SamplingParams, StructuredOutput
 
 
 class APIError(Exception):
@@ -83,7 +82,7 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # structured outputs: {"type": "text" | "json_object" | "json_schema", ...}, checked by model.constraints
+    # structured outputs: {"type": "text" | "json_object" | "json_schema", ...}, checked by cluster.constraints
     response_format: dict[str, Any] | None = None
     # OpenAI's, no effect on the output: accepted and ignored
     user: str | None = None
@@ -131,7 +130,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # checked with response_format (model.constraints)
+    tool_choice: str | dict[str, Any] | None = None  # checked with response_format (cluster.constraints)
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
     # harmony ends a turn at its one tool call: calls are never parallel, whatever this says
     parallel_tool_calls: bool | None = None

@@ -4,15 +4,16 @@ tested against. Runs on any device; no Triton here.
 The packed tensors are a layer's checkpoint tensors for experts [first, first + count):
   gate_up_blocks uint8 [E, 2I, H / 32, 16], gate_up_scales uint8 [E, 2I, H / 32], gate_up_bias [E, 2I]
   down_blocks    uint8 [E, H, I / 32, 16],  down_scales    uint8 [E, H, I / 32],  down_bias    [E, H]
-(rows of gate_up interleave gate and up: gate = row 2j, up = row 2j + 1; see model/mxfp4.py for blocks and scales).
+(rows of gate_up interleave gate and up: gate = row 2j, up = row 2j + 1; see mxfp4_reference.py for blocks and
+scales). `model.packed_experts.random_packed_experts` makes random ones for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gptoss_serve.model import mxfp4
-from gptoss_serve.model.experts import swiglu
+from gptoss_serve.kernels.mxfp4_reference import BLOCK_SIZE, dequantize
+from gptoss_serve.kernels.swiglu_reference import swiglu
 
 PACKED_NAMES = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
 
@@ -34,36 +35,13 @@ def moe_reference(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch
         token, slot = torch.nonzero(local == expert, as_tuple=True)  # the pairs routed to this expert
         if token.numel() == 0:
             continue
-        gate_up_w = mxfp4.dequantize(gate_up_blocks[expert], gate_up_scales[expert], dtype=torch.float32)  # [2I, H]
-        down_w = mxfp4.dequantize(down_blocks[expert], down_scales[expert], dtype=torch.float32)  # [H, I]
+        gate_up_w = dequantize(gate_up_blocks[expert], gate_up_scales[expert], dtype=torch.float32)  # [2I, H]
+        down_w = dequantize(down_blocks[expert], down_scales[expert], dtype=torch.float32)  # [H, I]
         gate_up = x[token] @ gate_up_w.T + gate_up_bias[expert].float()  # [n, 2I]
         act = swiglu(gate_up, alpha=alpha, limit=limit)  # [n, I]
         y = act @ down_w.T + down_bias[expert].float()  # [n, H]
         out.index_add_(0, token, y * weights[token, slot, None].float())
     return out
-
-
-def random_packed_experts(num_experts: int, hidden: int, inter: int, *, generator: torch.Generator,
-                          bias_std: float = 0.1) -> dict[str, torch.Tensor]:
-    """Fresh random packed expert weights of one layer (CPU tensors), named as `moe_reference` takes them.
-
-    Uniform random FP4 codes with scales near 2 ** round(log2(fan_in ** -0.5 / FP4_RMS)), jittered by one either
-    way (as model/mxfp4.random_part makes them): about 2**-7 .. 2**-5 at H = 2880, so outputs stay O(1).
-    """
-    def part(name: str, rows: int, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-        groups = fan_in // mxfp4.BLOCK_SIZE
-        blocks = mxfp4.random_part(name + mxfp4.BLOCKS, (num_experts, rows, groups, mxfp4.BLOCK_SIZE // 2), generator)
-        scales = mxfp4.random_part(name + mxfp4.SCALES, (num_experts, rows, groups), generator)
-        return blocks, scales
-
-    gate_up_blocks, gate_up_scales = part("gate_up_proj", 2 * inter, hidden)
-    down_blocks, down_scales = part("down_proj", hidden, inter)
-    return dict(
-        gate_up_blocks=gate_up_blocks, gate_up_scales=gate_up_scales,
-        gate_up_bias=(torch.randn(num_experts, 2 * inter, generator=generator) * bias_std).bfloat16(),
-        down_blocks=down_blocks, down_scales=down_scales,
-        down_bias=(torch.randn(num_experts, hidden, generator=generator) * bias_std).bfloat16(),
-    )
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,9 +53,5 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def packed_bytes_per_expert(hidden: int, inter: int, *, bias_bytes: int = 4) -> int:
     """Bytes one expert's packed weights occupy as the kernel reads them: blocks + scales + bias."""
     values = 2 * inter * hidden + hidden * inter
-    return values // 2 + values // mxfp4.BLOCK_SIZE + (2 * inter + hidden) * bias_bytes
+    return values // 2 + values // BLOCK_SIZE + (2 * inter + hidden) * bias_bytes
 
-
-def expected_experts_touched(num_tokens: int, num_experts: int, top_k: int) -> float:
-    """Mean number of distinct experts a batch touches under uniform random top-k routing."""
-    return num_experts * (1 - (1 - top_k / num_experts) ** num_tokens)

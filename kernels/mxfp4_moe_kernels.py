@@ -228,7 +228,7 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
 
 @triton.jit
 def _swiglu(gate, up, alpha, limit):
-    """gpt-oss's clamped SwiGLU (model/experts.py swiglu), in float32."""
+    """gpt-oss's clamped SwiGLU (swiglu_reference.swiglu), in float32."""
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     return (up + 1.0) * (gate * tl.sigmoid(alpha * gate))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gptoss_serve.model.attention import sink_attention
+from gptoss_serve.kernels.sink_attention_reference import sink_attention
 
 
 def store_kv_reference(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

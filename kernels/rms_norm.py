@@ -3,10 +3,10 @@
     normed, summed = add_rms_norm(x, residual, weight, eps)   # summed = x + residual; normed = RMSNorm(summed)
     normed, _ = add_rms_norm(x, None, weight, eps)            # the first layer: no residual yet
 
-The reference is `model.norm.rms_norm_reference`; the results match it bit for bit up to rsqrt's last float32 bit:
-the sum is rounded to the activation dtype first, as PyTorch's add rounds it, and the norm is taken of the rounded
-sum in float32. One program normalizes one row (gpt-oss's 2,880 values fit one block). Triton: imported on GPUs
-only.
+The reference is `rms_norm_reference.add_rms_norm_reference`; the results match it bit for bit up to rsqrt's last
+float32 bit: the sum is rounded to the activation dtype first, as PyTorch's add rounds it, and the norm is taken of
+the rounded sum in float32. One program normalizes one row (gpt-oss's 2,880 values fit one block). Triton: imported
+on GPUs only.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
     q_rot, k_rot = rotary_qk(q, k, cos, sin)   # q [N, Hq, D], k [N, Hkv, D]; cos, sin [N, D/2] float32
 
-q and k may be strided views of one fused QKV projection. The reference is `model.rotary.apply_rotary`, which, as
-transformers does, casts cos and sin to the activation dtype and rounds each product and each sum to it; the
-kernel computes in float32 and rounds once, so in bf16 it sits within one rounding of the exact rotation (about
+q and k may be strided views of one fused QKV projection. The reference is `rotary_reference.rotary_qk_reference`,
+which, as transformers does, casts cos and sin to the activation dtype and rounds each product and each sum to it;
+the kernel computes in float32 and rounds once, so in bf16 it sits within one rounding of the exact rotation (about
 2.7x closer to it than the reference, whose results it matches to a bf16 step). One program rotates every head of
 one token.
 Triton: imported on GPUs only.

@@ -6,7 +6,7 @@ PyTorch runs these as a two-kernel top-k and a softmax (~10 us a layer at one to
 attention half of a decode layer takes). One program takes one token's E logits (32 for 20b, 128 for 120b), picks
 the k largest (ties to the lower expert id, likeliest first) and their softmax in float32. The logits GEMM stays
 cuBLAS's: a kernel per token re-reading the router weights was slower. The reference is
-`model.moe.ExpertRouter.reference`. Triton: imported on GPUs only.
+`router_reference.top_k_softmax_reference`. Triton: imported on GPUs only.
 """
 
 from __future__ import annotations

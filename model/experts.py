@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from gptoss_serve.kernels.swiglu_reference import swiglu
 from gptoss_serve.model.checkpoint import CheckpointReader, expert_prefix, stored_names
 from gptoss_serve.model.config import GptOssConfig
 
@@ -32,22 +33,6 @@ class ExpertsUnavailableError(RuntimeError):
 
 # layer index -> that layer's experts; lets the caller decide where experts live without touching the model
 ExpertsFactory = Callable[[int], Experts]
-
-
-class SplitExperts(Protocol):
-    """Experts that can start a layer and finish it later (remote ones overlap other work in between)."""
-
-    def dispatch(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> object: ...
-
-    def combine(self, pending: object) -> torch.Tensor: ...
-
-
-def swiglu(gate_up: torch.Tensor, *, alpha: float, limit: float) -> torch.Tensor:
-    """gpt-oss's clamped SwiGLU on interleaved [..., 2I] gate/up columns -> [..., I]."""
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(alpha * gate))
 
 
 def add_as_groups(shares: list[torch.Tensor]) -> torch.Tensor:

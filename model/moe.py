@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptoss_serve.kernels.dispatch import TritonOp
+from gptoss_serve.kernels.router_reference import top_k_softmax_reference
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import Experts
+
+_top_k_softmax = TritonOp("router.top_k_softmax", reference=top_k_softmax_reference)
 
 
 class ExpertRouter(nn.Module):
@@ -21,19 +25,7 @@ class ExpertRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> expert ids [N, K], weights [N, K] (softmax over the K selected logits)."""
         logits = nn.functional.linear(x, self.weight, self.bias)  # [N, E]
-        if logits.is_cuda:
-            from gptoss_serve.kernels.router import top_k_softmax  # Triton: only where a GPU is
-
-            return top_k_softmax(logits, self.top_k)
-        return self.top_k_reference(logits)
-
-    def reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward in PyTorch alone."""
-        return self.top_k_reference(nn.functional.linear(x, self.weight, self.bias))
-
-    def top_k_reference(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
-        return expert_ids, torch.softmax(top_logits, dim=-1)
+        return _top_k_softmax(logits, self.top_k)
 
 
 class MoE(nn.Module):

@@ -1,9 +1,11 @@
-"""MXFP4, the format OpenAI ships gpt-oss expert weights in: the only module that knows blocks and scales.
+"""MXFP4, the format OpenAI ships gpt-oss expert weights in: the only module that knows how a checkpoint names,
+lays out and reads its blocks and scales.
 
 A matrix of logical shape [..., rows, cols] is stored as
   blocks: uint8 [..., rows, cols / 32, 16]   two E2M1 (FP4) values a byte, low nibble first
   scales: uint8 [..., rows, cols / 32]       one E8M0 exponent (bias 127) per block of 32 values
-and value = FP4_VALUES[nibble] * 2 ** (scale - 127).
+and value = FP4_VALUES[nibble] * 2 ** (scale - 127). That decoding math (`dequantize` and its constants) lives beside
+the kernels that decode the same bytes, in kernels/mxfp4_reference.py, and is re-exported here.
 
 In a checkpoint, a weight `name` of transformers' dense shape [..., in, out] is stored transposed, [..., out, in]
 (blocks run along the input dimension, the one a matrix product sums over), as `name_blocks` and `name_scales`.
@@ -17,10 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-BLOCK_SIZE = 32  # values sharing one scale
-SCALE_BIAS = 127  # E8M0 exponent bias
-# E2M1 code -> value: sign bit, two exponent bits, one mantissa bit
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# the decoding math, kept beside the kernels and re-exported: mxfp4.dequantize, mxfp4.BLOCK_SIZE, ...
+from gptoss_serve.kernels.mxfp4_reference import BLOCK_SIZE, FP4_VALUES, SCALE_BIAS, dequantize
+
 FP4_RMS = 2.93  # RMS of FP4_VALUES over uniformly random codes: what random blocks scale by
 BLOCKS, SCALES = "_blocks", "_scales"  # suffixes of a stored weight's two tensors
 
@@ -83,22 +84,6 @@ def random_part(name: str, shape: tuple[int, ...], generator: torch.Generator) -
     # exponents vary by one either way, as trained ones do
     jitter = torch.randint(-1, 2, shape, generator=generator, device=generator.device)
     return (SCALE_BIAS + exponent + jitter).to(torch.uint8)
-
-
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """[..., rows, G, 16] blocks + [..., rows, G] scales -> [..., rows, G * 32] values, on blocks' device.
-
-    Exact in bf16 and float32: every value is a small FP4 number times a power of two.
-    """
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK_SIZE // 2:
-        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
-    values = torch.stack((lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]), dim=-1)  # [..., G, 16, 2]
-    values = values.flatten(-3)  # [..., G * 32], low nibble first
-    exponents = scales.int() - SCALE_BIAS  # [..., G]
-    return torch.ldexp(values, exponents.repeat_interleave(BLOCK_SIZE, dim=-1).to(dtype))
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

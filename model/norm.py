@@ -2,7 +2,7 @@
 
 Each block adds its attention and MoE outputs into a residual stream and normalizes the sum. The add and the norm
 are one step here, `norm(x, residual) -> (normed, summed)`, so a GPU runs them as one kernel (kernels/rms_norm.py);
-`rms_norm_reference` is the same math in PyTorch, for the CPU and for the kernel's tests.
+elsewhere the same math runs in PyTorch (kernels/rms_norm_reference.py).
 """
 
 from __future__ import annotations
@@ -10,15 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptoss_serve.kernels.dispatch import TritonOp
+from gptoss_serve.kernels.rms_norm_reference import add_rms_norm_reference
 
-def rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (RMSNorm(x + residual), x + residual); the sum in x's dtype, as transformers adds (without a residual,
-    x itself)."""
-    summed = x if residual is None else x + residual
-    x32 = summed.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * x32).to(summed.dtype), summed
+_add_rms_norm = TritonOp("rms_norm.add_rms_norm", reference=add_rms_norm_reference)
 
 
 class RMSNorm(nn.Module):
@@ -29,8 +24,4 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., H] plus the residual stream so far (None: x starts it) -> (the normed sum, the sum)."""
-        if x.is_cuda:
-            from gptoss_serve.kernels.rms_norm import add_rms_norm  # Triton: only where a GPU is
-
-            return add_rms_norm(x, residual, self.weight, self.eps)
-        return rms_norm_reference(x, residual, self.weight, self.eps)
+        return _add_rms_norm(x, residual, self.weight, self.eps)

@@ -9,12 +9,18 @@ PyTorch reference in kernels/moe_reference.py decodes each expert while it is us
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from gptoss_serve.kernels.dispatch import TritonOp
+from gptoss_serve.kernels.moe_reference import moe_reference
 from gptoss_serve.model import mxfp4
 from gptoss_serve.model.checkpoint import CheckpointReader, expert_prefix
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import ExpertShard, LocalExperts
+
+# the kernels are written for bf16 activations; float32 ones (and the CPU) take the reference. The two are called
+# differently (the kernels take a PackedExperts view and an output buffer), so _run asks which one and calls it.
+_mxfp4_moe = TritonOp("mxfp4_moe.mxfp4_moe", reference=moe_reference,
+                      when=lambda hidden: hidden.dtype == torch.bfloat16)
 
 
 class Mxfp4Experts(ExpertShard):
@@ -57,22 +63,18 @@ class Mxfp4Experts(ExpertShard):
 
     def _run(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, *,
              out_dtype: torch.dtype) -> torch.Tensor:
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16:
-            from gptoss_serve.kernels.mxfp4_moe import mxfp4_moe  # Triton: imported only where a GPU is
-
-            out = torch.empty(hidden.shape, dtype=out_dtype, device=hidden.device)
+        if _mxfp4_moe.uses_kernel(hidden):
+            out = torch.empty(hidden.shape, dtype=out_dtype, device=hidden.device)  # [N, H]
             # tiles and summation order of the whole layer: shards add up to it exactly (see mxfp4_moe)
-            return mxfp4_moe(hidden, expert_ids, weights, self.kernel_view(), first=self.first, alpha=self.alpha,
-                             limit=self.limit, out=out, layer_experts=self.layer_experts)
-        # imported here: kernels/moe_reference.py imports this package (its mxfp4 and swiglu)
-        from gptoss_serve.kernels.moe_reference import moe_reference
-
+            return _mxfp4_moe.kernel(hidden, expert_ids, weights, self.kernel_view(), first=self.first,
+                                     alpha=self.alpha, limit=self.limit, out=out, layer_experts=self.layer_experts)
         out = moe_reference(hidden, expert_ids, weights, **self.packed_tensors(), first=self.first, alpha=self.alpha,
-                            limit=self.limit)
+                            limit=self.limit)  # [N, H] float32
         return out.to(out_dtype)
 
     def never_waits_for_host(self, dtype: torch.dtype) -> bool:
-        return self.gate_up_blocks.is_cuda and dtype == torch.bfloat16  # the kernels; the reference syncs
+        probe = torch.empty(0, dtype=dtype, device=self.gate_up_blocks.device)
+        return _mxfp4_moe.uses_kernel(probe)  # the kernels never wait; the reference syncs once per expert
 
     def warm_up(self, max_tokens: int, top_k: int) -> None:
         """On a GPU, one call at each token count where the kernels switch tiles (few to many tokens an expert), so
@@ -97,7 +99,7 @@ class Mxfp4Experts(ExpertShard):
 
     def kernel_view(self):
         if self._kernel_view is None:
-            from gptoss_serve.kernels.mxfp4_moe import PackedExperts
+            from gptoss_serve.kernels.mxfp4_moe import PackedExperts  # Triton: only ever called on a GPU
 
             self._kernel_view = PackedExperts.of(**self.packed_tensors())
         return self._kernel_view
@@ -105,6 +107,30 @@ class Mxfp4Experts(ExpertShard):
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), to_empty(): the buffers move, so any view made is stale
         self._kernel_view = None
         return super()._apply(fn, recurse)
+
+
+def random_packed_experts(num_experts: int, hidden: int, inter: int, *, generator: torch.Generator,
+                          bias_std: float = 0.1) -> dict[str, torch.Tensor]:
+    """Fresh random packed expert weights of one layer (CPU tensors), named as Mxfp4Experts' buffers and
+    `moe_reference`'s arguments, for tests and benchmarks.
+
+    Uniform random FP4 codes with scales near 2 ** round(log2(fan_in ** -0.5 / FP4_RMS)), jittered by one either
+    way (as mxfp4.random_part makes them): about 2**-7 .. 2**-5 at H = 2880, so outputs stay O(1).
+    """
+    def part(name: str, rows: int, fan_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = fan_in // mxfp4.BLOCK_SIZE
+        blocks = mxfp4.random_part(name + mxfp4.BLOCKS, (num_experts, rows, groups, mxfp4.BLOCK_SIZE // 2), generator)
+        scales = mxfp4.random_part(name + mxfp4.SCALES, (num_experts, rows, groups), generator)
+        return blocks, scales
+
+    gate_up_blocks, gate_up_scales = part("gate_up_proj", 2 * inter, hidden)  # [E, 2I, H / 32, 16], [E, 2I, H / 32]
+    down_blocks, down_scales = part("down_proj", hidden, inter)  # [E, H, I / 32, 16], [E, H, I / 32]
+    return dict(
+        gate_up_blocks=gate_up_blocks, gate_up_scales=gate_up_scales,
+        gate_up_bias=(torch.randn(num_experts, 2 * inter, generator=generator) * bias_std).bfloat16(),
+        down_blocks=down_blocks, down_scales=down_scales,
+        down_bias=(torch.randn(num_experts, hidden, generator=generator) * bias_std).bfloat16(),
+    )
 
 
 def expert_shard_class(config: GptOssConfig, *, dequantize: bool = False) -> type[ExpertShard]:

@@ -7,7 +7,13 @@ import math
 import torch
 from torch import nn
 
+from gptoss_serve.kernels.dispatch import TritonOp
+from gptoss_serve.kernels.rotary_reference import rotary_qk_reference
 from gptoss_serve.model.config import GptOssConfig
+
+# the kernel takes a step's rows, q [N, heads, D] with cos/sin [N, D/2]; whole sequences ([B, T, heads, D], the
+# cache-free reference model) take the reference, which broadcasts
+_rotary_qk = TritonOp("rotary.rotary_qk", reference=rotary_qk_reference, when=lambda q: q.dim() == 3)
 
 
 def yarn_inverse_frequencies(config: GptOssConfig) -> tuple[torch.Tensor, float]:
@@ -57,16 +63,6 @@ class RotaryEmbedding(nn.Module):
 
 def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries and keys rotated: one Triton kernel for both on a GPU (kernels/rotary.py), apply_rotary elsewhere."""
-    if q.is_cuda and q.dim() == 3:  # a step's [N, heads, D] rows; cos/sin [N, D/2]
-        from gptoss_serve.kernels.rotary import rotary_qk  # Triton: only where a GPU is
-
-        return rotary_qk(q, k, cos, sin)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., heads, head_dim] rotated by cos/sin [..., head_dim / 2] (broadcast over heads)."""
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+    """Queries and keys rotated: one Triton kernel for both on a GPU (kernels/rotary.py), the PyTorch reference
+    (kernels/rotary_reference.py) elsewhere."""
+    return _rotary_qk(q, k, cos, sin)

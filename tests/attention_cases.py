@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from gptoss_serve.model.attention import sink_attention
+from gptoss_serve.kernels.sink_attention_reference import sink_attention
 
 
 def random_step(seqs: list[tuple[int, int]], *, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from gptoss_serve.kernels.paged_attention import store_kv_reference
+from gptoss_serve.kernels.rms_norm_reference import add_rms_norm_reference
+from gptoss_serve.kernels.rotary_reference import apply_rotary
+from gptoss_serve.kernels.router_reference import top_k_softmax_reference
 from gptoss_serve.model.moe import ExpertRouter
-from gptoss_serve.model.norm import rms_norm_reference
-from gptoss_serve.model.rotary import apply_rotary
 from gptoss_serve.model.synthetic import preset_config
 
 
@@ -68,12 +69,13 @@ INTERPRETED = textwrap.dedent("""
     from gptoss_serve.kernels.router import top_k_softmax
     from gptoss_serve.kernels.kv_store import store_kv
     from gptoss_serve.kernels.paged_attention import store_kv_reference
-    from gptoss_serve.model.norm import rms_norm_reference
-    from gptoss_serve.model.rotary import apply_rotary
+    from gptoss_serve.kernels.rms_norm_reference import add_rms_norm_reference
+    from gptoss_serve.kernels.rotary_reference import apply_rotary
+    from gptoss_serve.kernels.router_reference import top_k_softmax_reference
     from tests.test_layer_kernels import kv_case, norm_case, rotary_case, router_case
     x, residual, weight = norm_case(3, 40, torch.float32, "cpu")
     for r in (residual, None):
-        got, want = add_rms_norm(x, r, weight, 1e-5), rms_norm_reference(x, r, weight, 1e-5)
+        got, want = add_rms_norm(x, r, weight, 1e-5), add_rms_norm_reference(x, r, weight, 1e-5)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
     q, k, cos, sin = rotary_case(5, 6, 2, 16, torch.float32, "cpu")
@@ -83,7 +85,7 @@ INTERPRETED = textwrap.dedent("""
     router, x = router_case(6, 20, 300, 3, torch.float32, "cpu")
     logits = torch.nn.functional.linear(x, router.weight, router.bias)
     ids, weights = top_k_softmax(logits, 3)
-    want_ids, want_weights = router.top_k_reference(logits)
+    want_ids, want_weights = top_k_softmax_reference(logits, 3)
     assert torch.equal(ids, want_ids), (ids, want_ids)
     torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
     k, v, caches, slots = kv_case(5, 3, 8, 4, torch.float32, "cpu")
@@ -107,11 +109,11 @@ def test_kernels_in_the_interpreter_match_their_references():
 
 def test_reference_norm_adds_then_normalizes():
     x, residual, weight = norm_case(4, 32, torch.float32, "cpu")
-    normed, summed = rms_norm_reference(x, residual, weight, 1e-5)
+    normed, summed = add_rms_norm_reference(x, residual, weight, 1e-5)
     assert torch.equal(summed, x + residual)
     rms = summed.pow(2).mean(-1, keepdim=True).sqrt()
     torch.testing.assert_close(normed, weight * summed / rms, rtol=1e-4, atol=1e-5)
-    assert rms_norm_reference(x, None, weight, 1e-5)[1] is x
+    assert add_rms_norm_reference(x, None, weight, 1e-5)[1] is x
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tests
@@ -124,7 +126,7 @@ def test_norm_kernel_matches_the_reference_on_gpu(rows):
     x, residual, weight = norm_case(rows, 2880, torch.bfloat16, "cuda", seed=rows)
     for r in (residual, None):
         (normed, summed), (want_normed, want_summed) = add_rms_norm(x, r, weight, 1e-5), \
-            rms_norm_reference(x, r, weight, 1e-5)
+            add_rms_norm_reference(x, r, weight, 1e-5)
         assert torch.equal(summed, want_summed)  # the residual stream itself is exact
         # rsqrt may differ in its last float32 bit: at most one bf16 step apart, rarely
         assert (normed.float() - want_normed.float()).abs().max() <= want_normed.float().abs().max() / 128
@@ -166,7 +168,7 @@ def test_router_kernel_matches_the_reference_on_gpu(tokens, experts):
     router, x = router_case(tokens, experts, 2880, 4, torch.bfloat16, "cuda", seed=tokens)
     logits = torch.nn.functional.linear(x, router.weight, router.bias)
     ids, weights = top_k_softmax(logits, 4)
-    want_ids, want_weights = router.top_k_reference(logits)
+    want_ids, want_weights = top_k_softmax_reference(logits, 4)
     # bf16 logits can tie; the kernel takes the lower id, torch.topk either: compare the chosen logits, not ids
     torch.testing.assert_close(logits.gather(1, ids), logits.gather(1, want_ids), rtol=0, atol=0)
     torch.testing.assert_close(weights, want_weights, rtol=2**-7, atol=2**-8)

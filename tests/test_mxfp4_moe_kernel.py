@@ -14,10 +14,10 @@ import textwrap
 import pytest
 import torch
 
-from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, random_packed_experts, relative_error
+from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, relative_error
 from gptoss_serve.model import mxfp4
-from gptoss_serve.model.experts import LocalExperts
-from gptoss_serve.model.experts import add_as_groups
+from gptoss_serve.model.experts import LocalExperts, add_as_groups
+from gptoss_serve.model.packed_experts import random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
 
 TOLERANCE = 1e-2  # bf16 operands and a bf16 activation in between; float32 accumulation
@@ -225,9 +225,10 @@ def test_deterministic_and_graph_capturable():
 
 INTERPRETED = textwrap.dedent("""
     import torch
-    from gptoss_serve.kernels.moe_reference import moe_reference, random_packed_experts, relative_error
+    from gptoss_serve.kernels.moe_reference import moe_reference, relative_error
     from gptoss_serve.kernels.mxfp4_moe import PRESETS, PackedExperts, mxfp4_moe
     from gptoss_serve.model.experts import add_as_groups
+    from gptoss_serve.model.packed_experts import random_packed_experts
     from tests.test_mxfp4_moe_kernel import ALPHA, LIMIT, routing, shard
     gen = torch.Generator().manual_seed(0)
     experts = random_packed_experts(8, 64, 64, generator=gen)

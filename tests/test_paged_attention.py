@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptoss_serve.kernels.paged_attention import paged_decode_reference, paged_prefill_reference
-from gptoss_serve.model.attention import sink_attention
+from gptoss_serve.kernels.sink_attention_reference import sink_attention
 
 BLOCK, HQ, HKV, D = 4, 6, 2, 8
 

@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from gptoss_serve.cluster.sampler import Sampler, SamplingState, TokenLogprobs, _apply_penalties
+from gptoss_serve.cluster.engine_protocol import TokenLogprobs
+from gptoss_serve.cluster.sampler import Sampler, SamplingState, _apply_penalties
 from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
 
 PROBS = torch.tensor([0.1, 0.2, 0.3, 0.4])

@@ -1,7 +1,7 @@
-"""Structured outputs and tool_choice, enforced by constrained decoding: the grammars (model/constraints.py), the engine
-(cluster/grammar.py, the sampler; the bitmask kernel has tests/test_token_bitmask.py), and the whole path through the
-OpenAI ingress in front of a real AttentionReplica and engine core (in-process, no Ray): on the random tiny model for
-/v1/completions, on a tiny model scripted to reason first (tests/scripted_model.py) for chat."""
+"""Structured outputs and tool_choice, enforced by constrained decoding: the grammars (cluster/constraints.py), the
+engine (cluster/grammar.py, the sampler; the bitmask kernel has tests/test_token_bitmask.py), and the whole path
+through the OpenAI ingress in front of a real AttentionReplica and engine core (in-process, no Ray): on the random
+tiny model for /v1/completions, on a tiny model scripted to reason first (tests/scripted_model.py) for chat."""
 
 from __future__ import annotations
 
@@ -15,16 +15,15 @@ import jsonschema
 import pytest
 import torch
 
+from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance, token_bitmasks
-from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.cluster.sampling_params import SamplingParams, StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.model.loader import load_model
-from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.harmony import parse_completion, render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.scripted_model import follow_chain

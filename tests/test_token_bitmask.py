@@ -74,11 +74,11 @@ def test_the_kernel_matches_the_reference_on_gpu(batch, rows):
 
 @pytest.mark.gpu
 def test_the_sampler_draws_only_allowed_tokens_on_gpu():
+    from gptoss_serve.cluster.constraints import completion_constraint
     from gptoss_serve.cluster.grammar import GrammarCompiler, token_bitmasks
     from gptoss_serve.cluster.sampler import Sampler, SamplingState
     from gptoss_serve.cluster.sampling_params import SamplingParams
     from gptoss_serve.kernels.token_bitmask_reference import unpack_token_bitmask
-    from gptoss_serve.model.constraints import completion_constraint
     from gptoss_serve.model.tokenizer import load_tokenizer
 
     spec = completion_constraint({"type": "json_object"})

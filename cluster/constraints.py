@@ -12,7 +12,8 @@ The prompt ends with `<|start|>assistant` (render_chat), so the output opens wit
     <|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGUMENTS<|call|>
 
 (the tool call in the form OpenAI's harmony guide shows the model writing; HarmonyStreamParser reads it as a call).
-Both functions raise ValueError naming the offending field, which the ingress answers with a 400.
+Both functions raise ValueError naming the offending field, which the ingress answers with a 400. No torch here: the
+CPU-only ingress imports this; the engine core compiles the grammars it makes (cluster/grammar.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.cluster.sampling_params import StructuredOutput
 
 __all__ = ["JSON_FORMAT", "completion_constraint", "harmony_constraint"]
 
