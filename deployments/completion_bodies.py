@@ -3,12 +3,16 @@
 Chat output goes through the harmony parser: the analysis channel becomes `reasoning` (vLLM's name; also as
 `reasoning_content`, its older one, for older clients), the final channel `content`, and commentary addressed to
 `functions.*` becomes `tool_calls`.
+
+Stop strings: a completion's text comes already cut by the engine's TextStreams (cluster/output_processor.py); chat's
+stop strings apply to its final channel only, so the ingress leaves them out of the engine's params and ChatChoice
+runs the same StopStringMatcher over the final-channel text itself.
 """
 
 from __future__ import annotations
 
-from gptoss_serve.cluster.engine import RequestOutput
-from gptoss_serve.cluster.sampler import TokenLogprobs
+from gptoss_serve.cluster.engine_protocol import RequestOutput, TokenLogprobs
+from gptoss_serve.cluster.output_processor import StopStringMatcher
 from gptoss_serve.model.harmony import HarmonyDelta, HarmonyStreamParser
 from gptoss_serve.model.tokenizer import Tokenizer
 
@@ -20,12 +24,13 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
 class ChatChoice:
     """One choice of a chat completion, fed the engine's outputs as they come."""
 
-    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool, stop: tuple[str, ...] = (),
+                 include_stop: bool = False) -> None:
         """stop: strings that end the answer where they first appear in its final-channel text (the reasoning
-        may contain them freely); the text shown stops before them."""
+        may contain them freely); the text shown stops before them (include_stop: with them)."""
         self.index, self.tokenizer, self.want_logprobs = index, tokenizer, logprobs
-        self.stop = tuple(s for s in stop if s)
-        self.held = ""  # final-channel text not shown yet: it may be the start of a stop string
+        # final-channel text that might begin a stop string waits in here until the next text tells
+        self.final_text = StopStringMatcher(stop, include_stop=include_stop)
         self.shown = ""  # final-channel text shown so far
         self.stopped = False  # a stop string appeared: the ingress aborts the request, later outputs are dropped
         self.parser = HarmonyStreamParser()
@@ -56,16 +61,9 @@ class ChatChoice:
         return delta, lp
 
     def _visible(self, text: str) -> str:
-        """Final-channel text that can be shown now: up to a stop string, less a tail that may begin one."""
-        if not self.stop:
-            return text
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            shown, self.held, self.stopped = self.held[:min(hits)], "", True
-        else:
-            keep = min(len(self.held), max(map(len, self.stop)) - 1)
-            shown, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        """Final-channel text that can be shown now: up to a stop string, less a tail that may still become one."""
+        shown = self.final_text.feed(text)
+        self.stopped = self.final_text.stopped
         self.shown += shown
         return shown
 
@@ -89,15 +87,15 @@ class ChatChoice:
                 else:
                     call["function"] = {"arguments": d.arguments or ""}
                 delta.setdefault("tool_calls", []).append(call)
-        if last and self.held and not self.stopped:  # the held-back tail turned out to be no stop string
-            delta["content"] = delta.get("content", "") + self.held
-            self.shown, self.held = self.shown + self.held, ""
+        if last and (tail := self.final_text.flush()):  # the held-back tail turned out to be no stop string
+            delta["content"] = delta.get("content", "") + tail
+            self.shown += tail
         return delta
 
     def message(self) -> dict:
         """The whole choice, for a non-streaming response."""
         result = self.parser.finish()
-        content = self.shown if self.stop and result.content is not None else result.content
+        content = self.shown if self.final_text.stop and result.content is not None else result.content
         message: dict = {"role": "assistant", "content": content, "reasoning": result.reasoning_content,
                          "reasoning_content": result.reasoning_content}
         if result.tool_calls:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_protocol import RequestOutput
 from gptoss_serve.deployments.completion_bodies import ChatChoice
 from gptoss_serve.model.tokenizer import load_tokenizer
 
@@ -62,3 +62,29 @@ def test_outputs_after_the_stop_are_dropped(tokenizer):
 def test_without_stop_strings_nothing_is_held_back(tokenizer):
     content, _, choice, _ = run(tokenizer, ())
     assert content == "Hello there, see you tomorrow!" and not choice.stopped
+
+
+def content_per_output(tokenizer, stop: tuple[str, ...]) -> list[str]:
+    """The streamed content after each output, one token an output."""
+    tokens = tokenizer.encode(ANSWER, allow_special=True)
+    choice, shown, so_far = ChatChoice(0, tokenizer, logprobs=False, stop=stop), "", []
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        fed = choice.feed(RequestOutput("r", [token], None, last, "stop" if last else None, num_output_tokens=i + 1))
+        if fed is None:
+            break
+        shown += fed[0].get("content", "")
+        so_far.append(shown)
+    return so_far
+
+
+def test_final_channel_text_is_streamed_as_soon_as_it_cannot_become_a_stop_string(tokenizer):
+    unstopped = content_per_output(tokenizer, ())
+    # no stop string can begin anywhere in "Hello there, see you tomorrow!": nothing ever waits (the old rule held
+    # back the longest stop's length less one, 7 characters here, until the end)
+    assert content_per_output(tokenizer, ("Goodbye",)) == unstopped
+    # " you" may begin "you there": its "you" waits one token, until " tomorrow" rules it out
+    waiting = content_per_output(tokenizer, ("you there",))
+    assert [u for u, w in zip(unstopped, waiting) if u != w] == ["Hello there, see you"]
+    assert waiting[unstopped.index("Hello there, see you")] == "Hello there, see "
+    assert waiting[-1] == unstopped[-1] == "Hello there, see you tomorrow!"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_protocol import RequestOutput
 from gptoss_serve.deployments.responses.conversation import check_call_ids, normalize_input, to_chat_messages
 from gptoss_serve.deployments.responses.output import ResponseOutput
 from gptoss_serve.model.harmony import render_chat

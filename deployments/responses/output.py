@@ -9,13 +9,17 @@ commentary message to `functions.NAME` -> a `function_call` item. Items open whe
     ... .done, response.content_part.done, response.output_item.done       (function calls: arguments delta / done)
 
 The non-streamed response is built by the same object, so both ways give the same items.
+
+Nothing is held back: the Responses API has no stop strings (OpenAI's has no `stop` field, nor does
+responses/protocol.py), so text is shown as soon as the parser gives it. Were stop strings added, they would go through
+cluster/output_processor.py's StopStringMatcher over the message text, as chat's final channel does.
 """
 
 from __future__ import annotations
 
 import secrets
 
-from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_protocol import RequestOutput
 from gptoss_serve.model.harmony import HarmonyDelta, HarmonyStreamParser
 
 ID_PREFIX = {"reasoning": "rs", "message": "msg", "function_call": "fc"}
