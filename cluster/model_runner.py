@@ -3,8 +3,9 @@
 A step's tokens are laid end to end ([N], no padding): each sequence contributes its next chunk of prompt or its
 one new token, described to the device by StepInputs (one copy). Attention goes through the paged KV cache, in one
 variable-length kernel on GPUs (the PyTorch reference elsewhere); logits are computed, and a token sampled, only
-for the sequences whose chunk reaches the end of their tokens. On a GPU with experts in this process, decode
-steps replay CUDA graphs (decode_graphs.py) unless `enforce_eager`.
+for the sequences whose chunk reaches the end of their tokens. On a GPU with experts in this process, or on MoE
+workers over NCCL, decode steps replay CUDA graphs (decode_graphs.py) unless `enforce_eager`. Experts on MoE
+workers take part in each step through the hooks of cluster/expert_parallel/step_hooks.py.
 """
 
 from __future__ import annotations
@@ -15,31 +16,31 @@ import torch
 
 from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
-from gptoss_serve.cluster.expert_parallel.exchange import capturing, wait_for_event
+from gptoss_serve.cluster.expert_parallel.step_hooks import StepSamples, expert_step_hooks
 from gptoss_serve.cluster.kv_cache import KVCache
-from gptoss_serve.cluster.sampler import PendingSample, Sampler, SamplerOutput
+from gptoss_serve.cluster.sampler import Sampler
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
+from gptoss_serve.kernels.dispatch import TritonOp
 from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
 from gptoss_serve.model.attention import Attention
-from gptoss_serve.model.experts import ExpertShard, ExpertsUnavailableError
+from gptoss_serve.model.experts import ExpertShard
 from gptoss_serve.model.transformer import GptOssForCausalLM
+
+
+@functools.wraps(paged_attention_reference)
+def _paged_attention_reference(*args, max_query_len: int, **kwargs):  # noqa: ARG001 - the kernel's grid needs it
+    return paged_attention_reference(*args, **kwargs)
+
+
+_store_kv = TritonOp("kv_store.store_kv", reference=store_kv_reference)
+_paged_attention = TritonOp("varlen_attention.paged_attention", reference=_paged_attention_reference)
 
 
 def attention_kernels(device: torch.device):
     """(cache write, variable-length paged attention) for this device: Triton on CUDA, PyTorch references
     elsewhere."""
-    if device.type == "cuda":
-        from gptoss_serve.kernels.kv_store import store_kv  # Triton: only where a GPU is
-        from gptoss_serve.kernels.varlen_attention import paged_attention
-
-        return store_kv, paged_attention
-
-    @functools.wraps(paged_attention_reference)
-    def reference(*args, max_query_len: int, **kwargs):  # noqa: ARG001 - the kernel's grid needs it, not this
-        return paged_attention_reference(*args, **kwargs)
-
-    return store_kv_reference, reference
+    return _store_kv.for_device(device), _paged_attention.for_device(device)
 
 
 class PagedAttention:
@@ -59,35 +60,6 @@ class PagedAttention:
                            window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len)
 
 
-class RemoteStepSamples:
-    """A step's samples when its experts are on MoE workers: the host waits for them at most the expert timeout
-    (a hung worker would otherwise block the wait forever); past it the link is aborted and the step fails."""
-
-    def __init__(self, samples: PendingSample, link) -> None:
-        self.samples, self.link = samples, link
-        self.client = link.client  # the link the step ran over: a later reconnect does not make its samples good
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        return self.samples.tokens
-
-    def result(self) -> SamplerOutput:
-        if self.samples.event is not None:
-            try:
-                wait_for_event(self.samples.event, self.link.timeout_s, "did not answer")
-            except ExpertsUnavailableError:
-                self.link.reset()
-                raise
-        if self.client is not None:  # an aborted link's kernels exit early: what the step computed is garbage
-            try:
-                self.client.check()
-            except ExpertsUnavailableError:
-                if self.link.client is self.client:
-                    self.link.reset()
-                raise
-        return self.samples.result()
-
-
 class ModelRunner:
     def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_model_len: int = 8192,
@@ -105,31 +77,20 @@ class ModelRunner:
         self.attention = attention_kernels(self.device)
         experts = model.model.layers[0].mlp.experts
         local = isinstance(experts, ExpertShard)
-        self.expert_link = getattr(experts, "link", None)  # RemoteExperts' link to the MoE workers, if remote
+        # what each step does for experts on MoE workers (nothing, for experts in this process)
+        self.expert_hooks = expert_step_hooks(experts, device=self.device, enforce_eager=enforce_eager)
         if local:  # every layer's experts run the same kernels: compile them once
             experts.warm_up(max_num_batched_tokens, model.config.num_experts_per_tok)
-        self.graphs = None
+        self.graphs = None  # colocated experts' decode graphs, captured at start-up (remote ones: expert_hooks')
         groups = [FULL, SLIDING] if model.config.sliding_window else [FULL]
         self._capture = functools.partial(DecodeGraphs, groups=groups, max_num_seqs=max_num_seqs,
                                           max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
         if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
             self.graphs = self._capture(self._forward)
-        # Remote experts over NCCL: the exchange's sends and receives are captured with the rest of a decode step.
-        # The graphs hold the link's communicators, so they are captured once a link is up, and again after a
-        # reconnect (see _remote_graphs).
-        self.remote_graphs = (self.expert_link is not None and self.expert_link.backend == "nccl"
-                              and self.device.type == "cuda" and not enforce_eager)
-        self._graphs_client = None  # the ExpertClient the graphs were captured over
-
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> SamplerOutput:
-        """(sequence, number of new tokens) pairs -> a token (and its logprobs, if asked) for each sequence whose
-        chunk reaches its last token, in the order given."""
-        pending = self.launch(scheduled)
-        return pending.result() if pending is not None else SamplerOutput(token_ids=[], logprobs=[])
 
     @torch.inference_mode()
     def launch(self, scheduled: list[tuple[Sequence, int]],
-               pending_tokens: torch.Tensor | None = None) -> PendingSample | None:
+               pending_tokens: torch.Tensor | None = None) -> StepSamples | None:
         """Queues the step's forward pass and sampling on the device and returns without waiting for them; None
         when every chunk ends inside a prompt (nothing to sample). pending_tokens: the device samples of the step
         still in flight, for sequences whose newest token is PENDING."""
@@ -137,15 +98,12 @@ class ModelRunner:
         try:
             logits = self._logits(scheduled, pending_tokens)  # [S, vocab]
         except Exception:
-            if self.expert_link is not None:  # the workers may be mid-step: the link is out of step with them
-                self.expert_link.reset()
+            self.expert_hooks.reset()
             raise
-        if self.expert_link is not None:
-            self.expert_link.watch_step()
+        self.expert_hooks.watch_step()
         if not sampling:
             return None
-        samples = self.sampler.launch(logits, sampling)
-        return RemoteStepSamples(samples, self.expert_link) if self.expert_link is not None else samples
+        return self.expert_hooks.wrap(self.sampler.launch(logits, sampling))
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """One forward pass of a whole step -> float32 logits of its sampled rows."""
@@ -158,45 +116,28 @@ class ModelRunner:
         build = functools.partial(StepInputs.build, block_size=self.cache.block_size, device=self.device,
                                   pending_tokens=pending_tokens)
         decode = all(n == 1 for _, n in scheduled)
-        graphs = self._remote_graphs() if self.remote_graphs and decode else self.graphs
+        graphs = self._decode_graphs() if decode else None
         bucket = graphs.bucket(len(scheduled)) if graphs is not None else None
         # (a table never outgrows the graphs' width: sequences are held to max_model_len)
-        if bucket is not None and decode:
+        if bucket is not None:
             inputs = build(scheduled, pad_to=bucket)
-            if self.remote_graphs:
-                client = self._graphs_client
-                self.expert_link.begin_step([bucket])
-                client.record_replayed_step(bucket, self.model.config.num_hidden_layers)
+            self.expert_hooks.begin_replayed_step(bucket, self.model.config.num_hidden_layers)
             return graphs.run(inputs)
         groups = self._split(scheduled)
         prepared = [build(group) for group in groups]
-        if self.expert_link is not None:
-            self.expert_link.begin_step([p.token_ids.shape[0] for p in prepared])
+        self.expert_hooks.begin_step([p.token_ids.shape[0] for p in prepared])
         if len(prepared) == 1:
             return self._forward(prepared[0])
         hidden = self.model.model.forward_interleaved(
             [(p.token_ids, p.positions, PagedAttention(self.cache, p, self.attention)) for p in prepared])
         return torch.cat([self.model.compute_logits(h[p.sample_rows]) for h, p in zip(hidden, prepared)])
 
-    def _remote_graphs(self) -> DecodeGraphs | None:
-        """The decode graphs over the current link to the MoE workers, captured now if the link is new (at the
-        first decode step, and after a reconnect: the old graphs held the old link's communicators)."""
-        client = self.expert_link.get()
-        if client is not self._graphs_client:
-            self.graphs, self._graphs_client = None, None
-
-            def forward(inputs: StepInputs) -> torch.Tensor:
-                if capturing():
-                    return self._forward(inputs)
-                # a warm-up pass before the capture exchanges for real: announced, and watched as a step is
-                self.expert_link.begin_step([inputs.num_tokens])
-                logits = self._forward(inputs)
-                self.expert_link.watch_step()
-                return logits
-
-            self.graphs = self._capture(forward)
-            self._graphs_client = client
-        return self.graphs
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The graphs a decode step replays: colocated experts' (captured at start-up), else those over the current
+        link to the MoE workers (captured at the first decode step and after a reconnect), else None (eager)."""
+        if self.graphs is not None:
+            return self.graphs
+        return self.expert_hooks.graphs(self._forward, self._capture)
 
     def _split(self, scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
         """Contiguous groups with about the same number of tokens each (order kept: logits follow it)."""

@@ -16,9 +16,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from gptoss_serve.cluster.engine_config import describe_errors
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
-from gptoss_serve.deployments.expert_pool import NO_MULTICAST, ExpertPool
+from gptoss_serve.deployments.expert_pool import ExpertPool
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress
 from gptoss_serve.deployments.batching_router import BatchingRouter
 from gptoss_serve.deployments.resources import warn_if_cluster_too_small
@@ -102,7 +103,7 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         num_replicas=args.num_attention_replicas,
         max_ongoing_requests=10_000,  # a call is a whole batch; the engine queues, not Serve
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
-                           "runtime_env": {"env_vars": NO_MULTICAST}},
+                           "runtime_env": {"env_vars": NCCL_ENV}},
         request_router_config=MOST_ROOM,
         health_check_period_s=5,
         health_check_timeout_s=30,

@@ -21,6 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gptoss_serve.cluster.expert_parallel.exchange import NCCL_ENV
 from gptoss_serve.cluster.expert_parallel.moe_worker import MoEWorker
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.replica_context import current_app_name
@@ -100,7 +101,7 @@ class ExpertPool:
                 name=worker_name(self.app_name, i), max_restarts=-1, max_concurrency=64,
                 num_cpus=self.bundle["CPU"], num_gpus=args.num_gpus_per_moe_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
-                runtime_env={"env_vars": NO_MULTICAST},
+                runtime_env={"env_vars": NCCL_ENV},
             ).remote(self.checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype,
                      dequantize_experts=args.dequantize_experts, load_format=args.load_format,
                      max_num_batched_tokens=args.engine.max_num_batched_tokens,
@@ -150,6 +151,3 @@ class ExpertPool:
                 except Exception:  # noqa: BLE001 - dead and being restarted by Ray already
                     pass
 
-
-# NVLink multicast stays off in every process we start (the lent multi-GPU machines need it off)
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

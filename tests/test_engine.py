@@ -1,6 +1,7 @@
 """The engine's greedy output equals no-cache forward passes and transformers' generate, token for token,
 through continuous batching, chunked prefill, sliding windows, block boundaries, prefix hits and preemption; each
-test runs with synchronous steps and with async scheduling (a step's tokens read while the next one runs)."""
+test that builds an engine (make_engine) runs with synchronous steps and with async scheduling (a step's tokens read
+while the next one runs)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-SCHEDULING = {"async_scheduling": False}  # what engine() builds; set per test by the fixture below
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
-def scheduling(request):
-    SCHEDULING["async_scheduling"] = request.param
-    yield request.param
-    SCHEDULING["async_scheduling"] = False
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Every test that builds an engine runs with synchronous steps and with async scheduling."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,17 @@ def tokenizer():
     return load_tokenizer()
 
 
-def engine(model, tokenizer, **config) -> LLMEngine:
-    return LLMEngine(model, tokenizer, EngineConfig(**{"num_kv_blocks": 128, "max_model_len": 512, **SCHEDULING,
-                                                       **config}))
+@pytest.fixture
+def make_engine(model, tokenizer, async_scheduling):
+    """-> an engine on the tiny model under the test's scheduling: make_engine(micro_batches=..., **EngineConfig
+    fields)."""
+
+    def make(*, micro_batches: int = 1, **config) -> LLMEngine:
+        return LLMEngine(model, tokenizer, EngineConfig(**{"num_kv_blocks": 128, "max_model_len": 512,
+                                                           "async_scheduling": async_scheduling, **config}),
+                         micro_batches=micro_batches)
+
+    return make
 
 
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -67,8 +74,8 @@ def run_to_end(eng: LLMEngine, joins: dict[int, list[tuple[str, list[int], Sampl
     return tokens
 
 
-def test_requests_joining_mid_way_match_the_reference(model, tokenizer):
-    eng = engine(model, tokenizer, max_num_batched_tokens=48)  # 48-token chunks: long prompts take several steps
+def test_requests_joining_mid_way_match_the_reference(make_engine, model):
+    eng = make_engine(max_num_batched_tokens=48)  # 48-token chunks: long prompts take several steps
     ps = prompts(5, 70, 33, 120, 16)
     joins = {0: [("a", ps[0], GREEDY), ("b", ps[1], GREEDY)], 3: [("c", ps[2], GREEDY)],
              9: [("d", ps[3], GREEDY), ("e", ps[4], GREEDY)]}
@@ -78,20 +85,20 @@ def test_requests_joining_mid_way_match_the_reference(model, tokenizer):
     assert eng.is_idle()
 
 
-def test_matches_transformers_generate(model, tokenizer, tiny_bf16):
+def test_matches_transformers_generate(make_engine, tiny_bf16):
     transformers = pytest.importorskip("transformers")
     hf = transformers.GptOssForCausalLM.from_pretrained(tiny_bf16, dtype=torch.float32,
                                                          attn_implementation="eager").eval()
     ps = prompts(30, 65, seed=1)
-    results = engine(model, tokenizer).generate(ps, GREEDY)
+    results = make_engine().generate(ps, GREEDY)
     for prompt, result in zip(ps, results):
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert result.token_ids == expected
 
 
-def test_prefix_cache_reuses_a_shared_system_prompt(model, tokenizer):
-    eng = engine(model, tokenizer)
+def test_prefix_cache_reuses_a_shared_system_prompt(make_engine, model):
+    eng = make_engine()
     system = prompts(50, seed=2)[0]
     first, second = system + prompts(7, seed=3)[0], system + prompts(12, seed=4)[0]
     assert eng.generate([first], GREEDY)[0].token_ids == reference_greedy(model, first, GREEDY.max_tokens)
@@ -104,8 +111,8 @@ def test_prefix_cache_reuses_a_shared_system_prompt(model, tokenizer):
     assert again.token_ids == out.token_ids and eng.is_idle()
 
 
-def test_preemption_when_the_cache_runs_out(model, tokenizer):
-    eng = engine(model, tokenizer, num_kv_blocks=24, max_model_len=200, max_num_batched_tokens=32)
+def test_preemption_when_the_cache_runs_out(make_engine, model):
+    eng = make_engine(num_kv_blocks=24, max_model_len=200, max_num_batched_tokens=32)
     ps = prompts(60, 45, 70, 52, seed=5)
     results = eng.generate(ps, GREEDY)
     assert eng.scheduler.num_preemptions > 0
@@ -114,16 +121,16 @@ def test_preemption_when_the_cache_runs_out(model, tokenizer):
     assert eng.is_idle()
 
 
-def test_no_prefix_caching_gives_the_same_tokens(model, tokenizer):
+def test_no_prefix_caching_gives_the_same_tokens(make_engine):
     ps = prompts(40, 40, seed=6)
     ps[1][:32] = ps[0][:32]
-    cached = engine(model, tokenizer).generate(ps, GREEDY)
-    plain = engine(model, tokenizer, enable_prefix_caching=False).generate(ps, GREEDY)
+    cached = make_engine().generate(ps, GREEDY)
+    plain = make_engine(enable_prefix_caching=False).generate(ps, GREEDY)
     assert [r.token_ids for r in cached] == [r.token_ids for r in plain]
 
 
-def test_finish_reasons_and_stops(model, tokenizer):
-    eng = engine(model, tokenizer)
+def test_finish_reasons_and_stops(make_engine):
+    eng = make_engine()
     prompt = prompts(10, seed=7)[0]
     free = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 12
@@ -135,8 +142,8 @@ def test_finish_reasons_and_stops(model, tokenizer):
     assert eng.is_idle()
 
 
-def test_seeded_sampling_is_reproducible_and_logprobs_come_back(model, tokenizer):
-    eng = engine(model, tokenizer)
+def test_seeded_sampling_is_reproducible_and_logprobs_come_back(make_engine):
+    eng = make_engine()
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=10, ignore_eos=True, logprobs=3)
     ps = prompts(20, 25, seed=8)
     a = eng.generate([ps[0], ps[1]], p)
@@ -146,25 +153,25 @@ def test_seeded_sampling_is_reproducible_and_logprobs_come_back(model, tokenizer
     assert [lp.token_id for lp in a[0].logprobs] == a[0].token_ids
 
 
-def test_async_steps_return_the_tokens_of_the_step_before(model, tokenizer, scheduling):
+def test_async_steps_return_the_tokens_of_the_step_before(make_engine, async_scheduling):
     """Under async scheduling a step hands back the previous step's tokens, so the host's work overlaps the
     device's; synchronous steps hand back their own."""
-    eng = engine(model, tokenizer)
+    eng = make_engine()
     eng.add_request("a", prompts(6, seed=12)[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     counts = [len(eng.step()) for _ in range(4)]
-    assert counts == ([0, 1, 1, 1] if scheduling else [1, 1, 1, 0])
+    assert counts == ([0, 1, 1, 1] if async_scheduling else [1, 1, 1, 0])
     assert eng.is_idle()
 
 
-def test_penalized_requests_beside_plain_ones(model, tokenizer, scheduling):
+def test_penalized_requests_beside_plain_ones(make_engine):
     """Penalties read every output token on the host: while such a request runs, steps are synchronous; the
     tokens of every request are those each gets alone."""
     ps = prompts(12, 17, 9, seed=13)
     penalized = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3,
                                frequency_penalty=0.5, presence_penalty=0.2)
-    alone = [engine(model, tokenizer).generate([p], params)[0].token_ids
+    alone = [make_engine().generate([p], params)[0].token_ids
              for p, params in zip(ps, [GREEDY, penalized, GREEDY])]
-    eng = engine(model, tokenizer)
+    eng = make_engine()
     together = run_to_end(eng, {0: [("a", ps[0], GREEDY)], 2: [("b", ps[1], penalized)], 5: [("c", ps[2], GREEDY)]})
     assert [together[k] for k in "abc"] == alone
     assert eng.is_idle()
@@ -181,8 +188,8 @@ def test_invalid_sampling_values_name_the_field(params, field):
         SamplingParams(**params)
 
 
-def test_bad_requests_raise_and_aborts_are_harmless(model, tokenizer):
-    eng = engine(model, tokenizer, max_model_len=64)
+def test_bad_requests_raise_and_aborts_are_harmless(make_engine):
+    eng = make_engine(max_model_len=64)
     with pytest.raises(ValueError, match="max_model_len"):
         eng.add_request("long", list(range(64)), GREEDY)
     with pytest.raises(ValueError, match="prompt"):
@@ -226,23 +233,22 @@ def test_kv_cache_gib_sets_the_cache_budget(model, tokenizer):
     assert eng.num_blocks == int(0.01 * 2**30) // bytes_per_block(model.config, 16, model.dtype)
 
 
-def test_max_model_len_must_fit_the_cache(model, tokenizer):
+def test_max_model_len_must_fit_the_cache(make_engine):
     with pytest.raises(ValueError, match="max_model_len 4096 does not fit"):
-        engine(model, tokenizer, num_kv_blocks=16, max_model_len=4096)
+        make_engine(num_kv_blocks=16, max_model_len=4096)
 
 
-def test_micro_batched_steps_give_the_same_tokens(model, tokenizer):
+def test_micro_batched_steps_give_the_same_tokens(make_engine):
     ps = prompts(9, 41, 70, 23, seed=10)
-    plain = engine(model, tokenizer).generate(ps, GREEDY)
-    split = LLMEngine(model, tokenizer, EngineConfig(num_kv_blocks=128, max_model_len=512, **SCHEDULING),
-                      micro_batches=2).generate(ps, GREEDY)
+    plain = make_engine().generate(ps, GREEDY)
+    split = make_engine(micro_batches=2).generate(ps, GREEDY)
     assert [r.token_ids for r in split] == [r.token_ids for r in plain]
 
 
-def test_an_expert_failure_ends_only_that_steps_requests(model, tokenizer):
+def test_an_expert_failure_ends_only_that_steps_requests(make_engine, model):
     from gptoss_serve.model.experts import ExpertsUnavailableError
 
-    eng = engine(model, tokenizer, max_num_seqs=1)  # "b" waits while "a" runs
+    eng = make_engine(max_num_seqs=1)  # "b" waits while "a" runs
     a, b = prompts(8, 9, seed=11)
     eng.add_request("a", a, GREEDY)
     eng.add_request("b", b, GREEDY)
@@ -260,10 +266,10 @@ def test_an_expert_failure_ends_only_that_steps_requests(model, tokenizer):
     assert eng.is_idle()
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer):
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, model):
     """Any exception in a step fails that step's requests with a message free of internals; three in a row mean
     the engine itself is broken, and the step raises (its process is then replaced)."""
-    eng = engine(model, tokenizer)
+    eng = make_engine()
     a, b = prompts(9, 12, seed=5)
     eng.add_request("a", a, GREEDY)
     launch = eng.runner.launch

@@ -23,12 +23,10 @@ import pytest
 import ray
 import yaml
 
-from gptoss_serve.k8s.manifests import (GPU, K8S, cluster, containers, crd_schema, groups, image_ray_version,
-                                        label_matches, load, manifest_paths, node_labels, ray_container, ray_resources)
+from tests.k8s_cases import (GPU, K8S, REPO, cluster, containers, crd_schema, groups, image_ray_version, label_matches,
+                             load, manifest_paths, node_labels, ray_container, ray_resources)
 
-REPO = K8S.parent
-SCHEMAS = K8S / "schemas"  # the authoritative copy, the one the tests use; ../shared/k8s-schemas is where it came from
-SHARED_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+SCHEMAS = K8S / "schemas"  # the vendored CRDs the tests validate against
 # SHA-256 of the vendored CRDs, as copied from KubeRay (the commit is in k8s/schemas/README.md)
 CRD_FILES = {
     "ray.io_rayservices.yaml": "0a8fc325e6e22b9231c1f282b309555e2ecf94227ca20a03df3d1d9a403907ab",
@@ -182,17 +180,6 @@ def test_vendored_crd_is_the_recorded_one(name):
     assert (SCHEMAS / name).is_file(), f"k8s/schemas/{name} missing"
     assert hashlib.sha256((SCHEMAS / name).read_bytes()).hexdigest() == CRD_FILES[name], \
         f"k8s/schemas/{name} is not the recorded KubeRay CRD: restore it, or record the new one's digest"
-
-
-@pytest.mark.parametrize("name", CRD_FILES)
-def test_vendored_crd_is_the_shared_one(name):
-    """Where shared/ sits beside the repository (the workspace, and CI), the vendored copy keeps up with the shared
-    one; a plain clone has no shared/ and nothing to compare (the digest test above still holds there)."""
-    if not SHARED_SCHEMAS.parent.is_dir():
-        pytest.skip("no ../shared beside the repository (a plain clone)")
-    assert (SHARED_SCHEMAS / name).is_file(), f"{SHARED_SCHEMAS / name} missing"
-    assert (SCHEMAS / name).read_bytes() == (SHARED_SCHEMAS / name).read_bytes(), \
-        f"k8s/schemas/{name} differs from {SHARED_SCHEMAS / name}: copy it over and record its digest"
 
 
 # ---- each RayService -----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 `remote_experts` is the replica's side (the link to the workers, the Experts each layer is handed), `moe_worker`
 and `worker_steps` the worker's, `exchange` the wire protocol between them, `step_watch` the deadline that turns a
-lost worker into a failed step instead of a hang. `ExpertParallelStep` (in `remote_experts`) is how the engine's
-ModelRunner drives it.
+lost worker into a failed step instead of a hang. `step_hooks` is how the engine's ModelRunner drives it: the
+`ExpertStepHooks` it calls at fixed points of every step, `ExpertParallelStep` for experts on the workers (and
+`ColocatedExpertStep`, which does nothing, for experts in the replica's process).
 """

@@ -23,7 +23,7 @@ The wire protocol, built for the GPU: nothing on the replica's side waits for th
 Every worker gets every token: with a few workers and top-4 routing almost every token reaches each of them
 anyway, and fixed sizes need no routing on the host. Over NCCL the sends and receives are queued on the GPU in
 stream order (a receive's wait is a stream wait); the step's samples reach the host through an event that the
-replica waits on with the expert timeout (see model_runner.py). Over gloo (CPUs, tests) waits block the host, with
+replica waits on with the expert timeout (see step_hooks.py). Over gloo (CPUs, tests) waits block the host, with
 the same timeout. Ray does the placement and the rendezvous (who is which rank, where the store is); it carries
 no tensor.
 """
@@ -45,6 +45,10 @@ MAX_MICRO_BATCHES = 8
 STOP = -1  # a header with this micro-batch count ends the worker's loop for this replica
 HEADER_NOT_TAKEN = "did not answer (it did not take the step's header)"
 HELLO = 7  # the handshake's value: both communicators are set up before the first step
+# The environment of every process that may join a link over NCCL: the deployments start the attention replicas and
+# the MoE workers with it, and make_link sets whatever is missing. This module's own timeouts abort a link, so
+# torch's watchdog must not tear the process down on a peer's failure (its default); and NVLink multicast stays off
+# (the lent multi-GPU machines need it off; NCCL reads it when a communicator is set up).
 NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "0", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 
