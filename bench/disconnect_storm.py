@@ -55,13 +55,13 @@ async def storm(url: str, clients: int, *, model: str = "gpt-oss", max_tokens: i
 def replica_stats(app: str = "gptoss") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("AttentionReplica", app_name=app).record_routing_stats.remote().result()
+    return serve.get_deployment_handle("AttentionReplica", app_name=app).describe.remote().result()
 
 
 def is_idle(stats: dict) -> bool:
     """No request running or waiting, and every KV block free (block 0 is the null block; cached prefixes
     count as free)."""
-    return not stats["running"] and not stats["waiting"] and stats["free_blocks"] == stats["num_blocks"] - 1
+    return not stats["running"] and not stats["waiting"] and not stats["kv_blocks_in_use"]
 
 
 def seconds_until_idle(app: str = "gptoss", *, timeout: float = 600) -> float:

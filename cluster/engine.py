@@ -22,40 +22,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gptoss_serve.cluster.block_manager import BlockManager
-from gptoss_serve.cluster.detokenizer import TextStreams
-from gptoss_serve.cluster.engine_config import EngineConfig, resolve_max_model_len, resolve_num_blocks
+from gptoss_serve.cluster.output_processor import TextStreams
+from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance
-from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block
+from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.model_runner import ModelRunner
-from gptoss_serve.cluster.sampler import PendingSample, TokenLogprobs
+from gptoss_serve.cluster.engine_protocol import RequestOutput, TokenLogprobs
+from gptoss_serve.cluster.sampler import PendingSample
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.cluster.scheduler import Scheduler
 from gptoss_serve.cluster.sequence import PENDING, Sequence, Status
 from gptoss_serve.model.experts import ExpertsUnavailableError
 from gptoss_serve.model.tokenizer import Tokenizer
 from gptoss_serve.model.transformer import GptOssForCausalLM
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request (a delta), plus the request's totals so far."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str | None  # None: not decoded yet (an engine core leaves it to its client, see TextStreams)
-    finished: bool
-    finish_reason: str | None = None  # "stop", "length" or "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
-    error: str | None = None  # set when the request failed in a step (finish_reason "error")
 
 
 @dataclass

@@ -1,15 +1,15 @@
 """The engine core: an LLMEngine stepping in a process of its own, so no server work shares its GIL.
 
-    parent                                  engine core process
-    ------                                  -------------------
-    [("add", requests), ("abort", ids)] --> taken between steps, all at once
-                                        <-- ("step", outputs, stats): one message per step, whole batch
-                                        <-- ("rejected", [(request id, message)]): bad requests (400)
+    parent (EngineCoreClient)                      engine core process
+    -------------------------                      -------------------
+    [AddRequests, AbortRequests, ...]          --> taken between steps, all at once
+                                               <-- StepDone(outputs, stats): one message per step, whole batch
+                                               <-- Rejected([(request id, why)]): bad requests (400)
 
-The process builds its engine itself from a picklable zero-argument `build` (the model is loaded there, on
-its own device), says ("ready", stats), and then steps while there is work. A step that fails fails its own
-requests (LLMEngine.step); if steps keep failing the step raises, which ends the process with ("dead", message):
-the parent fails the open requests and starts a new core.
+The messages are the dataclasses of engine_protocol.py. The process builds its engine itself from a picklable
+zero-argument `build` (the model is loaded there, on its own device), says CoreReady(stats), and then steps while
+there is work. A step that fails fails its own requests (LLMEngine.step); if steps keep failing the step raises,
+which ends the process with CoreDied(why): the parent fails the open requests and starts a new core.
 """
 
 from __future__ import annotations
@@ -22,22 +22,22 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_protocol import (AbortRequests, AddRequests, CoreDied, CoreReady, EngineCommand,
+                                                  EngineStats, Rejected, Shutdown, StepDone)
 from gptoss_serve.cluster.expert_parallel.step_watch import publish_step_deadlines
-from gptoss_serve.cluster.sampling_params import SamplingParams
 
-# (request id, prompt token ids, sampling params): what "add" carries, one tuple a request
-NewRequest = tuple[str, list[int], SamplingParams]
 # what `build` returns: the engine, and optionally a callable that drains extra stats (the expert exchange's)
 Built = tuple[LLMEngine, Callable[[], object] | None]
 EXTRA_STATS_PERIOD_S = 1.0
 
 
-def engine_stats(engine: LLMEngine) -> dict:
-    return {"running": engine.num_running, "waiting": engine.num_waiting, "free_blocks": engine.num_free_blocks,
-            "num_blocks": engine.num_blocks, "kv_usage": engine.blocks.usage,
-            "prefix_queries": engine.scheduler.prefix_queries, "prefix_hits": engine.scheduler.prefix_hits,
-            "max_model_len": engine.max_model_len, "weights_bytes": engine.weights_bytes,
-            "kv_cache_bytes": engine.kv_cache_bytes, "block_size": engine.config.block_size, "time": time.time()}
+def engine_stats(engine: LLMEngine, *, extra: object | None = None) -> EngineStats:
+    return EngineStats(running=engine.num_running, waiting=engine.num_waiting, free_blocks=engine.num_free_blocks,
+                       num_blocks=engine.num_blocks, kv_usage=engine.blocks.usage,
+                       prefix_queries=engine.scheduler.prefix_queries, prefix_hits=engine.scheduler.prefix_hits,
+                       max_model_len=engine.max_model_len, weights_bytes=engine.weights_bytes,
+                       kv_cache_bytes=engine.kv_cache_bytes, block_size=engine.config.block_size, time=time.time(),
+                       extra=extra)
 
 
 def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines=None) -> None:
@@ -51,9 +51,9 @@ def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines
     try:
         engine, extra_stats = build()
     except BaseException as e:  # noqa: BLE001 - the parent reports it; nothing runs without an engine
-        conn.send(("dead", f"the engine could not start: {type(e).__name__}: {e}"))
+        conn.send(CoreDied(f"the engine could not start: {type(e).__name__}: {e}"))
         return
-    conn.send(("ready", engine_stats(engine)))
+    conn.send(CoreReady(engine_stats(engine)))
     next_extra = time.monotonic() + EXTRA_STATS_PERIOD_S
     while True:
         # every command waiting is taken before the next step; block only while there is nothing to do
@@ -64,39 +64,38 @@ def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines
             except EOFError:  # the parent is gone
                 return
             for command in commands:
-                if command[0] == "shutdown":
+                if isinstance(command, Shutdown):
                     return
                 _apply(engine, conn, command)
             timeout = 0.0
             if not engine.has_unfinished_requests:  # aborts emptied it: the parent sees the idle state at once
-                conn.send(("step", [], engine_stats(engine)))
+                conn.send(StepDone([], engine_stats(engine)))
         if not engine.has_unfinished_requests:
             continue
         try:
             outputs = engine.step()
         except BaseException as e:  # noqa: BLE001 - a broken step ends this core; the parent starts another
-            conn.send(("dead", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
+            conn.send(CoreDied(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"))
             return
-        stats = engine_stats(engine)
+        extra = None
         if extra_stats is not None and time.monotonic() >= next_extra:
-            stats["extra"] = extra_stats()
+            extra = extra_stats()
             next_extra = time.monotonic() + EXTRA_STATS_PERIOD_S
-        conn.send(("step", outputs, stats))
+        conn.send(StepDone(outputs, engine_stats(engine, extra=extra)))
 
 
-def _apply(engine: LLMEngine, conn: Connection, command: tuple) -> None:
-    kind, payload = command
-    if kind == "add":
+def _apply(engine: LLMEngine, conn: Connection, command: EngineCommand) -> None:
+    if isinstance(command, AddRequests):
         rejected = []
-        for request_id, prompt, params in payload:
+        for request in command.requests:
             try:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request.request_id, request.prompt_token_ids, request.params)
             except ValueError as e:  # the client's mistake: a 400 for that request alone
-                rejected.append((request_id, str(e)))
+                rejected.append((request.request_id, str(e)))
         if rejected:
-            conn.send(("rejected", rejected))
-    elif kind == "abort":
-        for request_id in payload:
+            conn.send(Rejected(rejected))
+    elif isinstance(command, AbortRequests):
+        for request_id in command.request_ids:
             engine.abort(request_id)
     else:
-        raise ValueError(f"unknown engine core command {kind!r}")
+        raise TypeError(f"unknown engine core command {command!r}")

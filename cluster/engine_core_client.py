@@ -1,8 +1,8 @@
 """EngineCoreClient: the serving process's side of its engine core process (see engine_core.py).
 
-Requests are added with a sink (an asyncio.Queue): every step message from the core is split among the sinks
-of the requests in it, one put per sink per step. Commands asked in one turn of the event loop leave as one
-message, from a writer thread, so the event loop never blocks on the pipe; a reader thread hands each step
+Requests are added in batches; every StepDone from the core goes whole to `on_step` on the event loop, which
+splits it among the calls its requests came in (the replica does). Commands asked in one turn of the event loop
+leave as one message, from a writer thread, so the event loop never blocks on the pipe; a reader thread hands each
 message to the event loop whole. If the core dies, its open requests end with a 503 item and a new core is
 started in the background. A core whose expert exchange is past a step's deadline (the core publishes it, see
 step_watch.py) by STALL_GRACE_S is taken as hung and killed, which is the same death.
@@ -21,8 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from gptoss_serve.cluster.engine import RequestOutput
-from gptoss_serve.cluster.engine_core import Built, NewRequest, run_engine_core
+from gptoss_serve.cluster.engine_core import Built, run_engine_core
+from gptoss_serve.cluster.engine_protocol import (AbortRequests, AddRequests, CoreDied, CoreMessage, CoreReady,
+                                                  EngineCommand, EngineRequest, EngineStats, Rejected, RequestOutput,
+                                                  Shutdown, StepDone)
 
 START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
 # past a published step deadline: time for the core's own watch to abort the link and fail the step first
@@ -38,7 +40,7 @@ class EngineCoreError(RuntimeError):
 
 class EngineCoreClient:
     def __init__(self, build: Callable[[], Built], *,
-                 on_step: Callable[[list[RequestOutput], dict], None] | None = None,
+                 on_step: Callable[[list[RequestOutput], EngineStats], None] | None = None,
                  on_failure: Callable[[str, str, int], None] | None = None) -> None:
         """build: picklable, run in the core process. on_step(outputs, stats) runs on the event loop for every
         step; on_failure(request_id, message, status) for each request that ends without an output (400 for a
@@ -46,13 +48,13 @@ class EngineCoreClient:
         self.build, self.on_step, self.on_failure = build, on_step, on_failure
         self.context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
         self.open: set[str] = set()  # requests the core holds
-        self.stats: dict = {}
+        self.stats = EngineStats()
         self.error: str | None = None  # why the last core died (or could not start)
         self.restarts = 0
         self.deaths = {"died": 0, "stalled": 0}  # cores lost, by why: it exited, or the stall watch killed it
         self.restarting = False  # a replacement core is being started
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: list[tuple] = []  # commands of this event-loop turn
+        self._outbox: list[EngineCommand] = []  # commands of this event-loop turn
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._generation = 0
         self._stalled: str | None = None  # why the stall watch killed the current core
@@ -64,25 +66,25 @@ class EngineCoreClient:
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive() and self.ready
 
-    def add(self, requests: list[NewRequest]) -> None:
+    def add(self, requests: list[EngineRequest]) -> None:
         """Starts requests; their outputs come through on_step, in later steps."""
         self._bind_loop()
         if not self.alive:
-            for request_id, _, _ in requests:
-                self._fail(request_id, "the engine is restarting; retry shortly", 503)
+            for request in requests:
+                self._fail(request.request_id, "the engine is restarting; retry shortly", 503)
             return
-        self.open.update(r[0] for r in requests)
-        self._queue(("add", requests))
+        self.open.update(r.request_id for r in requests)
+        self._queue(AddRequests(requests))
 
     def abort(self, request_ids: list[str]) -> None:
         self._bind_loop()
         ids = [i for i in request_ids if i in self.open]
         self.open.difference_update(ids)
         if ids:
-            self._queue(("abort", ids))
+            self._queue(AbortRequests(ids))
 
     def shutdown(self) -> None:
-        self._writes.put((self._generation, [("shutdown", None)]))
+        self._writes.put((self._generation, [Shutdown()]))
         if self.process is not None:
             self.process.join(timeout=10)
             if self.process.is_alive():
@@ -105,13 +107,13 @@ class EngineCoreClient:
             self.process.kill()
             raise EngineCoreError(f"the engine core did not start within {START_TIMEOUT_S:.0f} s")
         try:
-            kind, payload = parent.recv()
+            message = parent.recv()
         except EOFError:
-            kind, payload = "dead", f"the engine core exited with code {self.process.exitcode} while starting"
-        if kind != "ready":
-            self.error = payload
-            raise EngineCoreError(payload)
-        self.stats, self.ready, self.error = payload, True, None
+            message = CoreDied(f"the engine core exited with code {self.process.exitcode} while starting")
+        if not isinstance(message, CoreReady):
+            self.error = message.message
+            raise EngineCoreError(message.message)
+        self.stats, self.ready, self.error = message.stats, True, None
         threading.Thread(target=self._read_loop, args=(parent, self._generation), name="engine-core-reader",
                          daemon=True).start()
 
@@ -159,7 +161,7 @@ class EngineCoreClient:
         """Step messages go to the event loop of the latest caller (the replica has one; tests run several)."""
         self.loop = asyncio.get_running_loop()
 
-    def _queue(self, command: tuple) -> None:
+    def _queue(self, command: EngineCommand) -> None:
         if not self._outbox:
             self.loop.call_soon(self._flush)
         self._outbox.append(command)
@@ -180,7 +182,7 @@ class EngineCoreClient:
                 self.conn.send(commands)
             except (OSError, ValueError):  # the core is gone; the reader reports it
                 pass
-            if commands and commands[-1][0] == "shutdown":
+            if commands and isinstance(commands[-1], Shutdown):
                 return
 
     def _read_loop(self, conn, generation: int) -> None:
@@ -188,37 +190,35 @@ class EngineCoreClient:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                message = ("dead", self._stalled or f"the engine core exited (code {self.process.exitcode})")
+                message = CoreDied(self._stalled or f"the engine core exited (code {self.process.exitcode})")
             if self.loop is None:  # nothing was ever added: no request to fail, only a core to replace
-                if message[0] == "dead":
-                    self._on_death(message[1])
+                if isinstance(message, CoreDied):
+                    self._on_death(message.message)
                     return
                 continue
             try:
                 self.loop.call_soon_threadsafe(self._on_message, generation, message)
             except RuntimeError:  # that loop has closed: its callers are gone
                 pass
-            if message[0] == "dead":
+            if isinstance(message, CoreDied):
                 return
 
-    def _on_message(self, generation: int, message: tuple) -> None:
+    def _on_message(self, generation: int, message: CoreMessage) -> None:
         if generation != self._generation:  # from a core that was replaced meanwhile
             return
-        kind = message[0]
-        if kind == "step":
-            _, outputs, stats = message
-            self.stats = stats
-            for out in outputs:
+        if isinstance(message, StepDone):
+            self.stats = message.stats
+            for out in message.outputs:
                 if out.finished:
                     self.open.discard(out.request_id)
             if self.on_step is not None:
-                self.on_step(outputs, stats)
-        elif kind == "rejected":
-            for request_id, error in message[1]:
+                self.on_step(message.outputs, message.stats)
+        elif isinstance(message, Rejected):
+            for request_id, error in message.requests:
                 self.open.discard(request_id)
                 self._fail(request_id, error, 400)
-        elif kind == "dead":
-            self._on_death(message[1])
+        elif isinstance(message, CoreDied):
+            self._on_death(message.message)
 
     def _fail(self, request_id: str, message: str, status: int) -> None:
         if self.on_failure is not None:

@@ -8,7 +8,6 @@ loop only splits each step's outputs among the calls and records metrics once pe
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -18,17 +17,18 @@ from collections.abc import Callable
 
 import torch
 
-from gptoss_serve.cluster.detokenizer import TextStreams
-from gptoss_serve.cluster.engine import LLMEngine, RequestOutput
+from gptoss_serve.cluster.output_processor import TextStreams
+from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
+from gptoss_serve.cluster.engine_protocol import EngineRequest, EngineStats, RequestOutput, RoutingLoad, StreamItem
 from gptoss_serve.cluster.grammar import ll_tokenizer
 from gptoss_serve.cluster.expert_parallel.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.expert_pool import wait_for_placement, worker_name
-from gptoss_serve.deployments.messages import EngineRequest, StreamItem
 from gptoss_serve.deployments.metrics import ExpertMetrics, ReplicaMetrics
 from gptoss_serve.deployments.replica_context import current_app_name, current_replica_id
+from gptoss_serve.deployments.request_stream import RequestStream, abort_where_they_are
 from gptoss_serve.deployments.resources import cluster_view, moe_workers_shortfall
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
@@ -125,14 +125,14 @@ class AttentionReplica:
         self.metrics = ReplicaMetrics(model=args.served_model_name, replica=self.replica_id)
         self.expert_metrics = ExpertMetrics(model=args.served_model_name, replica=self.replica_id) \
             if args.num_moe_workers else None
-        self.calls: dict[str, _Call] = {}  # request id -> the batch call it came in
+        self.calls: dict[str, RequestStream] = {}  # request id -> the batch call it came in
+        self.arrivals: dict[str, float] = {}  # request id -> when the ingress received it (for latencies)
         self.core: EngineCoreClient | None = None  # None until the engine core has started
         self.unavailable: str | None = None  # while there is no core: what requests are told (503)
         self.start_error: str | None = None  # why a core started in the background could not start
         self._prefix_seen = (0, 0)
         self._deaths_seen: dict[str, int] = {}  # engine core deaths already counted, by reason
-        self.stats: dict = {"running": 0, "waiting": 0, "free_blocks": 0, "num_blocks": 1, "time": time.time(),
-                            "replica_id": self.replica_id}
+        self.stats = EngineStats(time=time.time())
         self._last_step = time.time()
         self._next_stats = 0.0
         if args.num_moe_workers and not wait_for_placement(app_name):
@@ -148,13 +148,12 @@ class AttentionReplica:
 
     def _start_core(self, build: Callable[[], Built]) -> None:
         core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
-        self.stats = {**core.stats, "replica_id": self.replica_id}
-        self._prefix_seen = (self.stats["prefix_queries"], self.stats["prefix_hits"])
+        stats = self.stats = core.stats
+        self._prefix_seen = (stats.prefix_queries, stats.prefix_hits)
         self.core = core
         logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
-                    self.args.resolved_device, self.stats["weights_bytes"] / 1e9, self.stats["kv_cache_bytes"] / 1e9,
-                    self.stats["num_blocks"], self.stats["num_blocks"] * self.stats["block_size"],
-                    self.stats["max_model_len"])
+                    self.args.resolved_device, stats.weights_bytes / 1e9, stats.kv_cache_bytes / 1e9,
+                    stats.num_blocks, stats.num_blocks * stats.block_size, stats.max_model_len)
 
     def _start_core_once_placed(self, build: Callable[[], Built], app_name: str) -> None:
         while not wait_for_placement(app_name):
@@ -176,53 +175,46 @@ class AttentionReplica:
             yield self.replica_id
             yield [StreamItem(r.request_id, error=self.unavailable or STARTING, status=503) for r in requests]
             return
-        call = _Call({r.request_id: r for r in requests})
+        ids = [r.request_id for r in requests]
+        stream = RequestStream(ids, abort=self._abort_in_core)
         admitted, refused = self._admit(requests)
         for request in requests:
-            self.calls[request.request_id] = call
-        for request in refused:
-            call.put(StreamItem(request.request_id, error="the engine's queue is full; retry shortly", status=429))
+            self.calls[request.request_id] = stream
+            self.arrivals[request.request_id] = request.arrival_time
+        stream.put([StreamItem(r.request_id, error="the engine's queue is full; retry shortly", status=429)
+                    for r in refused])
         for request in admitted:
             self.texts.add(request.request_id, request.params)
         if admitted:
-            self.core.add([(r.request_id, r.prompt_token_ids, r.params) for r in admitted])
+            self.core.add(admitted)
         try:
             yield self.replica_id
-            while call.open:
-                items = await call.next()
-                if items:
-                    yield items
-        finally:  # the router went away: nothing of this batch may keep running
-            for request_id in call.requests:
-                self.calls.pop(request_id, None)
-            if call.open:
-                self._abort_in_core(list(call.open))
-            for request_id in call.requests:
-                self.texts.remove(request_id)
+            async for items in stream.steps():
+                yield items
+        finally:  # the router went away (or every request ended): nothing of this batch may keep running
+            stream.close()
+            for request_id in ids:
+                self._forget(request_id)
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
         """Stops requests (their clients left); their blocks are freed within a step."""
-        self._abort_in_core(request_ids)
-        for request_id in request_ids:
-            self.texts.remove(request_id)
-            call = self.calls.pop(request_id, None)
-            if call is not None:
-                call.open.discard(request_id)
-                call.wake.set()
+        for request_id in abort_where_they_are(self.calls, request_ids):
+            self._forget(request_id)
 
     def record_routing_stats(self) -> dict:
         """Serve hands these to the request router, which places batches on the replica with the most room."""
-        return dict(self.stats)
+        return RoutingLoad.of_engine(self.stats).as_stats()
 
     def describe(self, *, target_replica: str | None = None) -> dict:
         """This replica's process ids, memory and engine load, for operators, soak runs and fault tests
         (target_replica: which replica answers, see MostRoomRouter)."""
         core_pid = self.core.process.pid if self.core is not None else None
-        in_use = self.stats["num_blocks"] - 1 - self.stats["free_blocks"] if self.core is not None else 0
+        stats = self.stats
+        in_use = stats.num_blocks - 1 - stats.free_blocks if self.core is not None else 0
         return {"replica_id": self.replica_id, "pid": os.getpid(), "rss_bytes": rss_bytes(os.getpid()),
                 "core_pid": core_pid, "core_rss_bytes": rss_bytes(core_pid) if core_pid else 0,
-                "running": self.stats["running"], "waiting": self.stats["waiting"], "kv_blocks_in_use": in_use,
-                "num_blocks": self.stats["num_blocks"], "unavailable": self.unavailable}
+                "running": stats.running, "waiting": stats.waiting, "kv_blocks_in_use": in_use,
+                "num_blocks": stats.num_blocks, "unavailable": self.unavailable}
 
     def check_health(self) -> None:
         """Healthy while a replacement core starts (its requests get 503 meanwhile); not once that failed. Healthy
@@ -242,24 +234,24 @@ class AttentionReplica:
         room = max(0, self.args.engine.max_num_seqs + self.args.max_waiting_per_replica - len(self.core.open))
         return requests[:room], requests[room:]
 
-    def _on_step(self, outputs: list[RequestOutput], stats: dict) -> None:
+    def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         """One engine step: text decoded, metrics recorded once, outputs split among the calls."""
         outputs = [self._decode(out) for out in outputs]
         self._record(outputs, stats)
-        by_call: dict[int, tuple[_Call, list[StreamItem]]] = {}
+        by_call: dict[int, tuple[RequestStream, list[StreamItem]]] = {}
         for out in outputs:
-            call = self.calls.get(out.request_id)
-            if call is None:
+            stream = self.calls.get(out.request_id)
+            if stream is None:
                 continue
             if out.error is not None:  # the step failed (a MoE worker was lost): this request ends
                 item = StreamItem(out.request_id, error=out.error, status=503)
             else:
                 item = StreamItem(out.request_id, output=out)
-            by_call.setdefault(id(call), (call, []))[1].append(item)
+            by_call.setdefault(id(stream), (stream, []))[1].append(item)
             if item.is_last:
-                del self.calls[out.request_id]
-        for call, items in by_call.values():
-            call.put_all(items)
+                self._forget(out.request_id)
+        for stream, items in by_call.values():
+            stream.put(items)
 
     def _decode(self, out: RequestOutput) -> RequestOutput:
         if out.new_text is not None:  # the engine decoded it already
@@ -277,13 +269,19 @@ class AttentionReplica:
             self.metrics.requests.inc(aborted, tags={**self.metrics.tags, "finished_reason": "abort"})
         self.core.abort(request_ids)
 
-    def _on_failure(self, request_id: str, message: str, status: int) -> None:
+    def _forget(self, request_id: str) -> None:
+        """A request is over here (finished, failed or aborted): its call, arrival time and text go."""
+        self.calls.pop(request_id, None)
+        self.arrivals.pop(request_id, None)
         self.texts.remove(request_id)
-        call = self.calls.pop(request_id, None)
-        if call is not None:
-            call.put(StreamItem(request_id, error=message, status=status))
 
-    def _record(self, outputs: list[RequestOutput], stats: dict) -> None:
+    def _on_failure(self, request_id: str, message: str, status: int) -> None:
+        stream = self.calls.get(request_id)
+        self._forget(request_id)
+        if stream is not None:
+            stream.put([StreamItem(request_id, error=message, status=status)])
+
+    def _record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         now, m, tags = time.time(), self.metrics, self.metrics.tags
         if new_tokens := sum(len(o.new_token_ids) for o in outputs):
             m.generation_tokens.inc(new_tokens, tags=tags)
@@ -291,9 +289,7 @@ class AttentionReplica:
         self._last_step = now
         for out in outputs:
             if out.num_output_tokens == 1 or out.finished:  # once or twice a request, never per token
-                call = self.calls.get(out.request_id)
-                request = call.requests.get(out.request_id) if call else None
-                arrival = request.arrival_time if request else None
+                arrival = self.arrivals.get(out.request_id)
                 if out.num_output_tokens == 1 and arrival is not None:
                     m.ttft.observe(now - arrival, tags=tags)
                 if out.finished:
@@ -301,15 +297,14 @@ class AttentionReplica:
                         m.e2e.observe(now - arrival, tags=tags)
                     m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
                     m.requests.inc(1, tags={**tags, "finished_reason": out.finish_reason or "unknown"})
-        self.stats = {**stats, "replica_id": self.replica_id}
-        idle = not stats["running"] and not stats["waiting"]
-        if now >= self._next_stats or idle:  # an idle engine sends no more steps: its gauges must say 0 now
+        self.stats = stats
+        if now >= self._next_stats or stats.idle:  # an idle engine sends no more steps: its gauges must say 0 now
             self._next_stats = now + STATS_PERIOD_S
-            m.running.set(stats["running"], tags=tags)
-            m.waiting.set(stats["waiting"], tags=tags)
-            m.kv_usage.set(stats["kv_usage"], tags=tags)
+            m.running.set(stats.running, tags=tags)
+            m.waiting.set(stats.waiting, tags=tags)
+            m.kv_usage.set(stats.kv_usage, tags=tags)
             # the engine keeps running totals; the counters get what was added since the last look
-            queries, hits = stats["prefix_queries"], stats["prefix_hits"]
+            queries, hits = stats.prefix_queries, stats.prefix_hits
             if queries < self._prefix_seen[0] or hits < self._prefix_seen[1]:  # a new engine core counts from 0
                 self._prefix_seen = (0, 0)
             if queries > self._prefix_seen[0]:  # Ray's counters refuse an increment of 0
@@ -317,34 +312,10 @@ class AttentionReplica:
             if hits > self._prefix_seen[1]:
                 m.prefix_hits.inc(hits - self._prefix_seen[1], tags=tags)
             self._prefix_seen = (queries, hits)
-        if stats.get("extra") is not None and self.expert_metrics is not None:
-            self.expert_metrics.record(stats["extra"])
+        if stats.extra is not None and self.expert_metrics is not None:
+            self.expert_metrics.record(stats.extra)
         for reason, count in (self.core.deaths if self.core is not None else {}).items():  # the client keeps totals: the counter gets what was added
             if count > self._deaths_seen.get(reason, 0):
                 m.engine_core_restarts.inc(count - self._deaths_seen.get(reason, 0), tags={**tags, "reason": reason})
                 self._deaths_seen[reason] = count
 
-
-class _Call:
-    """One generate_batch call: its requests, the ones still open, and the items waiting to be yielded."""
-
-    def __init__(self, requests: dict[str, EngineRequest]) -> None:
-        self.requests = requests
-        self.open = set(requests)
-        self.items: list[StreamItem] = []
-        self.wake = asyncio.Event()
-
-    def put(self, item: StreamItem) -> None:
-        self.put_all([item])
-
-    def put_all(self, items: list[StreamItem]) -> None:
-        self.items += items
-        self.open.difference_update(i.request_id for i in items if i.is_last)
-        self.wake.set()
-
-    async def next(self) -> list[StreamItem]:
-        if not self.items and self.open:
-            self.wake.clear()
-            await self.wake.wait()
-        items, self.items = self.items, []
-        return items

@@ -1,10 +1,10 @@
 """BatchStreamer: many callers' requests travel downstream together, one streaming call per batch.
 
 The ingress and the BatchingRouter both talk to the next hop through one of these. Callers `submit` requests
-with a sink (an asyncio.Queue). Requests gather in a short adaptive window: with nothing in flight downstream a
-batch leaves at once; while downstream is busy it waits at most `max_wait_ms` for company, and a full batch
-leaves at once. Each message that comes back holds one engine step's items for the whole batch; it is split
-among the sinks with one put per sink, so no hop carries a message per token per request.
+with the RequestStream their items go to. Requests gather in a short adaptive window: with nothing in flight
+downstream a batch leaves at once; while downstream is busy it waits at most `max_wait_ms` for company, and a full
+batch leaves at once. Each message that comes back holds one engine step's items for the whole batch; it is split
+among the callers' streams with one put per stream, so no hop carries a message per token per request.
 
 Aborts are gathered too: whatever was asked in one turn of the event loop goes downstream as one call per
 downstream replica (the first message of every downstream stream names its replica). A batch whose requests have
@@ -20,13 +20,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
+from gptoss_serve.deployments.request_stream import RequestStream
 
 
 @dataclass(eq=False)
 class _Entry:
     request: EngineRequest
-    sink: asyncio.Queue  # gets lists of StreamItems
+    stream: RequestStream  # the caller's: gets lists of StreamItems
     queued_at: float = field(default_factory=time.monotonic)
     replica: str | None = None  # set once its batch's stream names its replica
     batch: _Batch | None = None  # set when its batch leaves
@@ -61,8 +62,8 @@ class BatchStreamer:
     def in_flight(self) -> int:
         return len(self.sent)
 
-    def submit(self, requests: list[EngineRequest], sink: asyncio.Queue) -> None:
-        self.pending += [_Entry(r, sink) for r in requests]
+    def submit(self, requests: list[EngineRequest], stream: RequestStream) -> None:
+        self.pending += [_Entry(r, stream) for r in requests]
         if self.batcher is None or self.batcher.done():
             self.batcher = self._spawn(self._batch_loop())
         self.wake.set()
@@ -125,16 +126,16 @@ class BatchStreamer:
                     if not any(i in self.sent for i in ids):
                         break  # every request of it was aborted on the way
                     continue
-                by_sink: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
+                by_stream: dict[int, tuple[RequestStream, list[StreamItem]]] = {}
                 for item in chunk:
                     entry = self.sent.get(item.request_id)
                     if entry is None:  # aborted meanwhile
                         continue
-                    by_sink.setdefault(id(entry.sink), (entry.sink, []))[1].append(item)
+                    by_stream.setdefault(id(entry.stream), (entry.stream, []))[1].append(item)
                     if item.is_last:
                         del self.sent[item.request_id]
-                for sink, items in by_sink.values():
-                    sink.put_nowait(items)
+                for caller, items in by_stream.values():
+                    caller.put(items)
                 if not any(i in self.sent for i in ids):
                     break
             else:
@@ -149,14 +150,14 @@ class BatchStreamer:
                 stream.cancel()
             except Exception:  # noqa: BLE001 - best effort: a dead replica holds nothing open
                 pass
-        failed: dict[int, tuple[asyncio.Queue, list[StreamItem]]] = {}
+        failed: dict[int, tuple[RequestStream, list[StreamItem]]] = {}
         for request_id in ids:
             entry = self.sent.pop(request_id, None)
             if entry is not None:
-                failed.setdefault(id(entry.sink), (entry.sink, []))[1].append(
+                failed.setdefault(id(entry.stream), (entry.stream, []))[1].append(
                     StreamItem(request_id, error=error, status=503))
-        for sink, items in failed.values():
-            sink.put_nowait(items)
+        for caller, items in failed.values():
+            caller.put(items)
 
     def _flush_aborts(self) -> None:
         by_replica: dict[str, list[str]] = defaultdict(list)

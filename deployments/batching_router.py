@@ -8,12 +8,10 @@ step. Serve's MostRoomRouter picks the attention replica with the most room for 
 
 from __future__ import annotations
 
-import asyncio
-import time
-
+from gptoss_serve.cluster.engine_protocol import EngineRequest, RoutingLoad
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
-from gptoss_serve.deployments.messages import EngineRequest
 from gptoss_serve.deployments.metrics import RouterMetrics
+from gptoss_serve.deployments.request_stream import RequestStream, abort_where_they_are
 
 
 class BatchingRouter:
@@ -26,33 +24,32 @@ class BatchingRouter:
         self.metrics = RouterMetrics(model=model_name, replica=self.replica_id)
         self.replicas = BatchStreamer(replicas, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                                       on_batch=self._observe_batch)
+        self.calls: dict[str, RequestStream] = {}  # request id -> the call it came in
 
     async def generate_batch(self, requests: list[EngineRequest], *, target_replica: str | None = None):
         """Streams this router's id, then lists of StreamItems of these requests until each has ended."""
         ids = [r.request_id for r in requests]
-        if len(set(ids)) != len(ids) or any(i in self.replicas.sent for i in ids):
+        if len(set(ids)) != len(ids) or any(i in self.calls for i in ids):
             raise ValueError("request ids must be unique and not already in flight")
-        sink: asyncio.Queue = asyncio.Queue()
-        self.replicas.submit(requests, sink)
-        open_ids = set(ids)
+        stream = RequestStream(ids, abort=self.replicas.abort)
+        self.calls.update(dict.fromkeys(ids, stream))
+        self.replicas.submit(requests, stream)
         try:
             yield self.replica_id
-            while open_ids:
-                items = await sink.get()
-                while not sink.empty():
-                    items += sink.get_nowait()
-                open_ids.difference_update(item.request_id for item in items if item.is_last)
+            async for items in stream.steps():
                 yield items
-        finally:  # the caller went away: nothing of this call may keep running
-            if open_ids:
-                self.replicas.abort(list(open_ids))
+        finally:  # the caller went away (or every request ended): nothing of this call may keep running
+            stream.close()
+            for request_id in ids:
+                self.calls.pop(request_id, None)
 
     async def abort(self, request_ids: list[str], *, target_replica: str | None = None) -> None:
-        self.replicas.abort(request_ids)
+        """Stops requests of calls this router serves (their clients left)."""
+        abort_where_they_are(self.calls, request_ids)
 
     def record_routing_stats(self) -> dict:
-        """Spreads ingress calls over router replicas (MostRoomRouter reads `running`)."""
-        return {"running": self.replicas.in_flight + len(self.replicas.pending), "time": time.time()}
+        """Spreads ingress calls over router replicas: the requests in flight through this one."""
+        return RoutingLoad(queued=self.replicas.in_flight + len(self.replicas.pending)).as_stats()
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         tags = self.metrics.tags

@@ -1,6 +1,6 @@
 """Serve request router for AttentionReplica: a batch goes to the replica with the most room.
 
-Room is read from the routing stats each replica reports (free KV blocks, queued requests), corrected by the
+Room is read from the load each replica reports (RoutingLoad: free KV blocks, requests held), corrected by the
 requests this router sent since that report, so a burst does not pile onto one replica between reports.
 A call naming `target_replica` (an abort) goes to that replica.
 """
@@ -8,6 +8,8 @@ A call naming `target_replica` (an abort) goes to that replica.
 from __future__ import annotations
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from gptoss_serve.cluster.engine_protocol import RoutingLoad
 
 
 class MostRoomRouter(RequestRouter):
@@ -29,12 +31,9 @@ class MostRoomRouter(RequestRouter):
         return [[r] for r in ranked]
 
     def room(self, replica: RunningReplica) -> tuple[float, float]:
-        """(free KV fraction, -(queued + sent since the last report)); more is roomier."""
-        stats = replica.routing_stats or {}
-        sent = self._sent(replica.replica_id, stats.get("time", 0.0))
-        num_blocks = max(1, int(stats.get("num_blocks", 1)))
-        free = float(stats.get("free_blocks", num_blocks)) / num_blocks
-        return free, -(float(stats.get("waiting", 0)) + float(stats.get("running", 0)) + sent)
+        """(free KV fraction, -(requests held + sent since the last report)); more is roomier."""
+        load = RoutingLoad.from_stats(replica.routing_stats)
+        return load.free_fraction, -(load.queued + self._sent(replica.replica_id, load.time))
 
     def _sent(self, replica_id: ReplicaID, report_time: float) -> int:
         seen_time, sent = self.sent_since_report.get(replica_id, (report_time, 0))

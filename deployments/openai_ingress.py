@@ -8,14 +8,12 @@ Every error is in OpenAI's shape; a client that disconnects cancels its requests
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import re
 import time
 import uuid
 import weakref
-from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,17 +21,17 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptoss_serve.cluster.structured_output import StructuredOutput
+from gptoss_serve.cluster.sampling_params import StructuredOutput
+from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
 from gptoss_serve.deployments.args import AppArgs
-from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
-from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from gptoss_serve.deployments.responses.store import open_response_store
 from gptoss_serve.deployments.responses.api import ResponsesAPI
 from gptoss_serve.model import harmony
-from gptoss_serve.model.constraints import completion_constraint, harmony_constraint
+from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
@@ -123,66 +121,13 @@ def validation_error(e: RequestValidationError) -> APIError:
     return APIError(400, text, param=field.group(0) if field else None)
 
 
-class ResponseStream:
-    """The engine requests of one HTTP request (its choices), sent together; their items come back one
-    engine step at a time, each tagged with its choice's index."""
-
-    def __init__(self, streamer: BatchStreamer, requests: list[EngineRequest]) -> None:
-        self.streamer = streamer
-        self.request_ids = [r.request_id for r in requests]  # by choice index
-        self.choice_of = {request_id: i for i, request_id in enumerate(self.request_ids)}
-        self.open = set(self.choice_of)
-        self.sink: asyncio.Queue = asyncio.Queue()
-        streamer.submit(requests, self.sink)
-
-    async def next(self) -> list[tuple[int, StreamItem]]:
-        items = await self.sink.get()
-        while not self.sink.empty():
-            items += self.sink.get_nowait()
-        self.open.difference_update(item.request_id for item in items if item.is_last)
-        return [(self.choice_of[item.request_id], item) for item in items]
-
-    async def first(self) -> list[tuple[int, StreamItem]]:
-        """Items up to every choice's first, raising APIError when a choice failed before producing anything."""
-        items, started = [], set()
-        while len(started) < len(self.choice_of):
-            batch = await self.next()
-            _raise_if_error([item for _, item in batch])
-            items += batch
-            started.update(index for index, _ in batch)
-        return items
-
-    def end(self, index: int) -> None:
-        """Stops one choice's request (a stop string ended it); its later items, if any, are ignored."""
-        request_id = self.request_ids[index]
-        if request_id in self.open:
-            self.open.discard(request_id)
-            self.streamer.abort([request_id])
-
-    def close(self) -> None:
-        """Stops what is still running (the client left, or the response failed)."""
-        if self.open:
-            self.streamer.abort(list(self.open))
-            self.open.clear()
-
-
-def _raise_if_error(items: list[StreamItem]) -> None:
-    for item in items:
-        if item.error is not None:
-            raise APIError(item.status, item.error, param="prompt" if item.status == 400 else None,
-                           retry_after=1 if item.status == 429 else None)
-
-
 class OpenAIIngress:
     def __init__(self, router, args: AppArgs) -> None:
-        self.router = BatchStreamer(router, max_batch_size=args.router_max_batch_size,
-                                    max_wait_ms=args.router_max_wait_ms)
         self.args = args
+        self.admission = Admission(router, args)
         self.tokenizer = load_tokenizer()
-        self.in_flight = 0
-        self.capacity = args.max_ongoing_requests + args.max_queued_requests
         # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses/api.py)
-        self.responses = ResponsesAPI(self, open_response_store(
+        self.responses = ResponsesAPI(self.admission, open_response_store(
             max_entries=args.response_store_max_entries, max_bytes=args.response_store_max_bytes,
             ttl_s=args.response_store_ttl_s))
 
@@ -199,34 +144,34 @@ class OpenAIIngress:
 
     async def model(self, model: str) -> dict:
         """The openai client's models.retrieve: the served model's card, 404 in OpenAI's shape for any other."""
-        self._check_model(model)
+        self.admission.check_model(model)
         return self._model_card()
 
     def _model_card(self) -> dict:
         return {"id": self.args.served_model_name, "object": "model", "created": 0, "owned_by": "gptoss-serve"}
 
     async def chat_completions(self, body: ChatCompletionRequest):
-        self._check_model(body.model)
-        self._check_limits(body)
+        self.admission.check_model(body.model)
+        self.admission.check_limits(stops=body.stop_strings, tools=body.tools)
         try:
             prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
             constraint = harmony_constraint(body.response_format, body.tools, body.tool_choice)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        self._check_prompt_length([prompt], "messages")
+        self.admission.check_prompt_length([prompt], "messages")
         choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs, stop=body.stop_strings) for i in range(body.n)]
         return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs,
                                    constraint)
 
     async def completions(self, body: CompletionRequest):
-        self._check_model(body.model)
-        self._check_limits(body)
+        self.admission.check_model(body.model)
+        self.admission.check_limits(stops=body.stop_strings)
         try:
             constraint = completion_constraint(body.response_format)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
-        self._check_prompt_length(prompts, "prompt")
+        self.admission.check_prompt_length(prompts, "prompt")
         vocab = self.tokenizer.vocab_size
         if any(not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids) for ids in prompts):
             raise APIError(400, f"prompt must be non-empty text or token ids in [0, {vocab})", param="prompt")
@@ -237,34 +182,9 @@ class OpenAIIngress:
                                    constraint)
 
     # ---- plumbing -----------------------------------------------------------------------------------------------
-    def _check_model(self, model: str) -> None:
-        if model != self.args.served_model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves "
-                                f"{self.args.served_model_name!r}", param="model", code="model_not_found")
-
-    def _check_limits(self, body) -> None:
-        stops = body.stop_strings
-        if len(stops) > self.args.max_stop_strings:
-            raise APIError(400, f"stop: {len(stops)} stop strings, more than this server's limit of "
-                                f"{self.args.max_stop_strings}", param="stop")
-        if any(len(s) > self.args.max_stop_length for s in stops):
-            raise APIError(400, f"stop: a stop string is longer than this server's limit of "
-                                f"{self.args.max_stop_length} characters", param="stop")
-        tools = getattr(body, "tools", None) or ()  # chat only
-        if len(tools) > self.args.max_tools:
-            raise APIError(400, f"tools: {len(tools)} tools, more than this server's limit of "
-                                f"{self.args.max_tools}", param="tools")
-
-    def _check_prompt_length(self, prompts: list[list[int]], param: str) -> None:
-        longest = max(map(len, prompts), default=0)
-        if longest > self.args.max_prompt_tokens:
-            raise APIError(400, f"{param}: the prompt has {longest} tokens, more than this server's limit of "
-                                f"{self.args.max_prompt_tokens}", param=param)
-
     async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs,
                        structured_output: StructuredOutput | None = None):
-        if self.in_flight >= self.capacity:
-            raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
+        self.admission.check_capacity()  # before the requests are built: a full server answers at once
         base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         now = time.time()
         requests = []
@@ -275,64 +195,29 @@ class OpenAIIngress:
                                               engine_stops=kind != "chat.completion",
                                               structured_output=structured_output)
                 requests.append(EngineRequest(f"{base}-{p}-{j}", ids, params, arrival_time=now))
-        stream, firsts, slot = await self._open_stream(requests)
+        stream, firsts = await self.admission.open(requests)
         header = {"id": base, "object": kind + ".chunk" if kind == "chat.completion" else kind,
                   "created": int(now), "model": self.args.served_model_name}
         if body.stream:
-            events = self._sse(stream, firsts, choices, header, kind, body.include_usage, len(prompts), slot)
-            # a stream dropped before it starts never runs its `finally`: give the slot back when it is collected
-            weakref.finalize(events, slot)
+            events = self._sse(stream, firsts, choices, header, kind, body.include_usage, len(prompts))
+            # a stream dropped before it starts never runs its `finally`: stop it (and free its slot) when collected
             weakref.finalize(events, stream.close)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            items = firsts
-            while True:
-                _raise_if_error([item for _, item in items])
+            async for items in stream.choice_steps(firsts):
+                raise_if_error([item for _, item in items])
                 for index, item in items:
-                    self._feed(choices[index], [item])
+                    if item.output is not None:
+                        choices[index].feed(item.output)
                     if getattr(choices[index], "stopped", False):
                         stream.end(index)
-                if not stream.open:
-                    break
-                items = await stream.next()
         finally:
             stream.close()
-            slot()
         return {**header, "object": kind,
                 "choices": [c.message() if kind == "chat.completion" else c.body() for c in choices],
                 "usage": usage(choices, num_prompts=len(prompts))}
 
-    @staticmethod
-    def _feed(choice, items: list[StreamItem]) -> list:
-        return [choice.feed(item.output) for item in items if item.output is not None]
-
-    async def _open_stream(self, requests: list[EngineRequest]) -> tuple[ResponseStream, list, Callable[[], None]]:
-        """Sends the requests holding a slot -> (their stream, its first items, the slot's release): on a failure
-        before the first items the stream is closed and the slot given back."""
-        slot = self._take_slot()
-        stream = ResponseStream(self.router, requests)
-        try:
-            firsts = await stream.first()
-        except BaseException:
-            stream.close()
-            slot()
-            raise
-        return stream, firsts, slot
-
-    def _take_slot(self):
-        """Counts a request in; the returned callable counts it out, once, however often it is called."""
-        self.in_flight += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.in_flight -= 1
-
-        return release
-
-    async def _sse(self, stream: ResponseStream, firsts, choices, header, kind, include_usage, num_prompts, slot):
+    async def _sse(self, stream: ChoiceStream, firsts, choices, header, kind, include_usage, num_prompts):
         """Server-sent events: each engine step's chunks of all choices in one write, then usage, then [DONE]."""
         chat = kind == "chat.completion"
         try:
@@ -340,8 +225,7 @@ class OpenAIIngress:
                 yield "".join(_event({**header, "choices": [{"index": c.index, "delta": {"role": "assistant"},
                                                               "logprobs": None, "finish_reason": None}]})
                               for c in choices)
-            items = firsts
-            while True:
+            async for items in stream.choice_steps(firsts):
                 events = []
                 for index, item in items:
                     if item.error is not None:
@@ -354,15 +238,11 @@ class OpenAIIngress:
                         stream.end(index)
                 if events:
                     yield "".join(events)
-                if not stream.open:
-                    break
-                items = await stream.next()
             if include_usage:
                 yield _event({**header, "choices": [], "usage": usage(choices, num_prompts=num_prompts)})
             yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects: stop every choice's request
+        finally:  # also when the client disconnects: stop every choice's request, free the slot
             stream.close()
-            slot()
 
     @staticmethod
     def _chunk(choice, item: StreamItem, chat: bool) -> dict | None:

@@ -15,7 +15,7 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
-from gptoss_serve.deployments.messages import EngineRequest
+from gptoss_serve.cluster.engine_protocol import EngineRequest
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.scripted_model import follow_chain
@@ -79,10 +79,10 @@ def test_abort_frees_the_engine_within_a_step(replica):
         await stream.__anext__()  # the first running request has a token
         await replica.abort(["ab-0", "ab-1"])
         deadline = time.monotonic() + 5
-        while replica.stats["running"] or replica.stats["waiting"] or replica.core.open:
+        while replica.stats.running or replica.stats.waiting or replica.core.open:
             assert time.monotonic() < deadline, replica.stats
             await asyncio.sleep(0.01)
-        assert replica.stats["free_blocks"] == replica.stats["num_blocks"] - 1
+        assert replica.stats.free_blocks == replica.stats.num_blocks - 1
         await stream.aclose()
 
     asyncio.run(main())
@@ -102,7 +102,7 @@ def test_the_replica_decodes_and_stops_at_a_stop_string_for_its_core(tiny_bf16):
         assert "".join(o.new_text for o in outputs) == " Hell"
         assert outputs[-1].finished and outputs[-1].finish_reason == "stop" and outputs[-1].stop_reason == "o w"
         deadline = time.monotonic() + 5
-        while replica.stats["running"] or replica.core.open:  # the core stopped it too
+        while replica.stats.running or replica.core.open:  # the core stopped it too
             assert time.monotonic() < deadline, replica.stats
             await asyncio.sleep(0.01)
 

@@ -15,6 +15,7 @@ import torch
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.engine_core_client import STALL_GRACE_S, EngineCoreClient, EngineCoreError
+from gptoss_serve.cluster.engine_protocol import EngineRequest
 from gptoss_serve.cluster.expert_parallel.step_watch import StepWatch
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.model.loader import load_model
@@ -86,7 +87,7 @@ def test_core_matches_the_engine_in_process(core, tiny_bf16):
     async def main():
         ids = [f"same-{i}" for i in range(len(prompts))]
         steps_before = seen.steps
-        client.add([(i, p, params) for i, p in zip(ids, prompts)])
+        client.add([EngineRequest(i, p, params) for i, p in zip(ids, prompts)])
         await seen.wait(ids)
         assert [seen.tokens[i] for i in ids] == [e.token_ids for e in expected]
         assert [seen.text[i] for i in ids] == [e.text for e in expected]
@@ -101,16 +102,16 @@ def test_bad_request_is_rejected_alone_and_abort_frees(core):
 
     async def main():
         long = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)  # until the context is full
-        client.add([("bad", [10**9], long), ("long", [1, 2, 3], long)])
+        client.add([EngineRequest("bad", [10**9], long), EngineRequest("long", [1, 2, 3], long)])
         await seen.wait(["bad"])
         assert seen.failed["bad"][1] == 400 and "token ids" in seen.failed["bad"][0]
         while len(seen.tokens.get("long", [])) < 2:
             await asyncio.sleep(0.01)
         client.abort(["long"])
-        while client.stats.get("running", 1) or client.open:
+        while client.stats.running or client.open:
             await asyncio.sleep(0.01)
-        assert "long" not in seen.finished and client.stats["running"] == 0
-        assert client.stats["free_blocks"] == client.stats["num_blocks"] - 1  # every block back (0 is the null one)
+        assert "long" not in seen.finished and client.stats.running == 0
+        assert client.stats.free_blocks == client.stats.num_blocks - 1  # every block back (0 is the null one)
 
     asyncio.run(main())
 
@@ -120,7 +121,7 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
 
     async def main():
         params = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)
-        client.add([("doomed", [1, 2, 3], params)])
+        client.add([EngineRequest("doomed", [1, 2, 3], params)])
         while not seen.tokens.get("doomed"):
             await asyncio.sleep(0.01)
         os.kill(client.process.pid, signal.SIGKILL)
@@ -130,7 +131,7 @@ def test_a_dead_core_fails_its_requests_and_is_replaced(core):
         while client.restarting or not client.alive:  # a new core is started in the background (it is alive a
             await asyncio.sleep(0.1)  # moment before the restart is counted)
         assert client.restarts == 1 and client.deaths == {"died": 1, "stalled": 0}
-        client.add([("after", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))])
+        client.add([EngineRequest("after", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))])
         await seen.wait(["after"])
         assert seen.finished["after"] == "length"
 
@@ -173,7 +174,7 @@ def test_a_core_stuck_past_its_expert_deadline_is_killed_and_replaced(tiny_bf16,
 
     async def main():
         start = time.monotonic()
-        client.add([("stuck", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))])
+        client.add([EngineRequest("stuck", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))])
         await seen.wait(["stuck"], timeout=30)
         # the watch's deadline (0.5 s) plus the parent's grace, not the client's patience
         assert time.monotonic() - start < 0.5 + STALL_GRACE_S + 5

@@ -151,7 +151,7 @@ def test_a_full_engine_turns_requests_away_at_once(app):
                     waits.append(time.monotonic() - start)
                     assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
                 replica = serve.get_deployment_handle("AttentionReplica", app_name=APP)
-                assert (await replica.record_routing_stats.remote())["running"] == SLOTS
+                assert (await replica.describe.remote())["running"] == SLOTS
                 return waits
             finally:  # the holders leave: their requests are aborted
                 for h in holders:

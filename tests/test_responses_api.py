@@ -10,9 +10,9 @@ import httpx2
 import openai
 import pytest
 
-from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_protocol import RequestOutput
 from gptoss_serve.deployments.args import AppArgs
-from gptoss_serve.deployments.messages import StreamItem
+from gptoss_serve.cluster.engine_protocol import StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.deployments.responses.protocol import ResponsesRequest
@@ -317,7 +317,7 @@ def test_an_engine_failure_fails_the_response():
             check_event(event)
         failed = events[-1]
         assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
-        assert failed["response"]["error"]["code"] == "server_error" and ingress.in_flight == 0
+        assert failed["response"]["error"]["code"] == "server_error" and ingress.admission.in_flight == 0
         assert (await ingress.responses.store.get(failed["response"]["id"])) is None
 
     run(main())
@@ -333,7 +333,7 @@ def test_a_client_that_leaves_aborts_its_request():
         await events.__anext__()
         await events.aclose()  # what Starlette does when the client goes
         await asyncio.sleep(0.05)
-        assert replicas.aborted == [replicas.requests[0].request_id] and ingress.in_flight == 0
+        assert replicas.aborted == [replicas.requests[0].request_id] and ingress.admission.in_flight == 0
 
     run(main())
 

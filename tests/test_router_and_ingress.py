@@ -9,11 +9,11 @@ import time
 import httpx
 import pytest
 
-from gptoss_serve.cluster.engine import RequestOutput
+from gptoss_serve.cluster.engine_protocol import RequestOutput
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
-from gptoss_serve.deployments.messages import EngineRequest, StreamItem
+from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.batching_router import BatchingRouter
 

@@ -2,10 +2,10 @@
 /v1/responses/{id}/input_items.
 
 A request becomes chat messages (its input after the stored conversation of `previous_response_id`), is rendered
-with harmony as chat is, and runs as one engine request through the ingress's own path: the same slots (429 when
-full), prompt limits, error shapes, and abort when the client goes. The engine's outputs become output items and,
-when streaming, typed server-sent events (responses_output.py). A stored response keeps its whole conversation, so
-that a later request can continue it on any ingress replica (response_store.py).
+with harmony as chat is, and runs as one engine request through the ingress's Admission (admission.py): the same
+slots (429 when full), limits, error shapes, and abort when the client goes. The engine's outputs become output
+items and, when streaming, typed server-sent events (output.py). A stored response keeps its whole conversation, so
+that a later request can continue it on any ingress replica (store.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Literal
 from fastapi import Query
 from fastapi.responses import StreamingResponse
 
+from gptoss_serve.cluster.engine_protocol import EngineRequest
 from gptoss_serve.cluster.sampling_params import SamplingParams
-from gptoss_serve.deployments.messages import EngineRequest
+from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
 from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.deployments.responses.store import StoreClient
 from gptoss_serve.deployments.responses.conversation import (chat_response_format, chat_tool_choice, chat_tools,
@@ -30,7 +31,7 @@ from gptoss_serve.deployments.responses.conversation import (chat_response_forma
 from gptoss_serve.deployments.responses.output import ResponseOutput, new_id
 from gptoss_serve.deployments.responses.protocol import ResponsesRequest
 from gptoss_serve.model import harmony
-from gptoss_serve.model.constraints import harmony_constraint
+from gptoss_serve.cluster.constraints import harmony_constraint
 
 logger = logging.getLogger("ray.serve")
 # harmony_constraint names chat's fields; a Responses client sent these
@@ -42,17 +43,15 @@ _CHAT_FIELDS = [(re.compile(r"^response_format\.json_schema"), "text.format"),
 
 
 class ResponsesAPI:
-    def __init__(self, ingress, store: StoreClient) -> None:
-        """ingress: the OpenAIIngress whose router, slots and checks the responses share."""
-        self.ingress, self.store = ingress, store
+    def __init__(self, admission: Admission, store: StoreClient) -> None:
+        """admission: the ingress's, whose router, slots and checks the responses share."""
+        self.admission, self.store = admission, store
 
     # ---- routes ---------------------------------------------------------------------------------------------
     async def create(self, body: ResponsesRequest):
-        ingress = self.ingress
-        ingress._check_model(body.model)
-        if len(body.tools or ()) > ingress.args.max_tools:
-            raise APIError(400, f"tools: {len(body.tools)} tools, more than this server's limit of "
-                                f"{ingress.args.max_tools}", param="tools")
+        admission = self.admission
+        admission.check_model(body.model)
+        admission.check_limits(tools=body.tools)
         earlier = await self._conversation(body.previous_response_id)
         try:
             check_call_ids(earlier, body.items)
@@ -66,18 +65,16 @@ class ResponsesAPI:
                                          reasoning_effort=body.effort, tools=chat_tools(body.tools))
         except ValueError as e:  # the items were checked: what is left is harmony's complaint about the whole
             raise APIError(400, f"input: {e}", param="input") from None
-        ingress._check_prompt_length([prompt], "input")
+        admission.check_prompt_length([prompt], "input")
         params = self._sampling_params(body)
-        if ingress.in_flight >= ingress.capacity:
-            raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
+        admission.check_capacity()
         response_id, now = new_id("resp"), time.time()
         request = EngineRequest(response_id, prompt, params, arrival_time=now)
-        stream, firsts, slot = await ingress._open_stream([request])
-        run = _Run(self, body, response_id, int(now), conversation, stream, slot)
+        stream, firsts = await admission.open([request])
+        run = _Run(self, body, response_id, int(now), conversation, stream)
         if body.stream:
             events = run.events(firsts)
-            # a stream dropped before it starts never runs its `finally`: give the slot back when it is collected
-            weakref.finalize(events, slot)
+            # a stream dropped before it starts never runs its `finally`: stop it (and free its slot) when collected
             weakref.finalize(events, stream.close)
             return StreamingResponse(events, media_type="text/event-stream")
         return await run.whole(firsts)
@@ -159,12 +156,12 @@ class _Run:
     """One response in flight: its engine stream, what it has output so far, and how it ends."""
 
     def __init__(self, api: ResponsesAPI, body: ResponsesRequest, response_id: str, created_at: int,
-                 conversation: list[dict], stream, slot) -> None:
-        self.api, self.body, self.stream, self.slot = api, body, stream, slot
+                 conversation: list[dict], stream: ChoiceStream) -> None:
+        self.api, self.body, self.stream = api, body, stream
         self.conversation = conversation
         self.output = ResponseOutput()
         self.header = {"id": response_id, "object": "response", "created_at": created_at,
-                       "model": api.ingress.args.served_model_name}
+                       "model": api.admission.args.served_model_name}
 
     def response(self, status: str, *, error: dict | None = None) -> dict:
         done = status in ("completed", "incomplete", "failed")
@@ -175,21 +172,14 @@ class _Run:
                 **({"completed_at": int(time.time())} if status == "completed" else {})}
 
     async def whole(self, firsts) -> dict:
-        from gptoss_serve.deployments.openai_ingress import _raise_if_error
-
         try:
-            items = firsts
-            while True:
-                _raise_if_error([item for _, item in items])
+            async for items in self.stream.choice_steps(firsts):
+                raise_if_error([item for _, item in items])
                 for _, item in items:
                     if item.output is not None:
                         self.output.feed(item.output)
-                if not self.stream.open:
-                    break
-                items = await self.stream.next()
         finally:
             self.stream.close()
-            self.slot()
         return await self._finish()
 
     async def _finish(self) -> dict:
@@ -210,8 +200,7 @@ class _Run:
         try:
             yield sse({"type": "response.created", "response": self.response("in_progress")}) + sse(
                 {"type": "response.in_progress", "response": self.response("in_progress")})
-            items = firsts
-            while True:
+            async for items in self.stream.choice_steps(firsts):
                 events = []
                 for _, item in items:
                     if item.error is not None:
@@ -222,14 +211,10 @@ class _Run:
                     events += self.output.feed(item.output)
                 if events:
                     yield "".join(map(sse, events))
-                if not self.stream.open:
-                    break
-                items = await self.stream.next()
             response = await self._finish()
             yield sse({"type": f"response.{response['status']}", "response": response})
-        finally:  # also when the client disconnects: stop the engine request
+        finally:  # also when the client disconnects: stop the engine request, free the slot
             self.stream.close()
-            self.slot()
 
 
 _ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
