@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The same benchmark on two trees of this repository in one call on the GPU machine: the working tree ("new") and
+# an older commit unpacked into .oldtree/ ("old"), so a refactor's figures are compared side by side on one card.
+#
+# Here, once:   echo /.oldtree/ >> .git/info/exclude; mkdir -p .oldtree; git archive REV | tar x -C .oldtree
+# There (carry .devbundle and .oldtree):
+#   source .devbundle/activate.sh; bash bench/compare_trees.sh gpu|engine|served
+#     gpu     pytest -m gpu on the new tree
+#     engine  bench.engine_throughput (20b shapes, random MXFP4, batch 1 / 64 / 256), old then new, ROUNDS times
+#     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
+# Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
+set -u
+root=$PWD
+map() {  # map TREE NSDIR
+  rm -rf "$2"; mkdir -p "$2/gptoss_serve"
+  for d in model cluster deployments kernels k8s bench; do ln -sfn "$1/$d" "$2/gptoss_serve/$d"; done
+}
+map "$root" /tmp/ns_new; map "$root/.oldtree" /tmp/ns_old
+site=/tmp/site  # the bundle's Ray Serve
+new() { (cd "$root" && PYTHONPATH=/tmp/ns_new:$site:$root "$@"); }
+old() { (cd "$root/.oldtree" && PYTHONPATH=/tmp/ns_old:$site:$root/.oldtree "$@"); }
+out=${OUT:-/tmp/compare-out}
+mkdir -p "$out"
+shapes() { new python3 -m gptoss_serve.model.synthetic --preset 20b --mxfp4 --config-only --out /tmp/c20 >/dev/null; }
+case "${1:-}" in
+gpu)
+  new python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -25 ;;
+engine)
+  shapes
+  for i in $(seq "${ROUNDS:-1}"); do
+    for tree in old new; do
+      echo "== $tree $i"
+      $tree python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 --load-format dummy \
+        --json "$out/engine-$tree-$i.json" 2>&1 | tail -6
+    done
+  done ;;
+served)
+  shapes
+  args=(--model /tmp/c20 --load-format dummy --device cuda --burst 1000 --prompt-lens 32 400 --output-lens 32 368
+        --max-num-seqs 256 --max-model-len 1024 --num-cpus 16)
+  for tree in old new; do
+    echo "== $tree"
+    $tree python3 -m gptoss_serve.bench.served_vs_engine "${args[@]}" --json "$out/served-$tree.json" 2>&1 | tail -12
+  done ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served" >&2; exit 2 ;;
+esac
