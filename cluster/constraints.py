@@ -14,19 +14,34 @@ The prompt ends with `<|start|>assistant` (render_chat), so the output opens wit
 (the tool call in the form OpenAI's harmony guide shows the model writing; HarmonyStreamParser reads it as a call).
 Both functions raise ValueError naming the offending field, which the ingress answers with a 400. No torch here: the
 CPU-only ingress imports this; the engine core compiles the grammars it makes (cluster/grammar.py).
+
+A schema is refused here when no request could follow it, so that a bad one is the client's 400 before admission and
+never an engine failure (a 503) mid-output: llguidance's own check (validate_grammar), what it compiles but cannot
+enforce (schema_checks.py: $ref cycles, counted repetitions past its lexer's budget), and a compile against the
+tokenizer that takes the first mask (and, for patterns, a few steps) as the engine would. The tokenizer's view is
+built once per process (ll_tokenizer: about a second and 140 MB), and each schema's verdict is kept, so a schema sent
+again costs nothing. The functions block for that long: the ingress calls them on a worker thread (llguidance lets go
+of the GIL while it compiles and masks).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
-from llguidance import LLMatcher
+from llguidance import LLMatcher, LLParserLimits, LLTokenizer
+from llguidance.tiktoken import lltokenizer_from_encoding
 
 from gptoss_serve.cluster.sampling_params import StructuredOutput
+from gptoss_serve.cluster.schema_checks import schema_problem
+from gptoss_serve.model.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["JSON_FORMAT", "completion_constraint", "harmony_constraint"]
+__all__ = ["JSON_FORMAT", "completion_constraint", "harmony_constraint", "ll_tokenizer"]
 
 # JSON as OpenAI's structured outputs and harmony's tool calls write it: compact, a space allowed after ',' and ':'
 # (json.dumps' default). llguidance's default, any whitespace anywhere, lets a model pad a document without end (a
@@ -138,6 +153,9 @@ def _json(schema: Any, *, strict: bool, where: str) -> str:
     error = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(text))
     if error:
         raise ValueError(f"{where}: {error.strip()}")
+    problem = schema_problem(body) or _probe(text)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
     return f"%json {text}"
 
 
@@ -219,3 +237,99 @@ def _checked(grammar: str, description: str) -> StructuredOutput:
     if error:  # the pieces were checked one by one: a failure here is ours, not the request's
         raise RuntimeError(f"the grammar built for {description} is invalid: {error}")
     return StructuredOutput(grammar=grammar, description=description)
+
+
+# ---- the tokenizer's view, and a compile against it ------------------------------------------------------------------
+
+_tokenizer_lock = threading.Lock()
+
+
+def ll_tokenizer(tokenizer: Tokenizer) -> LLTokenizer:
+    """llguidance's view of the o200k_harmony vocabulary, harmony's special tokens (200000-201087) among its special
+    tokens, so grammars may name them. About a second and 140 MB to build: once per process (threads wait for the
+    one build). Its EOS is <|return|>, a stop token: where a grammar may end but could go on (a top-level JSON
+    number), <|return|> is allowed, ends the request as any stop token does, and completes the grammar; harmony's
+    grammars name <|return|> themselves."""
+    with _tokenizer_lock:
+        return _ll_tokenizer(tokenizer)
+
+
+@functools.lru_cache(maxsize=2)
+def _ll_tokenizer(tokenizer: Tokenizer) -> LLTokenizer:
+    return lltokenizer_from_encoding(tokenizer.encoding, n_vocab=tokenizer.vocab_size,
+                                     eos_token=tokenizer.return_token_id)
+
+
+# the engine compiles with llguidance's default limits (cluster/grammar.py): the probe uses the same, without the
+# parser's state and the grammar in its errors (they are the client's message)
+_LIMITS = dict(verbose_errors=False)
+# a schema with patterns is walked a few steps on a few samples: a lexer that runs out of fuel mostly does so early
+PROBE_WALKS, PROBE_STEPS = 3, 8
+_PATTERN_KEYS = ('"pattern"', '"patternProperties"')
+_VERDICTS_KEPT = 1024
+_verdicts: OrderedDict[str, str] = OrderedDict()  # a schema's JSON -> why it cannot be followed ("": it can)
+_verdicts_lock = threading.Lock()
+
+
+def _probe(text: str) -> str | None:
+    """Compiles `%json text` against the tokenizer as the engine will, takes the first mask and, for a schema with
+    patterns, a few steps on PROBE_WALKS samples -> why llguidance failed, or None. Deterministic; kept per text."""
+    with _verdicts_lock:
+        verdict = _verdicts.get(text)
+        if verdict is not None:
+            _verdicts.move_to_end(text)
+            return verdict or None
+    verdict = _walks(text)
+    with _verdicts_lock:
+        _verdicts[text] = verdict
+        if len(_verdicts) > _VERDICTS_KEPT:
+            _verdicts.popitem(last=False)
+    return verdict or None
+
+
+def _walks(text: str) -> str:
+    tokenizer = ll_tokenizer(load_tokenizer())
+    grammar = LLMatcher.grammar_from_lark(f"start: %json {text}")
+    patterns = any(key in text for key in _PATTERN_KEYS)
+    walks, steps = (PROBE_WALKS, PROBE_STEPS) if patterns else (1, 1)
+    for walk in range(walks):
+        # a fresh compile each time: its lexer starts cold, as the engine's first request with this schema does
+        matcher = LLMatcher(tokenizer, grammar, log_level=0, limits=LLParserLimits(**_LIMITS))
+        rng = random.Random(walk)
+        for _ in range(steps):
+            mask = matcher.compute_bitmask()
+            if matcher.is_error():
+                return _failure(matcher.get_error())
+            token = _sample(mask, rng, tokenizer.eos_token, tokenizer.vocab_size)
+            if token is None:  # only the end is allowed: the document is complete
+                break
+            if not matcher.consume_token(token):
+                return _failure(matcher.get_error())
+            if matcher.is_stopped():
+                break
+    return ""
+
+
+def _sample(mask: bytes, rng: random.Random, eos: int, vocab_size: int) -> int | None:
+    """A token the mask allows (bit t % 32 of little-endian word t // 32, so bit t % 8 of byte t // 8), not EOS."""
+    allowed = bytearray(mask)
+    allowed[eos // 8] &= ~(1 << eos % 8) & 0xFF
+    nonzero = [i for i, byte in enumerate(allowed) if byte]
+    while nonzero:
+        i = rng.choice(nonzero)
+        token = 8 * i + rng.choice([bit for bit in range(8) if allowed[i] >> bit & 1])
+        if token < vocab_size:
+            return token
+        nonzero.remove(i)
+    return None
+
+
+def _failure(error: str) -> str:
+    """llguidance's error as the client's reason: what it means, not the parser's state."""
+    first = error.strip().splitlines()[0] if error.strip() else "error"
+    if "NoExtension" in first:
+        return "no JSON value matches this schema (its grammar allows no output)"
+    if any(word in first for word in ("too many", "fuel", "TooComplex", "lexer", "limit")):
+        return (f"too complex to enforce: compiling it ran past llguidance's limits ({first}); simplify its patterns "
+                "or split the schema")
+    return f"cannot be enforced: {first}"

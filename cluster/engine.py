@@ -122,6 +122,9 @@ class LLMEngine:
             raise ValueError(f"max_tokens is {sampling_params.max_tokens}, but the prompt has {len(prompt)} tokens "
                              f"and max_model_len is {self.max_model_len}: at most {room} can be generated")
         max_tokens = room if sampling_params.max_tokens is None else sampling_params.max_tokens
+        if sampling_params.min_tokens > max_tokens:  # (SamplingParams holds it under an explicit max_tokens)
+            raise ValueError(f"min_tokens is {sampling_params.min_tokens}, but the prompt has {len(prompt)} tokens "
+                             f"and max_model_len is {self.max_model_len}: at most {room} can be generated")
         seq = Sequence(request_id, prompt, sampling_params, tuple(self.tokenizer.stop_token_ids))
         seq.length_cap = len(prompt) + max_tokens
         p = sampling_params
@@ -249,7 +252,7 @@ class LLMEngine:
             token, n = seq.output_token_ids[-2], n - 1
         reason, stop_reason = None, None
         # the sampling state's stop ids are empty under ignore_eos
-        if token in seq.sampling.stop_token_ids and n >= seq.params.min_tokens:
+        if token in seq.sampling.stop_token_set and n >= seq.params.min_tokens:
             reason, stop_reason = "stop", token
         elif seq.sampling.grammar is not None and seq.sampling.grammar.finished:  # the answer is complete
             reason = "stop"

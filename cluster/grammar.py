@@ -13,27 +13,21 @@ tokens consumed in one more; requests without a grammar cost nothing.
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 
 import torch
-from llguidance import LLExecutor, LLMatcher, LLTokenizer
-from llguidance.tiktoken import lltokenizer_from_encoding
+from llguidance import LLExecutor, LLMatcher
 
+# llguidance's view of the vocabulary, built once per process; it lives with the grammars it serves (no torch there:
+# the ingress compiles against it too, to refuse a schema the engine could not follow)
+from gptoss_serve.cluster.constraints import ll_tokenizer
 from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.model.tokenizer import Tokenizer
 
+__all__ = ["GRAMMAR_CACHE_SIZE", "GrammarCompiler", "GrammarMatcher", "advance", "bitmask_width", "ll_tokenizer",
+           "token_bitmasks"]
+
 GRAMMAR_CACHE_SIZE = 256
-
-
-@functools.lru_cache(maxsize=2)
-def ll_tokenizer(tokenizer: Tokenizer) -> LLTokenizer:
-    """llguidance's view of the o200k_harmony vocabulary, harmony's special tokens (200000-201087) among its special
-    tokens, so grammars may name them. About a second and 140 MB to build: once per process. Its EOS is <|return|>,
-    a stop token: where a grammar may end but could go on (a top-level JSON number), <|return|> is allowed, ends
-    the request as any stop token does, and completes the grammar; harmony's grammars name <|return|> themselves."""
-    return lltokenizer_from_encoding(tokenizer.encoding, n_vocab=tokenizer.vocab_size,
-                                     eos_token=tokenizer.return_token_id)
 
 
 class GrammarMatcher:

@@ -46,12 +46,22 @@ class SamplingState:
         stop = params.stop_token_ids if params.stop_token_ids is not None else tuple(default_stop_token_ids)
         # with ignore_eos no stop token ends the request, so none needs holding back for min_tokens either
         self.stop_token_ids: tuple[int, ...] = () if params.ignore_eos else stop
+        # looked up once a step per request (the engine's "is it a stop token?"): a set, whatever the list's length
+        self.stop_token_set: frozenset[int] = frozenset(self.stop_token_ids)
+        self._stops_in_vocab: tuple[int, list[int]] | None = None  # (vocab size, those of the stop ids below it)
         self._generator: torch.Generator | None = None
         self.grammar: GrammarMatcher | None = None  # the engine sets it for a request with a structured output
         # penalty inputs, built once on the logits' device; output counts are brought up to date each step
         self._prompt_mask: Tensor | None = None  # [V] bool
         self._output_counts: Tensor | None = None  # [V] float32
         self._counted = 0
+
+    def stops_below(self, vocab_size: int) -> list[int]:
+        """The stop ids a vocabulary of this size has (a stop id past it, in a small test model, cannot come out
+        anyway); worked out once, not on every step until min_tokens."""
+        if self._stops_in_vocab is None or self._stops_in_vocab[0] != vocab_size:
+            self._stops_in_vocab = (vocab_size, sorted({t for t in self.stop_token_ids if t < vocab_size}))
+        return self._stops_in_vocab[1]
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """This request's own random stream, or None without a seed; made on first use, on the logits' device."""
@@ -221,8 +231,7 @@ def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None
     for i, state in enumerate(requests):
         # a grammar decides where its answer ends: holding its one allowed stop token back would leave no token
         if len(state.output_token_ids) < state.params.min_tokens and state.grammar is None:
-            # a stop id past this vocabulary (a small test model) cannot come out anyway
-            stops = [t for t in state.stop_token_ids if t < vocab_size]
+            stops = state.stops_below(vocab_size)
             rows += [i] * len(stops)
             token_ids += stops
     if rows:

@@ -9,20 +9,28 @@ stream holds its slot until it is closed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
-from gptoss_serve.deployments.protocol import APIError
+from gptoss_serve.deployments.protocol import APIError, json_size
 from gptoss_serve.deployments.request_stream import RequestStream
+
+
+# the engine's refusals name their field first ("min_tokens is 60, but ..."); those of these fields are about that
+# field (the Responses API has no min_tokens); the others (the prompt's length, its token ids, max_tokens, which the
+# Responses API calls max_output_tokens) are reported against the prompt
+ENGINE_ERROR_FIELDS = ("min_tokens",)
 
 
 def raise_if_error(items: list[StreamItem]) -> None:
     """The first error among a step's items as the APIError the client gets."""
     for item in items:
         if item.error is not None:
-            raise APIError(item.status, item.error, param="prompt" if item.status == 400 else None,
-                           retry_after=1 if item.status == 429 else None)
+            field = item.error.split(" ", 1)[0]
+            param = (field if field in ENGINE_ERROR_FIELDS else "prompt") if item.status == 400 else None
+            raise APIError(item.status, item.error, param=param, retry_after=1 if item.status == 429 else None)
 
 
 class ChoiceStream(RequestStream):
@@ -78,7 +86,10 @@ class Admission:
             raise APIError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.args.served_model_name!r}", param="model", code="model_not_found")
 
-    def check_limits(self, *, stops: Sequence[str] = (), tools: Sequence | None = None) -> None:
+    def check_limits(self, *, stops: Sequence[str] = (), tools: Sequence | None = None,
+                     stop_token_ids: Sequence[int] | None = None, formats: dict[str, Any] | None = None) -> None:
+        """formats: structured-output formats by the field that holds them (`response_format`, `text.format`);
+        they and each tool are bounded in size (max_schema_bytes), which bounds their grammar's compile time."""
         if len(stops) > self.args.max_stop_strings:
             raise APIError(400, f"stop: {len(stops)} stop strings, more than this server's limit of "
                                 f"{self.args.max_stop_strings}", param="stop")
@@ -88,6 +99,15 @@ class Admission:
         if len(tools or ()) > self.args.max_tools:
             raise APIError(400, f"tools: {len(tools)} tools, more than this server's limit of "
                                 f"{self.args.max_tools}", param="tools")
+        if len(stop_token_ids or ()) > self.args.max_stop_token_ids:
+            raise APIError(400, f"stop_token_ids: {len(stop_token_ids)} token ids, more than this server's limit of "
+                                f"{self.args.max_stop_token_ids}", param="stop_token_ids")
+        limit = self.args.max_schema_bytes
+        sized = [(name, value) for name, value in (formats or {}).items() if value is not None]
+        for name, value in sized + [(f"tools.{i}", tool) for i, tool in enumerate(tools or ())]:
+            if json_size(value, limit) > limit:
+                raise APIError(400, f"{name}: larger than this server's limit of {limit} bytes as JSON",
+                               param=name.split(".")[0])
 
     def check_prompt_length(self, prompts: list[list[int]], param: str) -> None:
         longest = max(map(len, prompts), default=0)

@@ -3,6 +3,14 @@
 The same fields come from a Serve config's `args:`, `serve run ... key=value`, or KubeRay's serveConfigV2.
 `model` may also come from the GPTOSS_MODEL environment variable; with neither, the app serves the embedded
 default: the random `tiny` checkpoint, written once to a cache directory.
+
+API keys come from `api_keys` and from $GPTOSS_API_KEYS, read twice: where the app is built (the builder binds them
+into the args every ingress replica receives, `with_env_api_keys`) and in each ingress replica (a Kubernetes Secret
+on the pods). Ray's workers get the environment of the `ray start` that started their node, not that of the
+process that runs `serve run`, so reading it in the replica alone could leave the API open. Where the builder runs
+on the cluster (`serve run config.yaml`, `serve deploy`, KubeRay) only the cluster's environment counts; with
+`require_api_keys` an ingress replica that finds no key does not start. Keys are SecretStr: repr, str and
+model_dump show `**********`, and a validation error never repeats its input.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from gptoss_serve.cluster.engine_config import EngineConfig
 
@@ -19,7 +27,8 @@ API_KEYS_ENV = "GPTOSS_API_KEYS"  # comma-separated; how a Kubernetes secret rea
 
 
 class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # an error never repeats the input: it may hold keys
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     model: str | None = Field(None, description=f"checkpoint directory or hub id; default ${MODEL_ENV}, "
                                                 "else the embedded tiny random model")
@@ -44,12 +53,22 @@ class AppArgs(BaseModel):
     max_queued_requests: int = Field(512, ge=0, description="requests waiting beyond that before 429")
     # what one request may ask for (400 beyond), and who may ask
     max_request_bytes: int = Field(16 << 20, ge=1024, description="largest request body; 413 beyond")
+    body_read_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this; 408 and "
+                                                               "the connection closed beyond")
+    max_requests_awaiting_body: int = Field(256, ge=0, description="requests of an ingress replica whose body is "
+                                            "still incomplete 1 s after they arrived; one more such is 408 at once")
     max_prompt_tokens: int = Field(131072, ge=1, description="longest prompt after tokenizing")
     max_stop_strings: int = Field(16, ge=0, description="entries in `stop`")
     max_stop_length: int = Field(256, ge=1, description="characters in one stop string")
     max_tools: int = Field(128, ge=0, description="function tools in one chat request")
+    max_stop_token_ids: int = Field(64, ge=0, description="entries in `stop_token_ids`")
+    max_schema_bytes: int = Field(64 << 10, ge=1024, description="a response format (its schema and description) or "
+                                                                 "one tool, as JSON; it bounds the grammar's compile time")
     api_keys: list[SecretStr] = Field(default_factory=list, description=f"if any (or ${API_KEYS_ENV}), every "
                                                                         "route but /health needs one as a Bearer token")
+    require_api_keys: bool = Field(False, description="an ingress replica that finds no key (in api_keys, or "
+                                   f"${API_KEYS_ENV} where the app was built or in its own environment) does not "
+                                   "start: a key that did not reach the cluster stops the app instead of opening it")
     drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown or redeploy, how long a replica waits for "
                                                            "its requests in flight to finish before it goes")
     max_waiting_per_replica: int = Field(512, ge=0, description="requests an engine may hold beyond those it "
@@ -58,6 +77,9 @@ class AppArgs(BaseModel):
     # shared by its ingress replicas; the oldest responses go first)
     response_store_max_entries: int = Field(10_000, ge=1, description="stored responses kept at most")
     response_store_max_bytes: int = Field(256 << 20, ge=1024, description="their JSON size at most, in all")
+    response_store_max_entry_bytes: int = Field(4 << 20, ge=1024, description="one stored response (with its "
+                                                "conversation) at most; a larger one is not stored: it says "
+                                                "`store: false`, and GET answers 404")
     response_store_ttl_s: float = Field(86_400.0, gt=0, description="how long a stored response is kept")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
@@ -69,6 +91,14 @@ class AppArgs(BaseModel):
     expert_transport: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPUs, else gloo")
     micro_batches: int = Field(2, ge=1, le=8, description="ping-pong micro-batches a step (with MoE workers)")
     expert_timeout_s: float = Field(10.0, gt=0, description="longest a replica waits for a worker's answer")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        stripped = [k.get_secret_value().strip() for k in keys]
+        if not all(stripped):  # an empty key would be dropped, and could leave the API open
+            raise ValueError("a key is empty")
+        return [SecretStr(k) for k in stripped]
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
@@ -114,6 +144,29 @@ class AppArgs(BaseModel):
 
     @property
     def resolved_api_keys(self) -> list[str]:
-        """The keys from the args and from $GPTOSS_API_KEYS together."""
-        from_env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-        return [k.get_secret_value() for k in self.api_keys] + from_env
+        """The keys from the args (the builder's $GPTOSS_API_KEYS among them) and from this process's
+        $GPTOSS_API_KEYS together, each once."""
+        keys = list(dict.fromkeys([k.get_secret_value() for k in self.api_keys] + api_keys_from_env()))
+        if self.require_api_keys and not keys:
+            raise ValueError(f"require_api_keys is set, but no API key reached this replica: give api_keys, or set "
+                             f"${API_KEYS_ENV} where the app is built or on every node (the environment of "
+                             f"`ray start`, a Kubernetes Secret on the pods)")
+        return keys
+
+    def with_env_api_keys(self) -> AppArgs:
+        """These args with this process's $GPTOSS_API_KEYS added to `api_keys`: what the builder binds."""
+        known = {k.get_secret_value() for k in self.api_keys}
+        from_env = [SecretStr(k) for k in dict.fromkeys(api_keys_from_env()) if k not in known]
+        return self.model_copy(update={"api_keys": self.api_keys + from_env}) if from_env else self
+
+
+def api_keys_from_env() -> list[str]:
+    """$GPTOSS_API_KEYS split at commas. Set but without a key (an empty Secret, `,`), it is an error, never "no
+    keys": whoever set it meant the API to need one."""
+    raw = os.environ.get(API_KEYS_ENV)
+    if raw is None:
+        return []
+    keys = [k.strip() for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise ValueError(f"${API_KEYS_ENV} is set but holds no key; unset it to serve without API keys")
+    return keys

@@ -202,7 +202,11 @@ class AttentionReplica:
             self._forget(request_id)
 
     def record_routing_stats(self) -> dict:
-        """Serve hands these to the request router, which places batches on the replica with the most room."""
+        """Serve hands these to the request router, which places batches on the replica with the most room. Serve asks
+        every ROUTING_STATS_PERIOD_S (builder.py) whatever the traffic, so the load gauges are set here too: an idle
+        engine sends no steps, and a gauge nobody sets drops out of the metrics (an alert on running == 0 would
+        find no series)."""
+        self._set_gauges(self.stats)
         return RoutingLoad.of_engine(self.stats).as_stats()
 
     def describe(self, *, target_replica: str | None = None) -> dict:
@@ -281,6 +285,13 @@ class AttentionReplica:
         if stream is not None:
             stream.put([StreamItem(request_id, error=message, status=status)])
 
+    def _set_gauges(self, stats: EngineStats) -> None:
+        """The engine's load now: at most once a STATS_PERIOD_S from steps, and on every routing-stats request."""
+        m, tags = self.metrics, self.metrics.tags
+        m.running.set(stats.running, tags=tags)
+        m.waiting.set(stats.waiting, tags=tags)
+        m.kv_usage.set(stats.kv_usage, tags=tags)
+
     def _record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         now, m, tags = time.time(), self.metrics, self.metrics.tags
         if new_tokens := sum(len(o.new_token_ids) for o in outputs):
@@ -300,9 +311,7 @@ class AttentionReplica:
         self.stats = stats
         if now >= self._next_stats or stats.idle:  # an idle engine sends no more steps: its gauges must say 0 now
             self._next_stats = now + STATS_PERIOD_S
-            m.running.set(stats.running, tags=tags)
-            m.waiting.set(stats.waiting, tags=tags)
-            m.kv_usage.set(stats.kv_usage, tags=tags)
+            self._set_gauges(stats)
             # the engine keeps running totals; the counters get what was added since the last look
             queries, hits = stats.prefix_queries, stats.prefix_hits
             if queries < self._prefix_seen[0] or hits < self._prefix_seen[1]:  # a new engine core counts from 0

@@ -88,6 +88,12 @@ def check_expert_split(args: AppArgs) -> None:
 
 def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Application:
     args = parse_args(raw_args or {})
+    # $GPTOSS_API_KEYS where the app is built travels in the ingress's bound args to every ingress replica: Ray's
+    # workers do not inherit this process's environment (each replica still adds the keys of its own environment)
+    try:
+        ingress_args = args.with_env_api_keys()
+    except ValueError as e:
+        raise ValueError(f"invalid gptoss-serve app args: api_keys: {e}") from None
     check_expert_split(args)
     warn_if_cluster_too_small(args)
     pool = None
@@ -120,4 +126,4 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
                                max_ongoing_requests=admitted + TURN_AWAY_ROOM,
                                num_replicas=args.num_ingress_replicas,
                                ray_actor_options={"num_cpus": args.num_cpus_per_ingress}, **drain)
-    return ingress.bind(router, args)
+    return ingress.bind(router, ingress_args)

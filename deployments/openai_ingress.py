@@ -2,7 +2,7 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, and
 the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items:
-deployments/responses/api.py).
+deployments/responses/api.py); HEAD on every GET route (GET's status and headers, no body).
 Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import time
 import uuid
@@ -25,6 +26,7 @@ from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
+from gptoss_serve.deployments.off_loop import QUICK_CHARS, check_prompt_size, message_texts, off_loop_if
 from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -33,6 +35,9 @@ from gptoss_serve.deployments.responses.api import ResponsesAPI
 from gptoss_serve.model import harmony
 from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.tokenizer import load_tokenizer
+
+logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
+
 
 def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     """The HTTP routes of one ingress instance (Serve calls this in the replica; tests call it directly)."""
@@ -60,19 +65,46 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     async def internal(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(APIError(500, "internal error").body(), status_code=500)
 
-    app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])
+    def get(path: str, endpoint) -> None:  # HEAD answers as GET does, without the body (HeadWithoutBody)
+        app.add_api_route(path, endpoint, methods=["GET"])
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+
+    get("/health", server.health)
+    get("/v1/models", server.models)
+    get("/v1/models/{model:path}", server.model)
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/responses", server.responses.create, methods=["POST"])
-    app.add_api_route("/v1/responses/{response_id}", server.responses.retrieve, methods=["GET"])
+    get("/v1/responses/{response_id}", server.responses.retrieve)
     app.add_api_route("/v1/responses/{response_id}", server.responses.delete, methods=["DELETE"])
-    app.add_api_route("/v1/responses/{response_id}/input_items", server.responses.input_items, methods=["GET"])
-    app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes)
-    app.add_middleware(ApiKeys, keys=server.args.resolved_api_keys)  # added last, so it runs first
+    get("/v1/responses/{response_id}/input_items", server.responses.input_items)
+    app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes,
+                       read_timeout_s=server.args.body_read_timeout_s,
+                       max_awaiting_body=server.args.max_requests_awaiting_body)
+    keys = server.args.resolved_api_keys
+    if not keys:  # said once a replica, so that keys set where no replica can see them never fail open silently
+        logger.warning("no API key reached this ingress replica: every route is open to whoever reaches the proxy "
+                       "(set $GPTOSS_API_KEYS where the app is built, on every node or pod, or require_api_keys: true)")
+    app.add_middleware(ApiKeys, keys=keys)  # the first guard: added after BodyLimit
+    app.add_middleware(HeadWithoutBody)  # outermost: no answer to HEAD has a body, a guard's 401 or 413 neither
     app.openapi = functools.partial(openapi_document, app)
     return app
+
+
+class HeadWithoutBody:
+    """HEAD gets what GET would get, status and headers (Content-Length included), with an empty body."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message):
+            await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+
+        await self.app(scope, receive, headers_only)
 
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -80,8 +112,8 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 ERRORS = {400: "invalid request (the message names the field)", 401: "missing or invalid API key",
-          404: "unknown model", 413: "request body too large", 429: "at capacity; retry after Retry-After seconds",
-          503: "the engine or its experts failed; retry"}
+          404: "unknown model", 408: "the request body did not arrive in time", 413: "request body too large",
+          429: "at capacity; retry after Retry-After seconds", 503: "the engine or its experts failed; retry"}
 
 
 def openapi_document(app: FastAPI) -> dict:
@@ -105,11 +137,18 @@ def openapi_document(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+# pydantic's complaints about the body as a whole: missing (no body), not an object (null, [], 3, "x", or not JSON)
+NOT_AN_OBJECT = {"missing", "model_attributes_type", "model_type", "dict_type"}
+
+
 def validation_error(e: RequestValidationError) -> APIError:
     """pydantic's first complaint as a 400 naming the field: `messages.0.role: Field required`."""
     first = e.errors()[0] if e.errors() else {}
     if first.get("type") == "json_invalid":  # its location is a character offset, not a field
         return APIError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'bad JSON')})")
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in NOT_AN_OBJECT:
+        # no body, or null, a list, a number, a string, or a body not sent as JSON: about no field in particular
+        return APIError(400, "the request body must be a JSON object (content-type: application/json)")
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
     text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
@@ -129,7 +168,7 @@ class OpenAIIngress:
         # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses/api.py)
         self.responses = ResponsesAPI(self.admission, open_response_store(
             max_entries=args.response_store_max_entries, max_bytes=args.response_store_max_bytes,
-            ttl_s=args.response_store_ttl_s))
+            ttl_s=args.response_store_ttl_s, max_entry_bytes=args.response_store_max_entry_bytes))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve's hook: the replica builds its FastAPI app around this instance."""
@@ -152,10 +191,14 @@ class OpenAIIngress:
 
     async def chat_completions(self, body: ChatCompletionRequest):
         self.admission.check_model(body.model)
-        self.admission.check_limits(stops=body.stop_strings, tools=body.tools)
+        self.admission.check_limits(stops=body.stop_strings, tools=body.tools, stop_token_ids=body.stop_token_ids,
+                                    formats={"response_format": body.response_format})
+        # harmony renders holding the GIL (no thread helps): a prompt that cannot fit is refused before
+        await check_prompt_size(message_texts(body.messages), self.args.max_prompt_tokens, "messages")
         try:
             prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
-            constraint = harmony_constraint(body.response_format, body.tools, body.tool_choice)
+            constraint = await off_loop_if(bool(body.response_format or body.tools), harmony_constraint,
+                                           body.response_format, body.tools, body.tool_choice)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         self.admission.check_prompt_length([prompt], "messages")
@@ -165,12 +208,18 @@ class OpenAIIngress:
 
     async def completions(self, body: CompletionRequest):
         self.admission.check_model(body.model)
-        self.admission.check_limits(stops=body.stop_strings)
+        self.admission.check_limits(stops=body.stop_strings, stop_token_ids=body.stop_token_ids,
+                                    formats={"response_format": body.response_format})
         try:
-            constraint = completion_constraint(body.response_format)
+            constraint = await off_loop_if(bool(body.response_format), completion_constraint, body.response_format)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):  # a long one is counted first (refused early), and encoded on a thread
+                await check_prompt_size([p], self.args.max_prompt_tokens, "prompt")
+                p = await off_loop_if(len(p) > QUICK_CHARS, self.tokenizer.encode, p)
+            prompts.append(p)
         self.admission.check_prompt_length(prompts, "prompt")
         vocab = self.tokenizer.vocab_size
         if any(not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids) for ids in prompts):

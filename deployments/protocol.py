@@ -7,14 +7,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from gptoss_serve.cluster.sampling_params import SamplingParams, StructuredOutput
+from gptoss_serve.deployments.json_body import CheckedBody
 
 
 class APIError(Exception):
     """An error the client gets as {"error": {"message", "type", "param", "code"}} with this HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             500: "internal_server_error", 503: "service_unavailable"}
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None) -> None:
@@ -28,6 +29,48 @@ class APIError(Exception):
 
 # an integer field takes integers only: JSON's true is not 1 (pydantic's lax mode would take it)
 Int = Annotated[int, Strict()]
+# what one request may carry that is kept whole (the Responses store keeps user and metadata with every response):
+# OpenAI's own limits on metadata, and room for any end-user id in `user`
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+MAX_USER_CHARS = 256
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """OpenAI's rule: at most 16 keys of at most 64 characters, values of at most 512. Raises naming the field."""
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(f"metadata: {len(metadata)} keys, more than the limit of {MAX_METADATA_KEYS}")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise ValueError(f"metadata.{key[:MAX_METADATA_KEY]}: keys take at most {MAX_METADATA_KEY} characters, "
+                             f"values {MAX_METADATA_VALUE}")
+
+
+_END = object()
+
+
+def json_size(value: Any, limit: int) -> int:
+    """About how many bytes `value` takes as compact JSON (escapes not counted), measured no further than just past
+    `limit`: a huge value costs no more to measure than one at the limit, however wide or deep it is."""
+    size, stack = 0, [(False, iter((value,)))]
+    while stack and size <= limit:
+        in_object, items = stack[-1]
+        item = next(items, _END)
+        if item is _END:
+            stack.pop()
+            continue
+        if in_object:
+            key, item = item
+            size += len(str(key)) + 3  # "key":
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif isinstance(item, (dict, list, tuple)):
+            size += max(len(item) + 1, 2)  # brackets and commas
+            stack.append((True, iter(item.items())) if isinstance(item, dict) else (False, iter(item)))
+        else:
+            size += len(str(item))
+    return size
 
 
 class StreamOptions(BaseModel):
@@ -53,7 +96,7 @@ def unsupported(body: BaseModel, allowed: dict[str, Any]) -> None:
             raise ValueError(f"{name}: not supported by this server (got {value!r})")
 
 
-class _Sampling(BaseModel):
+class _Sampling(CheckedBody):  # the body's JSON is checked first (json_body.py)
     """Fields both endpoints share; vLLM's extras (top_k, min_p, ignore_eos, ...) are accepted too.
 
     Any other field is a 400 naming it: OpenAI's fields that do not change the output (user, metadata, store, ...)
@@ -85,8 +128,8 @@ class _Sampling(BaseModel):
     # structured outputs: {"type": "text" | "json_object" | "json_schema", ...}, checked by cluster.constraints
     response_format: dict[str, Any] | None = None
     # OpenAI's, no effect on the output: accepted and ignored
-    user: str | None = None
-    metadata: dict[str, Any] | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
+    metadata: dict[str, str] | None = None  # checked: check_metadata
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
@@ -97,6 +140,7 @@ class _Sampling(BaseModel):
     @model_validator(mode="after")
     def _check_unsupported(self) -> _Sampling:
         unsupported(self, {"logit_bias": lambda v: not v})
+        check_metadata(self.metadata)
         return self
 
     @property

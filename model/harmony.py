@@ -16,14 +16,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName, Message,
-                            ReasoningEffort, Role, StreamableParser, SystemContent, ToolDescription,
+from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName, HarmonyError,
+                            Message, ReasoningEffort, Role, StreamableParser, SystemContent, ToolDescription,
                             load_harmony_encoding)
 
 from gptoss_serve.model.tokenizer import IncrementalDecoder, load_tokenizer, resolve_vocab_file
 
-__all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "ToolCall", "load_encoding", "parse_completion",
-           "render_chat", "stop_token_ids"]
+__all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "RenderError", "ToolCall", "load_encoding",
+           "parse_completion", "render_chat", "stop_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,53 @@ def render_chat(
         if function_tools:
             developer = developer.with_function_tools(function_tools)
         head.append(Message.from_role_and_content(Role.DEVELOPER, developer))
-    conversation = Conversation.from_messages(head + turns)
+    try:
+        return _render(head + turns)
+    except _RENDER_FAILURES as e:
+        # what harmony itself refuses (its own words name JSON columns of its own document, not the request's fields):
+        # the tools are to blame when the conversation renders without them
+        param = "messages"
+        if function_tools:
+            without = head[:1] + ([Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new()
+                                                                  .with_instructions("\n\n".join(instructions)))]
+                                  if instructions else [])
+            try:
+                _render(without + turns)
+                param = "tools"
+            except _RENDER_FAILURES:
+                pass
+        log.info("harmony could not render a conversation (%s): %s: %s", param, type(e).__name__, e)
+        raise RenderError(param, _render_failure(e)) from None
+
+
+class RenderError(ValueError):
+    """harmony could not render a conversation whose fields each passed: `param` is the one to blame ("messages" or
+    "tools"), and the message names it first, as every ValueError of render_chat names its field."""
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(f"{param}: {reason}")
+        self.param, self.reason = param, reason
+
+
+# harmony raises ValueError for the JSON it is handed, HarmonyError when rendering, RecursionError (json.dumps) for a
+# value nested past Python's recursion limit
+_RENDER_FAILURES = (ValueError, RecursionError, HarmonyError)
+
+
+def _render(messages: list[Message]) -> list[int]:
+    conversation = Conversation.from_messages(messages)
     return list(load_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT))
+
+
+def _render_failure(error: Exception) -> str:
+    text = str(error).lower()
+    if isinstance(error, RecursionError) or "recursion" in text:
+        why = "a value is nested too deeply"
+    elif isinstance(error, UnicodeError) or "escape" in text or "surrogate" in text or "unicode" in text:
+        why = "its text is not valid Unicode"
+    else:
+        why = "harmony refused it"
+    return f"cannot be rendered in harmony's chat format: {why}"
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,87 +1,287 @@
 """Random requests against the ingress (in-process, a stand-in engine that answers): whatever a client sends, the
 answer is a well-formed 2xx or 4xx, never a 5xx, never slow, and the app serves normally afterwards.
 
-Bodies are drawn by hypothesis: every field the endpoints know, each either a plausible value or any JSON value
-at all, plus unknown fields, and sometimes no JSON object at all. 1,000 examples per endpoint, deterministic."""
+Bodies are drawn by hypothesis: every field the endpoints know (chat, completions, Responses), each either a
+plausible value or any JSON value at all, plus unknown fields, and sometimes no JSON object at all. Text anywhere
+(keys too) may hold a lone surrogate, any value may be nested hundreds of levels deep, and the schemas of
+response_format, text.format and tools include ones no request could follow ($ref cycles, patterns past
+llguidance's lexer budget). 1,000 examples per endpoint, deterministic."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
+import re
 import time
 
 import httpx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gptoss_serve.cluster.engine_protocol import StreamItem
+from gptoss_serve.cluster.grammar import GrammarCompiler, advance, token_bitmasks
+from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.test_router_and_ingress import FakeReplicas
 
 EXAMPLES = 1000
+# lone surrogates, as JSON escapes them ("\ud800"): Python decodes them into text no encoder takes
+SURROGATES = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
+
+
+def text(*, min_size: int = 0, max_size: int = 20) -> st.SearchStrategy:
+    """Text, a quarter of the time with a lone surrogate somewhere in it."""
+    plain = st.text(min_size=min_size, max_size=max_size)
+    broken = st.builds(lambda s, c, i: s[:i % (len(s) + 1)] + c + s[i % (len(s) + 1):], plain, SURROGATES,
+                       st.integers(0, max_size))
+    return st.one_of(plain, plain, plain, broken)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
-                    | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    | text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text(max_size=8), inner, max_size=4),
                     max_leaves=12)
+
+
+def nest(depth: int, in_list: bool, leaf) -> object:
+    for _ in range(depth):
+        leaf = [leaf] if in_list else {"a": leaf}
+    return leaf
+
+
+# past the ingress's limit of 64 levels, up to where the body no longer parses
+DEEP = st.builds(nest, st.integers(1, 600), st.booleans(), st.sampled_from([1, "x", {"type": "string"}]))
+
+
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
-    """Usually a plausible value (itself sometimes out of range), now and then any JSON value at all."""
-    return st.one_of(*[valid] * 12, JSON)
+    """Usually a plausible value (itself sometimes out of range), now and then any JSON value at all, or a deep one."""
+    return st.one_of(*[valid] * 12, JSON, DEEP)
+
+
+CYCLE = {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+# schemas llguidance compiles but no request could follow: every one must be a 400 before the engine
+UNFOLLOWABLE = st.sampled_from([
+    CYCLE, {"$ref": "#"},
+    {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"], "$defs": CYCLE["$defs"]},
+    {"$defs": {"n": {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "required": ["n"]}},
+     "$ref": "#/$defs/n"},
+    {"type": "string", "pattern": "[\\s\\S]{0,100000}"}, {"type": "string", "pattern": "(.{0,20}){0,20}"},
+    {"type": "string", "pattern": ".{0,1000}"}, {"type": "object", "patternProperties": {"^.{0,1000}$": {}}}])
+SCHEMA = st.one_of(JSON, st.just({"type": "object", "properties": {"a": {"enum": [1]}}}), UNFOLLOWABLE, DEEP)
 
 
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "system", "assistant", "developer", "x"]),
-                                 "content": field(st.text(max_size=40))})
+                                 "content": field(text(max_size=40))})
 TOOL = st.fixed_dictionaries({"type": st.sampled_from(["function", "function", "other"]),
                               "function": field(st.fixed_dictionaries(
-                                  {"name": st.text(max_size=10), "parameters": field(st.just({"type": "object"}))}))})
+                                  {"name": text(max_size=10) | st.sampled_from(["f", "g"]),
+                                   "parameters": field(st.just({"type": "object"}) | UNFOLLOWABLE)},
+                                  optional={"description": field(text(max_size=20))}))})
 COMMON = {
     "max_tokens": field(st.integers(-1, 8)), "temperature": field(st.floats(-0.5, 2.5)),
     "top_p": field(st.floats(-0.2, 1.2)), "n": field(st.integers(0, 3)), "stream": field(st.booleans()),
-    "stop": field(st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3)),
+    "stop": field(text(max_size=5) | st.lists(text(max_size=5), max_size=3)),
     "seed": field(st.integers(-5, 2**70)), "top_k": field(st.integers(-2, 50)), "min_p": field(st.floats(-1, 2)),
     "presence_penalty": field(st.floats(-3, 3)),
     "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
     "min_tokens": field(st.integers(-1, 4)), "ignore_eos": field(st.booleans()),
     "response_format": field(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "xml"}]) | st.builds(
         lambda name, schema: {"type": "json_schema", "json_schema": {"name": name, "schema": schema}},
-        st.sampled_from(["w", "bad name"]), JSON | st.just({"type": "object", "properties": {"a": {"enum": [1]}}}))),
-    "user": field(st.text(max_size=5)), "logit_bias": field(st.just({}) | st.just({"1": 5})),
+        st.sampled_from(["w", "bad name"]), SCHEMA)),
+    "user": field(text(max_size=5)), "logit_bias": field(st.just({}) | st.just({"1": 5})),
+    "metadata": field(st.dictionaries(text(max_size=6), text(max_size=10), max_size=3)),
 }
 MODEL = {"model": field(st.sampled_from(["gpt-oss"] * 6 + ["other"]))}
 # well-formed requests, so that a good share of the fuzz runs all the way through the engine and back
+# (poisoned() then breaks one thing in some of them: a surrogate in one string, one value nested deep)
+GOOD_SCHEMAS = [{"type": "object", "required": ["a"],
+                 "properties": {"a": {"enum": [1, 2]}, "b": {"type": "string", "pattern": "^x{1,3}$"}}},
+                {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {
+                    "$ref": "#"}}}, "required": ["v"]}]
+GOOD_FORMAT = st.sampled_from([{"type": "text"}, {"type": "json_object"}] + [
+    {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}} for schema in GOOD_SCHEMAS])
 GOOD = {"max_tokens": st.integers(1, 8), "stream": st.booleans(), "n": st.integers(1, 2),
-        "temperature": st.floats(0, 2), "seed": st.integers(0, 2**31)}
+        "temperature": st.floats(0, 2), "seed": st.integers(0, 2**31),
+        "stop": st.lists(st.text(max_size=5), max_size=2), "user": st.text(max_size=8),
+        "metadata": st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=2),
+        # now and then a schema no request could follow: the ingress must refuse it (the stand-in engine fails on it)
+        "response_format": st.one_of(GOOD_FORMAT, GOOD_FORMAT, GOOD_FORMAT, st.builds(
+            lambda schema: {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, UNFOLLOWABLE))}
+GOOD_TOOLS = st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.just("f"), "description": st.text(max_size=20),
+     "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE})}), min_size=1, max_size=1)
 GOOD_CHAT = st.fixed_dictionaries({"model": st.just("gpt-oss"), "messages": st.lists(st.fixed_dictionaries(
-    {"role": st.just("user"), "content": st.text(max_size=40)}), min_size=1, max_size=2)}, optional=GOOD)
-GOOD_COMPLETION = st.fixed_dictionaries({"model": st.just("gpt-oss"), "prompt": st.text(min_size=1, max_size=40)},
+    {"role": st.sampled_from(["user", "user", "system"]), "content": st.text(max_size=40)}), min_size=1, max_size=2)},
+    optional={**GOOD, "tools": GOOD_TOOLS, "tool_choice": st.sampled_from(["auto", "required", "none"])})
+GOOD_COMPLETION = st.fixed_dictionaries({"model": st.just("gpt-oss"), "prompt": st.text(min_size=1, max_size=40)
+                                         | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=2)},
                                         optional=GOOD)
 CHAT = ({**MODEL, "messages": field(st.lists(MESSAGE, min_size=1, max_size=3))},
         {**COMMON, "tools": field(st.lists(TOOL, max_size=2)), "logprobs": field(st.booleans()),
          "tool_choice": field(st.sampled_from(["none", "auto", "required", "any"]) | st.builds(
-             lambda name: {"type": "function", "function": {"name": name}}, st.text(max_size=4))),
+             lambda name: {"type": "function", "function": {"name": name}}, text(max_size=4) | st.just("f"))),
          "parallel_tool_calls": field(st.booleans()),
          "top_logprobs": field(st.integers(-1, 25)),
          "reasoning_effort": field(st.sampled_from(["low", "high", "max"])),
          "max_completion_tokens": field(st.integers(-1, 8))})
-COMPLETION = ({**MODEL, "prompt": field(st.text(min_size=1, max_size=40) | st.lists(st.integers(-3, 300_000),
-                                                                                     max_size=5))},
+COMPLETION = ({**MODEL, "prompt": field(text(min_size=1, max_size=40) | st.lists(st.integers(-3, 300_000),
+                                                                                  max_size=5)
+                                        | st.lists(text(min_size=1, max_size=10), min_size=1, max_size=3))},
               {**COMMON, "logprobs": field(st.integers(-1, 25)), "echo": field(st.booleans())})
+
+
+INPUT_ITEM = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "assistant", "system", "developer", "x"]),
+                                    "content": field(text(max_size=30) | st.lists(st.fixed_dictionaries(
+                                        {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                         "text": field(text(max_size=20))}), max_size=2))})
+RESPONSE_TOOL = st.fixed_dictionaries(
+    {"type": st.sampled_from(["function", "function", "web_search"]), "name": st.sampled_from(["f", "g"]) | text(),
+     "parameters": field(st.just({"type": "object"}) | UNFOLLOWABLE)},
+    optional={"description": field(text(max_size=20)), "strict": field(st.booleans())})
+RESPONSES = ({**MODEL, "input": field(text(min_size=1, max_size=40) | st.lists(INPUT_ITEM, min_size=1, max_size=3))},
+             {"instructions": field(text(max_size=20)), "user": field(text(max_size=8)),
+              "metadata": field(st.dictionaries(text(max_size=6), text(max_size=10), max_size=3)),
+              "tools": field(st.lists(RESPONSE_TOOL, max_size=2)),
+              "tool_choice": field(st.sampled_from(["none", "auto", "required"]) | st.builds(
+                  lambda name: {"type": "function", "name": name}, st.sampled_from(["f", "g"]))),
+              "text": field(st.fixed_dictionaries({"format": st.sampled_from(
+                  [{"type": "text"}, {"type": "json_object"}]) | st.builds(
+                  lambda schema: {"type": "json_schema", "name": "x", "schema": schema}, SCHEMA)})),
+              "max_output_tokens": field(st.integers(-1, 8)), "temperature": field(st.floats(-0.5, 2.5)),
+              "top_p": field(st.floats(-0.2, 1.2)), "stream": field(st.booleans()), "store": field(st.booleans()),
+              "reasoning": field(st.fixed_dictionaries({"effort": st.sampled_from(["low", "high", "minimal"])})),
+              "previous_response_id": field(st.just("resp_none")), "parallel_tool_calls": field(st.booleans())})
+GOOD_RESPONSE = st.fixed_dictionaries(
+    {"model": st.just("gpt-oss"), "input": st.text(min_size=1, max_size=40) | st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "developer"]), "content": st.text(max_size=30)}), min_size=1, max_size=2)},
+    optional={"max_output_tokens": st.integers(1, 8), "stream": st.booleans(), "temperature": st.floats(0, 2),
+              "instructions": st.text(max_size=20), "user": st.text(max_size=8),
+              "metadata": st.dictionaries(st.text(max_size=6), st.text(max_size=10), max_size=2),
+              "text": st.builds(lambda schema: {"format": {"type": "json_schema", "name": "s", "schema": schema}},
+                                st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE),
+              "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": st.just("f"),
+                                                       "description": st.text(max_size=20),
+                                                       "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE}),
+                                min_size=1, max_size=1),
+              "tool_choice": st.sampled_from(["auto", "required"])})
+
+
+def _places(value, found: list) -> list:
+    """(container, key) of every value inside `value`, depth first."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found.append((value, key))
+        _places(item, found)
+    return found
+
+
+def _poison(body: dict, how: str, where: int, surrogate: str, at: int, deep) -> dict:
+    """One thing broken in a good body: a lone surrogate put into one of its strings (or keys), or one of its
+    values replaced by a deeply nested one."""
+    body = json.loads(json.dumps(body))
+    places = [(c, k) for c, k in _places(body, []) if how == "deep" or isinstance(c[k], str) or isinstance(k, str)]
+    if not places:
+        return body
+    container, key = places[where % len(places)]
+    if how == "deep":
+        container[key] = deep
+    elif isinstance(container[key], str):
+        text = container[key]
+        container[key] = text[:at % (len(text) + 1)] + surrogate + text[at % (len(text) + 1):]
+    else:
+        container[key + surrogate] = container.pop(key)
+    return body
+
+
+def poisoned(good: st.SearchStrategy) -> st.SearchStrategy:
+    return st.builds(_poison, good, st.sampled_from(["text", "text", "deep"]), st.integers(0, 10**6), SURROGATES,
+                     st.integers(0, 40), DEEP)
 
 
 def bodies(fields: tuple[dict, dict], good: st.SearchStrategy) -> st.SearchStrategy:
     """A well-formed request, or the required fields and some optional ones (each plausible or not), maybe unknown
     ones; sometimes fields missing, or not an object at all."""
     required, optional = fields
-    extra = st.dictionaries(st.text(min_size=1, max_size=8), JSON, max_size=2)
+    extra = st.dictionaries(text(min_size=1, max_size=8), JSON | DEEP, max_size=2)
     whole = st.builds(lambda a, b: {**b, **a}, st.fixed_dictionaries(required, optional=optional), extra)
     partial = st.fixed_dictionaries({}, optional={**required, **optional})
-    return st.one_of(good, whole, whole, whole, partial, JSON)
+    return st.one_of(good, poisoned(good), poisoned(good), whole, whole, whole, partial, JSON)
+
+
+class GrammarReplicas(FakeReplicas):
+    """FakeReplicas that treat a structured output as the engine does, so that a grammar the ingress let through but
+    no request could follow fails here as it would there: each JSON schema of the grammar is compiled by the engine's
+    GrammarCompiler (a compile error is the engine's 400) and walked a few tokens on a few samples (a mask or a token
+    refused mid-way is the engine's 503, "retry")."""
+
+    WALKS, STEPS = 3, 8
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.verdicts: dict[str, tuple[int, str] | None] = {}
+
+    async def _generate_batch(self, requests):
+        failures = {r.request_id: self.failure(r.params.structured_output) for r in requests}
+        failed = [StreamItem(i, error=f[1], status=f[0]) for i, f in failures.items() if f is not None]
+        if not failed:
+            async for item in super()._generate_batch(requests):
+                yield item
+            return
+        yield "replica-0"
+        yield failed
+        rest = super()._generate_batch([r for r in requests if failures[r.request_id] is None])
+        if len(failed) < len(requests):
+            await rest.__anext__()  # its replica id, sent already
+            async for item in rest:
+                yield item
+
+    def failure(self, spec: StructuredOutput | None) -> tuple[int, str] | None:
+        if spec is None:
+            return None
+        if spec.grammar not in self.verdicts:
+            self.verdicts[spec.grammar] = next(filter(None, map(self.walk, json_schemas(spec.grammar))), None)
+        return self.verdicts[spec.grammar]
+
+    def walk(self, schema: str) -> tuple[int, str] | None:
+        tokenizer = load_tokenizer()
+        spec = StructuredOutput(grammar=f"start: %json {schema}", description="fuzz")
+        for seed in range(self.WALKS):
+            rng = random.Random(seed)
+            try:
+                matcher = GrammarCompiler(tokenizer).matcher(spec)  # a compiler of its own: a cold lexer
+            except ValueError as e:
+                return 400, str(e)
+            for _ in range(self.STEPS):
+                bits = np.unpackbits(token_bitmasks([matcher]).numpy().view(np.uint8), bitorder="little")
+                allowed = [t for t in np.flatnonzero(bits[:tokenizer.vocab_size]).tolist()
+                           if t != tokenizer.return_token_id]
+                if matcher.error is not None or not allowed:
+                    if matcher.finished:
+                        break
+                    return 503, "the engine failed while constraining this request's output; retry"
+                advance([(matcher, rng.choice(allowed))])
+                if matcher.error is not None:
+                    return 503, "the engine failed while constraining this request's output; retry"
+                if matcher.finished:
+                    break
+        return None
+
+
+def json_schemas(grammar: str) -> list[str]:
+    """The JSON schemas a grammar of cluster/constraints.py inlines (`%json {...}`)."""
+    decoder = json.JSONDecoder()
+    return [json.dumps(decoder.raw_decode(grammar, m.end())[0]) for m in re.finditer(r"%json ", grammar)]
 
 
 @pytest.fixture(scope="module")
 def client():
     loop = asyncio.new_event_loop()
-    app = build_fastapi_app(OpenAIIngress(FakeReplicas(tokens=2, delay=0), AppArgs()))
+    app = build_fastapi_app(OpenAIIngress(GrammarReplicas(tokens=2, delay=0), AppArgs()))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     http = httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
     seen: dict[int, int] = {}
@@ -104,7 +304,14 @@ def check(response: httpx.Response) -> None:
     if response.status_code >= 400:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     elif "text/event-stream" not in response.headers.get("content-type", ""):
-        assert response.json()["choices"]
+        body = response.json()
+        assert body["choices"] if "choices" in body else body["object"] == "response"
+    else:  # a stream that started is a 200: a failure inside it is a 5xx all the same
+        for line in response.text.splitlines():
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: "):])
+                assert not str(event.get("error", {}).get("code", "")).startswith("5"), event
+                assert event.get("type") != "response.failed", event
 
 
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -123,6 +330,13 @@ def test_chat_fuzz(client, body):
 def test_completions_fuzz(client, body):
     send, _ = client
     check(send("/v1/completions", body))
+
+
+@FUZZ
+@given(body=bodies(RESPONSES, GOOD_RESPONSE))
+def test_responses_fuzz(client, body):
+    send, _ = client
+    check(send("/v1/responses", body))
 
 
 def test_the_app_still_serves_after_the_fuzz(client):

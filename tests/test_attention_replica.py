@@ -72,6 +72,22 @@ def test_a_full_engine_queue_refuses_at_once_and_the_rest_complete(replica):
     asyncio.run(main())
 
 
+def test_a_batch_refused_whole_yields_its_429s(replica):
+    """Every request of a batch refused (the engine's queue full with another call's): the call still yields a 429 for
+    each, never ends without them (the router would answer 503 "ended the stream early")."""
+    async def main():
+        holder = replica.generate_batch(requests(2, 200, "hold"))  # one runs, one waits: the queue is full
+        assert await holder.__anext__() == replica.replica_id
+        await holder.__anext__()
+        refused = replica.generate_batch(requests(3, 6, "late"))
+        assert await refused.__anext__() == replica.replica_id
+        items = [item for chunk in [chunk async for chunk in refused] for item in chunk]
+        assert sorted((i.request_id, i.status) for i in items) == [("late-0", 429), ("late-1", 429), ("late-2", 429)]
+        await holder.aclose()
+
+    asyncio.run(main())
+
+
 def test_abort_frees_the_engine_within_a_step(replica):
     async def main():
         stream = replica.generate_batch(requests(2, 200, "ab"))

@@ -127,3 +127,70 @@ def test_the_openapi_document_lists_the_errors_the_app_sends():
     for path in ("/v1/chat/completions", "/v1/completions"):
         assert "text/event-stream" in document["paths"][path]["post"]["responses"]["200"]["content"]
     assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
+
+
+SCHEMA = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)}}  # about 5 KB
+
+
+def test_what_one_request_may_carry_is_capped_naming_the_field():
+    args = AppArgs(max_stop_token_ids=3, max_schema_bytes=2048)
+    post = lambda body, path="/v1/chat/completions": call("POST", path, args, json=body)  # noqa: E731
+    assert_error(post({**CHAT, "stop_token_ids": [1, 2, 3, 4]}), 400, param="stop_token_ids", says="limit of 3")
+    assert_error(post({"model": "gpt-oss", "prompt": "hi", "stop_token_ids": list(range(200_000))}, "/v1/completions"),
+                 400, param="stop_token_ids")
+    assert_error(post({**CHAT, "user": "u" * 257}), 400, param="user")
+    assert_error(post({**CHAT, "metadata": {f"k{i}": "v" for i in range(17)}}), 400, param="metadata", says="16")
+    assert_error(post({**CHAT, "metadata": {"k": "v" * 513}}), 400, param="metadata", says="512")
+    assert_error(post({**CHAT, "metadata": {"k" * 65: "v"}}), 400, param="metadata")
+    assert_error(post({**CHAT, "metadata": {"k": {"nested": "object"}}}), 400, param="metadata")
+    big_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    assert_error(post({**CHAT, "response_format": big_format}), 400, param="response_format", says="2048 bytes")
+    described = {"type": "json_schema", "json_schema": {"name": "x", "description": "d" * 3000, "schema": {}}}
+    assert_error(post({**CHAT, "response_format": described}), 400, param="response_format")
+    assert_error(post({"model": "gpt-oss", "prompt": "hi", "response_format": big_format}, "/v1/completions"), 400,
+                 param="response_format")
+    tool = {"type": "function", "function": {"name": "f", "parameters": SCHEMA}}
+    assert_error(post({**CHAT, "tools": [tool]}), 400, param="tools", says="tools.0")
+    # at the caps, a request goes on (to the router stand-in, which fails: 503)
+    within = {**CHAT, "stop_token_ids": [1, 2, 3], "user": "u" * 256, "metadata": {f"k{i}": "v" * 512 for i in range(16)}}
+    assert post(within).status_code == 503
+
+
+def test_responses_caps_name_the_field():
+    args = AppArgs(max_schema_bytes=2048)
+    post = lambda extra: call("POST", "/v1/responses", args, json={"model": "gpt-oss", "input": "hi", **extra})  # noqa: E731
+    assert_error(post({"text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}}), 400, param="text",
+                 says="text.format")
+    assert_error(post({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}, "description": "d" * 3000}}}),
+                 400, param="text")
+    assert_error(post({"tools": [{"type": "function", "name": "f", "parameters": SCHEMA}]}), 400, param="tools")
+    assert_error(post({"user": "u" * 257}), 400, param="user")
+    assert_error(post({"metadata": {"k": "v" * 513}}), 400, param="metadata")
+
+
+def test_json_size_is_about_the_json_and_stops_past_the_limit():
+    import json
+    import time
+
+    from gptoss_serve.deployments.protocol import json_size
+
+    for value in (SCHEMA, {"a": [1, 2.5, None, True, "x"], "b": {}}, "text", [], 12):
+        exact = len(json.dumps(value, separators=(",", ":")))
+        assert exact - 2 <= json_size(value, 1 << 20) <= exact + 2, value
+    huge = {"properties": {f"p{i}": {"type": "string"} for i in range(1_000_000)}}
+    start = time.perf_counter()
+    assert json_size(huge, 65536) > 65536 and time.perf_counter() - start < 0.1
+    deep: list = []
+    for _ in range(100_000):  # far deeper than Python's recursion limit
+        deep = [deep]
+    assert json_size(deep, 1 << 20) == 2 * 100_001  # [[[...]]]
+
+
+def test_stop_token_ids_are_looked_up_in_a_set_and_filtered_once():
+    from gptoss_serve.cluster.sampler import SamplingState
+    from gptoss_serve.cluster.sampling_params import SamplingParams
+
+    state = SamplingState(SamplingParams(stop_token_ids=[5, 3, 900, 3]), [])
+    assert state.stop_token_ids == (5, 3, 900, 3) and state.stop_token_set == {3, 5, 900}
+    assert state.stops_below(100) == [3, 5] and state.stops_below(100) is state.stops_below(100)
+    assert state.stops_below(1000) == [3, 5, 900]

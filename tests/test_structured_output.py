@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import torch
 
-from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
+from gptoss_serve.cluster.constraints import JSON_FORMAT, completion_constraint, harmony_constraint
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance, token_bitmasks
@@ -352,6 +352,38 @@ def test_tool_choice_required_and_named_make_a_call_with_valid_arguments(reasoni
     # without tool_choice the model, done reasoning, writes anything at all: it calls nothing by itself
     [free] = post_all(ReplicaHandle(reasoning_replica), "/v1/chat/completions", [chat(seed=0, max_tokens=30)])
     assert free.json()["choices"][0]["finish_reason"] == "length"
+
+
+# a property whose schema is a $ref cycle: llguidance compiles it, and the grammar matches nothing
+CYCLIC = {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"],
+          "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}
+
+
+def test_a_schema_the_engine_could_never_follow_is_a_400_before_it_reaches_the_engine(random_replica,
+                                                                                       reasoning_replica):
+    """What the engine makes of it: the grammar forces `{"x": ` and then allows no token at all, so every request
+    failed there, 'retry' (a 503; streamed chat, a 200 and an error event). The ingress refuses it first."""
+    matcher = GrammarCompiler(load_tokenizer()).matcher(StructuredOutput(
+        grammar=f"start: %json {json.dumps(CYCLIC | {'x-guidance': JSON_FORMAT})}", description="cyclic"))
+    forced = []
+    for _ in range(10):
+        allowed = token_bitmasks([matcher])[0]
+        tokens = [32 * w + b for w, word in enumerate(allowed.tolist()) if word for b in range(32) if word >> b & 1]
+        if matcher.error is not None:
+            break
+        assert len(tokens) == 1, tokens  # one way forward at each step ...
+        forced += tokens
+        advance([(matcher, tokens[0])])
+    assert load_tokenizer().decode(forced) == '{"x": ' and matcher.error is not None  # ... into a dead end
+    response_format = {"type": "json_schema", "json_schema": {"name": "c", "schema": CYCLIC}}
+    param = "response_format.json_schema.schema"
+    [r] = post_all(ReplicaHandle(random_replica), "/v1/completions", [
+        {"model": "gpt-oss", "prompt": "x", "max_tokens": 20, "response_format": response_format}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert "$ref cycle" in r.json()["error"]["message"]
+    [r] = post_all(ReplicaHandle(reasoning_replica), "/v1/chat/completions", [
+        chat(seed=0, stream=True, response_format=response_format, tool_choice="none")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 # ---- 400s, and what clients send by default -------------------------------------------------------------------------

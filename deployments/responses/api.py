@@ -19,11 +19,12 @@ import weakref
 from typing import Literal
 
 from fastapi import Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from gptoss_serve.cluster.engine_protocol import EngineRequest
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
+from gptoss_serve.deployments.off_loop import check_prompt_size, message_texts, off_loop_if
 from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.deployments.responses.store import StoreClient
 from gptoss_serve.deployments.responses.conversation import (chat_response_format, chat_tool_choice, chat_tools,
@@ -51,7 +52,7 @@ class ResponsesAPI:
     async def create(self, body: ResponsesRequest):
         admission = self.admission
         admission.check_model(body.model)
-        admission.check_limits(tools=body.tools)
+        admission.check_limits(tools=body.tools, formats={"text.format": body.format.echo()})
         earlier = await self._conversation(body.previous_response_id)
         try:
             check_call_ids(earlier, body.items)
@@ -61,12 +62,18 @@ class ResponsesAPI:
         if not conversation:
             raise APIError(400, "input: must not be empty", param="input")
         try:
-            prompt = harmony.render_chat(to_chat_messages(conversation, instructions=body.instructions),
-                                         reasoning_effort=body.effort, tools=chat_tools(body.tools))
+            messages = to_chat_messages(conversation, instructions=body.instructions)
+            # harmony renders holding the GIL (no thread helps): a prompt that cannot fit is refused before
+            await check_prompt_size(message_texts(messages), admission.args.max_prompt_tokens, "input")
+            prompt = harmony.render_chat(messages, reasoning_effort=body.effort, tools=chat_tools(body.tools))
+        except harmony.RenderError as e:  # harmony refused the whole: blamed on the tools or the input
+            param = "tools" if e.param == "tools" else "input"
+            raise APIError(400, f"{param}: {e.reason}", param=param) from None
         except ValueError as e:  # the items were checked: what is left is harmony's complaint about the whole
             raise APIError(400, f"input: {e}", param="input") from None
         admission.check_prompt_length([prompt], "input")
-        params = self._sampling_params(body)
+        # a grammar compiles on a thread (llguidance lets go of the GIL): 0.3 s for a schema of 2,000 properties
+        params = await off_loop_if(bool(body.tools or (body.text and body.text.format)), self._sampling_params, body)
         admission.check_capacity()
         response_id, now = new_id("resp"), time.time()
         request = EngineRequest(response_id, prompt, params, arrival_time=now)
@@ -79,18 +86,22 @@ class ResponsesAPI:
             return StreamingResponse(events, media_type="text/event-stream")
         return await run.whole(firsts)
 
-    async def retrieve(self, response_id: str) -> dict:
-        entry = await self._entry(response_id)
-        if entry is None:
+    async def retrieve(self, response_id: str) -> Response:
+        """The stored response's JSON as the store holds it: nothing is decoded or encoded again per request."""
+        try:
+            raw = await self.store.get_raw(response_id, ["response"])
+        except Exception as e:  # noqa: BLE001 - the store's actor failed
+            raise _store_unavailable(e) from None
+        if raw is None:
             raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
                            code="not_found")
-        return entry["response"]
+        return Response(raw["response"], media_type="application/json")
 
     async def input_items(self, response_id: str, limit: int = Query(20, ge=1, le=100),
                           order: Literal["asc", "desc"] = "desc", after: str | None = None) -> dict:
         """The items of a stored response's own input (not the earlier turns it continued), as OpenAI lists them:
         newest first unless order=asc, `limit` a page, the next page after the id of the last item seen."""
-        entry = await self._entry(response_id)
+        entry = await self._entry(response_id, "input_items")
         if entry is None:
             raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id",
                            code="not_found")
@@ -115,16 +126,17 @@ class ResponsesAPI:
         return {"id": response_id, "object": "response", "deleted": True}  # as OpenAI answers
 
     # ---- plumbing -----------------------------------------------------------------------------------------------
-    async def _entry(self, response_id: str) -> dict | None:
+    async def _entry(self, response_id: str, part: str) -> dict | None:
+        """The one part of a stored entry a route needs, decoded (None: no such entry)."""
         try:
-            return await self.store.get(response_id)
+            return await self.store.get(response_id, [part])
         except Exception as e:  # noqa: BLE001 - the store's actor failed
             raise _store_unavailable(e) from None
 
     async def _conversation(self, previous_response_id: str | None) -> list[dict]:
         if previous_response_id is None:
             return []
-        entry = await self._entry(previous_response_id)
+        entry = await self._entry(previous_response_id, "conversation")
         if entry is None:
             raise APIError(404, f"Previous response with id '{previous_response_id}' not found (it was not stored, "
                                 "or has expired).", param="previous_response_id", code="previous_response_not_found")
@@ -144,12 +156,17 @@ class ResponsesAPI:
             raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
     async def _save(self, response: dict, conversation: list[dict], input_items: list[dict]) -> None:
-        """Best effort: a store that fails leaves the response unstored (logged), not the client without it."""
+        """Best effort: a store that fails leaves the response unstored (logged), not the client without it. A
+        response too large to store (response_store_max_entry_bytes) is not kept, and says so: `store: false`, as
+        one whose client asked not to store it (GET and previous_response_id then answer 404 alike)."""
         try:
-            await self.store.put(response["id"], {"response": response, "conversation": conversation,
-                                                  "input_items": input_items})
+            stored = await self.store.put(response["id"], {"response": response, "conversation": conversation,
+                                                           "input_items": input_items})
         except Exception as e:  # noqa: BLE001
             logger.warning("response %s not stored: %s: %s", response["id"], type(e).__name__, e)
+            return
+        if not stored:
+            response["store"] = False
 
 
 class _Run:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, model_validator
 
+from gptoss_serve.deployments.json_body import CheckedBody
+from gptoss_serve.deployments.protocol import MAX_USER_CHARS, check_metadata
 from gptoss_serve.deployments.responses.conversation import normalize_input
 
 Int = Annotated[int, Strict()]
@@ -19,7 +21,6 @@ Int = Annotated[int, Strict()]
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
                   "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
-MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's limits
 
 
 class ReasoningConfig(BaseModel):
@@ -57,7 +58,7 @@ class TextConfig(BaseModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_body.py)
     model_config = ConfigDict(extra="forbid")
 
     model: str
@@ -75,7 +76,7 @@ class ResponsesRequest(BaseModel):
     stream: bool | None = False
     store: bool | None = True
     metadata: dict[str, str] | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
     # OpenAI fields this server takes only in their "off" value
     background: bool | None = None
     truncation: Literal["disabled"] | None = None
@@ -102,13 +103,7 @@ class ResponsesRequest(BaseModel):
                 raise ValueError(f"tool_choice.name: no function tool is named {choice['name']!r}")
         elif choice == "required" and not names:
             raise ValueError("tool_choice: 'required' needs at least one function tool")
-        if self.metadata is not None:
-            if len(self.metadata) > MAX_METADATA_KEYS:
-                raise ValueError(f"metadata: at most {MAX_METADATA_KEYS} keys")
-            for key, value in self.metadata.items():
-                if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
-                    raise ValueError(f"metadata.{key[:64]}: keys take at most {MAX_METADATA_KEY} characters, values "
-                                     f"{MAX_METADATA_VALUE}")
+        check_metadata(self.metadata)
         return self
 
     @property

@@ -5,10 +5,16 @@ to use it creates it, the others find it by name, so a conversation goes on whic
 reaches, and outlives a redeploy of the ingress. Outside Serve (tests that build the ingress in-process) it is an
 object in the process.
 
-Bounded: at most `max_entries` responses and `max_bytes` of them (their JSON size), each kept for at most `ttl_s`;
-the oldest go first. An entry holds the response (for GET) and its whole conversation (the input items of every turn
-and the output items), so that continuing it never depends on an older entry that may be gone. The actor restarts
-after a crash, empty: its responses are then unknown (404), never wrong.
+Bounded: at most `max_entries` responses and `max_bytes` of them, each kept for at most `ttl_s`; the oldest go first.
+A response larger than `max_entry_bytes` is not stored at all (the response then says `store: false`). An entry holds
+the response (for GET) and its whole conversation (the input items of every turn and the output items), so that
+continuing it never depends on an older entry that may be gone. The actor restarts after a crash, empty: its
+responses are then unknown (404), never wrong.
+
+An entry is kept serialized, each part (`response`, `conversation`, `input_items`) as compact UTF-8 JSON, so the
+bytes the bounds count are the bytes the store holds (Python objects of the same JSON take several times more), and
+GET hands the stored `response` bytes to the HTTP response as they are: the ingress encodes a response once, when it
+stores it, and decodes only the part a request needs.
 """
 
 from __future__ import annotations
@@ -17,42 +23,71 @@ import functools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 STORE_NAMESPACE = "gptoss_serve"
+# the actor's name carries its format: a store made by an earlier version (Python objects, no get_raw) is not reused
+STORE_FORMAT = "v2"
+
+Parts = dict[str, bytes]  # an entry as stored: each part's compact JSON
 
 
 def store_name(app_name: str) -> str:
-    return f"response_store:{app_name}"
+    return f"response_store.{STORE_FORMAT}:{app_name}"
+
+
+def encode_entry(entry: dict[str, Any]) -> Parts:
+    """Each part of an entry as compact UTF-8 JSON (a part given as bytes is taken as that already)."""
+    return {name: value if isinstance(value, bytes) else
+            json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode() for name, value in entry.items()}
+
+
+def entry_size(parts: Parts) -> int:
+    return sum(len(name) + len(raw) for name, raw in parts.items())
+
+
+def decode_parts(parts: Parts) -> dict[str, Any]:
+    return {name: json.loads(raw) for name, raw in parts.items()}
 
 
 class ResponseStore:
-    def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float,
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float, max_entry_bytes: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.entries: OrderedDict[str, tuple[float, int, dict]] = OrderedDict()  # id -> (stored at, bytes, entry)
+        self.entries: OrderedDict[str, tuple[float, int, Parts]] = OrderedDict()  # id -> (stored at, bytes, parts)
         self.num_bytes = 0
-        self.configure(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+        self.configure(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
 
-    def configure(self, *, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+    def configure(self, *, max_entries: int, max_bytes: int, ttl_s: float, max_entry_bytes: int | None = None) -> None:
         self.max_entries, self.max_bytes, self.ttl_s = max_entries, max_bytes, ttl_s
+        self.max_entry_bytes = max_bytes if max_entry_bytes is None else min(max_entry_bytes, max_bytes)
         self._evict()
 
-    def put(self, key: str, entry: dict) -> bool:
-        """Stores (or replaces) an entry; False when it alone is larger than max_bytes (it is not stored)."""
-        size = len(json.dumps(entry, separators=(",", ":")))
+    def put(self, key: str, entry: dict[str, Any]) -> bool:
+        """Stores (or replaces) an entry, given as its parts (JSON values, or their JSON as bytes); False when it is
+        larger than max_entry_bytes (it is not stored, and an entry stored before under the key is gone)."""
+        parts = encode_entry(entry)
+        size = entry_size(parts)
         self.delete(key)
-        if size > self.max_bytes:
+        if size > self.max_entry_bytes:
             return False
-        self.entries[key] = (self.clock(), size, entry)
+        self.entries[key] = (self.clock(), size, parts)
         self.num_bytes += size
         self._evict()
         return True
 
-    def get(self, key: str) -> dict | None:
+    def get_raw(self, key: str, parts: Iterable[str] | None = None) -> Parts | None:
+        """The entry's parts (all, or those named) as stored: JSON bytes."""
         self._evict()
         found = self.entries.get(key)
-        return None if found is None else found[2]
+        if found is None:
+            return None
+        return dict(found[2]) if parts is None else {name: found[2][name] for name in parts}
+
+    def get(self, key: str, parts: Iterable[str] | None = None) -> dict | None:
+        raw = self.get_raw(key, parts)
+        return None if raw is None else decode_parts(raw)
 
     def delete(self, key: str) -> bool:
         found = self.entries.pop(key, None)
@@ -78,17 +113,30 @@ class ResponseStore:
 
 class StoreClient:
     """Awaitable access to a store: a ResponseStore in this process, or the app's actor, found (or created) when first
-    used, so that an app whose clients never call /v1/responses starts no store."""
+    used, so that an app whose clients never call /v1/responses starts no store. Entries are encoded and decoded here,
+    in the ingress: the actor only keeps bytes, and what crosses to it and back is bytes."""
 
-    def __init__(self, target: ResponseStore | Callable[[], object]) -> None:
+    def __init__(self, target: ResponseStore | Callable[[], object], *, max_entry_bytes: int | None = None) -> None:
         self.local = isinstance(target, ResponseStore)
         self._target, self._open = (target, None) if self.local else (None, target)
+        self.max_entry_bytes = max_entry_bytes
 
-    async def put(self, key: str, entry: dict) -> bool:
-        return self._target.put(key, entry) if self.local else await self._actor().put.remote(key, entry)
+    async def put(self, key: str, entry: dict[str, Any]) -> bool:
+        """False when the entry is too large to store (checked here too: it is not sent to the actor for nothing)."""
+        parts = encode_entry(entry)
+        if self.max_entry_bytes is not None and entry_size(parts) > self.max_entry_bytes:
+            await self.delete(key)
+            return False
+        return self._target.put(key, parts) if self.local else await self._actor().put.remote(key, parts)
 
-    async def get(self, key: str) -> dict | None:
-        return self._target.get(key) if self.local else await self._actor().get.remote(key)
+    async def get_raw(self, key: str, parts: Iterable[str] | None = None) -> Parts | None:
+        parts = None if parts is None else list(parts)
+        return self._target.get_raw(key, parts) if self.local else await self._actor().get_raw.remote(key, parts)
+
+    async def get(self, key: str, parts: Iterable[str] | None = None) -> dict | None:
+        """The entry's parts (all, or those named), decoded; None when there is no such entry."""
+        raw = await self.get_raw(key, parts)
+        return None if raw is None else decode_parts(raw)
 
     async def delete(self, key: str) -> bool:
         return self._target.delete(key) if self.local else await self._actor().delete.remote(key)
@@ -106,23 +154,24 @@ def _actor_class():
     return ray.remote(ResponseStore)
 
 
-def store_actor(app_name: str, *, max_entries: int, max_bytes: int, ttl_s: float):
+def store_actor(app_name: str, *, max_entries: int, max_bytes: int, ttl_s: float, max_entry_bytes: int | None = None):
     """The app's store actor, created if no replica has yet. Its limits are set to these (a store made by an earlier
     deployment of the app would keep its own otherwise)."""
-    limits = dict(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+    limits = dict(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
     actor = _actor_class().options(name=store_name(app_name), namespace=STORE_NAMESPACE, lifetime="detached",
                                    get_if_exists=True, num_cpus=0, max_restarts=-1).remote(**limits)
     actor.configure.remote(**limits)
     return actor
 
 
-def open_response_store(*, max_entries: int, max_bytes: int, ttl_s: float) -> StoreClient:
+def open_response_store(*, max_entries: int, max_bytes: int, ttl_s: float,
+                        max_entry_bytes: int | None = None) -> StoreClient:
     """Inside a Serve replica, the app's shared store; elsewhere one in this process."""
-    limits = dict(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s)
+    limits = dict(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
     app_name = _serve_app_name()
     if app_name is None:
-        return StoreClient(ResponseStore(**limits))
-    return StoreClient(functools.partial(store_actor, app_name, **limits))
+        return StoreClient(ResponseStore(**limits), max_entry_bytes=max_entry_bytes)
+    return StoreClient(functools.partial(store_actor, app_name, **limits), max_entry_bytes=max_entry_bytes)
 
 
 def _serve_app_name() -> str | None:
