@@ -67,33 +67,24 @@ def _walk(value: Any, depth: int) -> None:
     if depth > MAX_JSON_DEPTH:
         raise _Refused("deep")
     if isinstance(value, dict):
-        for key, item in value.items():
+        for key in value:
             if not key.isascii() and _broken(key):
                 raise _Refused("key")
+        children = ((_shown(key), item) for key, item in value.items())
+    elif set(map(type, value)) <= _SCALARS:  # token ids: nothing to look into
+        return
+    else:
+        children = ((str(i), item) for i, item in enumerate(value))
+    for name, item in children:
+        try:
             if isinstance(item, str):
                 if not item.isascii() and _broken(item):
-                    e = _Refused("text")
-                    e.path.append(_shown(key))
-                    raise e
+                    raise _Refused("text")
             elif isinstance(item, (dict, list)):
-                try:
-                    _walk(item, depth + 1)
-                except _Refused as e:
-                    e.path.append(_shown(key))
-                    raise
-    elif not set(map(type, value)) <= _SCALARS:  # token ids: nothing to look into
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                if not item.isascii() and _broken(item):
-                    e = _Refused("text")
-                    e.path.append(str(i))
-                    raise e
-            elif isinstance(item, (dict, list)):
-                try:
-                    _walk(item, depth + 1)
-                except _Refused as e:
-                    e.path.append(str(i))
-                    raise
+                _walk(item, depth + 1)
+        except _Refused as e:
+            e.path.append(name)
+            raise
 
 
 def _broken(text: str) -> bool:
