@@ -31,7 +31,6 @@ import json
 import random
 import re
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from llguidance import LLMatcher, LLParserLimits, LLTokenizer
@@ -267,26 +266,15 @@ _LIMITS = dict(verbose_errors=False)
 PROBE_WALKS, PROBE_STEPS = 3, 8
 _PATTERN_KEYS = ('"pattern"', '"patternProperties"')
 _VERDICTS_KEPT = 1024
-_verdicts: OrderedDict[str, str] = OrderedDict()  # a schema's JSON -> why it cannot be followed ("": it can)
-_verdicts_lock = threading.Lock()
 
 
 def _probe(text: str) -> str | None:
     """Compiles `%json text` against the tokenizer as the engine will, takes the first mask and, for a schema with
     patterns, a few steps on PROBE_WALKS samples -> why llguidance failed, or None. Deterministic; kept per text."""
-    with _verdicts_lock:
-        verdict = _verdicts.get(text)
-        if verdict is not None:
-            _verdicts.move_to_end(text)
-            return verdict or None
-    verdict = _walks(text)
-    with _verdicts_lock:
-        _verdicts[text] = verdict
-        if len(_verdicts) > _VERDICTS_KEPT:
-            _verdicts.popitem(last=False)
-    return verdict or None
+    return _walks(text) or None
 
 
+@functools.lru_cache(maxsize=_VERDICTS_KEPT)  # a schema's JSON -> why it cannot be followed ("": it can)
 def _walks(text: str) -> str:
     tokenizer = ll_tokenizer(load_tokenizer())
     grammar = LLMatcher.grammar_from_lark(f"start: %json {text}")

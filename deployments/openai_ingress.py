@@ -22,18 +22,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
+from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
 from gptoss_serve.deployments.args import AppArgs
+from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
 from gptoss_serve.deployments.off_loop import QUICK_CHARS, check_prompt_size, message_texts, off_loop_if
-from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
-from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
 from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from gptoss_serve.deployments.responses.store import open_response_store
 from gptoss_serve.deployments.responses.api import ResponsesAPI
+from gptoss_serve.deployments.responses.store import open_response_store
 from gptoss_serve.model import harmony
-from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
 from gptoss_serve.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
@@ -233,7 +233,6 @@ class OpenAIIngress:
     # ---- plumbing -----------------------------------------------------------------------------------------------
     async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs,
                        structured_output: StructuredOutput | None = None):
-        self.admission.check_capacity()  # before the requests are built: a full server answers at once
         base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         now = time.time()
         requests = []

@@ -74,7 +74,6 @@ class ResponsesAPI:
         admission.check_prompt_length([prompt], "input")
         # a grammar compiles on a thread (llguidance lets go of the GIL): 0.3 s for a schema of 2,000 properties
         params = await off_loop_if(bool(body.tools or (body.text and body.text.format)), self._sampling_params, body)
-        admission.check_capacity()
         response_id, now = new_id("resp"), time.time()
         request = EngineRequest(response_id, prompt, params, arrival_time=now)
         stream, firsts = await admission.open([request])
