@@ -34,7 +34,7 @@ from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, C
 from gptoss_serve.deployments.responses.api import ResponsesAPI
 from gptoss_serve.deployments.responses.store import open_response_store
 from gptoss_serve.model import harmony
-from gptoss_serve.model.tokenizer import load_tokenizer
+from gptoss_serve.model.tokenizer import check_whitespace_runs, load_tokenizer
 
 logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
 
@@ -193,10 +193,13 @@ class OpenAIIngress:
         self.admission.check_model(body.model)
         self.admission.check_limits(stops=body.stop_strings, tools=body.tools, stop_token_ids=body.stop_token_ids,
                                     formats={"response_format": body.response_format})
-        # harmony renders holding the GIL (no thread helps): a prompt that cannot fit is refused before
-        await check_prompt_size(message_texts(body.messages), self.args.max_prompt_tokens, "messages")
+        # a prompt that cannot fit is refused before it is rendered; a long one renders on a thread (its long texts are
+        # encoded by tiktoken, which lets go of the GIL)
+        texts = message_texts(body.messages)
+        await check_prompt_size(texts, self.args.max_prompt_tokens, "messages")
         try:
-            prompt = harmony.render_chat(body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools)
+            prompt = await off_loop_if(sum(map(len, texts)) > QUICK_CHARS, functools.partial(
+                harmony.render_chat, body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools))
             constraint = await off_loop_if(bool(body.response_format or body.tools), harmony_constraint,
                                            body.response_format, body.tools, body.tool_choice)
         except ValueError as e:
@@ -218,6 +221,10 @@ class OpenAIIngress:
         for p in body.prompts():
             if isinstance(p, str):  # a long one is counted first (refused early), and encoded on a thread
                 await check_prompt_size([p], self.args.max_prompt_tokens, "prompt")
+                try:
+                    check_whitespace_runs(p, "prompt")
+                except ValueError as e:
+                    raise APIError(400, str(e), param="prompt") from None
                 p = await off_loop_if(len(p) > QUICK_CHARS, self.tokenizer.encode, p)
             prompts.append(p)
         self.admission.check_prompt_length(prompts, "prompt")

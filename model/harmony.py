@@ -20,7 +20,8 @@ from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncod
                             Message, ReasoningEffort, Role, StreamableParser, SystemContent, ToolDescription,
                             load_harmony_encoding)
 
-from gptoss_serve.model.tokenizer import IncrementalDecoder, load_tokenizer, resolve_vocab_file
+from gptoss_serve.model.harmony_splice import Splice
+from gptoss_serve.model.tokenizer import IncrementalDecoder, check_whitespace_runs, load_tokenizer, resolve_vocab_file
 
 __all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "RenderError", "ToolCall", "load_encoding",
            "parse_completion", "render_chat", "stop_token_ids"]
@@ -67,14 +68,14 @@ def _text(value: Any, where: str, *, allow_none: bool = False) -> str | None:
     if value is None and allow_none:
         return None
     if isinstance(value, str):
-        return value
+        return check_whitespace_runs(value, where)
     if isinstance(value, list):
         for j, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text":
                 raise ValueError(f"{where}[{j}].type: only text parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"{where}[{j}].text: must be a string")
-        return "".join(part["text"] for part in value)
+        return check_whitespace_runs("".join(part["text"] for part in value), where)
     raise ValueError(f"{where}: must be a string or a list of text parts")
 
 
@@ -105,13 +106,13 @@ def _tool_descriptions(tools: list[dict]) -> list[ToolDescription]:
     return out
 
 
-def _assistant_messages(msg: dict, where: str, call_names: dict[str, str]) -> list[Message]:
+def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splice: Splice) -> list[Message]:
     out = []
     reasoning = msg.get("reasoning_content", msg.get("reasoning"))
     if reasoning is not None:
         text = _text(reasoning, f"{where}.reasoning_content")
         # harmony itself drops this analysis once a later final answer exists (auto_drop_analysis).
-        out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("analysis"))
+        out.append(Message.from_role_and_content(Role.ASSISTANT, splice.content(text)).with_channel("analysis"))
     content = _text(msg.get("content"), f"{where}.content", allow_none=True)
     calls = msg.get("tool_calls") or []
     if not isinstance(calls, list):
@@ -121,7 +122,7 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str]) -> li
     if content is not None:
         # Text next to tool calls is a preamble, which harmony puts on the commentary channel.
         channel = "commentary" if calls else "final"
-        out.append(Message.from_role_and_content(Role.ASSISTANT, content).with_channel(channel))
+        out.append(Message.from_role_and_content(Role.ASSISTANT, splice.content(content)).with_channel(channel))
     for j, call in enumerate(calls):
         cw = f"{where}.tool_calls[{j}]"
         if not isinstance(call, dict) or call.get("type", "function") != "function":
@@ -137,7 +138,7 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str]) -> li
             raise ValueError(f"{cw}.function.arguments: must be a JSON string")
         if isinstance(call.get("id"), str):
             call_names[call["id"]] = name
-        call_msg = Message.from_role_and_content(Role.ASSISTANT, args).with_channel("commentary")
+        call_msg = Message.from_role_and_content(Role.ASSISTANT, splice.content(args)).with_channel("commentary")
         out.append(call_msg.with_recipient(_FUNCTIONS + name).with_content_type("<|constrain|>json"))
     return out
 
@@ -168,6 +169,7 @@ def render_chat(
     if knowledge_cutoff is not None:
         system = system.with_knowledge_cutoff(knowledge_cutoff)
 
+    splice = Splice()  # long texts are encoded by tiktoken, not by harmony (see harmony_splice)
     instructions: list[str] = []
     turns: list[Message] = []
     call_names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
@@ -179,38 +181,40 @@ def render_chat(
         if role in ("system", "developer"):
             instructions.append(_text(msg.get("content"), f"{where}.content") or "")
         elif role == "user":
-            turns.append(Message.from_role_and_content(Role.USER, _text(msg.get("content"), f"{where}.content")))
+            turns.append(Message.from_role_and_content(Role.USER, splice.content(_text(msg.get("content"),
+                                                                                        f"{where}.content"))))
         elif role == "assistant":
-            turns += _assistant_messages(msg, where, call_names)
+            turns += _assistant_messages(msg, where, call_names, splice)
         elif role == "tool":
             call_id = msg.get("tool_call_id")
             if not isinstance(call_id, str) or call_id not in call_names:
                 raise ValueError(f"{where}.tool_call_id: no earlier assistant tool call has the id {call_id!r}")
             result = Message.from_author_and_content(
-                Author.new(Role.TOOL, _FUNCTIONS + call_names[call_id]), _text(msg.get("content"), f"{where}.content")
-            )
+                Author.new(Role.TOOL, _FUNCTIONS + call_names[call_id]),
+                splice.content(_text(msg.get("content"), f"{where}.content")))
             turns.append(result.with_channel("commentary").with_recipient("assistant"))
         else:
             raise ValueError(f"{where}.role: unknown role {role!r}")
 
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     function_tools = _tool_descriptions(tools) if tools else []
+    instruction_text = splice.instructions("\n\n".join(instructions), "messages") if instructions else ""
     if instructions or function_tools:
         developer = DeveloperContent.new()
         if instructions:
-            developer = developer.with_instructions("\n\n".join(instructions))
+            developer = developer.with_instructions(instruction_text)
         if function_tools:
             developer = developer.with_function_tools(function_tools)
         head.append(Message.from_role_and_content(Role.DEVELOPER, developer))
     try:
-        return _render(head + turns)
+        return splice.apply(_render(head + turns))
     except _RENDER_FAILURES as e:
         # what harmony itself refuses (its own words name JSON columns of its own document, not the request's fields):
         # the tools are to blame when the conversation renders without them
         param = "messages"
         if function_tools:
             without = head[:1] + ([Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new()
-                                                                  .with_instructions("\n\n".join(instructions)))]
+                                                                  .with_instructions(instruction_text))]
                                   if instructions else [])
             try:
                 _render(without + turns)

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from typing import NoReturn
@@ -24,7 +25,8 @@ import tiktoken
 import tiktoken.load
 
 __all__ = ["VOCAB_SHA256", "VOCAB_URL", "VOCAB_FILENAME", "O200K_PAT_STR", "HARMONY_SPECIAL_TOKENS", "TokenizerError",
-           "resolve_vocab_file", "Tokenizer", "IncrementalDecoder", "load_tokenizer", "clear_caches"]
+           "MAX_WHITESPACE_RUN", "check_whitespace_runs", "resolve_vocab_file", "Tokenizer", "IncrementalDecoder",
+           "load_tokenizer", "clear_caches"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,22 @@ def resolve_vocab_file(vocab_file: str | os.PathLike[str] | None = None) -> path
 
 
 # --------------------------------------------------------------------------- tokenizer
+
+# tiktoken's (and harmony's) split regex overflows its stack on a run of about a million whitespace characters: the
+# Rust panic is a BaseException that takes its thread down. No text needs a run this long.
+MAX_WHITESPACE_RUN = 65536
+_LONG_WHITESPACE = re.compile(r"\s{4096,}")  # finditer resumes after each match, so the scan stays linear
+
+
+def check_whitespace_runs(text: str, where: str) -> str:
+    """`text`, or a ValueError naming `where` when it holds more than MAX_WHITESPACE_RUN whitespace characters in a
+    row."""
+    for run in _LONG_WHITESPACE.finditer(text):
+        if run.end() - run.start() > MAX_WHITESPACE_RUN:
+            raise ValueError(f"{where}: {run.end() - run.start()} whitespace characters in a row, more than the "
+                             f"{MAX_WHITESPACE_RUN} a text may hold")
+    return text
+
 
 
 def _load_ranks(path: pathlib.Path) -> dict[bytes, int]:

@@ -10,6 +10,7 @@ that a later request can continue it on any ingress replica (store.py).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -24,7 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from gptoss_serve.cluster.engine_protocol import EngineRequest
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
-from gptoss_serve.deployments.off_loop import check_prompt_size, message_texts, off_loop_if
+from gptoss_serve.deployments.off_loop import QUICK_CHARS, check_prompt_size, message_texts, off_loop_if
 from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.deployments.responses.store import StoreClient
 from gptoss_serve.deployments.responses.conversation import (chat_response_format, chat_tool_choice, chat_tools,
@@ -63,9 +64,12 @@ class ResponsesAPI:
             raise APIError(400, "input: must not be empty", param="input")
         try:
             messages = to_chat_messages(conversation, instructions=body.instructions)
-            # harmony renders holding the GIL (no thread helps): a prompt that cannot fit is refused before
-            await check_prompt_size(message_texts(messages), admission.args.max_prompt_tokens, "input")
-            prompt = harmony.render_chat(messages, reasoning_effort=body.effort, tools=chat_tools(body.tools))
+            # a prompt that cannot fit is refused before it is rendered; a long one renders on a thread (its long texts
+            # are encoded by tiktoken, which lets go of the GIL)
+            texts = message_texts(messages)
+            await check_prompt_size(texts, admission.args.max_prompt_tokens, "input")
+            prompt = await off_loop_if(sum(map(len, texts)) > QUICK_CHARS, functools.partial(
+                harmony.render_chat, messages, reasoning_effort=body.effort, tools=chat_tools(body.tools)))
         except harmony.RenderError as e:  # harmony refused the whole: blamed on the tools or the input
             param = "tools" if e.param == "tools" else "input"
             raise APIError(400, f"{param}: {e.reason}", param=param) from None
@@ -190,7 +194,7 @@ class _Run:
     async def whole(self, firsts) -> dict:
         try:
             async for items in self.stream.choice_steps(firsts):
-                raise_if_error([item for _, item in items])
+                raise_if_error([item for _, item in items], format_param="text")
                 for _, item in items:
                     if item.output is not None:
                         self.output.feed(item.output)
