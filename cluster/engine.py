@@ -32,7 +32,7 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance
 from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.model_runner import ModelRunner
-from gptoss_serve.cluster.engine_protocol import RequestOutput, TokenLogprobs
+from gptoss_serve.cluster.engine_protocol import GRAMMAR_FAILED, RequestOutput, TokenLogprobs
 from gptoss_serve.cluster.sampler import PendingSample
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.cluster.scheduler import Scheduler
@@ -218,7 +218,9 @@ class LLMEngine:
             if grammar is not None and grammar.error is not None:
                 logger.error("request %s: its grammar (%s) refused a token: %s", seq.request_id, grammar.description,
                              grammar.error)
-                outputs.append(self._fail(seq, "the engine failed while constraining this request's output; retry"))
+                # the client's grammar (too costly for the lexer at this token, say): the same request fails again
+                outputs.append(self._fail(seq, f"{GRAMMAR_FAILED}: its grammar could not go on after output token "
+                                               f"{len(seq.output_token_ids)}: {grammar.error}", status=400))
             else:
                 outputs.append(self._postprocess(seq, logprobs))
         self.scheduler.after_step(launched.scheduled)
@@ -273,13 +275,14 @@ class LLMEngine:
             self.scheduler.finish(seq)
         return out
 
-    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+    def _fail(self, seq: Sequence, error: str, status: int = 503) -> RequestOutput:
         self.scheduler.finish(seq)
         self._forget(seq.request_id)
         if self.texts is not None:
             self.texts.remove(seq.request_id)
         return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
-                             finish_reason="error", error=error, num_prompt_tokens=len(seq.prompt_token_ids),
+                             finish_reason="error", error=error, error_status=status,
+                             num_prompt_tokens=len(seq.prompt_token_ids),
                              num_output_tokens=len(seq.output_token_ids))
 
     # ---- offline API ----------------------------------------------------------------------------------------------

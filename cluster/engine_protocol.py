@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 from gptoss_serve.cluster.sampling_params import SamplingParams
 
+# the first word of the error of a request whose own grammar failed in a step (a 400: the same request fails again)
+GRAMMAR_FAILED = "structured_output"
+
 
 @dataclass(frozen=True)
 class EngineRequest:
@@ -49,6 +52,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed in a step (finish_reason "error")
+    error_status: int = 503  # 400 when the request itself is to blame (its grammar), else 503: the engine failed
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ step's constrained rows, and the tokens they consume.
     masks = token_bitmasks([...matchers of the step's rows])  # before sampling: int32 [R, ceil(V / 32)], 1 = allowed
     advance([(matcher, token), ...])                          # after sampling
 
-A compiled grammar is kept (by its text, the most recent GRAMMAR_CACHE_SIZE) and each request gets a copy of it, so
-a schema sent again skips the compile. Bitmasks of a step are filled in one call on llguidance's thread pool, and the
+A compiled grammar is kept (by its text, the most recent GRAMMAR_CACHE_SIZE, and no more than GRAMMAR_CACHE_BYTES of
+grammar text) and each request gets a copy of it, so a schema sent again skips the compile. Bitmasks of a step are filled in one call on llguidance's thread pool, and the
 tokens consumed in one more; requests without a grammar cost nothing.
 """
 
@@ -24,10 +24,12 @@ from gptoss_serve.cluster.constraints import ll_tokenizer
 from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.model.tokenizer import Tokenizer
 
-__all__ = ["GRAMMAR_CACHE_SIZE", "GrammarCompiler", "GrammarMatcher", "advance", "bitmask_width", "ll_tokenizer",
+__all__ = ["GRAMMAR_CACHE_BYTES", "GRAMMAR_CACHE_SIZE", "GrammarCompiler", "GrammarMatcher", "advance", "bitmask_width", "ll_tokenizer",
            "token_bitmasks"]
 
 GRAMMAR_CACHE_SIZE = 256
+# a compiled grammar holds ~130 times its text in memory (1.6 MB for a 12 KB schema): 256 large schemas held GBs
+GRAMMAR_CACHE_BYTES = 2 << 20
 
 
 class GrammarMatcher:
@@ -51,10 +53,11 @@ class GrammarCompiler:
     """Compiles the engine's grammars, keeps the recent ones, and hands each request a matcher of its own."""
 
     def __init__(self, tokenizer: Tokenizer, *, cache_size: int = GRAMMAR_CACHE_SIZE,
-                 num_threads: int | None = None) -> None:
-        self.tokenizer, self.cache_size = tokenizer, cache_size
+                 cache_bytes: int = GRAMMAR_CACHE_BYTES, num_threads: int | None = None) -> None:
+        self.tokenizer, self.cache_size, self.cache_bytes = tokenizer, cache_size, cache_bytes
         self.executor = LLExecutor(num_threads)
         self._compiled: OrderedDict[str, LLMatcher] = OrderedDict()  # grammar text -> an untouched matcher
+        self._cached_bytes = 0  # of the grammar texts kept
 
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         compiled = self._compiled.get(spec.grammar)
@@ -63,8 +66,9 @@ class GrammarCompiler:
             if compiled.is_error():
                 raise ValueError(f"structured output ({spec.description}): {compiled.get_error()}")
             self._compiled[spec.grammar] = compiled
-            if len(self._compiled) > self.cache_size:
-                self._compiled.popitem(last=False)
+            self._cached_bytes += len(spec.grammar)
+            while self._compiled and (len(self._compiled) > self.cache_size or self._cached_bytes > self.cache_bytes):
+                self._cached_bytes -= len(self._compiled.popitem(last=False)[0])
         else:
             self._compiled.move_to_end(spec.grammar)
         return GrammarMatcher(compiled.deep_copy(), self.executor, spec.description, self.tokenizer.vocab_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
+from gptoss_serve.cluster.engine_protocol import GRAMMAR_FAILED, EngineRequest, StreamItem
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.batch_streamer import BatchStreamer
 from gptoss_serve.deployments.protocol import APIError, json_size
@@ -24,12 +24,15 @@ from gptoss_serve.deployments.request_stream import RequestStream
 ENGINE_ERROR_FIELDS = ("min_tokens",)
 
 
-def raise_if_error(items: list[StreamItem]) -> None:
-    """The first error among a step's items as the APIError the client gets."""
+def raise_if_error(items: list[StreamItem], format_param: str = "response_format") -> None:
+    """The first error among a step's items as the APIError the client gets; a grammar that failed is blamed on
+    `format_param`, the field of the request's structured output."""
     for item in items:
         if item.error is not None:
-            field = item.error.split(" ", 1)[0]
-            param = (field if field in ENGINE_ERROR_FIELDS else "prompt") if item.status == 400 else None
+            field = item.error.split(" ", 1)[0].rstrip(":")
+            param = None
+            if item.status == 400:
+                param = format_param if field == GRAMMAR_FAILED else field if field in ENGINE_ERROR_FIELDS else "prompt"
             raise APIError(item.status, item.error, param=param, retry_after=1 if item.status == 429 else None)
 
 

@@ -247,8 +247,8 @@ class AttentionReplica:
             stream = self.calls.get(out.request_id)
             if stream is None:
                 continue
-            if out.error is not None:  # the step failed (a MoE worker was lost): this request ends
-                item = StreamItem(out.request_id, error=out.error, status=503)
+            if out.error is not None:  # the step failed (a MoE worker was lost) or its grammar did: this request ends
+                item = StreamItem(out.request_id, error=out.error, status=out.error_status)
             else:
                 item = StreamItem(out.request_id, output=out)
             by_call.setdefault(id(stream), (stream, []))[1].append(item)

@@ -216,8 +216,9 @@ def bodies(fields: tuple[dict, dict], good: st.SearchStrategy) -> st.SearchStrat
 class GrammarReplicas(FakeReplicas):
     """FakeReplicas that treat a structured output as the engine does, so that a grammar the ingress let through but
     no request could follow fails here as it would there: each JSON schema of the grammar is compiled by the engine's
-    GrammarCompiler (a compile error is the engine's 400) and walked a few tokens on a few samples (a mask or a token
-    refused mid-way is the engine's 503, "retry")."""
+    GrammarCompiler (a compile error is the engine's 400) and walked a few tokens on a few samples. A mask or a token
+    refused mid-way is a 500 here: the engine would answer 400 after generating, but the ingress's probe is meant to
+    refuse such a grammar before admission."""
 
     WALKS, STEPS = 3, 8
 
@@ -263,10 +264,10 @@ class GrammarReplicas(FakeReplicas):
                 if matcher.error is not None or not allowed:
                     if matcher.finished:
                         break
-                    return 503, "the engine failed while constraining this request's output; retry"
+                    return 500, "the ingress let through a grammar that fails mid-way"
                 advance([(matcher, rng.choice(allowed))])
                 if matcher.error is not None:
-                    return 503, "the engine failed while constraining this request's output; retry"
+                    return 500, "the ingress let through a grammar that fails mid-way"
                 if matcher.finished:
                     break
         return None

@@ -15,14 +15,18 @@ import jsonschema
 import pytest
 import torch
 
+from gptoss_serve.cluster import engine as engine_module
 from gptoss_serve.cluster.constraints import JSON_FORMAT, completion_constraint, harmony_constraint
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
-from gptoss_serve.cluster.grammar import GrammarCompiler, advance, token_bitmasks
+from gptoss_serve.cluster.engine_protocol import StreamItem
+from gptoss_serve.cluster.grammar import GrammarCompiler, GrammarMatcher, advance, token_bitmasks
 from gptoss_serve.cluster.sampling_params import SamplingParams, StructuredOutput
+from gptoss_serve.deployments.admission import raise_if_error
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
+from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.harmony import parse_completion, render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
@@ -247,6 +251,53 @@ def test_a_grammar_that_does_not_compile_is_refused_when_added(model):
     with pytest.raises(ValueError, match="broken"):
         engine.add_request("r", [1, 2, 3], SamplingParams(structured_output=bad))
     assert not engine.requests and not engine.synchronous_requests
+
+
+def test_the_grammar_cache_holds_no_more_text_than_its_budget():
+    # compiled grammars hold ~130 times their text: the cache is bounded by the bytes of text as well as by count
+    compiler = GrammarCompiler(load_tokenizer(), cache_size=100, cache_bytes=3000)
+    specs = [completion_constraint({"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"key_{i}_{j}": {"type": "integer"} for j in range(20)}}}}) for i in range(6)]
+    for spec in specs:
+        compiler.matcher(spec)
+    kept = list(compiler._compiled)
+    assert 0 < len(kept) < len(specs) and kept == [s.grammar for s in specs][-len(kept):]
+    assert compiler._cached_bytes == sum(map(len, kept)) <= 3000
+    compiler.matcher(specs[-1])  # a hit compiles nothing new
+    assert list(compiler._compiled) == kept
+
+
+def test_a_grammar_that_fails_mid_generation_ends_its_request_as_the_clients_fault(model, monkeypatch):
+    # llguidance can give up on a token its own mask allowed (its lexer's budget, say): the same request would fail
+    # again, so it is a 400 about the structured output, not a 503 "retry"; the free request beside it goes on
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=256, max_model_len=1024))
+    real_advance = engine_module.advance
+
+    def advance_counting(pairs):
+        real_advance(pairs)
+        for matcher, _ in pairs:
+            matcher.advanced = getattr(matcher, "advanced", 0) + 1
+
+    monkeypatch.setattr(engine_module, "advance", advance_counting)
+    monkeypatch.setattr(GrammarMatcher, "error", property(
+        lambda self: "lexer budget exceeded" if getattr(self, "advanced", 0) >= 3 else None))
+    prompt = load_tokenizer().encode("The weather:")
+    engine.add_request("json", prompt, weather_params(0))
+    engine.add_request("free", prompt, SamplingParams(max_tokens=8, ignore_eos=True))
+    ends = {}
+    while engine.has_unfinished_requests:
+        for out in engine.step():
+            if out.finished:
+                ends[out.request_id] = out
+    failed = ends["json"]
+    assert failed.finish_reason == "error" and failed.error_status == 400 and failed.num_output_tokens == 3
+    assert failed.error.startswith("structured_output: its grammar could not go on after output token 3: lexer")
+    assert ends["free"].finish_reason == "length" and ends["free"].error is None
+    assert engine.is_idle() and not engine.synchronous_requests
+    for format_param in ("response_format", "text"):
+        with pytest.raises(APIError) as caught:
+            raise_if_error([StreamItem("json", error=failed.error, status=failed.error_status)], format_param)
+        assert (caught.value.status, caught.value.param) == (400, format_param)
 
 
 # ---- through the ingress -------------------------------------------------------------------------------------------
