@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from gptoss_serve.kernels.mxfp4_moe_gemv import _down_gemv, _gate_up_gemv
 from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, SUM_GROUPS, _combine, _down, _gate_up, _route, _swiglu_splits
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
@@ -44,7 +45,8 @@ class Tiles:
     computes (gate_up reads twice as many weight rows: gate and up); *_groups: 32-value blocks per reduction step;
     depth: reduction steps loaded ahead of the one being multiplied (1 or 3): the bytes a program keeps in flight;
     split_k: programs sharing one tile's reduction (more programs when few tokens leave too few tiles to fill the
-    GPU), their float32 partial sums added by the next kernel in a fixed order."""
+    GPU), their float32 partial sums added by the next kernel in a fixed order. gemv: one (token, expert) pair a
+    program on the CUDA cores (mxfp4_moe_gemv.py; block_m and depth unused there)."""
 
     block_m: int
     gate_up_n: int
@@ -54,6 +56,7 @@ class Tiles:
     num_warps: int
     depth: int = 3
     split_k: int = 1
+    gemv: bool = False
 
 
 # by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
@@ -61,6 +64,8 @@ class Tiles:
 # serves more tokens). Loading three steps ahead measured no faster than one (kernels/NOTES-mxfp4-moe.md), and
 # costs registers where the accumulators are large.
 PRESETS = {
+    "gemv": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=2, depth=1,
+                  gemv=True),
     "decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4, depth=1,
                     split_k=2),
     "decode_wide": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4),
@@ -69,10 +74,16 @@ PRESETS = {
 }
 
 
+# below this many pairs an expert, nearly every touched expert serves one token: the matrix-vector kernels
+GEMV_PER_EXPERT = 0.5
+
+
 def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
     """Tiles for a call routing num_pairs (token, expert) pairs over num_experts local experts (host numbers only).
     The thresholds follow the H100 sweep in kernels/NOTES-mxfp4-moe.md."""
     per_expert = num_pairs / num_experts
+    if per_expert <= GEMV_PER_EXPERT:
+        return PRESETS["gemv"]
     if per_expert <= 1:
         return PRESETS["decode"]
     if per_expert <= 16:
@@ -178,8 +189,21 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     hidden = hidden.contiguous()
     ids = expert_ids.contiguous().view(-1)  # [P]
     route = weights.contiguous().view(-1)  # [P]
-    pad = max(16, triton.next_power_of_2(count))
     asm = use_asm and not _INTERPRET
+    groups = SUM_GROUPS.value
+    group_experts = layer_experts // groups if layer_experts % groups == 0 else layer_experts  # else one group
+    if tiles.gemv:
+        _gate_up_gemv[(P, triton.cdiv(I, tiles.gate_up_n))](
+            hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias, ids,
+            ws.act, first, count, H, I, alpha, limit, TOP_K=K, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups,
+            USE_ASM=asm, num_warps=tiles.num_warps)
+        _down_gemv[(P, triton.cdiv(H, tiles.down_n))](
+            ws.act, experts.down_blocks, experts.down_scales, experts.down_bias, ids, route, ws.y, first, count, I, H,
+            BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, USE_ASM=asm, num_warps=tiles.num_warps)
+        _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=1,
+                                           BLOCK=512, num_warps=4)
+        return out
+    pad = max(16, triton.next_power_of_2(count))
     _route[(1,)](ids, P, first, count, ws.sorted_pairs, ws.expert_start,
                  EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
     # each expert's rows split into tiles of block_m: at most ceil(P / block_m) + count tiles, and at most P
@@ -200,8 +224,6 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
         EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
-    groups = SUM_GROUPS.value
-    group_experts = layer_experts // groups if layer_experts % groups == 0 else layer_experts  # else one group
     _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=split,
                                        BLOCK=512, num_warps=4)
     return out

@@ -83,7 +83,7 @@ class Mxfp4Experts(ExpertShard):
             return
         per_expert_steps = (1, 16, 64)  # kernels/mxfp4_moe.pick_tiles: tokens an expert where the tiles change
         counts = sorted({min(max_tokens, max(1, -(-n * self.layer_experts // top_k))) for n in per_expert_steps}
-                        | {max_tokens})
+                        | {1, max_tokens})  # 1: the matrix-vector kernels of a handful of tokens
         gen = torch.Generator(self.gate_up_blocks.device).manual_seed(0)
         for n in counts:
             hidden = torch.randn(n, self.gate_up_blocks.shape[2] * mxfp4.BLOCK_SIZE, device=gen.device,

@@ -134,7 +134,7 @@ def test_kernel_matches_reference(num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["decode", "decode_wide", "medium", "prefill"])
+@pytest.mark.parametrize("preset", ["gemv", "decode", "decode_wide", "medium", "prefill"])
 @pytest.mark.parametrize("num_tokens", [3, 129])
 def test_every_tile_preset(preset, num_tokens):
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
@@ -181,7 +181,7 @@ def test_shard_drops_other_experts_and_shards_add_up(num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [3, 40, 200])  # decode, medium and prefill tiles for the whole layer
+@pytest.mark.parametrize("num_tokens", [1, 3, 40, 200])  # gemv, decode, medium and prefill for the whole layer
 @pytest.mark.parametrize("workers", [2, 4, 8])
 def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens):
     """Expert-parallel workers answer in float32 (expert_exchange.answer_dtype) and the replica adds their answers up
@@ -199,8 +199,9 @@ def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens):
 
 
 @pytest.mark.gpu
-def test_gpt_oss_20b_shape():
-    check(*run_case(64, num_experts=32, hidden=2880, inter=2880, seed=20))
+@pytest.mark.parametrize("num_tokens", [2, 64])  # the matrix-vector kernels, the tensor-core ones
+def test_gpt_oss_20b_shape(num_tokens):
+    check(*run_case(num_tokens, num_experts=32, hidden=2880, inter=2880, seed=20))
 
 
 @pytest.mark.gpu
@@ -232,7 +233,8 @@ INTERPRETED = textwrap.dedent("""
     from tests.test_mxfp4_moe_kernel import ALPHA, LIMIT, routing, shard
     gen = torch.Generator().manual_seed(0)
     experts = random_packed_experts(8, 64, 64, generator=gen)
-    for tokens, first, count, tiles in ((3, 0, 8, None), (5, 4, 4, PRESETS["decode"])):
+    for tokens, first, count, tiles in ((3, 0, 8, None), (5, 4, 4, PRESETS["decode"]), (1, 0, 8, None),
+                                        (3, 2, 5, PRESETS["gemv"])):
         packed = shard(experts, first, count, "cpu")
         x = torch.randn(tokens, 64, generator=gen).bfloat16()
         ids, weights = routing(tokens, 8, 4, gen)
@@ -247,16 +249,17 @@ INTERPRETED = textwrap.dedent("""
     def layer(first, count, **kwargs):
         return mxfp4_moe(x, ids, weights, PackedExperts.of(**shard(experts, first, count, "cpu")), first=first,
                          alpha=ALPHA, limit=LIMIT, use_asm=False, out=torch.empty(6, 64), **kwargs)
-    whole = layer(0, 8)
-    shares = [layer(first, 2, layer_experts=8) for first in (0, 2, 4, 6)]
-    assert torch.equal(add_as_groups(shares), whole)
+    for tiles in (None, PRESETS["gemv"]):
+        whole = layer(0, 8, tiles=tiles)
+        shares = [layer(first, 2, layer_experts=8, tiles=tiles) for first in (0, 2, 4, 6)]
+        assert torch.equal(add_as_groups(shares), whole)
     print("ok")
 """)
 
 
 def test_kernels_in_the_interpreter_match_the_reference():
     """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
-    combine) on a whole shard and on half of one: the indexing and masks, without a GPU; and four quarter shards'
+    combine, and the matrix-vector gate_up and down of a handful of tokens) on a whole shard and on parts of one: the indexing and masks, without a GPU; and four quarter shards'
     float32 answers add up to the whole layer's bf16 output exactly."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
