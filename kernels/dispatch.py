@@ -13,6 +13,7 @@ host sync, and a CUDA graph captures whichever function it picked.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +22,9 @@ import torch
 R = TypeVar("R")
 
 KERNELS_PACKAGE = __name__.rpartition(".")[0]  # gptoss_serve.kernels
+# kernels to leave out, for A/B measurements and for ruling a kernel out when chasing a bug: comma-separated names as
+# given to TritonOp ("small_linear.small_linear") or their modules ("small_linear"); read when an op is made
+REFERENCE_OPS_VARIABLE = "GPTOSS_REFERENCE_OPS"
 
 
 class TritonOp(Generic[R]):
@@ -43,19 +47,21 @@ class TritonOp(Generic[R]):
         self.reference = reference
         self.when = when
         self._kernel: Callable[..., R] | None = None  # imported by the first call that takes it
+        left_out = {name.strip() for name in os.environ.get(REFERENCE_OPS_VARIABLE, "").split(",")}
+        self.enabled = not left_out & {kernel, module}
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> R:
         return (self.kernel if self.uses_kernel(x) else self.reference)(x, *args, **kwargs)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether a call deciding on x takes the kernel."""
-        return x.is_cuda and (self.when is None or self.when(x))
+        return self.enabled and x.is_cuda and (self.when is None or self.when(x))
 
     def for_device(self, device: torch.device) -> Callable[..., R]:
         """The function every call on `device` takes, picked once (for an op without `when`, which reads tensors)."""
         if self.when is not None:
             raise TypeError(f"{self!r} decides on each tensor (`when`): call it, or ask uses_kernel, per tensor")
-        return self.kernel if device.type == "cuda" else self.reference
+        return self.kernel if self.enabled and device.type == "cuda" else self.reference
 
     @property
     def kernel(self) -> Callable[..., R]:

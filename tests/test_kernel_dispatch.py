@@ -72,6 +72,16 @@ def test_for_device_picks_once_per_device():
         TritonOp("router.top_k_softmax", reference=reference, when=lambda x: True).for_device(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("named", ["router_reference.top_k_softmax_reference", "router_reference",
+                                   " rms_norm, router_reference "])
+def test_ops_named_in_the_variable_take_the_reference(monkeypatch, named):
+    monkeypatch.setenv("GPTOSS_REFERENCE_OPS", named)
+    op = TritonOp("router_reference.top_k_softmax_reference", reference=reference)
+    assert not op.uses_kernel(OnGpu(dims=3)) and op.for_device(torch.device("cuda")) is reference
+    monkeypatch.setenv("GPTOSS_REFERENCE_OPS", "router")  # another op's module: this one keeps its kernel
+    assert TritonOp("router_reference.top_k_softmax_reference", reference=reference).uses_kernel(OnGpu(dims=3))
+
+
 def test_a_kernel_is_named_module_dot_function():
     with pytest.raises(ValueError, match="module.function"):
         TritonOp("top_k_softmax", reference=reference)
