@@ -64,7 +64,7 @@ class Tiles:
 # serves more tokens). Loading three steps ahead measured no faster than one (kernels/NOTES-mxfp4-moe.md), and
 # costs registers where the accumulators are large.
 PRESETS = {
-    "gemv": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=2, depth=1,
+    "gemv": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=1, depth=1,
                   gemv=True),
     "decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4, depth=1,
                     split_k=2),
