@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName, HarmonyError,
-                            Message, ReasoningEffort, Role, StreamableParser, SystemContent, ToolDescription,
-                            load_harmony_encoding)
+                            Message, ReasoningEffort, RenderConversationConfig, Role, StreamableParser, SystemContent,
+                            ToolDescription, load_harmony_encoding)
 
 from gptoss_serve.model.harmony_splice import Splice
 from gptoss_serve.model.tokenizer import IncrementalDecoder, check_whitespace_runs, load_tokenizer, resolve_vocab_file
@@ -111,7 +111,7 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
     reasoning = msg.get("reasoning_content", msg.get("reasoning"))
     if reasoning is not None:
         text = _text(reasoning, f"{where}.reasoning_content")
-        # harmony itself drops this analysis once a later final answer exists (auto_drop_analysis).
+        # kept or left out by _drop_past_reasoning, once the whole conversation is known
         out.append(Message.from_role_and_content(Role.ASSISTANT, splice.content(text)).with_channel("analysis"))
     content = _text(msg.get("content"), f"{where}.content", allow_none=True)
     calls = msg.get("tool_calls") or []
@@ -120,7 +120,8 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
     if content is None and not calls and reasoning is None:
         raise ValueError(f"{where}.content: an assistant message needs content or tool_calls")
     if content is not None:
-        # Text next to tool calls is a preamble, which harmony puts on the commentary channel.
+        # Text next to tool calls is a preamble, which harmony puts on the commentary channel: not a final answer, so
+        # it ends no turn and drops no reasoning.
         channel = "commentary" if calls else "final"
         out.append(Message.from_role_and_content(Role.ASSISTANT, splice.content(content)).with_channel(channel))
     for j, call in enumerate(calls):
@@ -143,6 +144,21 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
     return out
 
 
+def _drop_past_reasoning(turns: list[Message]) -> list[Message]:
+    """The turns without the analysis that came before the last final answer.
+
+    gpt-oss was trained to see the chain of thought of past turns dropped once they ended in a final answer, and the
+    reasoning of the turn in progress (between its tool calls and their results) kept. harmony's own auto_drop_analysis
+    misses the tool loop: it drops only while the latest assistant message is a final one, and only the analysis before
+    the first final answer. So the rule is applied here, and harmony is told to keep all it is given (_render).
+    """
+    finals = [i for i, msg in enumerate(turns) if msg.author.role == Role.ASSISTANT and msg.channel == "final"]
+    if not finals:
+        return turns
+    # a dropped text that was spliced simply has no marker in harmony's output (Splice.apply skips it)
+    return [msg for i, msg in enumerate(turns) if i > finals[-1] or msg.channel != "analysis"]
+
+
 def render_chat(
     messages: list[dict],
     *,
@@ -155,7 +171,8 @@ def render_chat(
     """Prompt ids for the next assistant turn of an OpenAI-style chat.
 
     system and developer texts all become the instructions of harmony's one developer message, as OpenAI's gpt-oss
-    guide does: harmony's own system message carries identity, reasoning effort, dates and channels.
+    guide does: harmony's own system message carries identity, reasoning effort, dates and channels. Assistant
+    reasoning before the last final answer is left out (_drop_past_reasoning).
     """
     if reasoning_effort not in _EFFORTS:
         raise ValueError(f"reasoning_effort: must be one of {sorted(_EFFORTS)}")
@@ -195,6 +212,7 @@ def render_chat(
             turns.append(result.with_channel("commentary").with_recipient("assistant"))
         else:
             raise ValueError(f"{where}.role: unknown role {role!r}")
+    turns = _drop_past_reasoning(turns)
 
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     function_tools = _tool_descriptions(tools) if tools else []
@@ -239,9 +257,13 @@ class RenderError(ValueError):
 _RENDER_FAILURES = (ValueError, RecursionError, HarmonyError)
 
 
+# which analysis stays is _drop_past_reasoning's call alone: harmony renders every message it is given
+_KEEP_ALL = RenderConversationConfig(auto_drop_analysis=False)
+
+
 def _render(messages: list[Message]) -> list[int]:
     conversation = Conversation.from_messages(messages)
-    return list(load_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT))
+    return list(load_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT, _KEEP_ALL))
 
 
 def _render_failure(error: Exception) -> str:

@@ -60,7 +60,7 @@ class Splice:
             return ids
         encode = load_tokenizer().encode
         # found in harmony's own output (short: markers, not texts), then assembled once
-        # a text harmony left out (the analysis before a final answer) has no marker there
+        # a text left out of the rendering (reasoning before a final answer, see _drop_past_reasoning) has no marker
         places = sorted((at, len(marker_ids), text) for marker_ids, text in self._spliced
                         if (at := _find(ids, marker_ids)) is not None)
         out, done = [], 0

@@ -129,7 +129,7 @@ def test_tool_result_round_trip():
         '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp_c":21}<|end|>'
         "<|start|>assistant"
     )
-    # After a final answer harmony drops the earlier turn's reasoning.
+    # After a final answer render_chat drops the earlier turn's reasoning (tests/test_reasoning_drop.py).
     messages += [{"role": "assistant", "content": "21 °C."}, {"role": "user", "content": "Thanks"}]
     text = _text(render_chat(messages, tools=[WEATHER_TOOL]))
     assert "Need the tool." not in text

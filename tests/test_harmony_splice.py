@@ -38,7 +38,7 @@ def test_spliced_rendering_equals_harmonys_own(monkeypatch, seed):
         {"role": "assistant", "reasoning_content": random_text(rng, n()), "content": None,
          "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": random_text(rng, n())}}]},
         {"role": "tool", "tool_call_id": "c1", "content": random_text(rng, n())},
-        {"role": "assistant", "content": random_text(rng, n())},  # harmony drops the analysis before this answer
+        {"role": "assistant", "content": random_text(rng, n())},  # the analysis before this answer is dropped
         {"role": "user", "content": random_text(rng, rng.choice([5, n()]))},
     ]
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]

@@ -7,7 +7,9 @@ Conversation items are kept normalized, in the Responses shape, each with the te
     {"type": "function_call_output", "call_id", "output"}
 The assistant's items between two user/tool turns (reasoning, text, function calls) become one chat assistant message,
 which `harmony.render_chat` renders as gpt-oss expects: analysis, then a final answer or a preamble and its calls.
-Past analysis is dropped by harmony itself once a later final answer exists, so reasoning items are passed through.
+Assistant text that a function call follows in the same run is a preamble, never a final answer: it stays in the chat
+message of that call. render_chat drops the analysis before the last final answer, so reasoning items are passed
+through.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def to_chat_messages(items: list[dict], *, instructions: str | None = None) -> l
     """Chat-completions messages for `harmony.render_chat`: instructions first (as the developer's)."""
     messages: list[dict] = [{"role": "developer", "content": instructions}] if instructions else []
     turn: dict | None = None  # the assistant message being gathered
-    for item in items:
+    calls_ahead = _calls_ahead(items)
+    for item, call_ahead in zip(items, calls_ahead):
         kind = item["type"]
         if kind == "function_call_output":
             turn = None
@@ -136,20 +139,34 @@ def to_chat_messages(items: list[dict], *, instructions: str | None = None) -> l
             turn = None
             messages.append({"role": item["role"], "content": item["content"][0]["text"]})
             continue
-        # the assistant's side: a new message once it has said something and new reasoning or text follows
-        spoke = turn is not None and ("content" in turn or "tool_calls" in turn)
+        # the assistant's side: a new message once it has said something and new reasoning or text follows; a preamble
+        # (text whose call is still to come) has not said its all: alone, chat would make it a final answer, and
+        # render_chat would then drop the reasoning of the turn in progress
+        spoke = turn is not None and ("tool_calls" in turn or ("content" in turn and not call_ahead))
         if turn is None or (kind != "function_call" and spoke):
             turn = {"role": "assistant"}
             messages.append(turn)
-        if kind == "reasoning":
+        if kind in ("reasoning", "message"):
+            key = "reasoning_content" if kind == "reasoning" else "content"
             text = item["content"][0]["text"]
-            turn["reasoning_content"] = f"{turn['reasoning_content']}\n{text}" if "reasoning_content" in turn else text
-        elif kind == "message":
-            turn["content"] = item["content"][0]["text"]
+            turn[key] = f"{turn[key]}\n{text}" if key in turn else text
         else:
             turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
                 "name": item["name"], "arguments": item["arguments"]}})
     return messages
+
+
+def _calls_ahead(items: list[dict]) -> list[bool]:
+    """For each item: whether a function_call follows it in the same assistant run (before the next user, system or
+    developer message or tool output)."""
+    out, ahead = [], False
+    for item in reversed(items):
+        if item["type"] == "function_call_output" or (item["type"] == "message" and item["role"] != "assistant"):
+            ahead = False
+        out.append(ahead)
+        if item["type"] == "function_call":
+            ahead = True
+    return out[::-1]
 
 
 def chat_tools(tools: list[dict] | None) -> list[dict] | None:
