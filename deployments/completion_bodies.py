@@ -2,7 +2,8 @@
 
 Chat output goes through the harmony parser: the analysis channel becomes `reasoning` (vLLM's name; also as
 `reasoning_content`, its older one, for older clients), the final channel `content`, and commentary addressed to
-`functions.*` becomes `tool_calls`.
+`functions.*` becomes `tool_calls`. A request with `include_reasoning: false` gets neither reasoning field (nor
+reasoning deltas when streamed); its logprobs, when asked for, still cover every generated token, as vLLM's do.
 
 Stop strings: a completion's text comes already cut by the engine's TextStreams (cluster/output_processor.py); chat's
 stop strings apply to its final channel only, so the ingress leaves them out of the engine's params and ChatChoice
@@ -25,10 +26,12 @@ class ChatChoice:
     """One choice of a chat completion, fed the engine's outputs as they come."""
 
     def __init__(self, index: int, tokenizer: Tokenizer, *, logprobs: bool, stop: tuple[str, ...] = (),
-                 include_stop: bool = False) -> None:
+                 include_stop: bool = False, include_reasoning: bool = True) -> None:
         """stop: strings that end the answer where they first appear in its final-channel text (the reasoning
-        may contain them freely); the text shown stops before them (include_stop: with them)."""
+        may contain them freely); the text shown stops before them (include_stop: with them).
+        include_reasoning: False leaves the analysis channel out of what the client sees (it is still parsed)."""
         self.index, self.tokenizer, self.want_logprobs = index, tokenizer, logprobs
+        self.include_reasoning = include_reasoning
         # final-channel text that might begin a stop string waits in here until the next text tells
         self.final_text = StopStringMatcher(stop, include_stop=include_stop)
         self.shown = ""  # final-channel text shown so far
@@ -73,6 +76,8 @@ class ChatChoice:
             if self.stopped:
                 break
             if d.kind == "reasoning":  # under vLLM's current name and its older one, for older clients
+                if not self.include_reasoning:
+                    continue
                 delta["reasoning"] = delta.get("reasoning", "") + d.text
                 delta["reasoning_content"] = delta["reasoning"]
             elif d.kind == "content":
@@ -96,8 +101,9 @@ class ChatChoice:
         """The whole choice, for a non-streaming response."""
         result = self.parser.finish()
         content = self.shown if self.final_text.stop and result.content is not None else result.content
-        message: dict = {"role": "assistant", "content": content, "reasoning": result.reasoning_content,
-                         "reasoning_content": result.reasoning_content}
+        message: dict = {"role": "assistant", "content": content}
+        if self.include_reasoning:
+            message |= {"reasoning": result.reasoning_content, "reasoning_content": result.reasoning_content}
         if result.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments}}
@@ -105,6 +111,30 @@ class ChatChoice:
         return {"index": self.index, "message": message,
                 "logprobs": {"content": self.logprobs} if self.want_logprobs else None,
                 "finish_reason": self.finish_reason}
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-character table (HF's ByteLevel): printable bytes stand for themselves, the rest (space,
+    control bytes, ...) for characters from U+0100 on; a space is `Ġ`, a newline `Ċ`."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return [table[byte] for byte in range(256)]
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_strings(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each token as HF's gpt-oss tokenizer names it (vLLM's `token_strs`, its convert_ids_to_tokens): its bytes in
+    GPT-2's byte-level alphabet, so that every token has a string even where it holds part of a character; special
+    tokens by their name (`<|start|>`). The ids are known to be in the vocabulary."""
+    return ["".join(_BYTE_LEVEL[b] for b in piece) for piece in tokenizer.encoding.decode_tokens_bytes(ids)]
 
 
 def chat_logprob(tokenizer: Tokenizer, lp: TokenLogprobs) -> dict:

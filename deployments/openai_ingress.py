@@ -2,24 +2,29 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health, and
 the Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items:
-deployments/responses/api.py); HEAD on every GET route (GET's status and headers, no body).
+deployments/responses/api.py); vLLM's POST /tokenize, POST /detokenize and GET /version, which need no engine;
+HEAD on every GET route (GET's status and headers, no body).
 Every error is in OpenAI's shape; a client that disconnects cancels its requests all the way to the engine.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import logging
 import re
 import time
 import uuid
 import weakref
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from openai_harmony import Message, Role
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptoss_serve.cluster.constraints import completion_constraint, harmony_constraint
@@ -27,10 +32,12 @@ from gptoss_serve.cluster.engine_protocol import EngineRequest, StreamItem
 from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.deployments.admission import Admission, ChoiceStream, raise_if_error
 from gptoss_serve.deployments.args import AppArgs
-from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, usage
+from gptoss_serve.deployments.completion_bodies import ChatChoice, CompletionChoice, token_strings, usage
 from gptoss_serve.deployments.http_guards import ApiKeys, BodyLimit
 from gptoss_serve.deployments.off_loop import QUICK_CHARS, check_prompt_size, message_texts, off_loop_if
-from gptoss_serve.deployments.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from gptoss_serve.deployments.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                               DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest,
+                                               TokenizeResponse, VersionResponse)
 from gptoss_serve.deployments.responses.api import ResponsesAPI
 from gptoss_serve.deployments.responses.store import open_response_store
 from gptoss_serve.model import harmony
@@ -65,8 +72,8 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     async def internal(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(APIError(500, "internal error").body(), status_code=500)
 
-    def get(path: str, endpoint) -> None:  # HEAD answers as GET does, without the body (HeadWithoutBody)
-        app.add_api_route(path, endpoint, methods=["GET"])
+    def get(path: str, endpoint, **kwargs) -> None:  # HEAD answers as GET does, without the body (HeadWithoutBody)
+        app.add_api_route(path, endpoint, methods=["GET"], **kwargs)
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     get("/health", server.health)
@@ -78,6 +85,10 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     get("/v1/responses/{response_id}", server.responses.retrieve)
     app.add_api_route("/v1/responses/{response_id}", server.responses.delete, methods=["DELETE"])
     get("/v1/responses/{response_id}/input_items", server.responses.input_items)
+    # vLLM's, at its paths (outside /v1)
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"], response_model=TokenizeResponse)
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"], response_model=DetokenizeResponse)
+    get("/version", server.version, response_model=VersionResponse)
     app.add_middleware(BodyLimit, max_bytes=server.args.max_request_bytes,
                        read_timeout_s=server.args.body_read_timeout_s,
                        max_awaiting_body=server.args.max_requests_awaiting_body)
@@ -116,11 +127,20 @@ ERRORS = {400: "invalid request (the message names the field)", 401: "missing or
           429: "at capacity; retry after Retry-After seconds", 503: "the engine or its experts failed; retry"}
 
 
+TOKENIZE_FORMS = (TokenizeCompletionRequest, TokenizeChatRequest)
+
+
 def openapi_document(app: FastAPI) -> dict:
-    """FastAPI's document, told the truth: errors are 4xx/5xx in OpenAI's shape (never FastAPI's 422), and the
-    completion routes stream text/event-stream when asked to."""
+    """FastAPI's document, told the truth: errors are 4xx/5xx in OpenAI's shape (never FastAPI's 422), the
+    completion routes stream text/event-stream when asked to, and /tokenize takes either of its two bodies."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version="1", routes=app.routes)
+        if "/tokenize" in document.get("paths", {}):  # the route reads a JSON object and picks its form itself
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for form in TOKENIZE_FORMS:
+                schemas[form.__name__] = form.model_json_schema(ref_template="#/components/schemas/{model}")
+            body = document["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]
+            body["schema"] = {"anyOf": [{"$ref": f"#/components/schemas/{form.__name__}"} for form in TOKENIZE_FORMS]}
         for path, methods in document.get("paths", {}).items():
             for operation in methods.values():
                 responses = operation.setdefault("responses", {})
@@ -165,6 +185,10 @@ class OpenAIIngress:
         self.args = args
         self.admission = Admission(router, args)
         self.tokenizer = load_tokenizer()
+        # /tokenize's max_model_len: the ingress's limit on prompts, or the engine's on prompt and output together
+        # where it is set and smaller (one the engine only finds at start, from the model and its KV cache, is
+        # unknown here: that engine still refuses past it)
+        self.max_model_len = min(args.max_prompt_tokens, args.engine.max_model_len or args.max_prompt_tokens)
         # POST /v1/responses shares this ingress's router, slots and checks (deployments/responses/api.py)
         self.responses = ResponsesAPI(self.admission, open_response_store(
             max_entries=args.response_store_max_entries, max_bytes=args.response_store_max_bytes,
@@ -193,19 +217,14 @@ class OpenAIIngress:
         self.admission.check_model(body.model)
         self.admission.check_limits(stops=body.stop_strings, tools=body.tools, stop_token_ids=body.stop_token_ids,
                                     formats={"response_format": body.response_format})
-        # a prompt that cannot fit is refused before it is rendered; a long one renders on a thread (its long texts are
-        # encoded by tiktoken, which lets go of the GIL)
-        texts = message_texts(body.messages)
-        await check_prompt_size(texts, self.args.max_prompt_tokens, "messages")
+        prompt = await self._render_chat(body.messages, body.reasoning_effort, body.tools)
         try:
-            prompt = await off_loop_if(sum(map(len, texts)) > QUICK_CHARS, functools.partial(
-                harmony.render_chat, body.messages, reasoning_effort=body.reasoning_effort, tools=body.tools))
             constraint = await off_loop_if(bool(body.response_format or body.tools), harmony_constraint,
                                            body.response_format, body.tools, body.tool_choice)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        self.admission.check_prompt_length([prompt], "messages")
-        choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs, stop=body.stop_strings) for i in range(body.n)]
+        choices = [ChatChoice(i, self.tokenizer, logprobs=body.logprobs, stop=body.stop_strings,
+                              include_reasoning=body.include_reasoning) for i in range(body.n)]
         return await self._respond(body, [prompt], choices, "chat.completion", body.output_limit, body.num_logprobs,
                                    constraint)
 
@@ -217,16 +236,7 @@ class OpenAIIngress:
             constraint = await off_loop_if(bool(body.response_format), completion_constraint, body.response_format)
         except ValueError as e:
             raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):  # a long one is counted first (refused early), and encoded on a thread
-                await check_prompt_size([p], self.args.max_prompt_tokens, "prompt")
-                try:
-                    check_whitespace_runs(p, "prompt")
-                except ValueError as e:
-                    raise APIError(400, str(e), param="prompt") from None
-                p = await off_loop_if(len(p) > QUICK_CHARS, self.tokenizer.encode, p)
-            prompts.append(p)
+        prompts = [await self._encode_text(p) if isinstance(p, str) else p for p in body.prompts()]
         self.admission.check_prompt_length(prompts, "prompt")
         vocab = self.tokenizer.vocab_size
         if any(not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids) for ids in prompts):
@@ -237,7 +247,89 @@ class OpenAIIngress:
         return await self._respond(body, prompts, choices, "text_completion", body.max_tokens, body.logprobs,
                                    constraint)
 
+    # ---- vLLM's extras: no engine, no slot -------------------------------------------------------------------
+    async def tokenize(self, body: dict[str, Any]) -> dict:
+        """vLLM's /tokenize. A `prompt`: its ids as /v1/completions sends them to the engine. `messages`: the prompt
+        /v1/chat/completions renders for the same messages, tools and reasoning_effort; with add_generation_prompt
+        false, less its closing `<|start|>assistant`; with continue_final_message, the earlier messages' prompt and
+        then the last (assistant) message as the model would have written it, left open. The checks of those
+        routes, a prompt's length included."""
+        request = tokenize_request(body)
+        self._check_model(request.model)
+        if isinstance(request, TokenizeCompletionRequest):
+            ids = await self._encode_text(request.prompt)
+            self.admission.check_prompt_length([ids], "prompt")
+        else:
+            ids = await self._tokenize_chat(request)
+        strs = None
+        if request.return_token_strs:
+            strs = await off_loop_if(len(ids) > QUICK_CHARS, token_strings, self.tokenizer, ids)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: the text of token ids of the vocabulary (special tokens by name; a character cut
+        between ids comes out as U+FFFD)."""
+        self._check_model(body.model)
+        vocab = self.tokenizer.vocab_size
+        if body.tokens and not (min(body.tokens) >= 0 and max(body.tokens) < vocab):
+            raise APIError(400, f"tokens: token ids must be in [0, {vocab})", param="tokens")
+        # decoding is quick, but a body may hold millions of ids
+        return {"prompt": await off_loop_if(len(body.tokens) > QUICK_CHARS, self.tokenizer.decode, body.tokens)}
+
+    async def version(self) -> dict:
+        """vLLM's /version: this server's package version."""
+        return {"version": PACKAGE_VERSION}
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None:  # vLLM's tokenizer routes may leave it out: the served model
+            self.admission.check_model(model)
+
+    async def _tokenize_chat(self, request: TokenizeChatRequest) -> list[int]:
+        self.admission.check_limits(tools=request.tools)
+        messages = request.messages
+        if not request.continue_final_message:
+            ids = await self._render_chat(messages, request.reasoning_effort, request.tools)
+            if not request.add_generation_prompt:  # the chat route's prompt less the assistant's header
+                header = generation_prompt()
+                assert ids[-len(header):] == header, "harmony's prompt for a chat ends with the assistant's header"
+                ids = ids[:-len(header)]
+            return ids
+        # the chat route's prompt for the earlier messages, then the last one as the model would have written it
+        *history, last = messages
+        where = f"messages[{len(history)}]"
+        texts = continued_texts(last, where)
+        await check_prompt_size([t for t in texts if t], self.args.max_prompt_tokens, "messages")
+        ids = await self._render_chat(history, request.reasoning_effort, request.tools)
+        ids += await off_loop_if(sum(len(t or "") for t in texts) > QUICK_CHARS, continuation, *texts)
+        self.admission.check_prompt_length([ids], "messages")
+        return ids
+
     # ---- plumbing -----------------------------------------------------------------------------------------------
+    async def _render_chat(self, messages: list, reasoning_effort: str, tools: list | None) -> list[int]:
+        """The chat route's prompt (its /tokenize too): 400 naming the field for what harmony cannot render, or a
+        prompt longer than the server takes."""
+        # a prompt that cannot fit is refused before it is rendered; a long one renders on a thread (its long texts are
+        # encoded by tiktoken, which lets go of the GIL)
+        texts = message_texts(messages)
+        await check_prompt_size(texts, self.args.max_prompt_tokens, "messages")
+        try:
+            prompt = await off_loop_if(sum(map(len, texts)) > QUICK_CHARS, functools.partial(
+                harmony.render_chat, messages, reasoning_effort=reasoning_effort, tools=tools))
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+        self.admission.check_prompt_length([prompt], "messages")
+        return prompt
+
+    async def _encode_text(self, text: str) -> list[int]:
+        """A text prompt's ids, as /v1/completions sends them (and its /tokenize): special-token text stays text,
+        nothing is added. A long one is counted first (refused early), and encoded on a thread."""
+        await check_prompt_size([text], self.args.max_prompt_tokens, "prompt")
+        try:
+            check_whitespace_runs(text, "prompt")
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        return await off_loop_if(len(text) > QUICK_CHARS, self.tokenizer.encode, text)
+
     async def _respond(self, body, prompts: list[list[int]], choices: list, kind: str, max_tokens, logprobs,
                        structured_output: StructuredOutput | None = None):
         base = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -317,3 +409,75 @@ class OpenAIIngress:
 
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("gptoss-serve")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed: no metadata
+        return "0+unknown"
+
+
+PACKAGE_VERSION = _package_version()
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """/tokenize's body in its form: a chat when it has `messages`, else a text. Picked here rather than by a
+    pydantic union, whose errors would name the form before the field (`TokenizeChatRequest.messages`)."""
+    if "messages" in body and "prompt" in body:
+        raise APIError(400, "prompt: give either prompt (a text) or messages (a chat), not both", param="prompt")
+    try:
+        return (TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest).model_validate(body)
+    except ValidationError as e:  # a 400 naming the field, as for every other body
+        raise validation_error(RequestValidationError(e.errors())) from None
+
+
+@functools.cache
+def generation_prompt() -> list[int]:
+    """What harmony's prompt for a chat ends with: the header of the assistant's turn the model is to write,
+    `<|start|>assistant`."""
+    return load_tokenizer().encode("<|start|>assistant", allow_special=True)
+
+
+@functools.cache
+def _channel_header(channel: str) -> list[int]:
+    """`<|channel|>{channel}<|message|>` as harmony renders it in an assistant message."""
+    message = Message.from_role_and_content(Role.ASSISTANT, "").with_channel(channel)
+    ids = harmony.load_encoding().render(message)  # <|start|>assistant ... <|message|><|end|>
+    return ids[len(generation_prompt()):-1]
+
+
+def continued_texts(message: Any, where: str) -> tuple[str | None, str | None]:
+    """(reasoning, content) of the message /tokenize's continue_final_message leaves open: an assistant message
+    without tool calls (a call is a whole message, not one to go on with). 400 naming the field otherwise."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        raise APIError(400, f"continue_final_message: the last message ({where}) must be an assistant message",
+                       param="continue_final_message")
+    if message.get("tool_calls"):
+        raise APIError(400, f"continue_final_message: the last message ({where}) has tool_calls; only its reasoning "
+                            "or content can be continued", param="continue_final_message")
+    try:
+        # read as the chat route reads an assistant message (text or text parts, the same checks)
+        reasoning = harmony._text(message.get("reasoning_content", message.get("reasoning")),
+                                  f"{where}.reasoning_content", allow_none=True)
+        content = harmony._text(message.get("content"), f"{where}.content", allow_none=True)
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
+    if reasoning is None and content is None:
+        raise APIError(400, f"{where}.content: the message to continue needs content or reasoning_content",
+                       param=f"{where}.content")
+    return reasoning, content
+
+
+def continuation(reasoning: str | None, content: str | None) -> list[int]:
+    """What gpt-oss writes after the prompt's `<|start|>assistant` to have said this much: its reasoning on the
+    analysis channel (closed, as the model closes it before answering), then its content on the final channel, the
+    last of them left open (no `<|end|>`). Texts are encoded as harmony encodes message content."""
+    encode = load_tokenizer().encode
+    ids = []
+    if reasoning is not None:
+        ids += _channel_header("analysis") + encode(reasoning)
+        if content is None:
+            return ids
+        ids += [load_tokenizer().end_token_id, *generation_prompt()]
+    return ids + _channel_header("final") + encode(content)

@@ -1,4 +1,5 @@
-"""OpenAI API request bodies (chat completions, completions) and errors in OpenAI's shape."""
+"""OpenAI API request bodies (chat completions, completions), vLLM's /tokenize and /detokenize bodies, and errors in
+OpenAI's shape."""
 
 from __future__ import annotations
 
@@ -176,6 +177,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # checked with response_format (cluster.constraints)
     reasoning_effort: Literal["low", "medium", "high"] = "medium"
+    # vLLM's: false leaves the reasoning (harmony's analysis channel) out of the answer; the model still reasons
+    include_reasoning: bool = True
     # harmony ends a turn at its one tool call: calls are never parallel, whatever this says
     parallel_tool_calls: bool | None = None
     # OpenAI's, not supported: accepted at their no-op value only
@@ -255,3 +258,70 @@ def check_tools(tools: list[dict[str, Any]] | None) -> None:
         if not isinstance(parameters.get("properties", {}), dict) or not all(
                 isinstance(v, dict) for v in parameters.get("properties", {}).values()):
             raise ValueError(f"{where}.function.parameters.properties: must map names to schema objects")
+
+
+# ---- vLLM's /tokenize and /detokenize (no engine involved) ----------------------------------------------------------
+
+class TokenizeCompletionRequest(CheckedBody):
+    """POST /tokenize with a text: its ids as /v1/completions would send them to the engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="the served model's name; left out, the served model")
+    prompt: str
+    # o200k_harmony has no BOS and /v1/completions adds nothing to a text: taken either way, it adds nothing
+    add_special_tokens: bool = Field(True, description="taken for vLLM's sake: gpt-oss's tokenizer adds no special "
+                                                       "token to a text, so nothing changes")
+    return_token_strs: bool | None = Field(False, description="also return each token as a string")
+
+
+class TokenizeChatRequest(CheckedBody):
+    """POST /tokenize with a chat: the prompt ids /v1/chat/completions renders for the same fields (harmony)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="the served model's name; left out, the served model")
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="end with the header of the assistant's turn "
+                                                          "(`<|start|>assistant`), as the chat route does")
+    continue_final_message: bool = Field(False, description="leave the last message, an assistant one, open for "
+                                                            "the model to go on with (not with add_generation_prompt)")
+    add_special_tokens: bool = Field(False, description="taken for vLLM's sake: harmony's special tokens are part of "
+                                                        "the format and there is no BOS, so nothing changes")
+    return_token_strs: bool | None = Field(False, description="also return each token as a string")
+    # the chat route's fields that change its rendering
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] = "medium"
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizeChatRequest:
+        # vLLM's rule; left out, add_generation_prompt gives way to continue_final_message
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise ValueError("continue_final_message: cannot be true together with add_generation_prompt: true "
+                                 "(an open last message is not followed by a new turn)")
+            self.add_generation_prompt = False
+        check_tools(self.tools)
+        return self
+
+
+class DetokenizeRequest(CheckedBody):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="the served model's name; left out, the served model")
+    tokens: list[Int]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="the longest prompt this server takes, in tokens")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -1,7 +1,8 @@
 """Random requests against the ingress (in-process, a stand-in engine that answers): whatever a client sends, the
 answer is a well-formed 2xx or 4xx, never a 5xx, never slow, and the app serves normally afterwards.
 
-Bodies are drawn by hypothesis: every field the endpoints know (chat, completions, Responses), each either a
+Bodies are drawn by hypothesis: every field the endpoints know (chat, completions, Responses, vLLM's /tokenize in
+both its forms and /detokenize), each either a
 plausible value or any JSON value at all, plus unknown fields, and sometimes no JSON object at all. Text anywhere
 (keys too) may hold a lone surrogate, any value may be nested hundreds of levels deep, and the schemas of
 response_format, text.format and tools include ones no request could follow ($ref cycles, patterns past
@@ -117,7 +118,8 @@ GOOD_TOOLS = st.lists(st.fixed_dictionaries({"type": st.just("function"), "funct
      "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE})}), min_size=1, max_size=1)
 GOOD_CHAT = st.fixed_dictionaries({"model": st.just("gpt-oss"), "messages": st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "user", "system"]), "content": st.text(max_size=40)}), min_size=1, max_size=2)},
-    optional={**GOOD, "tools": GOOD_TOOLS, "tool_choice": st.sampled_from(["auto", "required", "none"])})
+    optional={**GOOD, "tools": GOOD_TOOLS, "tool_choice": st.sampled_from(["auto", "required", "none"]),
+              "include_reasoning": st.booleans()})
 GOOD_COMPLETION = st.fixed_dictionaries({"model": st.just("gpt-oss"), "prompt": st.text(min_size=1, max_size=40)
                                          | st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=2)},
                                         optional=GOOD)
@@ -128,6 +130,7 @@ CHAT = ({**MODEL, "messages": field(st.lists(MESSAGE, min_size=1, max_size=3))},
          "parallel_tool_calls": field(st.booleans()),
          "top_logprobs": field(st.integers(-1, 25)),
          "reasoning_effort": field(st.sampled_from(["low", "high", "max"])),
+         "include_reasoning": field(st.booleans()),
          "max_completion_tokens": field(st.integers(-1, 8))})
 COMPLETION = ({**MODEL, "prompt": field(text(min_size=1, max_size=40) | st.lists(st.integers(-3, 300_000),
                                                                                   max_size=5)
@@ -169,6 +172,35 @@ GOOD_RESPONSE = st.fixed_dictionaries(
                                                        "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE}),
                                 min_size=1, max_size=1),
               "tool_choice": st.sampled_from(["auto", "required"])})
+
+
+# vLLM's /tokenize (a text, or a chat rendered as the chat route renders it) and /detokenize; `model` may be left out
+TOKEN_STRS = {"add_special_tokens": field(st.booleans()), "return_token_strs": field(st.booleans() | st.none())}
+TOKENIZE_TEXT = ({"prompt": field(text(max_size=40))}, {**MODEL, **TOKEN_STRS})
+ASSISTANT = st.fixed_dictionaries({"role": st.just("assistant")}, optional={
+    "content": field(text(max_size=20) | st.none()), "reasoning_content": field(text(max_size=20)),
+    "tool_calls": field(st.lists(st.fixed_dictionaries({"id": st.just("c1"), "type": st.just("function"), "function": (
+        st.fixed_dictionaries({"name": st.sampled_from(["f", "bad name"]), "arguments": text(max_size=10)}))}),
+        max_size=1))})
+TOKENIZE_CHAT = ({"messages": field(st.lists(MESSAGE | ASSISTANT, min_size=1, max_size=3))},
+                 {**MODEL, **TOKEN_STRS, "add_generation_prompt": field(st.booleans()),
+                  "continue_final_message": field(st.booleans()), "tools": field(st.lists(TOOL, max_size=2)),
+                  "reasoning_effort": field(st.sampled_from(["low", "high", "max"]))})
+GOOD_TOKENIZE_TEXT = st.fixed_dictionaries({"prompt": st.text(max_size=40)}, optional={
+    "model": st.just("gpt-oss"), "add_special_tokens": st.booleans(), "return_token_strs": st.booleans()})
+GOOD_ASSISTANT = st.fixed_dictionaries({"role": st.just("assistant")}, optional={
+    "content": st.text(max_size=20), "reasoning_content": st.text(max_size=20)}).filter(lambda m: len(m) > 1)
+GOOD_TOKENIZE_CHAT = st.builds(
+    lambda body, last, ending: {**body, "messages": body["messages"] + ([last] if ending else []), **(
+        {"continue_final_message": True, "add_generation_prompt": False} if ending == "continue" else {})},
+    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system"]), "content": st.text(max_size=40)}), min_size=1, max_size=2)},
+        optional={"model": st.just("gpt-oss"), "add_generation_prompt": st.booleans(), "tools": GOOD_TOOLS,
+                  "reasoning_effort": st.sampled_from(["low", "high"]), "return_token_strs": st.booleans()}),
+    GOOD_ASSISTANT, st.sampled_from([None, "closed", "continue"]))
+DETOKENIZE = ({"tokens": field(st.lists(st.integers(-3, 202_000), max_size=8))}, MODEL)
+GOOD_DETOKENIZE = st.fixed_dictionaries({"tokens": st.lists(st.integers(0, 201_087), max_size=20)},
+                                        optional={"model": st.just("gpt-oss")})
 
 
 def _places(value, found: list) -> list:
@@ -287,10 +319,11 @@ def client():
     http = httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
     seen: dict[int, int] = {}
 
-    def send(path: str, body) -> httpx.Response:
+    def send(path: str, body, method: str = "POST") -> httpx.Response:
         start = time.monotonic()
-        response = loop.run_until_complete(http.post(path, content=json.dumps(body).encode(),
-                                                     headers={"content-type": "application/json"}))
+        content = None if method == "GET" else json.dumps(body).encode()
+        response = loop.run_until_complete(http.request(method, path, content=content,
+                                                        headers={"content-type": "application/json"}))
         assert time.monotonic() - start < 30
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         return response
@@ -340,10 +373,46 @@ def test_responses_fuzz(client, body):
     check(send("/v1/responses", body))
 
 
+def check_tokenizer_route(response: httpx.Response) -> None:
+    """A 4xx in OpenAI's shape, or vLLM's answer: /tokenize's count of ids (and as many strings), /detokenize's text."""
+    assert response.status_code < 500, (response.status_code, response.text)
+    body = response.json()
+    if response.status_code >= 400:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    elif "prompt" in body:
+        assert set(body) == {"prompt"} and isinstance(body["prompt"], str)
+    else:
+        assert set(body) == {"count", "max_model_len", "tokens", "token_strs"} and body["count"] == len(body["tokens"])
+        assert body["token_strs"] is None or len(body["token_strs"]) == body["count"]
+
+
+@FUZZ
+@given(body=bodies(TOKENIZE_TEXT, GOOD_TOKENIZE_TEXT))
+def test_tokenize_text_fuzz(client, body):
+    send, _ = client
+    check_tokenizer_route(send("/tokenize", body))
+
+
+@FUZZ
+@given(body=bodies(TOKENIZE_CHAT, GOOD_TOKENIZE_CHAT))
+def test_tokenize_chat_fuzz(client, body):
+    send, _ = client
+    check_tokenizer_route(send("/tokenize", body))
+
+
+@FUZZ
+@given(body=bodies(DETOKENIZE, GOOD_DETOKENIZE))
+def test_detokenize_fuzz(client, body):
+    send, _ = client
+    check_tokenizer_route(send("/detokenize", body))
+
+
 def test_the_app_still_serves_after_the_fuzz(client):
     send, seen = client
     ok = send("/v1/completions", {"model": "gpt-oss", "prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    assert send("/tokenize", {"prompt": "hi"}).json()["count"] == 1
+    assert send("/version", None, "GET").json()["version"]
     # the fuzz reached the engine often and was refused often; nothing failed on the server's side
     assert seen.get(200, 0) >= 20 and sum(n for s, n in seen.items() if 400 <= s < 500) > 500
     assert not any(s >= 500 for s in seen)
