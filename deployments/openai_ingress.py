@@ -84,6 +84,8 @@ def build_fastapi_app(server: OpenAIIngress) -> FastAPI:
     app.add_api_route("/v1/responses", server.responses.create, methods=["POST"])
     get("/v1/responses/{response_id}", server.responses.retrieve)
     app.add_api_route("/v1/responses/{response_id}", server.responses.delete, methods=["DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/cancel", server.responses.cancel, methods=["POST"])
+    app.router.on_shutdown.append(server.responses.shutdown)  # running background responses end as failed
     get("/v1/responses/{response_id}/input_items", server.responses.input_items)
     # vLLM's, at its paths (outside /v1)
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"], response_model=TokenizeResponse)

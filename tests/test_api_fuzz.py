@@ -15,6 +15,7 @@ import json
 import random
 import re
 import time
+from urllib.parse import quote, urlencode
 
 import httpx
 import numpy as np
@@ -158,7 +159,8 @@ RESPONSES = ({**MODEL, "input": field(text(min_size=1, max_size=40) | st.lists(I
               "max_output_tokens": field(st.integers(-1, 8)), "temperature": field(st.floats(-0.5, 2.5)),
               "top_p": field(st.floats(-0.2, 1.2)), "stream": field(st.booleans()), "store": field(st.booleans()),
               "reasoning": field(st.fixed_dictionaries({"effort": st.sampled_from(["low", "high", "minimal"])})),
-              "previous_response_id": field(st.just("resp_none")), "parallel_tool_calls": field(st.booleans())})
+              "previous_response_id": field(st.just("resp_none")), "parallel_tool_calls": field(st.booleans()),
+              "background": field(st.booleans())})
 GOOD_RESPONSE = st.fixed_dictionaries(
     {"model": st.just("gpt-oss"), "input": st.text(min_size=1, max_size=40) | st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "developer"]), "content": st.text(max_size=30)}), min_size=1, max_size=2)},
@@ -171,7 +173,7 @@ GOOD_RESPONSE = st.fixed_dictionaries(
                                                        "description": st.text(max_size=20),
                                                        "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE}),
                                 min_size=1, max_size=1),
-              "tool_choice": st.sampled_from(["auto", "required"])})
+              "tool_choice": st.sampled_from(["auto", "required"]), "background": st.booleans()})
 
 
 # vLLM's /tokenize (a text, or a chat rendered as the chat route renders it) and /detokenize; `model` may be left out
@@ -405,6 +407,38 @@ def test_tokenize_chat_fuzz(client, body):
 def test_detokenize_fuzz(client, body):
     send, _ = client
     check_tokenizer_route(send("/detokenize", body))
+
+
+# the routes of one stored response: an id (a real one, of a background response just started, or anything at all, lone
+# surrogates included, sent as their UTF-8 bytes) and query parameters (OpenAI's, any value)
+ROUTES = [("POST", "/cancel"), ("GET", ""), ("DELETE", ""), ("GET", "/input_items")]
+QUERY = st.dictionaries(st.sampled_from(["stream", "starting_after", "include", "limit", "order", "after", "x"]),
+                        text(max_size=6) | st.sampled_from(["true", "false", "1", "-1", "asc"]), max_size=3)
+
+
+def check_route(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text)
+    if 300 <= response.status_code < 400:  # /v1/responses/ (no id): redirected to /v1/responses, as FastAPI does
+        return
+    body = response.json()
+    if response.status_code >= 400:
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    else:
+        assert body["object"] in ("response", "list")
+
+
+@FUZZ
+@given(route=st.sampled_from(ROUTES), known=st.booleans(), response_id=text(max_size=20), query=QUERY)
+def test_response_routes_fuzz(client, route, known, response_id, query):
+    send, _ = client
+    if known:
+        started = send("/v1/responses", {"model": "gpt-oss", "input": "hi", "background": True})
+        assert started.status_code in (200, 429), started.text
+        response_id = started.json()["id"] if started.status_code == 200 else response_id
+    method, suffix = route
+    raw = {k: v.encode("utf-8", "surrogatepass") for k, v in query.items()}
+    path = f"/v1/responses/{quote(response_id.encode('utf-8', 'surrogatepass'), safe='')}{suffix}?{urlencode(raw)}"
+    check_route(send(path, None, method))
 
 
 def test_the_app_still_serves_after_the_fuzz(client):

@@ -264,7 +264,7 @@ def test_text_format_and_tool_choice_reach_the_engine_as_a_grammar():
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "web_search"}]}, "tools"),
     ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),  # a background response must be stored
     ({"conversation": "conv_1"}, "conversation"),
     ({"truncation": "auto"}, "truncation"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),

@@ -213,7 +213,7 @@ def test_store_false_and_unknown_ids_are_404(apps):
 
 @pytest.mark.parametrize("extra, param", [
     ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),  # a background response must be stored
     ({"unknown_field": 1}, "unknown_field"),
 ])
 def test_unsupported_fields_are_400s_naming_them(apps, extra, param):

@@ -1,7 +1,8 @@
 """The request body of POST /v1/responses, checked field by field; what this server cannot honour is a 400.
 
-Unknown fields are refused (extra="forbid"), and so are OpenAI's fields in any value but their "off" one (background,
-truncation, include): a client must not believe it got something it did not. Input items are normalized here into the
+Unknown fields are refused (extra="forbid"), and so are OpenAI's fields in any value but their "off" one (truncation,
+include): a client must not believe it got something it did not. `background: true` runs the response in the
+background (api.py); it must be stored, as OpenAI requires. Input items are normalized here into the
 conversation items the rest of the code works with (responses_conversation.py).
 """
 
@@ -77,8 +78,8 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
     store: bool | None = True
     metadata: dict[str, str] | None = None
     user: str | None = Field(None, max_length=MAX_USER_CHARS)
-    # OpenAI fields this server takes only in their "off" value
     background: bool | None = None
+    # OpenAI fields this server takes only in their "off" value
     truncation: Literal["disabled"] | None = None
     include: list[str] | None = None
 
@@ -86,8 +87,8 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
 
     @model_validator(mode="after")
     def _check(self) -> ResponsesRequest:
-        if self.background:
-            raise ValueError("background: background responses are not supported; send background: false")
+        if self.background and self.store is False:  # it is polled from the store: nothing to poll otherwise
+            raise ValueError("background: a background response must be stored; leave store out or send store: true")
         if self.include:
             raise ValueError(f"include: {self.include[0]!r} is not available here (this server adds nothing to a "
                              "response on request); leave include out")
@@ -130,7 +131,7 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
                 "store": self.store is not False, "temperature": 1.0 if self.temperature is None else self.temperature,
                 "text": {"format": self.format.echo()}, "tool_choice": self.tool_choice or "auto", "tools": tools,
                 "top_p": 1.0 if self.top_p is None else self.top_p, "truncation": "disabled", "user": self.user,
-                "background": False}
+                "background": bool(self.background)}
 
 
 def check_function_tools(tools: list[dict[str, Any]]) -> None:

@@ -15,6 +15,12 @@ An entry is kept serialized, each part (`response`, `conversation`, `input_items
 bytes the bounds count are the bytes the store holds (Python objects of the same JSON take several times more), and
 GET hands the stored `response` bytes to the HTTP response as they are: the ingress encodes a response once, when it
 stores it, and decodes only the part a request needs.
+
+Background responses (api.py) are stored when they start, `in_progress` (their response and input items, no
+conversation yet), and replaced by their end. The store is where a running one's fate is decided, so that every
+replica agrees: `cancel` marks it `cancelled` at once (whichever replica is asked), and its end is then refused;
+the replica running it learns of the cancel at its next `poll` (one call for all its running responses), which also
+renews their lease: one whose replica stopped polling for `lease_s` (it died) is marked `failed` when next read.
 """
 
 from __future__ import annotations
@@ -28,9 +34,13 @@ from typing import Any
 
 STORE_NAMESPACE = "gptoss_serve"
 # the actor's name carries its format: a store made by an earlier version (Python objects, no get_raw) is not reused
-STORE_FORMAT = "v2"
+STORE_FORMAT = "v3"  # v3: background responses (update, cancel, poll)
 
 Parts = dict[str, bytes]  # an entry as stored: each part's compact JSON
+# a replica polls every ~0.1 s while it runs background responses: silent this long, it is taken for dead
+LEASE_S = 30.0
+REPLICA_GONE = {"code": "server_error", "message": "the server replica running this background response stopped "
+                                                   "before it ended"}
 
 
 def store_name(app_name: str) -> str:
@@ -53,10 +63,12 @@ def decode_parts(parts: Parts) -> dict[str, Any]:
 
 class ResponseStore:
     def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float, max_entry_bytes: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+                 clock: Callable[[], float] = time.monotonic, lease_s: float = LEASE_S) -> None:
+        self.clock, self.lease_s = clock, lease_s
         self.entries: OrderedDict[str, tuple[float, int, Parts]] = OrderedDict()  # id -> (stored at, bytes, parts)
         self.num_bytes = 0
+        self.running: dict[str, float] = {}  # background responses still generating -> their replica's last poll
+        self.stopped: set[str] = set()  # running ones cancelled (or given up) here, whose replica has not ended them
         self.configure(max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s, max_entry_bytes=max_entry_bytes)
 
     def configure(self, *, max_entries: int, max_bytes: int, ttl_s: float, max_entry_bytes: int | None = None) -> None:
@@ -64,9 +76,10 @@ class ResponseStore:
         self.max_entry_bytes = max_bytes if max_entry_bytes is None else min(max_entry_bytes, max_bytes)
         self._evict()
 
-    def put(self, key: str, entry: dict[str, Any]) -> bool:
+    def put(self, key: str, entry: dict[str, Any], running: bool = False) -> bool:
         """Stores (or replaces) an entry, given as its parts (JSON values, or their JSON as bytes); False when it is
-        larger than max_entry_bytes (it is not stored, and an entry stored before under the key is gone)."""
+        larger than max_entry_bytes (it is not stored, and an entry stored before under the key is gone).
+        running: a background response starting (its lease starts now)."""
         parts = encode_entry(entry)
         size = entry_size(parts)
         self.delete(key)
@@ -74,16 +87,57 @@ class ResponseStore:
             return False
         self.entries[key] = (self.clock(), size, parts)
         self.num_bytes += size
+        if running:
+            self.running[key] = self.clock()
         self._evict()
         return True
 
-    def get_raw(self, key: str, parts: Iterable[str] | None = None) -> Parts | None:
-        """The entry's parts (all, or those named) as stored: JSON bytes."""
+    def update(self, key: str, entry: dict[str, Any]) -> str:
+        """A background response's end, replacing its running entry -> "stored"; or refused: "stopped" (it was
+        cancelled, or its lease lapsed), "gone" (deleted, evicted, or the store restarted), "too_large" (past
+        max_entry_bytes: the running entry stays, for a smaller end)."""
+        self._expire(key)
+        if key not in self.running:
+            outcome = "stopped" if key in self.stopped else "gone"
+            self.stopped.discard(key)  # its replica knows now
+            return outcome
+        parts = encode_entry(entry)
+        if entry_size(parts) > self.max_entry_bytes:
+            return "too_large"
+        self.put(key, parts)
+        return "stored"
+
+    def cancel(self, key: str) -> bytes | None:
+        """The stored response after a cancel (None: no such entry): a running background response says
+        `cancelled` from now on, and its replica is told at its next poll; any other is returned unchanged."""
         self._evict()
+        self._expire(key)
+        if key not in self.entries:
+            return None
+        if key in self.running:
+            self._stop(key, status="cancelled")
+        return self.entries[key][2]["response"]
+
+    def poll(self, keys: Iterable[str]) -> list[str]:
+        """A replica's running background responses: renews their leases -> those it must stop (cancelled, or
+        given up for a lapsed lease)."""
+        now, stop = self.clock(), []
+        for key in keys:
+            self._expire(key)
+            if key in self.running:
+                self.running[key] = now
+            elif key in self.stopped:
+                stop.append(key)
+        return stop
+
+    def get_raw(self, key: str, parts: Iterable[str] | None = None) -> Parts | None:
+        """The entry's parts (all, or those named that it has) as stored: JSON bytes."""
+        self._evict()
+        self._expire(key)
         found = self.entries.get(key)
         if found is None:
             return None
-        return dict(found[2]) if parts is None else {name: found[2][name] for name in parts}
+        return dict(found[2]) if parts is None else {name: found[2][name] for name in parts if name in found[2]}
 
     def get(self, key: str, parts: Iterable[str] | None = None) -> dict | None:
         raw = self.get_raw(key, parts)
@@ -93,6 +147,7 @@ class ResponseStore:
         found = self.entries.pop(key, None)
         if found is not None:
             self.num_bytes -= found[1]
+        self._forget(key)
         return found is not None
 
     def stats(self) -> dict:
@@ -107,8 +162,29 @@ class ResponseStore:
             if (len(self.entries) <= self.max_entries and self.num_bytes <= self.max_bytes
                     and stored_at > expired_before):
                 break
-            self.entries.popitem(last=False)
+            key, _ = self.entries.popitem(last=False)
             self.num_bytes -= size
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """A running entry that is gone: its end will be refused as "gone"."""
+        self.running.pop(key, None)
+        self.stopped.discard(key)
+
+    def _expire(self, key: str) -> None:
+        """A running response whose replica stopped polling (it died) is failed, not left in progress for ever."""
+        if key in self.running and self.clock() - self.running[key] > self.lease_s:
+            self._stop(key, status="failed", error=REPLICA_GONE)
+
+    def _stop(self, key: str, **fields) -> None:
+        """Ends a running response here (its stored response rewritten with `fields`); its replica is told at its
+        next poll, and its own end is refused."""
+        stored_at, size, parts = self.entries[key]
+        parts = {**parts, **encode_entry({"response": json.loads(parts["response"]) | fields})}
+        self.entries[key] = (stored_at, entry_size(parts), parts)  # in place: its age and order stay
+        self.num_bytes += entry_size(parts) - size
+        del self.running[key]
+        self.stopped.add(key)
 
 
 class StoreClient:
@@ -121,13 +197,28 @@ class StoreClient:
         self._target, self._open = (target, None) if self.local else (None, target)
         self.max_entry_bytes = max_entry_bytes
 
-    async def put(self, key: str, entry: dict[str, Any]) -> bool:
+    async def put(self, key: str, entry: dict[str, Any], running: bool = False) -> bool:
         """False when the entry is too large to store (checked here too: it is not sent to the actor for nothing)."""
         parts = encode_entry(entry)
         if self.max_entry_bytes is not None and entry_size(parts) > self.max_entry_bytes:
             await self.delete(key)
             return False
-        return self._target.put(key, parts) if self.local else await self._actor().put.remote(key, parts)
+        return await self._call("put", key, parts, running)
+
+    async def update(self, key: str, entry: dict[str, Any]) -> str:
+        return await self._call("update", key, encode_entry(entry))
+
+    async def cancel(self, key: str) -> bytes | None:
+        return await self._call("cancel", key)
+
+    async def poll(self, keys: list[str]) -> list[str]:
+        return await self._call("poll", keys)
+
+    async def _call(self, method: str, *args):
+        """The store's method, here or on its actor."""
+        if self.local:
+            return getattr(self._target, method)(*args)
+        return await getattr(self._actor(), method).remote(*args)
 
     async def get_raw(self, key: str, parts: Iterable[str] | None = None) -> Parts | None:
         parts = None if parts is None else list(parts)
