@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,7 +33,7 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance
 from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block, resolve_max_model_len, resolve_num_blocks
 from gptoss_serve.cluster.model_runner import ModelRunner
-from gptoss_serve.cluster.engine_protocol import GRAMMAR_FAILED, RequestOutput, TokenLogprobs
+from gptoss_serve.cluster.engine_protocol import GRAMMAR_FAILED, RequestOutput, RequestTimes, TokenLogprobs
 from gptoss_serve.cluster.sampler import PendingSample
 from gptoss_serve.cluster.sampling_params import SamplingParams
 from gptoss_serve.cluster.scheduler import Scheduler
@@ -99,6 +100,7 @@ class LLMEngine:
         self.synchronous_requests: set[str] = set()
         self.grammars = GrammarCompiler(tokenizer)
         self.failed_steps_in_a_row = 0
+        self.step_tokens = 0  # tokens computed by the step the last `step` launched (the core's EngineStats)
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
 
@@ -164,6 +166,7 @@ class LLMEngine:
         """Schedules and launches a step, and returns the outputs of the step before it (async scheduling) or of
         this one."""
         synchronous = not self.async_scheduling or bool(self.synchronous_requests)
+        self.step_tokens = 0
         if synchronous and self.in_flight is not None:  # such a request joined: first drain the step in flight
             return self._collect(self._take_in_flight())
         scheduled = self.scheduler.schedule()
@@ -189,6 +192,7 @@ class LLMEngine:
             samples = self.runner.launch(scheduled, previous.samples.tokens if previous and previous.samples else None)
         except Exception as e:  # noqa: BLE001 - one bad step fails its requests; a broken engine fails every step
             return None, self._fail_step(scheduled, e)
+        self.step_tokens = self.scheduler.scheduled_tokens
         sampled = self.scheduler.advance(scheduled)
         for row, seq in enumerate(sampled):
             seq.output_token_ids.append(PENDING)
@@ -263,16 +267,30 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq)
             self._forget(seq.request_id)
+        times = None
+        if n == 1 or reason is not None:  # its first token or its last: once or twice a request
+            times = self._reached(seq, first=n == 1, last=reason is not None)
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=[token], new_text=None, finished=reason is not None,
             finish_reason=reason, stop_reason=stop_reason, logprobs=[logprobs] if logprobs else [],
-            num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens)
+            num_prompt_tokens=len(seq.prompt_token_ids), num_output_tokens=n, num_cached_tokens=seq.num_cached_tokens,
+            times=times)
+
+    @staticmethod
+    def _reached(seq: Sequence, *, first: bool, last: bool) -> RequestTimes:
+        """Stamps the milestones its newest output token reached (now, when the token is on the host) and returns
+        the request's times, which that output carries."""
+        now, times = time.time(), seq.times
+        seq.times = replace(times, first_token=now if first else times.first_token,
+                            last_token=now if last else times.last_token)
+        return seq.times
 
     def _stop_at_text(self, out: RequestOutput) -> RequestOutput:
         """A stop string found in the text ends the request here too."""
         seq = self._forget(out.request_id) if out.finished else None
-        if seq is not None:
+        if seq is not None:  # it ended here, at this output's token (_postprocess stamped a first one already)
             self.scheduler.finish(seq)
+            out = replace(out, times=self._reached(seq, first=False, last=True))
         return out
 
     def _fail(self, seq: Sequence, error: str, status: int = 503) -> RequestOutput:
@@ -283,7 +301,8 @@ class LLMEngine:
         return RequestOutput(request_id=seq.request_id, new_token_ids=[], new_text="", finished=True,
                              finish_reason="error", error=error, error_status=status,
                              num_prompt_tokens=len(seq.prompt_token_ids),
-                             num_output_tokens=len(seq.output_token_ids))
+                             num_output_tokens=len(seq.output_token_ids),
+                             times=seq.times)  # the milestones it reached (no last token: this step ended it)
 
     # ---- offline API ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str] | list[list[int]],

@@ -31,12 +31,15 @@ Built = tuple[LLMEngine, Callable[[], object] | None]
 EXTRA_STATS_PERIOD_S = 1.0
 
 
-def engine_stats(engine: LLMEngine, *, extra: object | None = None) -> EngineStats:
+def engine_stats(engine: LLMEngine, *, extra: object | None = None, step_tokens: int = 0) -> EngineStats:
+    """step_tokens: what the step just taken computed (only the StepDone of a step has one: the others, at start-up
+    or after aborts, would count it again)."""
     return EngineStats(running=engine.num_running, waiting=engine.num_waiting, free_blocks=engine.num_free_blocks,
                        num_blocks=engine.num_blocks, kv_usage=engine.blocks.usage,
                        prefix_queries=engine.scheduler.prefix_queries, prefix_hits=engine.scheduler.prefix_hits,
                        max_model_len=engine.max_model_len, weights_bytes=engine.weights_bytes,
-                       kv_cache_bytes=engine.kv_cache_bytes, block_size=engine.config.block_size, time=time.time(),
+                       kv_cache_bytes=engine.kv_cache_bytes, block_size=engine.config.block_size,
+                       num_preemptions=engine.scheduler.num_preemptions, step_tokens=step_tokens, time=time.time(),
                        extra=extra)
 
 
@@ -81,7 +84,7 @@ def run_engine_core(conn: Connection, build: Callable[[], Built], step_deadlines
         if extra_stats is not None and time.monotonic() >= next_extra:
             extra = extra_stats()
             next_extra = time.monotonic() + EXTRA_STATS_PERIOD_S
-        conn.send(StepDone(outputs, engine_stats(engine, extra=extra)))
+        conn.send(StepDone(outputs, engine_stats(engine, extra=extra, step_tokens=engine.step_tokens)))
 
 
 def _apply(engine: LLMEngine, conn: Connection, command: EngineCommand) -> None:

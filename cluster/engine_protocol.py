@@ -37,6 +37,33 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # the params.logprobs likeliest (token id, logprob), likeliest first
 
 
+@dataclass(frozen=True)
+class RequestTimes:
+    """When a request reached each milestone, stamped by the engine core as it happened (time.time() there, the
+    clock of EngineStats.time; 0.0: not reached). vLLM's request phases come from them: queue (arrival -> first
+    scheduled), prefill (-> first token) and decode (-> last token). A preempted request keeps its first scheduling,
+    as in vLLM: its wait to run again counts in its prefill or decode time."""
+
+    arrival: float  # the engine took the request
+    scheduled: float = 0.0  # first scheduled
+    first_token: float = 0.0  # its first output token reached the host
+    # its last output token did, when the engine ended it (stop token, length, a stop string it found itself); a
+    # request ended beside the core (a stop string the replica found) ended in the step of its output: that step's
+    # EngineStats.time
+    last_token: float = 0.0
+
+    @property
+    def queue_time(self) -> float:
+        return self.scheduled - self.arrival
+
+    @property
+    def prefill_time(self) -> float:
+        return self.first_token - self.scheduled
+
+    def decode_time(self, last_token: float) -> float:
+        return last_token - self.first_token
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request (a delta), plus the request's totals so far."""
@@ -53,6 +80,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed in a step (finish_reason "error")
     error_status: int = 503  # 400 when the request itself is to blame (its grammar), else 503: the engine failed
+    # the request's milestones so far, on the output that carries its first token and on the one the engine ended it
+    # with (so once or twice a request); None on the others
+    times: RequestTimes | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,8 @@ class EngineStats:
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     block_size: int = 16
+    num_preemptions: int = 0  # sequences preempted (their blocks freed, to be recomputed) since the core started
+    step_tokens: int = 0  # tokens (prefill and decode) the step computes; 0 in stats sent without a step
     time: float = 0.0  # time.time() when taken
     extra: object | None = None  # the expert exchange's stats, about once a second (ExpertMetrics.record reads them)
 

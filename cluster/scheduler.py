@@ -12,7 +12,9 @@ is skipped, as its last token is already on its way.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from dataclasses import replace
 
 from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.sequence import Sequence, Status
@@ -24,7 +26,8 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # running total (the replica's preemption counter reads it)
+        self.scheduled_tokens = 0  # tokens the last `schedule` gave the step (prefill and decode)
         self.prefix_queries = 0  # prompt tokens of admitted sequences, looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found there
 
@@ -67,9 +70,12 @@ class Scheduler:
             self.prefix_hits += seq.num_cached_tokens
             self.blocks.append(seq, n)
             seq.status = Status.RUNNING
+            if not seq.times.scheduled:  # its first admission ends its queue time; a preempted one's comeback not
+                seq.times = replace(seq.times, scheduled=time.time())
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+        self.scheduled_tokens = self.max_num_batched_tokens - budget  # from the budget: no pass over the batch
         return scheduled
 
     def advance(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:

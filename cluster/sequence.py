@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import InitVar, dataclass, field
 
+from gptoss_serve.cluster.engine_protocol import RequestTimes
 from gptoss_serve.cluster.sampler import SamplingState
 from gptoss_serve.cluster.sampling_params import HARMONY_STOP_TOKEN_IDS, SamplingParams
 
@@ -36,6 +38,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained content hash of each full block
     length_cap: int = 0  # the engine sets it: prompt + max_tokens, within max_model_len; no token is computed past it
     pending_row: int = -1  # where its PENDING last token lies in the samples of the step in flight
+    # its milestones, stamped as they happen: made with the sequence, when the engine takes the request
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(arrival=time.time()))
     # what the sampler keeps between steps (penalty counts, the seeded generator); it reads the tokens above live
     sampling: SamplingState = field(init=False, repr=False)
 

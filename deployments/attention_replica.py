@@ -21,7 +21,8 @@ from gptoss_serve.cluster.output_processor import TextStreams
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_core import Built
 from gptoss_serve.cluster.engine_core_client import EngineCoreClient
-from gptoss_serve.cluster.engine_protocol import EngineRequest, EngineStats, RequestOutput, RoutingLoad, StreamItem
+from gptoss_serve.cluster.engine_protocol import (EngineRequest, EngineStats, RequestOutput, RequestTimes, RoutingLoad,
+                                                  StreamItem)
 from gptoss_serve.cluster.grammar import ll_tokenizer
 from gptoss_serve.cluster.expert_parallel.remote_experts import ExpertLink, RemoteExperts
 from gptoss_serve.deployments.args import AppArgs
@@ -88,6 +89,11 @@ def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600)
             time.sleep(1)
 
 
+def engine_totals(stats: EngineStats) -> tuple[int, int, int]:
+    """The running totals an engine core reports, in the order _add_engine_totals counts them."""
+    return stats.prefix_queries, stats.prefix_hits, stats.num_preemptions
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process on this node (Linux /proc; 0 where there is none)."""
     try:
@@ -127,10 +133,13 @@ class AttentionReplica:
             if args.num_moe_workers else None
         self.calls: dict[str, RequestStream] = {}  # request id -> the batch call it came in
         self.arrivals: dict[str, float] = {}  # request id -> when the ingress received it (for latencies)
+        # request id -> its times as its first token's output carried them, kept until it ends: an output that the
+        # engine did not end (a stop string found here, a failed step) carries none
+        self.first_token_times: dict[str, RequestTimes] = {}
         self.core: EngineCoreClient | None = None  # None until the engine core has started
         self.unavailable: str | None = None  # while there is no core: what requests are told (503)
         self.start_error: str | None = None  # why a core started in the background could not start
-        self._prefix_seen = (0, 0)
+        self._totals_seen = (0, 0, 0)  # the engine's running totals that the counters have (see _add_engine_totals)
         self._deaths_seen: dict[str, int] = {}  # engine core deaths already counted, by reason
         self.stats = EngineStats(time=time.time())
         self._last_step = time.time()
@@ -149,7 +158,7 @@ class AttentionReplica:
     def _start_core(self, build: Callable[[], Built]) -> None:
         core = EngineCoreClient(build, on_step=self._on_step, on_failure=self._on_failure)
         stats = self.stats = core.stats
-        self._prefix_seen = (stats.prefix_queries, stats.prefix_hits)
+        self._totals_seen = engine_totals(stats)
         self.core = core
         logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
                     self.args.resolved_device, stats.weights_bytes / 1e9, stats.kv_cache_bytes / 1e9,
@@ -277,6 +286,7 @@ class AttentionReplica:
         """A request is over here (finished, failed or aborted): its call, arrival time and text go."""
         self.calls.pop(request_id, None)
         self.arrivals.pop(request_id, None)
+        self.first_token_times.pop(request_id, None)
         self.texts.remove(request_id)
 
     def _on_failure(self, request_id: str, message: str, status: int) -> None:
@@ -292,12 +302,25 @@ class AttentionReplica:
         m.waiting.set(stats.waiting, tags=tags)
         m.kv_usage.set(stats.kv_usage, tags=tags)
 
+    def _add_engine_totals(self, stats: EngineStats) -> None:
+        """The engine keeps running totals (prefix cache lookups and hits, preemptions); their counters get what was
+        added since the last look."""
+        m, totals = self.metrics, engine_totals(stats)
+        if any(total < seen for total, seen in zip(totals, self._totals_seen)):  # a new engine core counts from 0
+            self._totals_seen = (0, 0, 0)
+        for counter, total, seen in zip((m.prefix_queries, m.prefix_hits, m.preemptions), totals, self._totals_seen):
+            if total > seen:  # Ray's counters refuse an increment of 0
+                counter.inc(total - seen, tags=m.tags)
+        self._totals_seen = totals
+
     def _record(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         now, m, tags = time.time(), self.metrics, self.metrics.tags
         if new_tokens := sum(len(o.new_token_ids) for o in outputs):
             m.generation_tokens.inc(new_tokens, tags=tags)
             m.itl.observe(now - self._last_step, tags=tags)  # one gap a step: every request in it waited as long
         self._last_step = now
+        if stats.step_tokens:  # (stats sent without a step, after aborts, have none)
+            m.step_tokens.observe(stats.step_tokens, tags=tags)
         for out in outputs:
             if out.num_output_tokens == 1 or out.finished:  # once or twice a request, never per token
                 arrival = self.arrivals.get(out.request_id)
@@ -308,19 +331,15 @@ class AttentionReplica:
                         m.e2e.observe(now - arrival, tags=tags)
                     m.prompt_tokens.inc(out.num_prompt_tokens, tags=tags)
                     m.requests.inc(1, tags={**tags, "finished_reason": out.finish_reason or "unknown"})
+                    m.record_finished(out, out.times or self.first_token_times.get(out.request_id),
+                                      step_time=stats.time)
+                elif out.times is not None:
+                    self.first_token_times[out.request_id] = out.times
         self.stats = stats
         if now >= self._next_stats or stats.idle:  # an idle engine sends no more steps: its gauges must say 0 now
             self._next_stats = now + STATS_PERIOD_S
             self._set_gauges(stats)
-            # the engine keeps running totals; the counters get what was added since the last look
-            queries, hits = stats.prefix_queries, stats.prefix_hits
-            if queries < self._prefix_seen[0] or hits < self._prefix_seen[1]:  # a new engine core counts from 0
-                self._prefix_seen = (0, 0)
-            if queries > self._prefix_seen[0]:  # Ray's counters refuse an increment of 0
-                m.prefix_queries.inc(queries - self._prefix_seen[0], tags=tags)
-            if hits > self._prefix_seen[1]:
-                m.prefix_hits.inc(hits - self._prefix_seen[1], tags=tags)
-            self._prefix_seen = (queries, hits)
+            self._add_engine_totals(stats)
         if stats.extra is not None and self.expert_metrics is not None:
             self.expert_metrics.record(stats.extra)
         for reason, count in (self.core.deaths if self.core is not None else {}).items():  # the client keeps totals: the counter gets what was added

@@ -5,13 +5,29 @@ Named and labelled as vLLM names its own (`time_to_first_token_seconds`, `num_re
 its users' queries carry over with `vllm:` turned into `ray_gptoss_`; the expert-parallel ones are ours. Ray
 prefixes every name with `ray_` and counters get `_total`: `ray_gptoss_generation_tokens_total`, ... Each carries
 `model_name` and `replica` (the Serve replica id). The README lists them; k8s/grafana/gptoss-serve.json charts them.
+
+The request phases (queue, prefill, decode), the per-request token histograms, preemptions and tokens per step are
+bucketed as vLLM buckets them, so its alerts' thresholds fall on bucket bounds here too.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ray.util.metrics import Counter, Gauge, Histogram, Metric
 
+if TYPE_CHECKING:
+    from gptoss_serve.cluster.engine_protocol import RequestOutput, RequestTimes
+
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+# vLLM's request_latency_buckets, which its queue, prefill and decode times use
+REQUEST_PHASE_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                         480.0, 960.0, 1920.0, 7680.0]
+# vLLM's 1-2-5 buckets up to max_model_len, here gpt-oss's 131,072-token context: a Ray histogram's buckets are fixed
+# when it is made, before the engine (and any smaller max_model_len) exists
+TOKEN_COUNT_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000]
+# vLLM's buckets of tokens per engine step
+STEP_TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 TAGS = ("model_name", "replica")
 
 
@@ -45,6 +61,38 @@ class ReplicaMetrics:
         self.engine_core_restarts = Counter(
             "gptoss_engine_core_restarts", description="engine cores lost and replaced, by reason (died: it exited; "
             "stalled: stuck past an expert deadline and killed)", tag_keys=(*TAGS, "reason"))
+        # vLLM's request phases, timed by the engine core (RequestTimes): their sum is the request's time in the engine
+        self.queue_time = Histogram("gptoss_request_queue_time_seconds", description="arrival in the engine to first "
+                                    "scheduled", boundaries=REQUEST_PHASE_BUCKETS, tag_keys=TAGS)
+        self.prefill_time = Histogram("gptoss_request_prefill_time_seconds", description="first scheduled to first "
+                                      "token", boundaries=REQUEST_PHASE_BUCKETS, tag_keys=TAGS)
+        self.decode_time = Histogram("gptoss_request_decode_time_seconds", description="first token to last token",
+                                     boundaries=REQUEST_PHASE_BUCKETS, tag_keys=TAGS)
+        self.request_prompt_tokens = Histogram("gptoss_request_prompt_tokens", description="prompt tokens of each "
+                                               "finished request", boundaries=TOKEN_COUNT_BUCKETS, tag_keys=TAGS)
+        self.request_generation_tokens = Histogram("gptoss_request_generation_tokens", description="tokens generated "
+                                                   "for each finished request", boundaries=TOKEN_COUNT_BUCKETS,
+                                                   tag_keys=TAGS)
+        self.preemptions = Counter("gptoss_num_preemptions", description="sequences preempted (blocks freed, "
+                                   "recomputed later) when the KV cache ran out", tag_keys=TAGS)
+        self.step_tokens = Histogram("gptoss_iteration_tokens_total", description="tokens (prefill and decode) per "
+                                     "engine step", boundaries=STEP_TOKEN_BUCKETS, tag_keys=TAGS)
+
+    def record_finished(self, out: RequestOutput, times: RequestTimes | None, *, step_time: float) -> None:
+        """A finished request's token counts, and each of its phases whose two ends it reached (one that failed
+        before its first token has no prefill or decode time). step_time: when the core took the step of `out`,
+        the end of a request that the engine did not end with a last token (a stop string found beside it, a failed
+        step)."""
+        tags = self.tags
+        self.request_prompt_tokens.observe(out.num_prompt_tokens, tags=tags)
+        self.request_generation_tokens.observe(out.num_output_tokens, tags=tags)
+        if times is None or not times.scheduled:
+            return
+        self.queue_time.observe(times.queue_time, tags=tags)
+        if times.first_token:
+            self.prefill_time.observe(times.prefill_time, tags=tags)
+            # (max: the step's stamp is taken after the token's, but on a wall clock that NTP may step back)
+            self.decode_time.observe(max(0.0, times.decode_time(times.last_token or step_time)), tags=tags)
 
 
 class RouterMetrics:

@@ -292,12 +292,17 @@ def test_metrics_agree_with_responses(app, ray_cluster):
         usage = post(app, "/v1/completions", {"model": MODEL, "prompt": f"metric {i}", "max_tokens": 7,
                                               "ignore_eos": True}).json()["usage"]
         prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
-    expected = {"ray_gptoss_generation_tokens_total": completion, "ray_gptoss_prompt_tokens_total": prompt}
+    expected = {"ray_gptoss_generation_tokens_total": completion, "ray_gptoss_prompt_tokens_total": prompt,
+                # vLLM's per-request histograms, one observation a request (Ray exports a histogram's sum from its
+                # buckets' midpoints: only its count is exact)
+                **{f"ray_gptoss_request_{name}_count": 3 for name in (
+                    "prompt_tokens", "generation_tokens", "queue_time_seconds", "prefill_time_seconds",
+                    "decode_time_seconds")}}
     assert wait_for_counters(ray_cluster["metrics_url"], before, expected) == expected
     after = scrape(ray_cluster["metrics_url"])
     for name in ("ray_gptoss_time_to_first_token_seconds_count", "ray_gptoss_e2e_request_latency_seconds_count",
                  "ray_gptoss_router_batch_size_count", "ray_gptoss_kv_cache_usage_perc",
-                 "ray_gptoss_num_requests_running"):
+                 "ray_gptoss_num_requests_running", "ray_gptoss_iteration_tokens_total_bucket"):
         assert name in after, name
 
 
