@@ -5,9 +5,6 @@ top-k + softmax) against their PyTorch references: in Triton's CPU interpreter (
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +16,7 @@ from gptoss_serve.kernels.rotary_reference import apply_rotary
 from gptoss_serve.kernels.router_reference import top_k_softmax_reference
 from gptoss_serve.model.moe import ExpertRouter
 from gptoss_serve.model.synthetic import preset_config
+from tests.interpreter import assert_runs_in_interpreter
 
 
 def norm_case(rows: int, hidden: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -100,11 +98,7 @@ INTERPRETED = textwrap.dedent("""
 def test_kernels_in_the_interpreter_match_their_references():
     """Float32 in Triton's CPU interpreter: indexing, masks (hidden sizes, head and expert counts and k off powers
     of two), strided rows and views, with and without a residual."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert_runs_in_interpreter(INTERPRETED)
 
 
 def test_reference_norm_adds_then_normalizes():

@@ -6,9 +6,6 @@ GPU tests import the Triton module inside the test, so the CPU suite never impor
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,6 +16,7 @@ from gptoss_serve.model import mxfp4
 from gptoss_serve.model.experts import LocalExperts, add_as_groups
 from gptoss_serve.model.packed_experts import random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
+from tests.interpreter import assert_runs_in_interpreter
 
 TOLERANCE = 1e-2  # bf16 operands and a bf16 activation in between; float32 accumulation
 ALPHA, LIMIT = 1.702, 7.0  # gpt-oss's SwiGLU
@@ -261,8 +259,4 @@ def test_kernels_in_the_interpreter_match_the_reference():
     """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
     combine, and the matrix-vector gate_up and down of a handful of tokens) on a whole shard and on parts of one: the indexing and masks, without a GPU; and four quarter shards'
     float32 answers add up to the whole layer's bf16 output exactly."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert_runs_in_interpreter(INTERPRETED)

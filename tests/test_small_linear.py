@@ -3,15 +3,13 @@ random inputs, and in Triton's CPU interpreter for the indexing and masks."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from gptoss_serve.kernels.small_linear_reference import small_linear_reference
+from tests.interpreter import assert_runs_in_interpreter
 
 # (N, K): QKV, o_proj, the router, and an odd shape that leaves partial tiles on both axes
 SHAPES = [(5120, 2880), (2880, 4096), (32, 2880), (1000, 200)]
@@ -65,8 +63,4 @@ INTERPRETED = textwrap.dedent("""
 
 
 def test_the_kernel_in_the_interpreter_matches_the_reference():
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert_runs_in_interpreter(INTERPRETED)

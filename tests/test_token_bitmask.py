@@ -5,15 +5,13 @@ and the sampler's GPU path (pinned masks, the kernel) drawing only what a gramma
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from gptoss_serve.kernels.token_bitmask_reference import apply_token_bitmask_reference
+from tests.interpreter import assert_runs_in_interpreter
 
 
 def bitmask_case(batch: int, vocab: int, words: int, rows: list[int], seed: int = 0, device: str = "cpu"):
@@ -53,11 +51,7 @@ INTERPRETED = textwrap.dedent("""
 
 def test_the_kernel_in_the_interpreter_matches_the_reference():
     """Odd vocabularies (a mask shorter than the row, bits past the row), strided rows, rows out of order."""
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    assert_runs_in_interpreter(INTERPRETED)
 
 
 @pytest.mark.gpu
