@@ -248,8 +248,10 @@ class AttentionReplica:
         return requests[:room], requests[room:]
 
     def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        """One engine step: text decoded, metrics recorded once, outputs split among the calls."""
-        outputs = [self._decode(out) for out in outputs]
+        """One engine step: text decoded, metrics recorded once, outputs split among the calls. Outputs of requests
+        already over here (a stop string found beside the core, a client gone) come from steps launched before the
+        core heard of it: they are dropped, not counted a second time."""
+        outputs = [self._decode(out) for out in outputs if out.request_id in self.calls]
         self._record(outputs, stats)
         by_call: dict[int, tuple[RequestStream, list[StreamItem]]] = {}
         for out in outputs:

@@ -289,5 +289,11 @@ def test_a_stop_string_found_beside_the_core_ends_its_decode_time_in_that_step(t
         assert seen["decode_time"] == [pytest.approx(ended - first.first_token)]
         assert seen["queue_time"] == [first.queue_time] and seen["prefill_time"] == [first.prefill_time]
         assert seen["request_generation_tokens"] == [outputs[-1].num_output_tokens]
+        # the core's own end of it, from a step launched before it heard of the stop, counts nothing again
+        m.requests = Recorded()
+        late = RequestOutput("s", [7], None, True, "length", num_prompt_tokens=3, num_output_tokens=20,
+                             times=first)
+        replica._on_step([late], replica.stats)
+        assert m.requests.values == [] and values(m)["request_generation_tokens"] == [outputs[-1].num_output_tokens]
     finally:
         replica.core.shutdown()
