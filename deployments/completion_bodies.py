@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from gptoss_serve.cluster.engine_protocol import RequestOutput, TokenLogprobs
 from gptoss_serve.cluster.output_processor import StopStringMatcher
-from gptoss_serve.model.harmony import HarmonyDelta, HarmonyStreamParser
+from gptoss_serve.model.harmony_parser import HarmonyDelta, HarmonyStreamParser
 from gptoss_serve.model.tokenizer import Tokenizer
 
 

@@ -23,7 +23,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from openai_harmony import Message, Role
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -292,17 +291,20 @@ class OpenAIIngress:
         if not request.continue_final_message:
             ids = await self._render_chat(messages, request.reasoning_effort, request.tools)
             if not request.add_generation_prompt:  # the chat route's prompt less the assistant's header
-                header = generation_prompt()
+                header = harmony.generation_prompt()
                 assert ids[-len(header):] == header, "harmony's prompt for a chat ends with the assistant's header"
                 ids = ids[:-len(header)]
             return ids
         # the chat route's prompt for the earlier messages, then the last one as the model would have written it
         *history, last = messages
         where = f"messages[{len(history)}]"
-        texts = continued_texts(last, where)
+        try:
+            texts = harmony.continued_texts(last, where)
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
         await check_prompt_size([t for t in texts if t], self.args.max_prompt_tokens, "messages")
         ids = await self._render_chat(history, request.reasoning_effort, request.tools)
-        ids += await off_loop_if(sum(len(t or "") for t in texts) > QUICK_CHARS, continuation, *texts)
+        ids += await off_loop_if(sum(len(t or "") for t in texts) > QUICK_CHARS, harmony.continuation, *texts)
         self.admission.check_prompt_length([ids], "messages")
         return ids
 
@@ -432,54 +434,3 @@ def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | Tokeni
         return (TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest).model_validate(body)
     except ValidationError as e:  # a 400 naming the field, as for every other body
         raise validation_error(RequestValidationError(e.errors())) from None
-
-
-@functools.cache
-def generation_prompt() -> list[int]:
-    """What harmony's prompt for a chat ends with: the header of the assistant's turn the model is to write,
-    `<|start|>assistant`."""
-    return load_tokenizer().encode("<|start|>assistant", allow_special=True)
-
-
-@functools.cache
-def _channel_header(channel: str) -> list[int]:
-    """`<|channel|>{channel}<|message|>` as harmony renders it in an assistant message."""
-    message = Message.from_role_and_content(Role.ASSISTANT, "").with_channel(channel)
-    ids = harmony.load_encoding().render(message)  # <|start|>assistant ... <|message|><|end|>
-    return ids[len(generation_prompt()):-1]
-
-
-def continued_texts(message: Any, where: str) -> tuple[str | None, str | None]:
-    """(reasoning, content) of the message /tokenize's continue_final_message leaves open: an assistant message
-    without tool calls (a call is a whole message, not one to go on with). 400 naming the field otherwise."""
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        raise APIError(400, f"continue_final_message: the last message ({where}) must be an assistant message",
-                       param="continue_final_message")
-    if message.get("tool_calls"):
-        raise APIError(400, f"continue_final_message: the last message ({where}) has tool_calls; only its reasoning "
-                            "or content can be continued", param="continue_final_message")
-    try:
-        # read as the chat route reads an assistant message (text or text parts, the same checks)
-        reasoning = harmony._text(message.get("reasoning_content", message.get("reasoning")),
-                                  f"{where}.reasoning_content", allow_none=True)
-        content = harmony._text(message.get("content"), f"{where}.content", allow_none=True)
-    except ValueError as e:
-        raise APIError(400, str(e), param=str(e).split(":", 1)[0]) from None
-    if reasoning is None and content is None:
-        raise APIError(400, f"{where}.content: the message to continue needs content or reasoning_content",
-                       param=f"{where}.content")
-    return reasoning, content
-
-
-def continuation(reasoning: str | None, content: str | None) -> list[int]:
-    """What gpt-oss writes after the prompt's `<|start|>assistant` to have said this much: its reasoning on the
-    analysis channel (closed, as the model closes it before answering), then its content on the final channel, the
-    last of them left open (no `<|end|>`). Texts are encoded as harmony encodes message content."""
-    encode = load_tokenizer().encode
-    ids = []
-    if reasoning is not None:
-        ids += _channel_header("analysis") + encode(reasoning)
-        if content is None:
-            return ids
-        ids += [load_tokenizer().end_token_id, *generation_prompt()]
-    return ids + _channel_header("final") + encode(content)

@@ -1,7 +1,7 @@
 """The harmony chat format of gpt-oss, through OpenAI's ``openai_harmony`` package.
 
-``render_chat`` turns an OpenAI chat-completions request into prompt token ids;
-``HarmonyStreamParser`` turns generated ids back into reasoning / content / tool-call deltas.
+``render_chat`` turns an OpenAI chat-completions request into prompt token ids (and ``continuation`` a message left
+open); harmony_parser.py turns generated ids back into reasoning / content / tool-call deltas.
 """
 
 from __future__ import annotations
@@ -11,28 +11,25 @@ import json
 import logging
 import os
 import re
-import secrets
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName, HarmonyError,
-                            Message, ReasoningEffort, RenderConversationConfig, Role, StreamableParser, SystemContent,
-                            ToolDescription, load_harmony_encoding)
+                            Message, ReasoningEffort, RenderConversationConfig, Role, SystemContent, ToolDescription,
+                            load_harmony_encoding)
 
 from gptoss_serve.model.harmony_splice import Splice
-from gptoss_serve.model.tokenizer import IncrementalDecoder, check_whitespace_runs, load_tokenizer, resolve_vocab_file
+from gptoss_serve.model.tokenizer import check_whitespace_runs, load_tokenizer, resolve_vocab_file
 
-__all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "RenderError", "ToolCall", "load_encoding",
-           "parse_completion", "render_chat", "stop_token_ids"]
+__all__ = ["FUNCTIONS_PREFIX", "RenderError", "continuation", "continued_texts", "generation_prompt", "load_encoding",
+           "render_chat", "stop_token_ids"]
 
 log = logging.getLogger(__name__)
 
 _EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
-_Kind = Literal["reasoning", "content", "tool_call"]
 # OpenAI's rule for function names; anything else could break the "to=functions.NAME" header.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_FUNCTIONS = "functions."
+FUNCTIONS_PREFIX = "functions."  # a tool call's recipient: functions.NAME
 _env_lock = threading.Lock()
 
 
@@ -140,7 +137,7 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
         if isinstance(call.get("id"), str):
             call_names[call["id"]] = name
         call_msg = Message.from_role_and_content(Role.ASSISTANT, splice.content(args)).with_channel("commentary")
-        out.append(call_msg.with_recipient(_FUNCTIONS + name).with_content_type("<|constrain|>json"))
+        out.append(call_msg.with_recipient(FUNCTIONS_PREFIX + name).with_content_type("<|constrain|>json"))
     return out
 
 
@@ -207,7 +204,7 @@ def render_chat(
             if not isinstance(call_id, str) or call_id not in call_names:
                 raise ValueError(f"{where}.tool_call_id: no earlier assistant tool call has the id {call_id!r}")
             result = Message.from_author_and_content(
-                Author.new(Role.TOOL, _FUNCTIONS + call_names[call_id]),
+                Author.new(Role.TOOL, FUNCTIONS_PREFIX + call_names[call_id]),
                 splice.content(_text(msg.get("content"), f"{where}.content")))
             turns.append(result.with_channel("commentary").with_recipient("assistant"))
         else:
@@ -277,166 +274,51 @@ def _render_failure(error: Exception) -> str:
     return f"cannot be rendered in harmony's chat format: {why}"
 
 
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- prompts left open
 
 
-@dataclass(frozen=True, slots=True)
-class HarmonyDelta:
-    """A piece of streamed output.  For tool calls ``arguments`` is the same delta as ``text``; the first delta of
-    each call has ``text == ""`` and announces its id and name."""
-
-    kind: _Kind
-    text: str
-    tool_index: int | None = None
-    id: str | None = None
-    name: str | None = None
-    arguments: str | None = None
+@functools.cache
+def generation_prompt() -> list[int]:
+    """What harmony's prompt for a chat ends with: the header of the assistant's turn the model is to write,
+    `<|start|>assistant`."""
+    return load_tokenizer().encode("<|start|>assistant", allow_special=True)
 
 
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    id: str
-    name: str
-    arguments: str
+@functools.cache
+def _channel_header(channel: str) -> list[int]:
+    """`<|channel|>{channel}<|message|>` as harmony renders it in an assistant message."""
+    message = Message.from_role_and_content(Role.ASSISTANT, "").with_channel(channel)
+    ids = load_encoding().render(message)  # <|start|>assistant ... <|message|><|end|>
+    return ids[len(generation_prompt()):-1]
 
 
-@dataclass(slots=True)
-class HarmonyOutput:
-    reasoning_content: str | None = None
-    content: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    # Why harmony parsing gave up, if it did (the rest of the output then became content).
-    parse_error: str | None = None
+def continued_texts(message: Any, where: str) -> tuple[str | None, str | None]:
+    """(reasoning, content) of the message a prompt is to leave open (vLLM's continue_final_message): an assistant
+    message without tool calls (a call is a whole message, not one to go on with). A ValueError naming the field
+    otherwise (`continue_final_message` for the message as a whole)."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        raise ValueError(f"continue_final_message: the last message ({where}) must be an assistant message")
+    if message.get("tool_calls"):
+        raise ValueError(f"continue_final_message: the last message ({where}) has tool_calls; only its reasoning "
+                         "or content can be continued")
+    # read as render_chat reads an assistant message (text or text parts, the same checks)
+    reasoning = _text(message.get("reasoning_content", message.get("reasoning")), f"{where}.reasoning_content",
+                      allow_none=True)
+    content = _text(message.get("content"), f"{where}.content", allow_none=True)
+    if reasoning is None and content is None:
+        raise ValueError(f"{where}.content: the message to continue needs content or reasoning_content")
+    return reasoning, content
 
 
-class HarmonyStreamParser:
-    """Feeds generated ids to harmony's StreamableParser and yields typed deltas.
-
-    It never raises on a malformed sequence (random weights produce plenty): from the first harmony error on, the
-    not-yet-surfaced tokens and everything after are decoded as content.  A header longer than ``max_header_tokens``
-    counts as such an error, so garbage output still streams instead of piling up in a header that never ends.
-    Token ids outside the vocabulary are a caller bug and raise ValueError.
-    """
-
-    # gpt-oss's longest headers (a tool call: role, channel, recipient, constraint) take about 20 tokens; beyond
-    # this many a "header" is garbage, and holding it back would stall a stream
-    MAX_HEADER_TOKENS = 32
-
-    def __init__(self, *, max_header_tokens: int = MAX_HEADER_TOKENS) -> None:
-        encoding = load_encoding()
-        self._parser: StreamableParser | None = StreamableParser(encoding, role=Role.ASSISTANT)
-        self._tokenizer = load_tokenizer()
-        self._vocab_size = self._tokenizer.vocab_size
-        self._stops = frozenset(stop_token_ids())  # <|return|>, <|call|>: the engine's, never text
-        self._message_ends = frozenset(encoding.stop_tokens())  # <|end|>, <|return|>, <|call|>
-        self._max_header = max_header_tokens
-        # harmony's own parser.state serialises every content token of the message to JSON, so reading it per
-        # token is quadratic; we follow its three states ourselves (a test checks that we agree).
-        self._state: Literal["expect_start", "header", "content"] = "header"
-        self._pending: list[int] = []  # header tokens not surfaced in any delta yet
-        self._kind: _Kind | None = None  # of the message being streamed
-        self._parts: dict[str, list[str]] = {}  # kind -> texts, for finish()
-        self._calls: list[tuple[str, str, list[str]]] = []  # id, name, argument pieces
-        self._fallback: IncrementalDecoder | None = None
-        self._error: str | None = None
-        self._finished: HarmonyOutput | None = None
-        self._closed = False
-
-    def feed(self, token_id: int) -> list[HarmonyDelta]:
-        """Adds one generated id; returns the deltas it completed (often none, e.g. inside a header)."""
-        if not 0 <= token_id < self._vocab_size:
-            raise ValueError(f"token id {token_id} outside the vocabulary [0, {self._vocab_size})")
-        if self._closed:
-            raise RuntimeError("HarmonyStreamParser.feed() after flush()")
-        if self._parser is None:
-            return self._fallback_feed([token_id])
-        try:
-            self._parser.process(token_id)
-            if self._state == "header" and token_id != self._tokenizer.message_token_id:
-                if len(self._pending) >= self._max_header:
-                    raise ValueError(f"message header longer than {self._max_header} tokens")
-        except Exception as exc:  # HarmonyError or ours; harmony's state is unusable now
-            return self._fall_back(exc, [*self._pending, token_id])
-        if self._state == "content":
-            if token_id in self._message_ends:
-                self._state, self._kind = "expect_start", None
-                return []
-            delta = self._parser.last_content_delta  # None while a character is still incomplete
-            return [self._delta(delta)] if delta else []
-        if self._state == "expect_start":  # so harmony accepted it as <|start|>
-            self._state, self._pending = "header", [token_id]
-            return []
-        if token_id == self._tokenizer.message_token_id:
-            self._state, self._pending = "content", []
-            return self._open_message()
-        self._pending.append(token_id)
-        return []
-
-    def flush(self) -> list[HarmonyDelta]:
-        """Ends the stream; returns the last deltas (a trailing partial header or character)."""
-        self._closed = True
-        if self._parser is not None:
-            try:
-                # At the very start harmony would call an empty completion an error; it is not.
-                if self._pending or self._state != "header":
-                    self._parser.process_eos()
-            except Exception as exc:  # e.g. the output stopped inside a message header
-                return self._fall_back(exc, self._pending) + self.flush()
-            self._parser = None
-            return []
-        if self._fallback is not None and (text := self._fallback.flush()):
-            return [self._delta(text)]
-        return []
-
-    def finish(self) -> HarmonyOutput:
-        """Ends the stream (if flush() was not called) and returns the whole output."""
-        if self._finished is None:
-            self.flush()
-            joined = {kind: "".join(parts) for kind, parts in self._parts.items()}
-            calls = [ToolCall(call_id, name, "".join(args)) for call_id, name, args in self._calls]
-            self._finished = HarmonyOutput(joined.get("reasoning"), joined.get("content"), calls, self._error)
-        return self._finished
-
-    # -- internals
-
-    def _open_message(self) -> list[HarmonyDelta]:
-        assert self._parser is not None
-        channel, recipient = self._parser.current_channel, self._parser.current_recipient
-        if recipient and recipient.startswith(_FUNCTIONS):
-            self._kind = "tool_call"
-            self._calls.append(("call_" + secrets.token_hex(12), recipient[len(_FUNCTIONS) :], []))
-            return [self._delta("")]
-        # analysis -> reasoning; final and commentary preambles (and anything odd) -> content
-        self._kind = "reasoning" if channel == "analysis" else "content"
-        self._parts.setdefault(self._kind, [])
-        return []
-
-    def _delta(self, text: str) -> HarmonyDelta:
-        if self._kind == "tool_call":
-            call_id, name, args = self._calls[-1]
-            args.append(text)
-            return HarmonyDelta("tool_call", text, tool_index=len(self._calls) - 1, id=call_id, name=name, arguments=text)
-        kind = self._kind or "content"
-        self._parts.setdefault(kind, []).append(text)
-        return HarmonyDelta(kind, text)
-
-    def _fall_back(self, exc: Exception, unsurfaced: list[int]) -> list[HarmonyDelta]:
-        log.debug("harmony parse error, rest of the output is content: %s", exc)
-        self._error = str(exc) or type(exc).__name__
-        self._parser, self._kind, self._pending = None, "content", []
-        self._fallback = IncrementalDecoder(self._tokenizer)
-        return self._fallback_feed(unsurfaced)
-
-    def _fallback_feed(self, ids: list[int]) -> list[HarmonyDelta]:
-        assert self._fallback is not None
-        # Stop tokens are the engine's business, not text for the user.
-        text = "".join(self._fallback.feed(t) for t in ids if t not in self._stops)
-        return [self._delta(text)] if text else []
-
-
-def parse_completion(token_ids: list[int]) -> HarmonyOutput:
-    """Parses a whole completion (the ids generated after the prompt)."""
-    parser = HarmonyStreamParser()
-    for token_id in token_ids:
-        parser.feed(token_id)
-    return parser.finish()
+def continuation(reasoning: str | None, content: str | None) -> list[int]:
+    """What gpt-oss writes after the prompt's `<|start|>assistant` to have said this much: its reasoning on the
+    analysis channel (closed, as the model closes it before answering), then its content on the final channel, the
+    last of them left open (no `<|end|>`). Texts are encoded as harmony encodes message content."""
+    encode = load_tokenizer().encode
+    ids = []
+    if reasoning is not None:
+        ids += _channel_header("analysis") + encode(reasoning)
+        if content is None:
+            return ids
+        ids += [load_tokenizer().end_token_id, *generation_prompt()]
+    return ids + _channel_header("final") + encode(content)

@@ -10,7 +10,8 @@ import tiktoken.load
 
 import gptoss_serve.model.harmony as hm
 import gptoss_serve.model.tokenizer as tk
-from gptoss_serve.model.harmony import HarmonyDelta, HarmonyOutput, HarmonyStreamParser, parse_completion, render_chat
+from gptoss_serve.model.harmony import render_chat
+from gptoss_serve.model.harmony_parser import HarmonyDelta, HarmonyOutput, HarmonyStreamParser, parse_completion
 
 WEATHER_TOOL = {
     "type": "function",

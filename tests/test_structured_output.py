@@ -28,7 +28,8 @@ from gptoss_serve.deployments.attention_replica import AttentionReplica
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.deployments.protocol import APIError
 from gptoss_serve.model.loader import load_model
-from gptoss_serve.model.harmony import parse_completion, render_chat
+from gptoss_serve.model.harmony import render_chat
+from gptoss_serve.model.harmony_parser import parse_completion
 from gptoss_serve.model.tokenizer import load_tokenizer
 from tests.scripted_model import follow_chain
 from tests.test_router_and_ingress import FakeReplicas

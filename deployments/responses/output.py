@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 
 from gptoss_serve.cluster.engine_protocol import RequestOutput
-from gptoss_serve.model.harmony import HarmonyDelta, HarmonyStreamParser
+from gptoss_serve.model.harmony_parser import HarmonyDelta, HarmonyStreamParser
 
 ID_PREFIX = {"reasoning": "rs", "message": "msg", "function_call": "fc"}
 
