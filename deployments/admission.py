@@ -122,11 +122,15 @@ class Admission:
         if self.in_flight >= self.capacity:
             raise APIError(429, "the server is at capacity; retry shortly", retry_after=1)
 
-    async def open(self, requests: list[EngineRequest]) -> tuple[ChoiceStream, list[tuple[int, StreamItem]]]:
+    async def open(self, requests: list[EngineRequest], *,
+                   slot_held: bool = False) -> tuple[ChoiceStream, list[tuple[int, StreamItem]]]:
         """Sends the requests holding a slot -> (their stream, its first items). On a failure before the first
-        items the stream is closed (its requests aborted, the slot given back) and the error raised."""
-        self.check_capacity()
-        stream = ChoiceStream(requests, self.router, self._take_slot())
+        items the stream is closed (its requests aborted, the slot given back) and the error raised.
+        slot_held: the caller holds a slot already, in a stream it keeps open (a response that generates again after
+        running a tool): no slot is taken, and none is given back when this stream closes."""
+        if not slot_held:
+            self.check_capacity()
+        stream = ChoiceStream(requests, self.router, None if slot_held else self._take_slot())
         try:
             firsts = await stream.first()
         except BaseException:

@@ -15,7 +15,9 @@ model_dump show `**********`, and a validation error never repeats its input.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -24,6 +26,55 @@ from gptoss_serve.cluster.engine_config import EngineConfig
 
 MODEL_ENV = "GPTOSS_MODEL"
 API_KEYS_ENV = "GPTOSS_API_KEYS"  # comma-separated; how a Kubernetes secret reaches the app
+# a tool server's label is the harmony namespace of its tools (`to=LABEL.TOOL`): a name as OpenAI's function names are
+TOOL_SERVER_LABEL = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# recipients harmony gives a meaning of its own: a plain MCP server's namespace must not take one
+HARMONY_NAMESPACES = ("functions", "browser", "python", "assistant", "user", "system", "developer")
+
+
+def check_http_url(url: str) -> str:
+    """An http(s) URL with a host, as a tool server's endpoint must be; ValueError otherwise."""
+    if not re.fullmatch(r"https?://[^/?#@\s]+(/[^\s]*)?", url):
+        # the URL is not repeated: it may hold a credential after all
+        raise ValueError("must be an http:// or https:// URL with a host, and no credentials in it")
+    return url
+
+
+class ToolServerConfig(BaseModel):
+    """One MCP tool server (streamable HTTP) whose tools the Responses API calls for the model, inside a response
+    (deployments/responses/tool_servers.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    url: str = Field(description="its streamable-HTTP MCP endpoint, such as http://127.0.0.1:8001/mcp")
+    label: str = Field(description="its server_label: what a request's mcp tool names; a plain server's tools are "
+                                   "the harmony namespace of this name")
+    builtin: Literal["browser", "python"] | None = Field(None, description="the harmony built-in tool it serves: "
+                                                         "browser (tools search, open, find; requests ask for it as "
+                                                         "web_search_preview) or python (one tool, python(code); "
+                                                         "requests ask for it as code_interpreter); none: a plain "
+                                                         "MCP server, asked for as {type: mcp, server_label}")
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="sent with every request to it (an "
+                                          "Authorization header, say)")
+    description: str | None = Field(None, description="a plain server's namespace description in the prompt")
+    timeout_s: float = Field(30.0, gt=0, description="longest one call (or listing) may take; the call fails past it")
+    # at most 64k: a longer run of whitespace than that is more than the tokenizer's regex takes
+    max_output_chars: int = Field(16384, ge=256, le=65536, description="a call's result is cut to this many "
+                                  "characters (the model reads that it was cut)")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        return check_http_url(url)
+
+    @model_validator(mode="after")
+    def _check(self) -> ToolServerConfig:
+        if not TOOL_SERVER_LABEL.fullmatch(self.label):
+            raise ValueError(f"label: must match {TOOL_SERVER_LABEL.pattern}")
+        if self.builtin is None and self.label in HARMONY_NAMESPACES:
+            raise ValueError(f"label: {self.label!r} is one of harmony's own namespaces; a plain MCP server needs "
+                             "another (or set builtin)")
+        return self
 
 
 class AppArgs(BaseModel):
@@ -81,6 +132,16 @@ class AppArgs(BaseModel):
                                                 "conversation) at most; a larger one is not stored: it says "
                                                 "`store: false`, and GET answers 404")
     response_store_ttl_s: float = Field(86_400.0, gt=0, description="how long a stored response is kept")
+    # built-in and MCP tools of /v1/responses, run by this server inside a response (deployments/responses/tool_loop.py)
+    tool_servers: list[ToolServerConfig] = Field(default_factory=list, description="MCP tool servers (a list, or "
+                                                 "its JSON on the command line)")
+    max_tool_calls: int = Field(16, ge=0, description="tool-server calls in one response at most (a request's "
+                                "max_tool_calls may ask for fewer); the model is told when it reaches the limit")
+    tool_list_ttl_s: float = Field(300.0, gt=0, description="how long a server's listed tools are kept before they "
+                                                            "are listed again")
+    mcp_server_url_allowlist: list[str] = Field(default_factory=list, description="URLs (or prefixes ending in /) "
+                                                "a request's mcp tool may name as server_url; none by default: "
+                                                "requests name configured servers only")
     router_max_batch_size: int = Field(64, ge=1, description="requests the router sends in one handle call")
     router_max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits for a batch to fill "
                                                              "while replicas are busy (never when idle)")
@@ -100,8 +161,32 @@ class AppArgs(BaseModel):
             raise ValueError("a key is empty")
         return [SecretStr(k) for k in stripped]
 
+    @field_validator("tool_servers", mode="before")
+    @classmethod
+    def _tool_servers_from_json(cls, value):
+        """`serve run ... tool_servers='[{"url": ..., "label": ...}]'` gives a string: its JSON."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("must be a list of tool servers, or its JSON") from None
+        return value
+
+    @field_validator("mcp_server_url_allowlist")
+    @classmethod
+    def _check_allowlist(cls, urls: list[str]) -> list[str]:
+        return [check_http_url(url) for url in urls]
+
     @model_validator(mode="after")
     def _check(self) -> AppArgs:
+        labels = [server.label for server in self.tool_servers]
+        if len(set(labels)) < len(labels):
+            twice = next(label for label in labels if labels.count(label) > 1)
+            raise ValueError(f"tool_servers: two servers are labelled {twice!r}")
+        builtins = [server.builtin for server in self.tool_servers if server.builtin]
+        if len(set(builtins)) < len(builtins):
+            raise ValueError(f"tool_servers: two servers serve {next(b for b in builtins if builtins.count(b) > 1)}; "
+                             "at most one each")
         if self.device == "cuda" and self.num_gpus_per_replica == 0:
             raise ValueError("num_gpus_per_replica must be > 0 when device is 'cuda'")
         if self.device == "cpu" and self.num_gpus_per_replica > 0:

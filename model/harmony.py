@@ -2,6 +2,10 @@
 
 ``render_chat`` turns an OpenAI chat-completions request into prompt token ids (and ``continuation`` a message left
 open); harmony_parser.py turns generated ids back into reasoning / content / tool-call deltas.
+
+Tools a server runs for the model (the Responses API's built-in and MCP tools, harmony_tools.py's ``ServerTools``) are
+declared as harmony declares them: the built-in browser and python in the system message, in harmony's own words (the
+descriptions gpt-oss was trained on), other namespaces in the developer message beside ``functions``.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Any
 
 from openai_harmony import (Author, Conversation, DeveloperContent, HarmonyEncoding, HarmonyEncodingName, HarmonyError,
                             Message, ReasoningEffort, RenderConversationConfig, Role, SystemContent, ToolDescription,
-                            load_harmony_encoding)
+                            ToolNamespaceConfig, load_harmony_encoding)
 
 from gptoss_serve.model.harmony_splice import Splice
+from gptoss_serve.model.harmony_tools import BUILTIN_TOOLS, ServerTools, ToolNamespace, server_call_message
 from gptoss_serve.model.tokenizer import check_whitespace_runs, load_tokenizer, resolve_vocab_file
 
-__all__ = ["FUNCTIONS_PREFIX", "RenderError", "continuation", "continued_texts", "generation_prompt", "load_encoding",
-           "render_chat", "stop_token_ids"]
+__all__ = ["FUNCTIONS_PREFIX", "RenderError", "ServerTools", "ToolNamespace", "continuation", "continued_texts",
+           "generation_prompt", "load_encoding", "render_chat", "stop_token_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -82,28 +87,29 @@ def _function_name(value: Any, where: str) -> str:
     return value
 
 
-def _tool_descriptions(tools: list[dict]) -> list[ToolDescription]:
+def _tool_descriptions(tools: list[dict], where: str = "tools") -> list[ToolDescription]:
     if not isinstance(tools, list):
-        raise ValueError("tools: must be a list")
+        raise ValueError(f"{where}: must be a list")
     out = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise ValueError(f"tools[{i}].type: must be 'function'")
+            raise ValueError(f"{where}[{i}].type: must be 'function'")
         fn = tool.get("function")
         if not isinstance(fn, dict):
-            raise ValueError(f"tools[{i}].function: must be an object")
-        name = _function_name(fn.get("name"), f"tools[{i}].function.name")
+            raise ValueError(f"{where}[{i}].function: must be an object")
+        name = _function_name(fn.get("name"), f"{where}[{i}].function.name")
         description = fn.get("description") or ""
         if not isinstance(description, str):
-            raise ValueError(f"tools[{i}].function.description: must be a string")
+            raise ValueError(f"{where}[{i}].function.description: must be a string")
         params = fn.get("parameters")
         if params is not None and not isinstance(params, dict):
-            raise ValueError(f"tools[{i}].function.parameters: must be a JSON schema object")
+            raise ValueError(f"{where}[{i}].function.parameters: must be a JSON schema object")
         out.append(ToolDescription.new(name, description, params))
     return out
 
 
-def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splice: Splice) -> list[Message]:
+def _assistant_messages(msg: dict, where: str, call_names: dict[str, tuple[str, str]], splice: Splice,
+                        server_calls: bool) -> list[Message]:
     out = []
     reasoning = msg.get("reasoning_content", msg.get("reasoning"))
     if reasoning is not None:
@@ -123,6 +129,12 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
         out.append(Message.from_role_and_content(Role.ASSISTANT, splice.content(content)).with_channel(channel))
     for j, call in enumerate(calls):
         cw = f"{where}.tool_calls[{j}]"
+        if server_calls and isinstance(call, dict) and call.get("type") == "server":
+            message, recipient, channel = server_call_message(call, cw, splice)
+            if isinstance(call.get("id"), str):
+                call_names[call["id"]] = (recipient, channel)
+            out.append(message)
+            continue
         if not isinstance(call, dict) or call.get("type", "function") != "function":
             raise ValueError(f"{cw}.type: must be 'function'")
         fn = call.get("function")
@@ -135,10 +147,16 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str], splic
         if not isinstance(args, str):
             raise ValueError(f"{cw}.function.arguments: must be a JSON string")
         if isinstance(call.get("id"), str):
-            call_names[call["id"]] = name
+            call_names[call["id"]] = (FUNCTIONS_PREFIX + name, "commentary")
         call_msg = Message.from_role_and_content(Role.ASSISTANT, splice.content(args)).with_channel("commentary")
         out.append(call_msg.with_recipient(FUNCTIONS_PREFIX + name).with_content_type("<|constrain|>json"))
     return out
+
+
+def _namespace_config(namespace: ToolNamespace) -> ToolNamespaceConfig:
+    where = f"tools.{namespace.name}"
+    return ToolNamespaceConfig(name=namespace.name, description=namespace.description, tools=_tool_descriptions(
+        [{"type": "function", "function": tool} for tool in namespace.tools], where=where))
 
 
 def _drop_past_reasoning(turns: list[Message]) -> list[Message]:
@@ -161,6 +179,7 @@ def render_chat(
     *,
     reasoning_effort: str = "medium",
     tools: list[dict] | None = None,
+    server_tools: ServerTools | None = None,
     model_identity: str | None = None,
     conversation_start_date: str | None = None,  # "Current date: ..." line; left out when None
     knowledge_cutoff: str | None = None,  # None keeps harmony's default, 2024-06
@@ -168,8 +187,9 @@ def render_chat(
     """Prompt ids for the next assistant turn of an OpenAI-style chat.
 
     system and developer texts all become the instructions of harmony's one developer message, as OpenAI's gpt-oss
-    guide does: harmony's own system message carries identity, reasoning effort, dates and channels. Assistant
-    reasoning before the last final answer is left out (_drop_past_reasoning).
+    guide does: harmony's own system message carries identity, reasoning effort, dates, channels and the built-in
+    tools of `server_tools`; the developer message the function `tools` and the other server tools' namespaces.
+    Assistant reasoning before the last final answer is left out (_drop_past_reasoning).
     """
     if reasoning_effort not in _EFFORTS:
         raise ValueError(f"reasoning_effort: must be one of {sorted(_EFFORTS)}")
@@ -182,11 +202,13 @@ def render_chat(
         system = system.with_conversation_start_date(conversation_start_date)
     if knowledge_cutoff is not None:
         system = system.with_knowledge_cutoff(knowledge_cutoff)
+    for builtin in server_tools.builtins if server_tools else ():
+        system = system.with_tools(BUILTIN_TOOLS[builtin]())
 
     splice = Splice()  # long texts are encoded by tiktoken, not by harmony (see harmony_splice)
     instructions: list[str] = []
     turns: list[Message] = []
-    call_names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
+    call_names: dict[str, tuple[str, str]] = {}  # tool_call_id -> (the tool's name, channel), for tool results
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -198,28 +220,31 @@ def render_chat(
             turns.append(Message.from_role_and_content(Role.USER, splice.content(_text(msg.get("content"),
                                                                                         f"{where}.content"))))
         elif role == "assistant":
-            turns += _assistant_messages(msg, where, call_names, splice)
+            turns += _assistant_messages(msg, where, call_names, splice, server_tools is not None)
         elif role == "tool":
             call_id = msg.get("tool_call_id")
             if not isinstance(call_id, str) or call_id not in call_names:
                 raise ValueError(f"{where}.tool_call_id: no earlier assistant tool call has the id {call_id!r}")
-            result = Message.from_author_and_content(
-                Author.new(Role.TOOL, FUNCTIONS_PREFIX + call_names[call_id]),
-                splice.content(_text(msg.get("content"), f"{where}.content")))
-            turns.append(result.with_channel("commentary").with_recipient("assistant"))
+            author, channel = call_names[call_id]
+            result = Message.from_author_and_content(Author.new(Role.TOOL, author),
+                                                     splice.content(_text(msg.get("content"), f"{where}.content")))
+            turns.append(result.with_channel(channel).with_recipient("assistant"))
         else:
             raise ValueError(f"{where}.role: unknown role {role!r}")
     turns = _drop_past_reasoning(turns)
 
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     function_tools = _tool_descriptions(tools) if tools else []
+    namespaces = [_namespace_config(n) for n in server_tools.namespaces] if server_tools else []
     instruction_text = splice.instructions("\n\n".join(instructions), "messages") if instructions else ""
-    if instructions or function_tools:
+    if instructions or function_tools or namespaces:
         developer = DeveloperContent.new()
         if instructions:
             developer = developer.with_instructions(instruction_text)
         if function_tools:
             developer = developer.with_function_tools(function_tools)
+        for namespace in namespaces:
+            developer = developer.with_tools(namespace)
         head.append(Message.from_role_and_content(Role.DEVELOPER, developer))
     try:
         return splice.apply(_render(head + turns))
@@ -227,7 +252,7 @@ def render_chat(
         # what harmony itself refuses (its own words name JSON columns of its own document, not the request's fields):
         # the tools are to blame when the conversation renders without them
         param = "messages"
-        if function_tools:
+        if function_tools or namespaces:
             without = head[:1] + ([Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new()
                                                                   .with_instructions(instruction_text))]
                                   if instructions else [])

@@ -11,19 +11,22 @@ from typing import Literal
 from openai_harmony import Role, StreamableParser
 
 from gptoss_serve.model.harmony import FUNCTIONS_PREFIX, load_encoding, stop_token_ids
+from gptoss_serve.model.harmony_tools import SERVER_CALL_CHANNELS, SERVER_CALL_CONTENT_TYPE, SERVER_CALL_RECIPIENT
 from gptoss_serve.model.tokenizer import IncrementalDecoder, load_tokenizer
 
 __all__ = ["HarmonyDelta", "HarmonyOutput", "HarmonyStreamParser", "ToolCall", "parse_completion"]
 
 log = logging.getLogger(__name__)
 
-_Kind = Literal["reasoning", "content", "tool_call"]
+_Kind = Literal["reasoning", "content", "tool_call", "server_call"]
 
 
 @dataclass(frozen=True, slots=True)
 class HarmonyDelta:
     """A piece of streamed output.  For tool calls ``arguments`` is the same delta as ``text``; the first delta of
-    each call has ``text == ""`` and announces its id and name."""
+    each call has ``text == ""`` and announces its id and name.  A server call (a message to a tool of one of the
+    parser's ``server_namespaces``) is announced the same way, its ``name`` the whole recipient (``browser.search``,
+    ``python``), with the ``channel`` and ``content_type`` of its header, so that it can be rendered back as it was."""
 
     kind: _Kind
     text: str
@@ -31,6 +34,8 @@ class HarmonyDelta:
     id: str | None = None
     name: str | None = None
     arguments: str | None = None
+    channel: str | None = None
+    content_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +67,10 @@ class HarmonyStreamParser:
     # this many a "header" is garbage, and holding it back would stall a stream
     MAX_HEADER_TOKENS = 32
 
-    def __init__(self, *, max_header_tokens: int = MAX_HEADER_TOKENS) -> None:
+    def __init__(self, *, max_header_tokens: int = MAX_HEADER_TOKENS,
+                 server_namespaces: frozenset[str] = frozenset()) -> None:
+        """server_namespaces: those whose tools a server runs (browser, python, an MCP server's label): a message to
+        one of their tools is a server call; to any other recipient, reasoning or content as before."""
         encoding = load_encoding()
         self._parser: StreamableParser | None = StreamableParser(encoding, role=Role.ASSISTANT)
         self._tokenizer = load_tokenizer()
@@ -70,6 +78,9 @@ class HarmonyStreamParser:
         self._stops = frozenset(stop_token_ids())  # <|return|>, <|call|>: the engine's, never text
         self._message_ends = frozenset(encoding.stop_tokens())  # <|end|>, <|return|>, <|call|>
         self._max_header = max_header_tokens
+        self._server_namespaces = server_namespaces
+        # server calls, kept apart from function calls (the server's to run): id, recipient, channel, content type
+        self._server_calls: list[tuple[str, str, str | None, str | None]] = []
         # harmony's own parser.state serialises every content token of the message to JSON, so reading it per
         # token is quadratic; we follow its three states ourselves (a test checks that we agree).
         self._state: Literal["expect_start", "header", "content"] = "header"
@@ -146,6 +157,16 @@ class HarmonyStreamParser:
             self._kind = "tool_call"
             self._calls.append(("call_" + secrets.token_hex(12), recipient[len(FUNCTIONS_PREFIX) :], []))
             return [self._delta("")]
+        if (recipient and recipient.split(".", 1)[0] in self._server_namespaces
+                and SERVER_CALL_RECIPIENT.fullmatch(recipient)):
+            # kept so that it renders back as the model wrote it, where harmony can render it at all
+            content_type = self._parser.current_content_type
+            self._kind = "server_call"
+            self._server_calls.append((
+                "call_" + secrets.token_hex(12), recipient,
+                channel if channel in SERVER_CALL_CHANNELS else "commentary",
+                content_type if content_type and SERVER_CALL_CONTENT_TYPE.fullmatch(content_type) else None))
+            return [self._delta("")]
         # analysis -> reasoning; final and commentary preambles (and anything odd) -> content
         self._kind = "reasoning" if channel == "analysis" else "content"
         self._parts.setdefault(self._kind, [])
@@ -156,6 +177,10 @@ class HarmonyStreamParser:
             call_id, name, args = self._calls[-1]
             args.append(text)
             return HarmonyDelta("tool_call", text, tool_index=len(self._calls) - 1, id=call_id, name=name, arguments=text)
+        if self._kind == "server_call":
+            call_id, name, channel, content_type = self._server_calls[-1]
+            return HarmonyDelta("server_call", text, id=call_id, name=name, arguments=text, channel=channel,
+                                content_type=content_type)
         kind = self._kind or "content"
         self._parts.setdefault(kind, []).append(text)
         return HarmonyDelta(kind, text)

@@ -1,8 +1,8 @@
 """Random requests against the ingress (in-process, a stand-in engine that answers): whatever a client sends, the
 answer is a well-formed 2xx or 4xx, never a 5xx, never slow, and the app serves normally afterwards.
 
-Bodies are drawn by hypothesis: every field the endpoints know (chat, completions, Responses, vLLM's /tokenize in
-both its forms and /detokenize), each either a
+Bodies are drawn by hypothesis: every field the endpoints know (chat, completions, Responses with the tools it runs
+through MCP tool servers, vLLM's /tokenize in both its forms and /detokenize), each either a
 plausible value or any JSON value at all, plus unknown fields, and sometimes no JSON object at all. Text anywhere
 (keys too) may hold a lone surrogate, any value may be nested hundreds of levels deep, and the schemas of
 response_format, text.format and tools include ones no request could follow ($ref cycles, patterns past
@@ -15,6 +15,7 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -29,6 +30,8 @@ from gptoss_serve.cluster.sampling_params import StructuredOutput
 from gptoss_serve.deployments.args import AppArgs
 from gptoss_serve.deployments.openai_ingress import OpenAIIngress, build_fastapi_app
 from gptoss_serve.model.tokenizer import load_tokenizer
+from tests.mcp_servers import RunningServer, docs_server
+from tests.net import free_port
 from tests.test_router_and_ingress import FakeReplicas
 
 EXAMPLES = 1000
@@ -139,14 +142,32 @@ COMPLETION = ({**MODEL, "prompt": field(text(min_size=1, max_size=40) | st.lists
               {**COMMON, "logprobs": field(st.integers(-1, 25)), "echo": field(st.booleans())})
 
 
+ALLOWED_URL = "http://127.0.0.1:9/mcp"  # the fuzzed app's allow-list: a request may name it (nothing listens there)
 INPUT_ITEM = st.fixed_dictionaries({"role": st.sampled_from(["user", "user", "assistant", "system", "developer", "x"]),
                                     "content": field(text(max_size=30) | st.lists(st.fixed_dictionaries(
                                         {"type": st.sampled_from(["input_text", "output_text", "input_image"]),
                                          "text": field(text(max_size=20))}), max_size=2))})
-RESPONSE_TOOL = st.fixed_dictionaries(
-    {"type": st.sampled_from(["function", "function", "web_search"]), "name": st.sampled_from(["f", "g"]) | text(),
-     "parameters": field(st.just({"type": "object"}) | UNFOLLOWABLE)},
+FUNCTION_TOOL = st.fixed_dictionaries(
+    {"type": st.sampled_from(["function", "function", "web_search", "file_search"]),
+     "name": st.sampled_from(["f", "g"]) | text(), "parameters": field(st.just({"type": "object"}) | UNFOLLOWABLE)},
     optional={"description": field(text(max_size=20)), "strict": field(st.booleans())})
+# the tools the server runs through its MCP tool servers (the fuzzed app has a browser, a python and `docs`, and
+# allows one URL): labels and URLs configured or not, OpenAI's options it lacks, any value in any field
+SERVER_LABEL = st.sampled_from(["docs", "docs", "browser", "gone", "nowhere", "functions"]) | text(max_size=8)
+MCP_TOOL = st.fixed_dictionaries({"type": st.just("mcp"), "server_label": field(SERVER_LABEL)}, optional={
+    "server_url": field(st.sampled_from([ALLOWED_URL, "http://10.0.0.1/mcp", "file:///etc/passwd"]) | text()),
+    "allowed_tools": field(st.sampled_from([["lookup"], {"tool_names": ["lookup"]}, {"read_only": True}, []])),
+    "require_approval": field(st.sampled_from(["never", "always", {"never": {"tool_names": ["lookup"]}}])),
+    "headers": field(st.dictionaries(text(max_size=6), text(max_size=6), max_size=2)),
+    "authorization": field(text(max_size=8)), "server_description": field(text(max_size=20)),
+    "connector_id": field(st.just("connector_gmail")), "defer_loading": field(st.booleans())})
+WEB_SEARCH_TOOL = st.fixed_dictionaries({"type": st.sampled_from(["web_search", "web_search_preview"])}, optional={
+    "search_context_size": field(st.sampled_from(["low", "high", "huge"])),
+    "user_location": field(st.just({"type": "approximate"})), "filters": field(st.just({"allowed_domains": []}))})
+CODE_TOOL = st.fixed_dictionaries({"type": st.just("code_interpreter")}, optional={
+    "container": field(st.sampled_from(["cntr_1", {"type": "auto"}, {"type": "auto", "file_ids": ["f"]},
+                                        {"type": "other"}]))})
+RESPONSE_TOOL = st.one_of(FUNCTION_TOOL, FUNCTION_TOOL, MCP_TOOL, WEB_SEARCH_TOOL, CODE_TOOL)
 RESPONSES = ({**MODEL, "input": field(text(min_size=1, max_size=40) | st.lists(INPUT_ITEM, min_size=1, max_size=3))},
              {"instructions": field(text(max_size=20)), "user": field(text(max_size=8)),
               "metadata": field(st.dictionaries(text(max_size=6), text(max_size=10), max_size=3)),
@@ -160,7 +181,12 @@ RESPONSES = ({**MODEL, "input": field(text(min_size=1, max_size=40) | st.lists(I
               "top_p": field(st.floats(-0.2, 1.2)), "stream": field(st.booleans()), "store": field(st.booleans()),
               "reasoning": field(st.fixed_dictionaries({"effort": st.sampled_from(["low", "high", "minimal"])})),
               "previous_response_id": field(st.just("resp_none")), "parallel_tool_calls": field(st.booleans()),
-              "background": field(st.booleans())})
+              "background": field(st.booleans()), "max_tool_calls": field(st.integers(-1, 3)),
+              "include": field(st.sampled_from([["code_interpreter_call.outputs"], ["web_search_call.results"]]))})
+GOOD_SERVER_TOOL = st.sampled_from([
+    {"type": "web_search_preview"}, {"type": "code_interpreter", "container": {"type": "auto"}},
+    {"type": "mcp", "server_label": "docs", "require_approval": "never"},
+    {"type": "mcp", "server_label": "docs", "allowed_tools": ["lookup"]}])
 GOOD_RESPONSE = st.fixed_dictionaries(
     {"model": st.just("gpt-oss"), "input": st.text(min_size=1, max_size=40) | st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "developer"]), "content": st.text(max_size=30)}), min_size=1, max_size=2)},
@@ -172,8 +198,10 @@ GOOD_RESPONSE = st.fixed_dictionaries(
               "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "name": st.just("f"),
                                                        "description": st.text(max_size=20),
                                                        "parameters": st.sampled_from(GOOD_SCHEMAS) | UNFOLLOWABLE}),
-                                min_size=1, max_size=1),
-              "tool_choice": st.sampled_from(["auto", "required"]), "background": st.booleans()})
+                                min_size=1, max_size=1) | st.lists(GOOD_SERVER_TOOL, min_size=1, max_size=3,
+                                                                   unique_by=lambda tool: tool["type"]),
+              "tool_choice": st.sampled_from(["auto", "required"]), "background": st.booleans(),
+              "max_tool_calls": st.integers(0, 3)})
 
 
 # vLLM's /tokenize (a text, or a chat rendered as the chat route renders it) and /detokenize; `model` may be left out
@@ -316,7 +344,13 @@ def json_schemas(grammar: str) -> list[str]:
 @pytest.fixture(scope="module")
 def client():
     loop = asyncio.new_event_loop()
-    app = build_fastapi_app(OpenAIIngress(GrammarReplicas(tokens=2, delay=0), AppArgs()))
+    docs = RunningServer(docs_server(Counter()))  # a live MCP server, its tools listed when a request names it
+    nowhere = f"http://127.0.0.1:{free_port()}/mcp"  # servers that are down (the fuzzed model never calls them)
+    args = AppArgs(tool_servers=[{"url": nowhere, "label": "browser", "builtin": "browser"},
+                                 {"url": nowhere, "label": "python", "builtin": "python"},
+                                 {"url": docs.url, "label": "docs"}, {"url": nowhere, "label": "gone"}],
+                   mcp_server_url_allowlist=[ALLOWED_URL])
+    app = build_fastapi_app(OpenAIIngress(GrammarReplicas(tokens=2, delay=0), args))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     http = httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
     seen: dict[int, int] = {}
@@ -333,6 +367,7 @@ def client():
     yield send, seen
     loop.run_until_complete(http.aclose())
     loop.close()
+    docs.stop()
 
 
 def check(response: httpx.Response) -> None:
@@ -371,6 +406,23 @@ def test_completions_fuzz(client, body):
 @FUZZ
 @given(body=bodies(RESPONSES, GOOD_RESPONSE))
 def test_responses_fuzz(client, body):
+    send, _ = client
+    check(send("/v1/responses", body))
+
+
+# well-formed requests whose tools are mostly the server's own, each tool plausible or not: the checks against the
+# app's tool servers (requested_tools.py) and the listing of a live MCP server, rather than pydantic's
+SERVER_TOOLS_RESPONSE = st.fixed_dictionaries(
+    {"model": st.just("gpt-oss"), "input": st.just("hi"),
+     "tools": st.lists(st.one_of(MCP_TOOL, MCP_TOOL, WEB_SEARCH_TOOL, CODE_TOOL, GOOD_SERVER_TOOL, FUNCTION_TOOL),
+                       min_size=1, max_size=3)},
+    optional={"stream": st.booleans(), "max_tool_calls": field(st.integers(-1, 3)), "background": st.booleans(),
+              "tool_choice": st.sampled_from(["none", "auto", "required"]), "max_output_tokens": st.integers(1, 4)})
+
+
+@FUZZ
+@given(body=SERVER_TOOLS_RESPONSE)
+def test_responses_server_tools_fuzz(client, body):
     send, _ = client
     check(send("/v1/responses", body))
 

@@ -146,6 +146,42 @@ def test_assistant_text_next_to_tool_calls_is_a_preamble():
     assert "<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>" in text
 
 
+def test_server_tools_render_as_harmony_declares_them():
+    """Built-ins in the system message in harmony's own words, other namespaces in the developer message beside
+    functions; a server tool's call and result on the channel the model chose, its result from the tool itself."""
+    from openai_harmony import (Author, Conversation, DeveloperContent, Message, Role, SystemContent, ToolDescription,
+                                ToolNamespaceConfig)
+
+    docs = hm.ToolNamespace("docs", "Docs.", ({"name": "lookup", "description": "Look up.",
+                                               "parameters": {"type": "object"}},))
+    messages = [{"role": "user", "content": "6*7?"},
+                {"role": "assistant", "reasoning_content": "Compute.", "tool_calls": [
+                    {"id": "s1", "type": "server", "recipient": "python", "channel": "analysis",
+                     "content_type": "code", "arguments": "6*7"}]},
+                {"role": "tool", "tool_call_id": "s1", "content": "42"}]
+    ids = render_chat(messages, tools=[WEATHER_TOOL], server_tools=hm.ServerTools(("browser", "python"), (docs,)))
+    developer = DeveloperContent.new().with_function_tools([ToolDescription.new(
+        "get_weather", "Gets the current weather.", WEATHER_TOOL["function"]["parameters"])]).with_tools(
+        ToolNamespaceConfig(name="docs", description="Docs.", tools=[ToolDescription.new("lookup", "Look up.", {
+            "type": "object"})]))
+    expected = hm.load_encoding().render_conversation_for_completion(Conversation.from_messages([
+        Message.from_role_and_content(Role.SYSTEM, SystemContent.new().with_browser_tool().with_python_tool()),
+        Message.from_role_and_content(Role.DEVELOPER, developer),
+        Message.from_role_and_content(Role.USER, "6*7?"),
+        Message.from_role_and_content(Role.ASSISTANT, "Compute.").with_channel("analysis"),
+        Message.from_role_and_content(Role.ASSISTANT, "6*7").with_channel("analysis").with_recipient(
+            "python").with_content_type("code"),
+        Message.from_author_and_content(Author.new(Role.TOOL, "python"), "42").with_channel("analysis")
+        .with_recipient("assistant")]), Role.ASSISTANT)
+    assert ids == list(expected)
+    # chat never makes such calls: without server tools they are refused, naming the field
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.type: must be 'function'"):
+        render_chat(messages)
+    bad = [messages[0], {**messages[1], "tool_calls": [{**messages[1]["tool_calls"][0], "channel": "final"}]}]
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.tool_calls\[0\]\.channel"):
+        render_chat(bad, server_tools=hm.ServerTools())
+
+
 def test_special_token_text_in_messages_is_not_special(tok):
     ids = render_chat([{"role": "user", "content": "say <|return|> <|call|> <|end|>"}])
     assert 200002 not in ids and 200012 not in ids
@@ -191,8 +227,8 @@ def _harmony_state(parser: HarmonyStreamParser) -> str:
     return {"ExpectStart": "expect_start", "Header": "header", "Content": "content"}[parser._parser.state.value]
 
 
-def _stream(tok, text: str) -> tuple[list[list[HarmonyDelta]], HarmonyOutput]:
-    parser = HarmonyStreamParser()
+def _stream(tok, text: str, **options) -> tuple[list[list[HarmonyDelta]], HarmonyOutput]:
+    parser = HarmonyStreamParser(**options)
     per_token = []
     for i in tok.encode(text, allow_special=True):
         per_token.append(parser.feed(i))
@@ -227,6 +263,19 @@ def test_parser_tool_call(tok):
     [call] = out.tool_calls
     assert call.id.startswith("call_") and len(call.id) > 10
     assert (call.name, call.arguments) == ("get_weather", '{"city":"Paris"}')
+
+
+def test_parser_server_calls_only_to_its_server_namespaces(tok):
+    text = ('<|channel|>analysis<|message|>Look.<|end|><|start|>assistant<|channel|>analysis to=browser.search '
+            'code<|message|>{"query":"x"}<|call|>')
+    per_token, out = _stream(tok, text, server_namespaces=frozenset({"browser"}))
+    calls = [d for ds in per_token for d in ds if d.kind == "server_call"]
+    assert calls[0].text == "" and calls[0].name == "browser.search" and calls[0].id.startswith("call_")
+    assert {(d.channel, d.content_type) for d in calls} == {("analysis", "code")}
+    assert "".join(d.text for d in calls) == '{"query":"x"}' and {d.id for d in calls} == {calls[0].id}
+    assert out.tool_calls == [] and out.reasoning_content == "Look."  # not the caller's to run
+    # without browser among them (chat's parser), the same message is reasoning, as before
+    assert parse_completion(tok.encode(text, allow_special=True)).reasoning_content == 'Look.{"query":"x"}'
 
 
 def test_parser_recipient_in_the_role_header(tok):

@@ -262,8 +262,9 @@ def test_text_format_and_tool_choice_reach_the_engine_as_a_grammar():
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),  # no browser tool server is configured
+    ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "file_search", "vector_store_ids": []}]}, "tools"),
     ({"background": True, "store": False}, "background"),  # a background response must be stored
     ({"conversation": "conv_1"}, "conversation"),
     ({"truncation": "auto"}, "truncation"),

@@ -4,12 +4,14 @@ official `openai` client with strict validation of every answer.
 The tiny model is scripted (tests/scripted_model.py), written as a checkpoint the replicas load: a random model
 answers anything, and these tests need answers to check. Two apps share the session's Ray cluster: one says a JSON
 final answer (plain, streamed, json_schema; two ingress replicas sharing the response store), the other calls
-get_weather (function calling over two turns)."""
+get_weather (function calling over two turns). A third, given an MCP tool server of the tests' own, calls its tool
+inside one response (tests/test_responses_tools.py has the rest of that, in-process)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import httpx
 import jsonschema
@@ -23,7 +25,8 @@ from gptoss_serve.deployments.responses.store import STORE_NAMESPACE, store_name
 from gptoss_serve.model.loader import load_model
 from gptoss_serve.model.harmony import render_chat
 from gptoss_serve.model.tokenizer import load_tokenizer
-from tests.responses_cases import ARGUMENTS, CALL, CITY_SCHEMA, JSON_ANSWER, JSON_FORMAT, TOOLS
+from tests.mcp_servers import RunningServer, docs_server
+from tests.responses_cases import ARGUMENTS, CALL, CITY_SCHEMA, JSON_ANSWER, JSON_FORMAT, TOOLS, check_response
 from tests.scripted_model import follow_chain
 
 MODEL = "gpt-oss"
@@ -212,10 +215,45 @@ def test_store_false_and_unknown_ids_are_404(apps):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),  # the app has no browser tool server
     ({"background": True, "store": False}, "background"),  # a background response must be stored
     ({"unknown_field": 1}, "unknown_field"),
 ])
 def test_unsupported_fields_are_400s_naming_them(apps, extra, param):
     r = httpx.post(f"{apps['answers']}/v1/responses", json={"model": MODEL, "input": "Hi", **extra}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+LOOKUP = '<|channel|>commentary to=docs.lookup <|constrain|>json<|message|>{"term":"gpt"}<|call|>'
+
+
+@pytest.fixture(scope="module")
+def mcp_app(ray_cluster, tiny_bf16, tmp_path_factory):
+    calls = Counter()
+    docs = RunningServer(docs_server(calls))
+    checkpoint = write_scripted(tiny_bf16, tmp_path_factory.mktemp("scripted-mcp") / "lookup", LOOKUP)
+    url = deploy("responses-mcp", checkpoint, ray_cluster, max_tool_calls=1,
+                 tool_servers=[{"url": docs.url, "label": "docs", "headers": {"X-Test": "1"}}])
+    yield url, calls
+    undeploy("responses-mcp")
+    docs.stop()
+
+
+def test_an_mcp_tool_is_called_inside_a_response_of_the_serve_app(mcp_app):
+    """The app args reach the ingress replica, which lists the server's tools and calls one between two engine
+    requests; this scripted model calls again each round, so the calls limit (1) ends it: the second call is refused
+    and the model told, the third ends the response."""
+    url, calls = mcp_app
+    api = client(url)
+    tools = [{"type": "mcp", "server_label": "docs", "allowed_tools": ["lookup"], "require_approval": "never"}]
+    response = api.responses.create(model=MODEL, input="Look it up", tools=tools)
+    listing, *made = response.output
+    assert listing.type == "mcp_list_tools" and [tool.name for tool in listing.tools] == ["lookup"]
+    assert [(item.type, item.status) for item in made] == [("mcp_call", "completed"), ("mcp_call", "failed"),
+                                                          ("mcp_call", "failed")]
+    assert made[0].output == "gpt: a word in the docs." and calls["lookup"] == 1
+    assert response.status == "completed" and api.responses.retrieve(response.id) == response
+    events = list(api.responses.create(model=MODEL, input="Again", tools=tools, stream=True))
+    assert events[-1].type == "response.completed" and calls["lookup"] == 2
+    assert [e.type for e in events].count("response.mcp_call.completed") == 1
+    check_response(events[-1].response.model_dump(mode="json", exclude_unset=True))

@@ -5,11 +5,16 @@ Conversation items are kept normalized, in the Responses shape, each with the te
     {"type": "reasoning", "content": [{"type": "reasoning_text", "text": ...}]}
     {"type": "function_call", "call_id", "name", "arguments"}
     {"type": "function_call_output", "call_id", "output"}
+and, from a stored response's output only (output.py), its server-tool calls with what the model read back, and a
+mark for each MCP server whose tools were listed to it (which renders nothing):
+    {"type": "server_call", "recipient", "channel", "content_type", "arguments", "output"}
+    {"type": "mcp_list_tools", "server_label"}
 The assistant's items between two user/tool turns (reasoning, text, function calls) become one chat assistant message,
 which `harmony.render_chat` renders as gpt-oss expects: analysis, then a final answer or a preamble and its calls.
 Assistant text that a function call follows in the same run is a preamble, never a final answer: it stays in the chat
-message of that call. render_chat drops the analysis before the last final answer, so reasoning items are passed
-through.
+message of that call. A server call is a call of that message too (a tool call of type `server`, render_chat's), and
+its output a tool message right after it. render_chat drops the analysis before the last final answer, so reasoning
+items are passed through.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from typing import Any
 
 ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text", "text")
-ASSISTANT_SIDE = ("reasoning", "function_call")
+CALLS = ("function_call", "server_call")
+# output items of server tools (and OpenAI's approval items): a stored response keeps what they need for the prompt,
+# the items themselves do not
+SERVER_TOOL_ITEMS = ("web_search_call", "code_interpreter_call", "mcp_call", "mcp_list_tools", "mcp_approval_request",
+                     "mcp_approval_response")
 UNSUPPORTED_PARTS = ("input_image", "input_file", "input_audio")
 
 
@@ -84,6 +93,9 @@ def _normalize_item(item: dict, where: str) -> dict | None:
     if kind == "item_reference":
         raise ValueError(f"{where}.type: item references are not supported; send the item itself or use "
                          "previous_response_id")
+    if kind in SERVER_TOOL_ITEMS:
+        raise ValueError(f"{where}.type: {kind} items cannot be sent as input here; continue the response that made "
+                         "them with previous_response_id (its stored conversation keeps what the model read back)")
     raise ValueError(f"{where}.type: {kind!r} items are not supported; this server takes message, function_call, "
                      "function_call_output and reasoning items")
 
@@ -129,8 +141,10 @@ def to_chat_messages(items: list[dict], *, instructions: str | None = None) -> l
     messages: list[dict] = [{"role": "developer", "content": instructions}] if instructions else []
     turn: dict | None = None  # the assistant message being gathered
     calls_ahead = _calls_ahead(items)
-    for item, call_ahead in zip(items, calls_ahead):
+    for index, (item, call_ahead) in enumerate(zip(items, calls_ahead)):
         kind = item["type"]
+        if kind == "mcp_list_tools":
+            continue
         if kind == "function_call_output":
             turn = None
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
@@ -143,13 +157,19 @@ def to_chat_messages(items: list[dict], *, instructions: str | None = None) -> l
         # (text whose call is still to come) has not said its all: alone, chat would make it a final answer, and
         # render_chat would then drop the reasoning of the turn in progress
         spoke = turn is not None and ("tool_calls" in turn or ("content" in turn and not call_ahead))
-        if turn is None or (kind != "function_call" and spoke):
+        if turn is None or (kind not in CALLS and spoke):
             turn = {"role": "assistant"}
             messages.append(turn)
         if kind in ("reasoning", "message"):
             key = "reasoning_content" if kind == "reasoning" else "content"
             text = item["content"][0]["text"]
             turn[key] = f"{turn[key]}\n{text}" if key in turn else text
+        elif kind == "server_call":  # its output follows it at once: the run goes on after it in a new message
+            call_id = f"server_call_{index}"
+            turn.setdefault("tool_calls", []).append({"id": call_id, "type": "server", **{
+                k: item[k] for k in ("recipient", "channel", "content_type", "arguments")}})
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": item["output"]})
+            turn = None
         else:
             turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
                 "name": item["name"], "arguments": item["arguments"]}})
@@ -157,24 +177,27 @@ def to_chat_messages(items: list[dict], *, instructions: str | None = None) -> l
 
 
 def _calls_ahead(items: list[dict]) -> list[bool]:
-    """For each item: whether a function_call follows it in the same assistant run (before the next user, system or
-    developer message or tool output)."""
+    """For each item: whether a call follows it in the same assistant run (before the next user, system or
+    developer message or tool output; a server call's output comes with it)."""
     out, ahead = [], False
     for item in reversed(items):
-        if item["type"] == "function_call_output" or (item["type"] == "message" and item["role"] != "assistant"):
+        if item["type"] in ("function_call_output", "server_call") or (
+                item["type"] == "message" and item["role"] != "assistant"):
             ahead = False
         out.append(ahead)
-        if item["type"] == "function_call":
+        if item["type"] in CALLS:
             ahead = True
     return out[::-1]
 
 
 def chat_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Responses' flat function tools in chat's shape ({"type": "function", "function": {...}})."""
-    if not tools:
+    """Responses' flat function tools in chat's shape ({"type": "function", "function": {...}}); the server's own
+    tools (built-in, MCP) are not the caller's functions, and are left out."""
+    functions = [tool for tool in tools or [] if tool.get("type") == "function"]
+    if not functions:
         return None
     return [{"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters", "strict")
-                                              if tool.get(k) is not None}} for tool in tools]
+                                              if tool.get(k) is not None}} for tool in functions]
 
 
 def chat_tool_choice(choice: str | dict | None) -> str | dict | None:

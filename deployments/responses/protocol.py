@@ -1,9 +1,11 @@
 """The request body of POST /v1/responses, checked field by field; what this server cannot honour is a 400.
 
 Unknown fields are refused (extra="forbid"), and so are OpenAI's fields in any value but their "off" one (truncation,
-include): a client must not believe it got something it did not. `background: true` runs the response in the
-background (api.py); it must be stored, as OpenAI requires. Input items are normalized here into the
-conversation items the rest of the code works with (responses_conversation.py).
+include, but for the code interpreter's outputs, always given): a client must not believe it got something it did not.
+Tools the server runs itself (web search, code interpreter, MCP) are checked against the app's tool servers when the
+request is served (requested_tools.py), their errors naming the field as `tools[1].server_label`. `background: true`
+runs the response in the background (background.py); it must be stored, as OpenAI requires. Input items are normalized
+here into the conversation items the rest of the code works with (conversation.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ Int = Annotated[int, Strict()]
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview",
                   "image_generation", "mcp", "local_shell", "shell", "apply_patch", "custom")
+# built-in tools this server runs through its tool servers (requested_tools.py)
+SERVER_TOOL_TYPES = ("web_search", "web_search_2025_08_26", "web_search_preview", "web_search_preview_2025_03_11",
+                     "code_interpreter", "mcp")
+INCLUDABLE = ("code_interpreter_call.outputs",)  # what `include` may ask for: given anyway
 
 
 class ReasoningConfig(BaseModel):
@@ -70,6 +76,7 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # gpt-oss ends its turn at each call: at most one call per response
+    max_tool_calls: Int | None = Field(None, ge=0)  # calls of server tools in this response (the app's limit at most)
     max_output_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
@@ -89,12 +96,13 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
     def _check(self) -> ResponsesRequest:
         if self.background and self.store is False:  # it is polled from the store: nothing to poll otherwise
             raise ValueError("background: a background response must be stored; leave store out or send store: true")
-        if self.include:
-            raise ValueError(f"include: {self.include[0]!r} is not available here (this server adds nothing to a "
-                             "response on request); leave include out")
+        for value in self.include or []:
+            if value not in INCLUDABLE:
+                raise ValueError(f"include: {value!r} is not available here (this server adds nothing else to a "
+                                 f"response on request; it gives {', '.join(INCLUDABLE)} anyway)")
         self._items = normalize_input(self.input)
         check_function_tools(self.tools or [])
-        names = {tool["name"] for tool in self.tools or []}
+        names = {tool["name"] for tool in self.tools or [] if tool.get("type") == "function"}
         choice = self.tool_choice
         if isinstance(choice, dict):
             if choice.get("type") != "function" or set(choice) != {"type", "name"}:
@@ -123,7 +131,8 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
     def echo(self) -> dict:
         """The request's settings as a response object repeats them, defaults filled in as OpenAI fills them."""
         tools = [{"type": "function", "name": t["name"], "description": t.get("description"),
-                  "parameters": t.get("parameters"), "strict": t.get("strict")} for t in self.tools or []]
+                  "parameters": t.get("parameters"), "strict": t.get("strict")} if t["type"] == "function"
+                 else echo_server_tool(t) for t in self.tools or []]
         return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
                 "metadata": self.metadata or {}, "parallel_tool_calls": self.parallel_tool_calls is not False,
                 "previous_response_id": self.previous_response_id,
@@ -131,7 +140,12 @@ class ResponsesRequest(CheckedBody):  # the body's JSON is checked first (json_b
                 "store": self.store is not False, "temperature": 1.0 if self.temperature is None else self.temperature,
                 "text": {"format": self.format.echo()}, "tool_choice": self.tool_choice or "auto", "tools": tools,
                 "top_p": 1.0 if self.top_p is None else self.top_p, "truncation": "disabled", "user": self.user,
-                "background": bool(self.background)}
+                "background": bool(self.background), "max_tool_calls": self.max_tool_calls}
+
+
+def echo_server_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A server tool as the response repeats it (and the store keeps it): without the credentials it carried."""
+    return {k: v for k, v in tool.items() if k not in ("headers", "authorization")}
 
 
 def check_function_tools(tools: list[dict[str, Any]]) -> None:
@@ -141,9 +155,12 @@ def check_function_tools(tools: list[dict[str, Any]]) -> None:
     for i, tool in enumerate(tools):
         where = f"tools.{i}"
         kind = tool.get("type")
+        if kind in SERVER_TOOL_TYPES:  # checked against the app's tool servers (requested_tools.py)
+            continue
         if kind != "function":
             what = "built-in tool" if kind in BUILT_IN_TOOLS or str(kind).startswith("web_search") else "tool type"
-            raise ValueError(f"{where}.type: {what} {kind!r} is not supported; this server runs function tools only")
+            raise ValueError(f"{where}.type: {what} {kind!r} is not supported; this server takes function tools, and "
+                             f"runs {', '.join(SERVER_TOOL_TYPES)} through its tool servers")
         unknown = set(tool) - {"type", "name", "description", "parameters", "strict"}
         if unknown:
             raise ValueError(f"{where}.{sorted(unknown)[0]}: unknown field of a function tool")

@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gptoss_serve.deployments.protocol import APIError
+
+logger = logging.getLogger("ray.serve")
 STORE_NAMESPACE = "gptoss_serve"
 # the actor's name carries its format: a store made by an earlier version (Python objects, no get_raw) is not reused
 STORE_FORMAT = "v3"  # v3: background responses (update, cancel, poll)
@@ -272,3 +276,9 @@ def _serve_app_name() -> str | None:
         return serve.get_replica_context().app_name
     except Exception:  # noqa: BLE001 - not inside a Serve replica
         return None
+
+
+def store_unavailable(e: Exception) -> APIError:
+    """What a route answers when the store's actor failed (logged): a 503 to retry."""
+    logger.warning("response store failed: %s: %s", type(e).__name__, e)
+    return APIError(503, "the response store is unavailable; retry shortly")
