@@ -137,7 +137,7 @@ def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator,
         row["kernels_us"] = {"error": repr(e)}
     if sweep:
         row["sweep"] = {}
-        for name, (tiles, use_asm) in sweep_variants().items():
+        for name, (tiles, use_asm) in sweep_variants(num_tokens).items():
             try:
                 fns = [graphed(lambda s=s: experts(*s, tiles=tiles, use_asm=use_asm))[0] for s in sets]
             except Exception as e:  # noqa: BLE001 - one variant that does not compile must not end the sweep
@@ -147,12 +147,12 @@ def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator,
     return row
 
 
-def sweep_variants() -> dict:
-    """name -> (tiles, use_asm): every preset, the plain-Triton decodes, presets with the other load depth, and
-    the matrix-vector kernels' tile sizes and warps."""
+def sweep_variants(num_tokens: int) -> dict:
+    """name -> (tiles, use_asm): every preset, the plain-Triton decodes, presets with the other load depth, the
+    matrix-vector kernels' tile sizes and warps (up to 16 tokens), and the scaled-dot kernels' tiles and stages."""
     from dataclasses import replace
 
-    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS, Tiles
 
     variants = {name: (tiles, True) for name, tiles in PRESETS.items()}
     variants["decode-plain"] = (PRESETS["decode"], False)
@@ -160,6 +160,14 @@ def sweep_variants() -> dict:
     for name in ("decode_wide", "medium"):
         variants[f"{name}-d1"] = (replace(PRESETS[name], depth=1), True)
     variants["prefill-d3"] = (replace(PRESETS["prefill"], depth=3), True)
+    for m, n, groups, down_n, warps, stages in ((16, 32, 4, 64, 4, 4), (16, 64, 4, 128, 4, 6), (16, 64, 8, 128, 4, 3),
+                                                (16, 128, 2, 256, 8, 4), (16, 64, 2, 64, 4, 4),
+                                                (32, 64, 4, 128, 4, 6), (64, 64, 4, 128, 4, 3), (64, 128, 2, 128, 8, 3)):
+        variants[f"scaled-m{m}-n{n}-g{groups}-d{down_n}-w{warps}-s{stages}"] = (Tiles(
+            block_m=m, gate_up_n=n, gate_up_groups=groups, down_n=down_n, down_groups=groups, num_warps=warps,
+            scaled=True, stages=stages), True)
+    if num_tokens > 16:
+        return variants
     variants["gemv-plain"] = (PRESETS["gemv"], False)
     for n, groups, warps in ((8, 8, 2), (8, 16, 2), (8, 16, 4), (16, 8, 4), (16, 16, 4), (16, 8, 2), (4, 16, 1),
                              (8, 8, 1), (4, 8, 1), (16, 16, 8), (32, 16, 8)):
@@ -191,7 +199,7 @@ def dump_kernels(directory: str) -> None:
     TTGIR and PTX to `directory` (Triton's cache layout varies between versions: best effort)."""
     from gptoss_serve.kernels import mxfp4_moe
 
-    for name in ("_route", "_gate_up", "_down", "_combine"):
+    for name in ("_route", "_gate_up", "_down", "_combine", "_gate_up_scaled", "_down_scaled"):
         try:
             kernels = [k for cache, *_ in getattr(mxfp4_moe, name).device_caches.values() for k in cache.values()]
         except Exception as e:  # noqa: BLE001 - diagnostics only
@@ -202,9 +210,9 @@ def dump_kernels(directory: str) -> None:
                 md = kernel.metadata
                 print(f"{name}[{i}]: regs {kernel.n_regs} spills {kernel.n_spills} shared {md.shared} "
                       f"warps {md.num_warps} stages {md.num_stages}")
-                if name == "_gate_up" and i == 0 and directory:
+                if name in ("_gate_up", "_gate_up_scaled") and i == 0 and directory:
                     for ext in ("ttgir", "ptx"):
-                        with open(f"{directory}/gate_up.{ext}", "w") as f:
+                        with open(f"{directory}/{name.strip('_')}.{ext}", "w") as f:
                             f.write(str(kernel.asm.get(ext, "")))
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 print(f"{name}[{i}]: {e!r}")

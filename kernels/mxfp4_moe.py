@@ -34,6 +34,7 @@ import triton
 
 from gptoss_serve.kernels.mxfp4_moe_gemv import _down_gemv, _gate_up_gemv
 from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, SUM_GROUPS, _combine, _down, _gate_up, _route, _swiglu_splits
+from gptoss_serve.kernels.mxfp4_moe_scaled import _down_scaled, _gate_up_scaled
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
 
@@ -46,7 +47,9 @@ class Tiles:
     depth: reduction steps loaded ahead of the one being multiplied (1 or 3): the bytes a program keeps in flight;
     split_k: programs sharing one tile's reduction (more programs when few tokens leave too few tiles to fill the
     GPU), their float32 partial sums added by the next kernel in a fixed order. gemv: one (token, expert) pair a
-    program on the CUDA cores (mxfp4_moe_gemv.py; block_m and depth unused there)."""
+    program on the CUDA cores (mxfp4_moe_gemv.py; block_m and depth unused there). scaled: the kernels written
+    with Triton's scaled dot (mxfp4_moe_scaled.py), the reduction pipelined over `stages` steps by the compiler
+    (depth and split_k unused there)."""
 
     block_m: int
     gate_up_n: int
@@ -57,6 +60,8 @@ class Tiles:
     depth: int = 3
     split_k: int = 1
     gemv: bool = False
+    scaled: bool = False
+    stages: int = 3
 
 
 # by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
@@ -71,6 +76,13 @@ PRESETS = {
     "decode_wide": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4),
     "medium": Tiles(block_m=64, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=2, num_warps=4, depth=1),
     "prefill": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1),
+    # the scaled-dot kernels (gate_up_n act columns read 2 * gate_up_n weight rows; groups * 32 values a step)
+    "scaled_decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=4, down_n=128, down_groups=4, num_warps=4,
+                           scaled=True, stages=4),
+    "scaled_medium": Tiles(block_m=32, gate_up_n=64, gate_up_groups=4, down_n=128, down_groups=4, num_warps=4,
+                           scaled=True, stages=4),
+    "scaled_prefill": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=256, down_groups=2, num_warps=8,
+                            scaled=True, stages=3),
 }
 
 
@@ -83,14 +95,21 @@ def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
     The thresholds follow the H100 sweep in kernels/NOTES-mxfp4-moe.md."""
     per_expert = num_pairs / num_experts
     if per_expert <= GEMV_PER_EXPERT:
-        return PRESETS["gemv"]
-    if per_expert <= 1:
-        return PRESETS["decode"]
-    if per_expert <= 16:
-        return PRESETS["decode_wide"]
-    if per_expert <= 64:
-        return PRESETS["medium"]
-    return PRESETS["prefill"]
+        name = "gemv"
+    elif per_expert <= 1:
+        name = "decode"
+    elif per_expert <= 16:
+        name = "decode_wide"
+    elif per_expert <= 64:
+        name = "medium"
+    else:
+        name = "prefill"
+    return PRESETS[_PRESET_SWAPS.get(name, name)]
+
+
+# a benchmark's A/B without editing this file: GPTOSS_MOE_PRESETS="decode_wide=scaled_decode,medium=scaled_medium"
+# runs the second preset wherever the first would be picked
+_PRESET_SWAPS = dict(pair.split("=", 1) for pair in os.environ.get("GPTOSS_MOE_PRESETS", "").split(",") if pair)
 
 
 @dataclass
@@ -208,6 +227,19 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
                  EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
     # each expert's rows split into tiles of block_m: at most ceil(P / block_m) + count tiles, and at most P
     grid_m = min(triton.cdiv(P, tiles.block_m) + count, P)
+    if tiles.scaled:
+        _gate_up_scaled[(grid_m, triton.cdiv(I, tiles.gate_up_n))](
+            hidden, hidden.stride(0), experts.gate_up_blocks.view(torch.uint8), experts.gate_up_scales,
+            experts.gate_up_bias, ws.sorted_pairs, ws.expert_start, ws.act, count, H, I, alpha, limit, P,
+            TOP_K=K, BLOCK_M=tiles.block_m, BLOCK_N=tiles.gate_up_n, STEP=_whole_step(tiles.gate_up_groups, H),
+            STAGES=tiles.stages, EXPERTS_PAD=pad, num_warps=tiles.num_warps)
+        _down_scaled[(grid_m, triton.cdiv(H, tiles.down_n))](
+            ws.act, experts.down_blocks.view(torch.uint8), experts.down_scales, experts.down_bias, ws.sorted_pairs,
+            ws.expert_start, route, ws.y, count, I, H, P, BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n,
+            STEP=_whole_step(tiles.down_groups, I), STAGES=tiles.stages, EXPERTS_PAD=pad, num_warps=tiles.num_warps)
+        _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=1,
+                                           BLOCK=512, num_warps=4)
+        return out
     gate_up_share = _groups_per_split(H // GROUP, split, tiles.gate_up_groups)
     _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n), split)](
         hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias,
@@ -227,6 +259,15 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=split,
                                        BLOCK=512, num_warps=4)
     return out
+
+
+def _whole_step(groups: int, length: int) -> int:
+    """Values a reduction step of the scaled-dot kernels takes: groups * 32, halved until the length is a whole
+    number of steps (their loads carry no masks, so that the compiler pipelines them as wide copies)."""
+    step = groups * GROUP
+    while length % step:
+        step //= 2
+    return step
 
 
 def _groups_per_split(n_groups: int, split: int, step: int) -> int:

@@ -132,7 +132,8 @@ def test_kernel_matches_reference(num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["gemv", "decode", "decode_wide", "medium", "prefill"])
+@pytest.mark.parametrize("preset", ["gemv", "decode", "decode_wide", "medium", "prefill", "scaled_decode",
+                                    "scaled_medium", "scaled_prefill"])
 @pytest.mark.parametrize("num_tokens", [3, 129])
 def test_every_tile_preset(preset, num_tokens):
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
@@ -232,7 +233,8 @@ INTERPRETED = textwrap.dedent("""
     gen = torch.Generator().manual_seed(0)
     experts = random_packed_experts(8, 64, 64, generator=gen)
     for tokens, first, count, tiles in ((3, 0, 8, None), (5, 4, 4, PRESETS["decode"]), (1, 0, 8, None),
-                                        (3, 2, 5, PRESETS["gemv"])):
+                                        (3, 2, 5, PRESETS["gemv"]), (7, 0, 8, PRESETS["scaled_decode"]),
+                                        (9, 2, 5, PRESETS["scaled_prefill"])):
         packed = shard(experts, first, count, "cpu")
         x = torch.randn(tokens, 64, generator=gen).bfloat16()
         ids, weights = routing(tokens, 8, 4, gen)
@@ -247,7 +249,7 @@ INTERPRETED = textwrap.dedent("""
     def layer(first, count, **kwargs):
         return mxfp4_moe(x, ids, weights, PackedExperts.of(**shard(experts, first, count, "cpu")), first=first,
                          alpha=ALPHA, limit=LIMIT, use_asm=False, out=torch.empty(6, 64), **kwargs)
-    for tiles in (None, PRESETS["gemv"]):
+    for tiles in (None, PRESETS["gemv"], PRESETS["scaled_medium"]):
         whole = layer(0, 8, tiles=tiles)
         shares = [layer(first, 2, layer_experts=8, tiles=tiles) for first in (0, 2, 4, 6)]
         assert torch.equal(add_as_groups(shares), whole)
@@ -257,6 +259,7 @@ INTERPRETED = textwrap.dedent("""
 
 def test_kernels_in_the_interpreter_match_the_reference():
     """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
-    combine, and the matrix-vector gate_up and down of a handful of tokens) on a whole shard and on parts of one: the indexing and masks, without a GPU; and four quarter shards'
-    float32 answers add up to the whole layer's bf16 output exactly."""
+    combine, the matrix-vector gate_up and down of a handful of tokens, the scaled-dot gate_up and down) on a
+    whole shard and on parts of one: the indexing and masks, without a GPU; and four quarter shards' float32 answers
+    add up to the whole layer's bf16 output exactly."""
     assert_runs_in_interpreter(INTERPRETED)
