@@ -12,18 +12,21 @@ sliding window) to its last token's position, with an online softmax in float32;
 denominator at the end. The grid is (B * ceil(max_query_len / BLOCK_Q), Hkv): known on the host without reading
 any device value, so a step never waits for the host and can be captured in a CUDA graph; tiles past a sequence's
 own length return at once.
+
+`paged_attention` sends a decode step whose few programs would each walk long contexts to split_kv_attention.py
+instead (flash-decoding: each sequence's keys cut across programs), and every other step to this kernel.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
-NEG = tl.constexpr(-1.0e30)  # a running max that starts finite: a row that saw no key yet keeps exp(0) = 1 as its rescale
+from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, tile_dot
+from gptoss_serve.kernels.split_kv_attention import decode_splits, split_kv_decode
 
 
 @triton.jit
@@ -69,7 +72,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
                     + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
         v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=key_ok[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
+        s = tile_dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
         visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
         if WINDOW > 0:
             visible &= position[:, None] - key_pos[None, :] < WINDOW
@@ -78,7 +81,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
         p = tl.exp(s - m_new[:, None])
         rescale = tl.exp(m - m_new)
         l = l * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, INTERPRET)
+        acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
         m = m_new
 
     sink = tl.load(sinks_ptr + head).to(tl.float32)  # one more logit per head, attending to nothing
@@ -90,15 +93,6 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
-def _dot(a, b, INTERPRET: tl.constexpr):
-    if INTERPRET:  # the interpreter's low-precision dot is not exact; its float32 one is
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if a.dtype == tl.float32:  # a float32 model gets float32 products, not TF32's 10-bit mantissas
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
                     block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                     sinks: torch.Tensor, window: int | None, scale: float, max_query_len: int,
@@ -106,7 +100,36 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     """q [N, Hq, D], caches [blocks, block_size, Hkv, D], block_tables int32 [B, M], query_start int32 [B + 1],
     context_lens int32 [B], sinks [Hq] -> [N, Hq, D]. max_query_len: the most new tokens any sequence has (the
     caller's own number; it sizes the grid). Rows past query_start[B] are left as they are in `out` (uninitialized
-    when out is None, where the reference gives zeros)."""
+    when out is None, where the reference gives zeros).
+
+    A decode step (max_query_len 1) is split across its keys when that gives the GPU more programs: how many
+    splits is decided from host numbers alone, the tables' width bounding every context (a CUDA graph's tables are
+    max_model_len wide), so a captured step stays valid for every context it replays with."""
+    if max_query_len == 1 and block_tables.shape[0]:
+        max_keys = block_tables.shape[1] * key_cache.shape[1]
+        splits = decode_splits(num_seqs=block_tables.shape[0], kv_heads=key_cache.shape[2],
+                               max_keys=min(max_keys, window or max_keys), multiprocessors=_multiprocessors(q.device))
+        if splits > 1:
+            return split_kv_decode(q, key_cache, value_cache, block_tables=block_tables, query_start=query_start,
+                                   context_lens=context_lens, sinks=sinks, window=window, scale=scale,
+                                   num_splits=splits, out=out)
+    return varlen_attention(q, key_cache, value_cache, block_tables=block_tables, query_start=query_start,
+                            context_lens=context_lens, sinks=sinks, window=window, scale=scale,
+                            max_query_len=max_query_len, out=out)
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter, on the CPU: any number does
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def varlen_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
+                     block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
+                     sinks: torch.Tensor, window: int | None, scale: float, max_query_len: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """paged_attention's arguments, always in the one kernel above (no split)."""
     N, Hq, D = q.shape
     _, block_size, Hkv, _ = key_cache.shape
     B = block_tables.shape[0]
@@ -127,5 +150,5 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0), tiles_per_seq, scale,
         G=G, D=D, BLOCK_Q=block_q, BLOCK_N=64, BLOCK_SIZE=block_size, WINDOW=window or 0,
-        INTERPRET=_INTERPRET, num_warps=4)
+        INTERPRET=INTERPRET, num_warps=4)
     return out

@@ -68,18 +68,20 @@ GPT_OSS = dict(heads=64, kv_heads=8, head_dim=64, block_size=16, dtype=torch.bfl
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("entry", ["paged_attention", "varlen_attention"])  # dispatched (long decodes split), unsplit
 @pytest.mark.parametrize("window", [None, 128])
 @pytest.mark.parametrize("seqs", [
     [(300, 1)],  # batch-1 decode
     [(100 + 37 * i, 1) for i in range(64)],  # a decode batch
     [(1500, 1), (700, 300), (2048, 2048), (129, 129), (17, 1), (5, 0)],  # mixed, long, empty
 ])
-def test_kernel_matches_the_reference_on_gpu(seqs, window):
-    from gptoss_serve.kernels.varlen_attention import paged_attention
+def test_kernel_matches_the_reference_on_gpu(seqs, window, entry):
+    from gptoss_serve.kernels import varlen_attention
 
+    attend = getattr(varlen_attention, entry)
     args, _ = random_step(seqs, window=window, padding_rows=5, **GPT_OSS)
     want = paged_attention_reference(**args, out=torch.full_like(args["q"], 7.0))
-    got = paged_attention(**args, max_query_len=max(n for _, n in seqs), out=torch.full_like(args["q"], 7.0))
+    got = attend(**args, max_query_len=max(n for _, n in seqs), out=torch.full_like(args["q"], 7.0))
     n = sum(new for _, new in seqs)
     assert torch.equal(got[n:], torch.full_like(got[n:], 7.0))
     error = ((got[:n].float() - want[:n].float()).norm() / want[:n].float().norm()).item()
