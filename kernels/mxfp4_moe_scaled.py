@@ -33,9 +33,21 @@ from gptoss_serve.kernels.mxfp4_moe_kernels import _swiglu, _tile
 
 
 @triton.jit
-def _scales_step(s_ptrs, k):
-    """The scales uint8 [R, STEP / 32] of the reduction step at value k."""
-    return tl.load(s_ptrs + k // 32)
+def _reduce(w_ptrs, s_ptrs, x_ptrs, length, acc, STEP: tl.constexpr, STAGES: tl.constexpr):
+    """acc + the decoded weights [R, length] times the activations [length, BM]; the pointers are those of the first
+    step (w [R, STEP / 2] packed bytes, s [R, STEP / 32] scales, x [STEP, BM]). The compiler pipelines the packed
+    bytes' loads through shared memory; the scales and activations, which it leaves as plain loads, are loaded a
+    step ahead by hand (the last step's "next" re-reads the last step, in range)."""
+    s = tl.load(s_ptrs)
+    x = tl.load(x_ptrs)
+    for k in tl.range(0, length, STEP, num_stages=STAGES):
+        w = tl.load(w_ptrs + k // 2)
+        k_next = tl.minimum(k + STEP, length - STEP)
+        s_next = tl.load(s_ptrs + k_next // 32)
+        x_next = tl.load(x_ptrs + k_next)
+        acc = _scaled_dot(w, s, x, acc)
+        s, x = s_next, x_next
+    return acc
 
 
 @triton.jit
@@ -65,18 +77,7 @@ def _gate_up_scaled(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, a
     s_ptrs = s_ptr + global_row[:, None] * (hidden // 32) + tl.arange(0, STEP // 32)[None, :]
     x_ptrs = x_ptr + token.to(tl.int64)[None, :] * stride_x + tl.arange(0, STEP)[:, None]  # [STEP, BM]
 
-    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
-    # the compiler pipelines the packed bytes' loads through shared memory; the scales and activations (which it
-    # leaves as plain loads) are loaded a step ahead by hand, the last step's "next" re-reading the last step
-    s = _scales_step(s_ptrs, 0)
-    x = tl.load(x_ptrs)
-    for k in tl.range(0, hidden, STEP, num_stages=STAGES):
-        w = tl.load(w_ptrs + k // 2)
-        k_next = tl.minimum(k + STEP, hidden - STEP)
-        s_next = _scales_step(s_ptrs, k_next)
-        x_next = tl.load(x_ptrs + k_next)
-        acc = _scaled_dot(w, s, x, acc)
-        s, x = s_next, x_next
+    acc = _reduce(w_ptrs, s_ptrs, x_ptrs, hidden, tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32), STEP, STAGES)
 
     acc = acc + tl.load(b_ptr + global_row).to(tl.float32)[:, None]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_N, 2, BLOCK_M]), [0, 2, 1]))  # [BN, BM] each
@@ -107,16 +108,7 @@ def _down_scaled(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y
     act_rows = tl.minimum(rows, num_rows - 1).to(tl.int64)  # rows past the tile read a row in range, unused
     a_ptrs = act_ptr + act_rows[None, :] * inter + tl.arange(0, STEP)[:, None]  # [STEP, BM]
 
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s = _scales_step(s_ptrs, 0)  # scales and activations a step ahead, as in _gate_up_scaled
-    a = tl.load(a_ptrs)
-    for k in tl.range(0, inter, STEP, num_stages=STAGES):
-        w = tl.load(w_ptrs + k // 2)
-        k_next = tl.minimum(k + STEP, inter - STEP)
-        s_next = _scales_step(s_ptrs, k_next)
-        a_next = tl.load(a_ptrs + k_next)
-        acc = _scaled_dot(w, s, a, acc)
-        s, a = s_next, a_next
+    acc = _reduce(w_ptrs, s_ptrs, a_ptrs, inter, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), STEP, STAGES)
 
     bias = tl.load(b_ptr + global_row).to(tl.float32)
     route = tl.load(route_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
