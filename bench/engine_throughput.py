@@ -1,6 +1,8 @@
 """Engine throughput: decode tokens/s at several batch sizes and prefill tokens/s, beside HF transformers.
 
-    python -m gptoss_serve.bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-len 128] [--output-len 128]
+    python -m gptoss_serve.bench.engine_throughput --model DIR [--batches 1 64 256] [--prompt-lens 128] [--output-len 128]
+    python -m gptoss_serve.bench.engine_throughput --model DIR --load-format dummy --prompt-lens 8192 32768 130944 \\
+        --batches 1 16                                                  # long prompts
     python -m gptoss_serve.bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
     python -m gptoss_serve.bench.engine_throughput --model DIR --load-format dummy --experts both   # before / after
 
@@ -10,6 +12,11 @@ request of the batch has its first token; prefill tokens/s is prompt tokens over
 synchronous steps, then with async scheduling (engine.async_scheduling). --experts both loads the model twice,
 MXFP4 experts widened to bf16 at load and then kept packed, and prints the GPU memory the weights take after each
 load (torch.cuda.memory_allocated); every other variant is an engine built afresh on the same loaded model.
+--kv-cache-dtype fp8 stores the KV cache in e4m3 (engine.kv_cache_dtype).
+--prompt-lens runs every batch size at each prompt length (--prompt-len is the same option). The engine's
+max_model_len is --max-model-len, else the longest prompt plus the output, or what the KV cache holds if that is
+less; a (prompt length, batch) case longer than max_model_len, or whose batch the cache cannot hold at once, is
+skipped with a line saying so (the JSON lists it under "skipped").
 """
 
 from __future__ import annotations
@@ -49,15 +56,17 @@ def checkpoint_path(parser: argparse.ArgumentParser, args: argparse.Namespace, *
     return path
 
 
-def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
+def random_prompts(batch: int, length: int, seed: int | None = None) -> list[list[int]]:
+    """Random token ids; the default seed differs for every (batch, length), so that the cases of a sweep share no
+    prefix the prefix cache could serve."""
+    gen = torch.Generator().manual_seed(length * 1_000 + batch if seed is None else seed)
     return torch.randint(0, 199_000, (batch, length), generator=gen).tolist()
 
 
 def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     device = engine.model.device
-    for i, prompt in enumerate(random_prompts(batch, prompt_len, seed=batch)):
+    for i, prompt in enumerate(random_prompts(batch, prompt_len)):
         engine.add_request(f"b{batch}-{i}", prompt, params)
     sync(device)
     start = time.perf_counter()
@@ -86,7 +95,7 @@ def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) 
 
 def run_hf(path: Path, device: torch.device, batch: int, prompt_len: int, output_len: int, hf_model=None) -> dict:
     """transformers' generate on the same prompts (its own dequantized bf16 load for MXFP4 checkpoints)."""
-    ids = torch.tensor(random_prompts(batch, prompt_len, seed=batch), device=device)
+    ids = torch.tensor(random_prompts(batch, prompt_len), device=device)
     hf_model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False)  # warm-up
     sync(device)
     start = time.perf_counter()
@@ -113,41 +122,85 @@ def load_hf(path: Path, device: torch.device):
     return model.to(device).eval()
 
 
+def sequence_blocks(engine: LLMEngine, length: int) -> int:
+    """KV blocks one decoding sequence of `length` tokens holds: one full-attention block per block_size tokens, and
+    the sliding window's blocks plus the one it is filling."""
+    size, window = engine.config.block_size, engine.model.config.sliding_window
+    full = -(-length // size)
+    return full + (min(full, -(-window // size) + 1) if window else 0)
+
+
+def why_skipped(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> str | None:
+    """Why a case cannot be measured as meant (the whole batch decoding at once), or None when it can: a batch the
+    cache cannot hold would be preempted and recomputed, and time that instead."""
+    length = prompt_len + output_len
+    if length > engine.max_model_len:
+        return f"{prompt_len} + {output_len} tokens are more than max_model_len {engine.max_model_len}"
+    # a prefill chunk holds sliding-window blocks beyond the window until its step ends
+    chunk = -(-engine.config.max_num_batched_tokens // engine.config.block_size)
+    need, have = batch * sequence_blocks(engine, length) + chunk, engine.num_blocks - 1
+    if need > have:
+        return f"{batch} sequences of {length} tokens need {need} KV blocks, the cache has {have}"
+    return None
+
+
+def build_engine(model, args: argparse.Namespace, name: str, **fields) -> LLMEngine:
+    """An engine whose max_model_len is --max-model-len, else the longest prompt plus the output (within the
+    model's context), or what the cache holds when that is less."""
+    if args.max_model_len is not None:
+        return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=args.max_model_len, **fields))
+    longest = min(max(args.prompt_lens) + args.output_len + 16, model.config.max_position_embeddings)
+    try:
+        return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=longest, **fields))
+    except ValueError as e:  # the cache cannot hold it: longer prompts are skipped below, the others still run
+        print(f"[{name}] {e}; running with the longest the cache holds", flush=True)
+        return LLMEngine(model, load_tokenizer(), EngineConfig(**fields))
+
+
 def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespace, experts: str,
-                        modes: list[tuple[bool, bool]]) -> list[dict]:
+                        modes: list[tuple[bool, bool]]) -> tuple[list[dict], list[dict]]:
     """Loads the model with its experts packed or dequantized; for each (eager, async scheduling) mode builds an
-    engine on it and runs every batch size; frees the model."""
+    engine on it and runs every (prompt length, batch size); frees the model. -> (figures, skipped cases)."""
     t = time.perf_counter()
     model = load_model(path, device=device, load_format=args.load_format, dequantize_experts=experts == "dequantized")
     weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     print(f"[{experts}] loaded in {time.perf_counter() - t:.1f} s on {device}; weights on the GPU: "
           f"{weights_gb:.2f} GB (torch.cuda.memory_allocated)", flush=True)
-    rows = []
+    rows, skipped = [], []
     for eager, async_scheduling in modes:
         name = f"{experts}{', eager' if eager else ''}{', async' if async_scheduling else ', sync'}"
-        config = EngineConfig(max_num_seqs=max(args.batches), max_model_len=args.prompt_len + args.output_len + 16,
+        variant = {"experts": experts, "eager": eager, "async_scheduling": async_scheduling,
+                   "kv_cache_dtype": args.kv_cache_dtype}
+        engine = build_engine(model, args, name, max_num_seqs=max(args.batches),
                               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=eager,
-                              async_scheduling=async_scheduling)
-        engine = LLMEngine(model, load_tokenizer(), config)
+                              async_scheduling=async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
         free = torch.cuda.mem_get_info(device)[0] / 1e9 if device.type == "cuda" else float("nan")
         print(f"[{name}] KV cache: {engine.kv_cache_bytes / 1e9:.2f} GB, {engine.num_blocks} blocks of "
-              f"{engine.config.block_size} tokens; {free:.2f} GB of the device still free", flush=True)
+              f"{engine.config.block_size} tokens, max_model_len {engine.max_model_len}; {free:.2f} GB of the device "
+              f"still free", flush=True)
         run_engine(engine, 2, 16, 4)  # warm-up
-        for batch in args.batches:
-            r = run_engine(engine, batch, args.prompt_len, args.output_len) | {
-                "experts": experts, "eager": eager, "async_scheduling": async_scheduling, "weights_gb": weights_gb,
-                "kv_cache_gb": engine.kv_cache_bytes / 1e9}
-            rows.append(r)
-            print(f"engine [{name}] batch {batch:4d}: decode {r['decode_tokens_per_s']:9.1f} tok/s   "
-                  f"prefill {r['prefill_tokens_per_s']:9.1f} tok/s   ({r['steps']} steps, {r['total_s']:.1f} s)",
-                  flush=True)
+        for prompt_len in args.prompt_lens:
+            for batch in args.batches:
+                if reason := why_skipped(engine, batch, prompt_len, args.output_len):
+                    print(f"engine [{name}] prompt {prompt_len:6d} batch {batch:4d}: skipped: {reason}", flush=True)
+                    skipped.append({"batch": batch, "prompt_len": prompt_len, "output_len": args.output_len,
+                                    "reason": reason} | variant)
+                    continue
+                r = run_engine(engine, batch, prompt_len, args.output_len) | variant | {
+                    "weights_gb": weights_gb, "kv_cache_gb": engine.kv_cache_bytes / 1e9,
+                    "kv_cache_tokens": engine.num_blocks * engine.config.block_size,
+                    "max_model_len": engine.max_model_len}
+                rows.append(r)
+                print(f"engine [{name}] prompt {prompt_len:6d} batch {batch:4d}: decode "
+                      f"{r['decode_tokens_per_s']:9.1f} tok/s   prefill {r['prefill_tokens_per_s']:9.1f} tok/s   "
+                      f"({r['steps']} steps, {r['total_s']:.1f} s)", flush=True)
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return rows, skipped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,8 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
                         help="engine.async_scheduling on, off, or off then on")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
+                        help="engine.kv_cache_dtype: fp8 holds about twice the tokens")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prompt-lens", "--prompt-len", dest="prompt_lens", type=int, nargs="+", default=[128],
+                        help="prompt tokens; several: every batch size at each")
+    parser.add_argument("--max-model-len", type=int,
+                        help="engine.max_model_len (default: the longest prompt plus the output, if the cache "
+                             "holds it)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--hf-batches", type=int, nargs="+", default=[1, 64])
@@ -177,19 +236,22 @@ def main(argv: list[str] | None = None) -> None:
     path = checkpoint_path(parser, args, mxfp4_experts=args.mxfp4)
     device = torch.device(args.device)
     results = {"machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "checkpoint": str(path), "load_format": args.load_format, "engine": [], "hf": []}
+               "checkpoint": str(path), "load_format": args.load_format, "engine": [], "skipped": [], "hf": []}
     modes = [(eager, async_scheduling)
              for eager in ([True, False] if args.eager == "both" else [args.eager == "yes"])
              for async_scheduling in ([False, True] if args.scheduling == "both" else [args.scheduling == "async"])]
     for experts in (["dequantized", "packed"] if args.experts == "both" else [args.experts]):
-        results["engine"] += run_engine_variants(path, device, args, experts, modes)
+        rows, skipped = run_engine_variants(path, device, args, experts, modes)
+        results["engine"] += rows
+        results["skipped"] += skipped
     if args.hf:
         hf_model = load_hf(path, device)
-        for batch in args.hf_batches:
-            r = run_hf(path, device, batch, args.prompt_len, args.output_len, hf_model)
-            results["hf"].append(r)
-            print(f"HF      batch {batch:4d}: {r['hf_tokens_per_s']:9.1f} output tok/s (generate, prefill included, "
-                  f"{r['hf_total_s']:.1f} s)")
+        for prompt_len in args.prompt_lens:
+            for batch in args.hf_batches:
+                r = run_hf(path, device, batch, prompt_len, args.output_len, hf_model) | {"prompt_len": prompt_len}
+                results["hf"].append(r)
+                print(f"HF      prompt {prompt_len:6d} batch {batch:4d}: {r['hf_tokens_per_s']:9.1f} output tok/s "
+                      f"(generate, prefill included, {r['hf_total_s']:.1f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -1,8 +1,9 @@
 """gptoss_serve.bench.loadtest against a fake OpenAI-compatible server on 127.0.0.1 whose timings and faults we choose.
 
 The fake server streams one token per chunk: the first after FIRST_DELAY, the others TOKEN_DELAY apart, and
-counts prompt tokens with the real tokenizer (plus CHAT_TEMPLATE_TOKENS for chat), so every figure the load
-generator reports can be checked against what the server did. The model name picks the behaviour.
+counts prompt tokens with the real tokenizer (each chat message's, plus CHAT_TEMPLATE_TOKENS), so every figure the
+load generator reports can be checked against what the server did; it keeps every chat request's messages. The model
+name picks the behaviour.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ VLLM_KEYS = {
 # --------------------------------------------------------------------------- the fake server
 
 
-def _fake_app(seen: Counter) -> FastAPI:
+def _fake_app(seen: Counter, chats: list) -> FastAPI:
     app = FastAPI()
     tok = load_tokenizer()
 
@@ -61,9 +62,12 @@ def _fake_app(seen: Counter) -> FastAPI:
         if fault == "429":
             return JSONResponse({"error": {"message": "too many requests", "code": 429}}, status_code=429)
         n = body["max_tokens"]
-        prompt = body["messages"][0]["content"] if chat else body["prompt"]
-        usage = {"prompt_tokens": len(tok.encode(prompt)) + (CHAT_TEMPLATE_TOKENS if chat else 0),
-                 "completion_tokens": n + (fault == "token_mismatch")}
+        if chat:
+            chats.append(body["messages"])
+            prompt_tokens = sum(len(tok.encode(m["content"])) for m in body["messages"]) + CHAT_TEMPLATE_TOKENS
+        else:
+            prompt_tokens = len(tok.encode(body["prompt"]))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n + (fault == "token_mismatch")}
 
         def chunk(i: int) -> dict:
             if not chat:
@@ -110,11 +114,12 @@ def _sse(obj: dict) -> str:
 class FakeServer:
     def __init__(self) -> None:
         self.seen: Counter = Counter()
+        self.chats: list[list[dict]] = []  # every chat request's messages, in arrival order
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))  # the port is ours from here on: no race for a "free" port
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(_fake_app(self.seen), log_level="warning", lifespan="off")
+        config = uvicorn.Config(_fake_app(self.seen, self.chats), log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -141,6 +146,7 @@ def server():
 @pytest.fixture
 def fresh(server):
     server.seen.clear()
+    server.chats.clear()
     return server
 
 
@@ -326,3 +332,68 @@ def test_reasoning_sent_under_both_names_counts_once():
     both = {"choices": [{"delta": {"reasoning": "think", "reasoning_content": "think", "content": "!"}}]}
     older = {"choices": [{"delta": {"reasoning_content": "think"}}]}
     assert chunk_text(both, chat=True) == "think!" and chunk_text(older, chat=True) == "think"
+
+
+# --------------------------------------------------------------------------- the conversation workload
+
+
+def _answer(n: int) -> str:
+    """All the text the fake server streams for n tokens (reasoning and content)."""
+    return "".join(f" t{i}" for i in range(n))
+
+
+def test_conversations_share_the_system_prompt_and_grow_turn_by_turn(fresh):
+    result = _run(_config(fresh, endpoint="chat", workload="conversation", concurrency=3, num_requests=12,
+                          system_prompt_len=300, turns=3, input_len=20, output_len=8))
+    assert (result.completed, result.failed) == (12, 0) and result.max_concurrent_requests == 3
+    system = fresh.chats[0][0]
+    assert system["role"] == "system" and len(load_tokenizer().encode(system["content"])) == 300
+    sent = {json.dumps(messages) for messages in fresh.chats}
+    for messages in fresh.chats:
+        assert messages[0] == system  # one system prompt for every user and conversation
+        roles = [m["role"] for m in messages[1:]]
+        turns = len(roles) // 2 + 1
+        assert 1 <= turns <= 3 and roles == ["user", "assistant"] * (turns - 1) + ["user"]
+        assert all(m["content"] == _answer(8) for m in messages[2::2])  # the answers, as streamed
+        if turns > 1:  # the request before it, its answer, a new message
+            assert json.dumps(messages[:-2]) in sent
+    # 12 turns of at most 3 a conversation: 4 conversations at least, each opened by its own first message
+    first_messages = [m[1]["content"] for m in fresh.chats if len(m) == 2]
+    assert len(first_messages) >= 4 and len(set(first_messages)) == len(first_messages)
+    assert sum(r.turn == 1 for r in result.records) == len(first_messages)
+    # the server counted what we counted, plus its template
+    assert all(r.prompt_tokens == r.prompt_len + CHAT_TEMPLATE_TOKENS for r in result.records)
+    by_turn = result.to_json_dict()["by_turn"]
+    assert [t["turn"] for t in by_turn] == [1, 2, 3] and sum(t["completed"] for t in by_turn) == 12
+    inputs = [t["mean_input_tokens"] for t in by_turn]
+    assert inputs == sorted(inputs) and inputs[0] > 300
+    assert all(t["median_ttft_ms"] >= FIRST_DELAY * 1000 for t in by_turn)
+
+
+def test_a_failed_turn_starts_a_new_conversation(fresh):
+    # fake-errors fails five requests in six: none of them may be followed by a turn built on it
+    result = _run(_config(fresh, endpoint="chat", model="fake-errors", workload="conversation", concurrency=1,
+                          num_requests=6, system_prompt_len=16, turns=3, input_len=8, output_len=4))
+    assert (result.completed, result.failed) == (1, 5)
+    assert [r.turn for r in result.records] == [1] * 6
+    assert all(len(messages) == 2 for messages in fresh.chats)
+
+
+def test_conversation_runs_from_the_command_line(fresh, tmp_path, capsys):
+    out = tmp_path / "conv.json"
+    assert main(["--url", fresh.url, "--model", "fake-ok", "--workload", "conversation", "--concurrency", "2",
+                 "--num-requests", "4", "--system-prompt-len", "64", "--turns", "2", "--input-len", "8",
+                 "--output-len", "4", "--no-progress", "--result-json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["workload"] == "conversation" and data["system_prompt_len"] == 64 and data["completed"] == 4
+    assert [t["turn"] for t in data["by_turn"]] == [1, 2]
+    assert "Median TTFT by conversation turn" in capsys.readouterr().out
+
+
+def test_conversation_options_are_checked():
+    base = dict(url="http://127.0.0.1", workload="conversation", concurrency=2, num_requests=4)
+    for kw in (dict(endpoint="completions"), dict(request_rate=2.0), dict(concurrency=None, request_rate=2.0),
+               dict(turns=0), dict(system_prompt_len=-1), dict(workload="replay")):
+        with pytest.raises(ConfigError):
+            LoadConfig(**(base | kw)).validate()
+    LoadConfig(**base).validate()

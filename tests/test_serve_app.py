@@ -325,3 +325,21 @@ def test_load_generator_figures_agree_with_the_server(app, ray_cluster):
         "ray_gptoss_prompt_tokens_total": result.total_input_tokens})
     assert delta == {"ray_gptoss_generation_tokens_total": result.total_output_tokens,
                      "ray_gptoss_prompt_tokens_total": result.total_input_tokens}
+
+
+def test_conversation_load_runs_against_the_app(app):
+    """The load generator's long-context workload through the app: chats under one system prompt, each turn sending
+    the conversation so far (the answers as streamed) and a new message; the server's prompts grow turn by turn."""
+    import asyncio
+
+    from gptoss_serve.bench.loadtest import LoadConfig, run_load
+
+    # one user, so that its turns come in a known order: a conversation of 3, then the first turn of the next
+    result = asyncio.run(run_load(LoadConfig(url=app, model=MODEL, workload="conversation", concurrency=1,
+                                             num_requests=4, system_prompt_len=64, turns=3, input_len=16,
+                                             output_len=8, timeout=60)))
+    assert result.completed == 4 and result.failed == 0, result.errors_by_status
+    by_turn = result.to_json_dict()["by_turn"]
+    assert [(t["turn"], t["completed"]) for t in by_turn] == [(1, 2), (2, 1), (3, 1)]
+    prompts = [t["mean_input_tokens"] for t in by_turn]  # the server's usage.prompt_tokens
+    assert 64 + 16 < prompts[0] < prompts[1] < prompts[2]

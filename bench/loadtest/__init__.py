@@ -1,6 +1,8 @@
 """HTTP load generator for OpenAI-compatible streaming servers (ours, vLLM, ...), with vLLM bench serve's figures.
 
     python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --concurrency 8 --num-requests 100
+    python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --workload conversation --concurrency 8 \
+        --system-prompt-len 16384 --turns 8 --num-requests 64      # long, growing multi-turn chats
 
 From code:
 
@@ -21,6 +23,7 @@ How the figures are taken, where it matters for comparing with `vllm bench serve
 
 from gptoss_serve.bench.loadtest.client import ServerError
 from gptoss_serve.bench.loadtest.config import ConfigError, LoadConfig, parse_goodput
+from gptoss_serve.bench.loadtest.conversation import Conversations, Turn
 from gptoss_serve.bench.loadtest.metrics import LatencyStats, LoadResult
 from gptoss_serve.bench.loadtest.record import RequestRecord
 from gptoss_serve.bench.loadtest.runner import run_load
@@ -28,6 +31,6 @@ from gptoss_serve.bench.loadtest.safety import UnsafeTargetError, check_target
 from gptoss_serve.bench.loadtest.sweep import SweepResult, run_sweep
 from gptoss_serve.bench.loadtest.workload import RequestSpec, Workload, make_prompt
 
-__all__ = ["ConfigError", "LatencyStats", "LoadConfig", "LoadResult", "RequestRecord", "RequestSpec", "ServerError",
-           "SweepResult", "UnsafeTargetError", "Workload", "check_target", "make_prompt", "parse_goodput",
-           "run_load", "run_sweep"]
+__all__ = ["ConfigError", "Conversations", "LatencyStats", "LoadConfig", "LoadResult", "RequestRecord", "RequestSpec",
+           "ServerError", "SweepResult", "Turn", "UnsafeTargetError", "Workload", "check_target", "make_prompt",
+           "parse_goodput", "run_load", "run_sweep"]

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gptoss_serve.bench.loadtest.client import ServerError
-from gptoss_serve.bench.loadtest.config import ENDPOINTS, LENGTH_DISTS, ConfigError, LoadConfig, parse_goodput
+from gptoss_serve.bench.loadtest.config import (ENDPOINTS, LENGTH_DISTS, WORKLOADS, ConfigError, LoadConfig,
+                                                parse_goodput)
 from gptoss_serve.bench.loadtest.lengths import SHAREGPT_SIGMA_INPUT, SHAREGPT_SIGMA_OUTPUT
 from gptoss_serve.bench.loadtest.metrics import CPU_BOUND
 from gptoss_serve.bench.loadtest.plot import PLOT_STATS, plot_curves
@@ -29,10 +30,15 @@ examples:
   python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --request-rate 4 --duration 60 --goodput ttft:500 tpot:50
   python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --sweep --concurrencies 1,8,32 --num-requests 100 \\
       --label ours --result-json ours.json --plot ours.png --compare vllm.json
+  python -m gptoss_serve.bench.loadtest --url http://127.0.0.1:8000 --workload conversation --concurrency 8 \\
+      --system-prompt-len 16384 --turns 8 --input-len 256 --output-len 256 --num-requests 128
 
 lengths: fixed and uniform default to 1024 prompt / 128 output tokens (vLLM's random dataset); sharegpt draws
 a lognormal truncated to [4, 5x mean] whose mean is --input-len/--output-len, 216 and 200 by default
 (spread sigma {SHAREGPT_SIGMA_INPUT} for prompts, {SHAREGPT_SIGMA_OUTPUT} for outputs).
+--workload conversation: each of --concurrency users shares one --system-prompt-len system prompt and holds a
+conversation that grows every turn (its answer and a new --input-len message appended), --turns turns long; the
+table adds the median TTFT of each turn. Chat endpoint only, closed loop (no --request-rate).
 Only loopback URLs are accepted unless --allow-host names the host.
 """
 
@@ -67,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds requests in flight at the end of --duration may take before being cancelled")
     load.add_argument("--timeout", type=float, default=300.0, help="hard limit on one request, seconds")
     work = p.add_argument_group("workload")
-    work.add_argument("--input-len", type=int, help="prompt tokens (mean for uniform/sharegpt)")
+    work.add_argument("--workload", choices=WORKLOADS, default="random",
+                      help="random: independent prompts; conversation: users in growing multi-turn chats")
+    work.add_argument("--system-prompt-len", type=int, default=16384,
+                      help="conversation: tokens of the system prompt all users share")
+    work.add_argument("--turns", type=int, default=8, help="conversation: turns before a user starts anew")
+    work.add_argument("--input-len", type=int, help="prompt tokens (mean for uniform/sharegpt; conversation: "
+                                                    "each new user message)")
     work.add_argument("--output-len", type=int, help="output tokens (mean for uniform/sharegpt)")
     work.add_argument("--length-dist", choices=LENGTH_DISTS, default="fixed")
     work.add_argument("--range-ratio", type=float, default=0.5, help="uniform: lengths in [len*(1-r), len*(1+r)]")
@@ -101,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
         url=args.url, endpoint=args.endpoint, model=args.model, concurrency=args.concurrency,
         request_rate=args.request_rate, burstiness=args.burstiness, num_requests=args.num_requests,
-        duration=args.duration, grace_period=args.grace_period, timeout=args.timeout, input_len=args.input_len,
+        duration=args.duration, grace_period=args.grace_period, timeout=args.timeout, workload=args.workload,
+        system_prompt_len=args.system_prompt_len, turns=args.turns, input_len=args.input_len,
         output_len=args.output_len, length_dist=args.length_dist, range_ratio=args.range_ratio,
         temperature=args.temperature, ignore_eos=not args.no_ignore_eos, seed=args.seed,
         extra_body=args.extra_body, goodput=parse_goodput(args.goodput), allow_hosts=tuple(args.allow_host),

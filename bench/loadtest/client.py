@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from gptoss_serve.bench.loadtest.config import Endpoint
+from gptoss_serve.bench.loadtest.conversation import Turn
 from gptoss_serve.bench.loadtest.record import (CHUNK_MISMATCH, CONNECTION, EMPTY_OUTPUT, MALFORMED_SSE, MISSING_DONE,
                                                 MISSING_USAGE, TIMEOUT, TOKEN_MISMATCH, RequestRecord)
 from gptoss_serve.bench.loadtest.sse import DONE, StreamFault, Usage, chunk_text, chunk_usage, parse_line
@@ -18,10 +19,13 @@ from gptoss_serve.bench.loadtest.workload import RequestSpec
 PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-def build_payload(spec: RequestSpec, *, endpoint: Endpoint, model: str, temperature: float, ignore_eos: bool,
+def build_payload(spec: RequestSpec | Turn, *, endpoint: Endpoint, model: str, temperature: float, ignore_eos: bool,
                   extra_body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A random prompt (as the user's message for chat), or a conversation's turn (chat only)."""
     body: dict[str, Any] = {"model": model}
-    if endpoint == "chat":
+    if isinstance(spec, Turn):
+        body["messages"] = spec.messages
+    elif endpoint == "chat":
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
@@ -55,8 +59,10 @@ async def fetch_model(client: httpx.AsyncClient) -> str:
 
 
 async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endpoint: Endpoint,
-                       payload: dict[str, Any], timeout: float, ignore_eos: bool) -> None:
-    """Sends one request and fills `record`; never raises for a failed request (cancellation goes through)."""
+                       payload: dict[str, Any], timeout: float, ignore_eos: bool,
+                       text: list[str] | None = None) -> None:
+    """Sends one request and fills `record`; never raises for a failed request (cancellation goes through).
+    `text`, if given, receives the streamed text chunk by chunk (a conversation appends the answer)."""
     record.start = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
@@ -65,7 +71,7 @@ async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endp
                     body = await response.aread()
                     record.fail(str(response.status_code), body.decode("utf-8", errors="replace"))
                     return
-                usage = await _read_stream(response, record, chat=endpoint == "chat")
+                usage = await _read_stream(response, record, chat=endpoint == "chat", text=text)
     except StreamFault as fault:
         record.fail(fault.reason, fault.detail)
         return
@@ -82,7 +88,8 @@ async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endp
     record.finished = True
 
 
-async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat: bool) -> Usage:
+async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat: bool,
+                       text: list[str] | None) -> Usage:
     usage: Usage | None = None
     done = False
     last = record.start
@@ -97,14 +104,16 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat:
             done = True
             continue
         assert isinstance(event, dict)
-        if text := chunk_text(event, chat=chat):
+        if chunk := chunk_text(event, chat=chat):
             if record.ttft is None:
                 record.ttft = now - record.start
             else:
                 record.itl.append(now - last)
             last = now
             record.chunks += 1
-            record.output_chars += len(text)
+            record.output_chars += len(chunk)
+            if text is not None:
+                text.append(chunk)
         if (found := chunk_usage(event)) is not None:
             usage = found
     record.latency = time.monotonic() - record.start  # before the connection goes back to the pool

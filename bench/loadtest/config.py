@@ -10,9 +10,11 @@ from typing import Any, Literal, NoReturn
 
 Endpoint = Literal["chat", "completions"]
 LengthDist = Literal["fixed", "uniform", "sharegpt"]
+WorkloadKind = Literal["random", "conversation"]
 
 ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
 LENGTH_DISTS: tuple[LengthDist, ...] = ("fixed", "uniform", "sharegpt")
+WORKLOADS: tuple[WorkloadKind, ...] = ("random", "conversation")
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
 
 # vLLM's random dataset defaults, so a run with no length options is comparable with `vllm bench serve`.
@@ -41,8 +43,11 @@ class LoadConfig:
     duration: float | None = None  # seconds during which new requests are sent
     grace_period: float = 30.0  # after `duration`, how long requests in flight may finish before they are cancelled
     timeout: float = 300.0  # hard limit on one request, from send to the last byte
-    # Workload.
-    input_len: int | None = None  # None: the length distribution's default
+    # Workload: independent random prompts, or users holding long conversations (conversation.py).
+    workload: WorkloadKind = "random"
+    system_prompt_len: int = 16384  # conversation: tokens of the system prompt every conversation starts with
+    turns: int = 8  # conversation: a user's turns before it starts a new conversation
+    input_len: int | None = None  # None: the length distribution's default (conversation: each new user message)
     output_len: int | None = None
     length_dist: LengthDist = "fixed"
     range_ratio: float = 0.5  # uniform draws lie in [len*(1-r), len*(1+r)]
@@ -81,6 +86,10 @@ class LoadConfig:
             _fail(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
         if self.length_dist not in LENGTH_DISTS:
             _fail(f"length_dist must be one of {LENGTH_DISTS}, got {self.length_dist!r}")
+        if self.workload not in WORKLOADS:
+            _fail(f"workload must be one of {WORKLOADS}, got {self.workload!r}")
+        if self.workload == "conversation":
+            self._validate_conversation()
         if self.concurrency is None and self.request_rate is None:
             _fail("give a concurrency or a request rate")
         if self.concurrency is not None and self.concurrency < 1:
@@ -115,6 +124,17 @@ class LoadConfig:
                 _fail(f"goodput target {key!r} unknown; use {', '.join(GOODPUT_KEYS)}")
             if not target > 0:
                 _fail(f"goodput target {key} must be > 0 ms, got {target}")
+
+
+    def _validate_conversation(self) -> None:
+        if self.endpoint != "chat":
+            _fail("the conversation workload sends chat messages: use the chat endpoint")
+        if self.concurrency is None or self.request_rate is not None:
+            _fail("the conversation workload is closed-loop: give a concurrency (the users), not a request rate")
+        if self.system_prompt_len < 0:
+            _fail(f"system_prompt_len must be >= 0, got {self.system_prompt_len}")
+        if self.turns < 1:
+            _fail(f"turns must be >= 1, got {self.turns}")
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:

@@ -60,6 +60,9 @@ class LoadResult:
     tpot: LatencyStats = field(default_factory=LatencyStats)
     itl: LatencyStats = field(default_factory=LatencyStats)
     e2el: LatencyStats = field(default_factory=LatencyStats)
+    # the conversation workload: turn -> the TTFT of that turn's completed requests, whose context grows with the turn
+    ttft_by_turn: Mapping[int, LatencyStats] = field(default_factory=dict)
+    input_tokens_by_turn: Mapping[int, float] = field(default_factory=dict)  # turn -> mean usage.prompt_tokens
     errors_by_status: Mapping[str, int] = field(default_factory=dict)  # HTTP status or failure reason -> count
     error_examples: Mapping[str, str] = field(default_factory=dict)  # one detail per reason, for the table
 
@@ -74,6 +77,9 @@ class LoadResult:
         examples: dict[str, str] = {}
         for r in failed:
             examples.setdefault(str(r.error), r.detail)
+        by_turn: dict[int, list[RequestRecord]] = {}
+        for r in sorted((r for r in ok if r.turn is not None), key=lambda r: r.turn):
+            by_turn.setdefault(r.turn, []).append(r)
         return cls(
             config=config, model=model, records=records, duration=duration,
             max_concurrent_requests=max_concurrent_requests, client_cpu=client_cpu,
@@ -88,6 +94,10 @@ class LoadResult:
             tpot=LatencyStats.of(r.tpot for r in ok if r.tpot is not None and (r.completion_tokens or 0) > 1),
             itl=LatencyStats.of(gap for r in ok for gap in r.itl),
             e2el=LatencyStats.of(r.latency for r in ok if r.latency is not None),
+            ttft_by_turn={turn: LatencyStats.of(r.ttft for r in rs if r.ttft is not None)
+                          for turn, rs in by_turn.items()},
+            input_tokens_by_turn={turn: float(np.mean([r.prompt_tokens or 0 for r in rs]))
+                                  for turn, rs in by_turn.items()},
             errors_by_status=dict(sorted(Counter(str(r.error) for r in failed).items())),
             error_examples=examples,
         )
@@ -122,6 +132,7 @@ class LoadResult:
             "max_concurrency": c.concurrency,
             "input_len": c.mean_input_len,
             "output_len": c.mean_output_len,
+            "workload": c.workload,
             "length_dist": c.length_dist,
             "range_ratio": c.range_ratio,
             "seed": c.seed,
@@ -144,6 +155,12 @@ class LoadResult:
             stats: LatencyStats = getattr(self, name)
             for stat in ("mean", "median", "std", "p90", "p99"):
                 out[f"{stat}_{name}_ms"] = getattr(stats, stat)
+        if c.workload == "conversation":
+            out |= {"system_prompt_len": c.system_prompt_len, "turns": c.turns,
+                    "by_turn": [{"turn": turn, "completed": stats.count,
+                                 "mean_input_tokens": self.input_tokens_by_turn[turn],
+                                 "median_ttft_ms": stats.median, "p99_ttft_ms": stats.p99}
+                                for turn, stats in self.ttft_by_turn.items()]}
         if detailed:
             done = [r for r in self.records if r.finished]
             out |= {

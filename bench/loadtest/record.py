@@ -23,6 +23,7 @@ class RequestRecord:
     index: int
     prompt_len: int  # our count of the prompt text's tokens
     output_len: int  # tokens asked for
+    turn: int | None = None  # the conversation workload: 1 for a conversation's first request
     start: float = 0.0  # time.monotonic() when the request was sent
     ttft: float | None = None  # seconds from send to the first text chunk
     latency: float | None = None  # seconds from send to the end of the stream

@@ -32,6 +32,8 @@ def format_result(result: LoadResult) -> str:
     rows: list[tuple[str, Any]] = [
         ("Target:", f"{c.url} ({c.endpoint})"),
         ("Model:", result.model),
+        *([("Workload:", f"conversations ({c.system_prompt_len}-token system prompt, {c.turns} turns)")]
+          if c.workload == "conversation" else []),
         ("Successful requests:", result.completed),
         ("Failed requests:", result.failed),
     ]
@@ -60,6 +62,11 @@ def format_result(result: LoadResult) -> str:
         lines.append(_rule(title))
         for stat, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"), ("p99", "P99"), ("std", "Std")):
             lines.append(_row(f"{label} {short} (ms):", getattr(stats, stat)))
+    if result.ttft_by_turn:
+        lines.append(_rule("Median TTFT by conversation turn"))
+        for turn, stats in result.ttft_by_turn.items():
+            tokens = result.input_tokens_by_turn[turn]
+            lines.append(_row(f"Turn {turn}, {tokens:.0f} input tok (ms):", stats.median))
     if result.errors_by_status:
         lines.append(_rule("Failures by status or reason"))
         for reason, count in result.errors_by_status.items():

@@ -40,7 +40,8 @@ async def run_sweep(config: LoadConfig, *, concurrencies: Sequence[int] = (), re
         configs = [config.replace(request_rate=r) for r in request_rates]
     for each in configs:  # every point is checked before the first one sends anything
         each.validate()
-    workload = Workload.from_config(config)  # one workload: every point sends the same requests
+    # one workload: every point sends the same requests (conversations are built by each run, from the same seed)
+    workload = Workload.from_config(config) if config.workload == "random" else None
     points = [await run_load(each, workload=workload, progress=progress) for each in configs]
     label = config.label or (points[0].model if points else "run")
     return SweepResult(label=label, swept=swept, points=points)
