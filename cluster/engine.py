@@ -31,7 +31,8 @@ from gptoss_serve.cluster.block_manager import BlockManager
 from gptoss_serve.cluster.output_processor import TextStreams
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.grammar import GrammarCompiler, advance
-from gptoss_serve.cluster.kv_cache import KVCache, bytes_per_block, resolve_max_model_len, resolve_num_blocks
+from gptoss_serve.cluster.kv_cache import (KVCache, bytes_per_block, kv_cache_dtype, resolve_max_model_len,
+                                           resolve_num_blocks)
 from gptoss_serve.cluster.model_runner import ModelRunner
 from gptoss_serve.cluster.engine_protocol import GRAMMAR_FAILED, RequestOutput, RequestTimes, TokenLogprobs
 from gptoss_serve.cluster.sampler import PendingSample
@@ -76,22 +77,23 @@ class LLMEngine:
         decodes beside it, off the step's critical path."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.texts = TextStreams(tokenizer) if detokenize else None
-        self.num_blocks = resolve_num_blocks(config, model.config, dtype=model.dtype, device=model.device)
+        self.kv_cache_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+        self.num_blocks = resolve_num_blocks(config, model.config, dtype=self.kv_cache_dtype, device=model.device)
         self.max_model_len = resolve_max_model_len(config, model.config, self.num_blocks)
         self.blocks = BlockManager(num_blocks=self.num_blocks, block_size=config.block_size,
                                    sliding_window=model.config.sliding_window,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks,
-                                                 block_size=config.block_size, dtype=model.dtype, device=model.device),
+        self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks, block_size=config.block_size,
+                                                 dtype=self.kv_cache_dtype, device=model.device),
                                   micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
                                   enforce_eager=config.enforce_eager)
         # what the model's tensors and the cache take on the device (start-up logs, the core's ready stats)
         self.weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                                         model.buffers()))
-        self.kv_cache_bytes = self.num_blocks * bytes_per_block(model.config, config.block_size, model.dtype)
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block(model.config, config.block_size, self.kv_cache_dtype)
         self.requests: dict[str, Sequence] = {}
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else model.device.type == "cuda")

@@ -8,9 +8,12 @@ the CPU-only ingress validates these args too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# vLLM's names for the same settings (`--kv-cache-dtype fp8_e4m3`, `bfloat16`), accepted and stored as ours
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "bfloat16": "bf16"}
 
 
 class EngineConfig(BaseModel):
@@ -26,12 +29,21 @@ class EngineConfig(BaseModel):
                                                               "(tests use it to force preemption)")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache budget instead of gpu_memory_utilization "
                                                               "(on the CPU the default is 0.5)")
+    kv_cache_dtype: Literal["auto", "bf16", "fp8"] = Field(
+        "auto", description="what the KV cache stores: auto, the model's dtype; bf16; fp8, e4m3 with a power-of-two "
+                            "scale per token and KV head (about twice the tokens in the same memory; "
+                            "kernels/fp8_kv_reference.py). vLLM's fp8_e4m3 and bfloat16 are accepted")
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(False, description="no CUDA graphs: every step's kernels launched one by one, "
                                                    "MoE workers' too (debugging; graphs are captured only on GPUs)")
     async_scheduling: bool | None = Field(None, description="schedule step t+1 while step t runs on the device, "
                                                              "reading its tokens a step late; default: on GPUs")
     seed: int = Field(0, description="for requests without their own seed")
+
+    @field_validator("kv_cache_dtype", mode="before")
+    @classmethod
+    def _vllm_names(cls, value: object) -> object:
+        return KV_CACHE_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     def __init__(self, **values: Any) -> None:
         try:

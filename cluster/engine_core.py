@@ -39,6 +39,7 @@ def engine_stats(engine: LLMEngine, *, extra: object | None = None, step_tokens:
                        prefix_queries=engine.scheduler.prefix_queries, prefix_hits=engine.scheduler.prefix_hits,
                        max_model_len=engine.max_model_len, weights_bytes=engine.weights_bytes,
                        kv_cache_bytes=engine.kv_cache_bytes, block_size=engine.config.block_size,
+                       kv_cache_dtype=str(engine.kv_cache_dtype).removeprefix("torch."),
                        num_preemptions=engine.scheduler.num_preemptions, step_tokens=step_tokens, time=time.time(),
                        extra=extra)
 

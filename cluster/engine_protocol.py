@@ -99,6 +99,7 @@ class EngineStats:
     max_model_len: int = 0
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
+    kv_cache_dtype: str = ""  # what the cache stores: "bfloat16", "float8_e4m3fn", ...
     block_size: int = 16
     num_preemptions: int = 0  # sequences preempted (their blocks freed, to be recomputed) since the core started
     step_tokens: int = 0  # tokens (prefill and decode) the step computes; 0 in stats sent without a step

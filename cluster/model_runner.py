@@ -44,7 +44,8 @@ def attention_kernels(device: torch.device):
 
 
 class PagedAttention:
-    """AttentionBackend over the KV cache: stores the step's keys and values, then attends."""
+    """AttentionBackend over the KV cache: stores the step's keys and values, then attends (an fp8 cache's scales
+    with them: the store writes them, attention dequantizes with them, both on the device)."""
 
     def __init__(self, cache: KVCache, inputs: StepInputs, kernels) -> None:
         self.cache, self.inputs = cache, inputs
@@ -53,11 +54,12 @@ class PagedAttention:
     def __call__(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         group = SLIDING if layer.window else FULL
         inputs = self.inputs
-        key_cache, value_cache = self.cache.layer(layer.layer)
-        self.store(k, v, key_cache, value_cache, inputs.slot_mapping[group])
-        return self.kernel(q, key_cache, value_cache, block_tables=inputs.block_tables[group],
+        cache = self.cache.layer(layer.layer)
+        self.store(k, v, cache.keys, cache.values, inputs.slot_mapping[group], **cache.scales)
+        return self.kernel(q, cache.keys, cache.values, block_tables=inputs.block_tables[group],
                            query_start=inputs.query_start, context_lens=inputs.context_lens, sinks=layer.sinks,
-                           window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len)
+                           window=layer.window, scale=layer.scale, max_query_len=inputs.max_query_len,
+                           **cache.scales)
 
 
 class ModelRunner:

@@ -160,9 +160,10 @@ class AttentionReplica:
         stats = self.stats = core.stats
         self._totals_seen = engine_totals(stats)
         self.core = core
-        logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB (%d blocks, %d tokens), max_model_len %d",
-                    self.args.resolved_device, stats.weights_bytes / 1e9, stats.kv_cache_bytes / 1e9,
-                    stats.num_blocks, stats.num_blocks * stats.block_size, stats.max_model_len)
+        logger.info("engine ready on %s: weights %.2f GB, KV cache %.2f GB of %s (%d blocks, %d tokens), "
+                    "max_model_len %d", self.args.resolved_device, stats.weights_bytes / 1e9,
+                    stats.kv_cache_bytes / 1e9, stats.kv_cache_dtype, stats.num_blocks,
+                    stats.num_blocks * stats.block_size, stats.max_model_len)
 
     def _start_core_once_placed(self, build: Callable[[], Built], app_name: str) -> None:
         while not wait_for_placement(app_name):

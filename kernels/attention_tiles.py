@@ -1,18 +1,24 @@
-"""What the paged-attention kernels (varlen_attention.py, split_kv_attention.py) share: the tile product they take
-for q.k and p.v, and where a running max starts.
+"""What the paged-attention kernels (varlen_attention.py, split_kv_attention.py) share: how they read a tile of
+the cache, the tile product they take for q.k and p.v, and where a running max starts.
 
 Two kernels compute the same attention and are tested against one reference, so they must multiply alike: float32
 operands get IEEE float32 products (a float32 model, not TF32's 10-bit mantissas), bf16 ones the matrix unit's
-native product with float32 accumulation. This module imports Triton: import it only where a GPU is (or under
-Triton's interpreter).
+native product with float32 accumulation. They read the cache alike too: a tile is converted to q's dtype (a no-op
+for a cache of that dtype), and an e4m3 tile is first dequantized with its scales as fp8_kv_reference.py does (widened
+to float32, times the power-of-two scale: exact), so on what it reads the attention is the one of a q-dtype cache.
+This module imports Triton: import it only where a GPU is (or under Triton's interpreter).
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+from gptoss_serve.kernels.fp8_kv_reference import SCALE_DTYPE
+from gptoss_serve.kernels.paged_attention import check_scales
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
 # a running max that starts finite: a row that saw no key yet keeps exp(0) = 1 as its rescale
@@ -26,3 +32,35 @@ def tile_dot(a, b, INTERPRET: tl.constexpr):
     if a.dtype == tl.float32:  # a float32 model gets float32 products, not TF32's 10-bit mantissas
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def load_kv_tile(cache_ptr, scales_ptr, block, offset, kv_head, d, key_ok, stride_b, stride_s, stride_h,
+                 scale_stride_b, scale_stride_s, dtype: tl.constexpr, FP8: tl.constexpr):
+    """The keys (or values) of positions at (block, offset) [BLOCK_N] of one KV head -> [BLOCK_N, D] in dtype; zeros
+    where not key_ok. FP8: the cache is e4m3, each token-head scaled by 2 ** (its exponent in scales - 127)."""
+    x = tl.load(cache_ptr + block[:, None] * stride_b + offset[:, None] * stride_s + kv_head * stride_h + d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    if FP8:
+        biased = tl.load(scales_ptr + block * scale_stride_b + offset * scale_stride_s + kv_head, mask=key_ok,
+                         other=0)
+        scale = (biased.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        return (x.to(tl.float32) * scale[:, None]).to(dtype)
+    return x.to(dtype)
+
+
+def scale_strides(key_cache: torch.Tensor, key_scales: torch.Tensor | None,
+                  value_scales: torch.Tensor | None) -> tuple[int, int]:
+    """The (block, offset) strides load_kv_tile reads both scale tensors with; (0, 0) without scales (a cache of
+    q's dtype or wider). Scales come with e4m3 caches only, shaped as the caches less D, each head's one after
+    another."""
+    check_scales(key_cache, key_scales, value_scales)
+    if key_scales is None:
+        return 0, 0
+    for scales in (key_scales, value_scales):
+        if scales.dtype != SCALE_DTYPE or scales.shape != key_cache.shape[:3] or scales.stride(2) != 1:
+            raise ValueError(f"scales must be {SCALE_DTYPE} {tuple(key_cache.shape[:3])} with contiguous heads, got "
+                             f"{scales.dtype} {tuple(scales.shape)}")
+    if key_scales.stride() != value_scales.stride():
+        raise ValueError("key and value scales must share their strides")
+    return key_scales.stride(0), key_scales.stride(1)

@@ -7,7 +7,8 @@ chunks, one program per (sequence, KV head, chunk). A program attends the G = Hq
 (rows padded to 16, the matrix unit's least) to its chunk and stores, in float32, each row's max logit, its sum of
 exponentials and its un-normalized output. A second kernel, one program per (sequence, query head), combines the
 chunks in a fixed order (the same sum every run), adds the head's sink to the denominator as the one-kernel path
-does, and writes the output in q's dtype. The PyTorch reference is `paged_attention_reference` (paged_attention.py).
+does, and writes the output in q's dtype. An e4m3 cache is dequantized tile by tile as the one-kernel path does
+(attention_tiles.load_kv_tile). The PyTorch reference is `paged_attention_reference` (paged_attention.py).
 
 The grid, (B, Hkv, num_splits), is chosen on the host from host numbers only (no device value is read, so a step
 can be captured in a CUDA graph): a CUDA graph's step knows only its block tables' width, max_model_len. The chunk
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, tile_dot
+from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, load_kv_tile, scale_strides, tile_dot
 
 BLOCK_N = 64  # keys per tile of the walk
 # a chunk reads at least this many keys a KV head (64 KB at D 64 in bf16), against the 2 KB of partials its program
@@ -46,12 +47,12 @@ def _chunking(context, num_splits, min_chunk, WINDOW: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit(do_not_specialize=["num_splits", "min_chunk"])  # one compiled kernel whatever the host picks
-def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context_lens_ptr,
+def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context_lens_ptr, k_scales_ptr, v_scales_ptr,
                        max_ptr, sum_ptr, acc_ptr,
                        stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                       stride_t, num_splits, min_chunk, scale,
+                       stride_sb, stride_ss, stride_t, num_splits, min_chunk, scale,
                        HEADS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr,
                        INTERPRET: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -81,10 +82,10 @@ def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context
         key_ok = key_pos < end
         block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         offset = key_pos % BLOCK_SIZE
-        k = tl.load(k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
-                    + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
-                    + d[None, :], mask=key_ok[:, None], other=0.0)
+        k = load_kv_tile(k_ptr, k_scales_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh,
+                         stride_sb, stride_ss, q.dtype, FP8)  # [BLOCK_N, D]
+        v = load_kv_tile(v_ptr, v_scales_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh,
+                         stride_sb, stride_ss, q.dtype, FP8)
         s = tl.where(key_ok[None, :], tile_dot(q, tl.trans(k), INTERPRET) * scale, float("-inf"))  # [ROWS, BLOCK_N]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
@@ -145,11 +146,13 @@ def split_kv_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                     sinks: torch.Tensor, window: int | None, scale: float, num_splits: int,
                     out: torch.Tensor | None = None, workspace: torch.Tensor | None = None,
-                    min_chunk: int = MIN_CHUNK) -> torch.Tensor:
+                    min_chunk: int = MIN_CHUNK, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention's arguments (varlen_attention.py) for a decode step: each sequence has one new token or none
     (query_start's steps are 0 or 1). num_splits: the most chunks a sequence's keys are cut into (decode_splits).
     workspace: float32 scratch of at least workspace_numel elements (allocated when None). min_chunk: the fewest keys
-    a chunk holds, a multiple of BLOCK_N (small ones let the tests cut short sequences)."""
+    a chunk holds, a multiple of BLOCK_N (small ones let the tests cut short sequences). key_scales, value_scales: an
+    e4m3 cache's scale exponents (its chunks are dequantized as they are loaded, as in the one-kernel path)."""
     N, Hq, D = q.shape
     _, block_size, Hkv, _ = key_cache.shape
     B = block_tables.shape[0]
@@ -172,13 +175,14 @@ def split_kv_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     partials = B * Hq * num_splits
     maxes, sums, accs = workspace[:partials], workspace[partials:2 * partials], workspace[2 * partials:numel]
     window = window or 0
+    stride_sb, stride_ss = scale_strides(key_cache, key_scales, value_scales)
     _partial_attention[(B, Hkv, num_splits)](
-        q, key_cache, value_cache, block_tables, query_start, context_lens, maxes, sums, accs,
-        q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
-        num_splits, min_chunk, scale,
+        q, key_cache, value_cache, block_tables, query_start, context_lens, key_scales, value_scales,
+        maxes, sums, accs, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), stride_sb, stride_ss,
+        block_tables.stride(0), num_splits, min_chunk, scale,
         HEADS=Hq, G=G, ROWS=max(16, G), D=D, BLOCK_N=BLOCK_N, BLOCK_SIZE=block_size, WINDOW=window,
-        INTERPRET=INTERPRET, num_warps=4)
+        FP8=key_scales is not None, INTERPRET=INTERPRET, num_warps=4)
     _combine_chunks[(B, Hq)](
         out, query_start, context_lens, sinks, maxes, sums, accs, out.stride(0), out.stride(1), num_splits, min_chunk,
         HEADS=Hq, D=D, SPLITS=max(2, triton.next_power_of_2(num_splits)), BLOCK_N=BLOCK_N, WINDOW=window,

@@ -13,6 +13,9 @@ denominator at the end. The grid is (B * ceil(max_query_len / BLOCK_Q), Hkv): kn
 any device value, so a step never waits for the host and can be captured in a CUDA graph; tiles past a sequence's
 own length return at once.
 
+An e4m3 cache (with its per-token-head scales, fp8_kv_reference.py) is read through the same kernel compiled with
+FP8 on: each tile is dequantized to q's dtype as it is loaded, and the rest is unchanged.
+
 `paged_attention` sends a decode step whose few programs would each walk long contexts to split_kv_attention.py
 instead (flash-decoding: each sequence's keys cut across programs), and every other step to this kernel.
 """
@@ -25,16 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, tile_dot
+from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, load_kv_tile, scale_strides, tile_dot
 from gptoss_serve.kernels.split_kv_attention import decode_splits, split_kv_decode
 
 
 @triton.jit
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_lens_ptr, sinks_ptr,
+               k_scales_ptr, v_scales_ptr,
                stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-               stride_on, stride_oh, stride_t, tiles_per_seq, scale,
+               stride_sb, stride_ss, stride_on, stride_oh, stride_t, tiles_per_seq, scale,
                G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, INTERPRET: tl.constexpr):
+               BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr):
     seq = tl.program_id(0) // tiles_per_seq
     tile = tl.program_id(0) % tiles_per_seq
     kv_head = tl.program_id(1)
@@ -68,10 +72,10 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
         key_ok = key_pos <= last
         block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         offset = key_pos % BLOCK_SIZE
-        k = tl.load(k_ptr + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh
-                    + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, D]
-        v = tl.load(v_ptr + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh
-                    + d[None, :], mask=key_ok[:, None], other=0.0)
+        k = load_kv_tile(k_ptr, k_scales_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh,
+                         stride_sb, stride_ss, q.dtype, FP8)  # [BLOCK_N, D]
+        v = load_kv_tile(v_ptr, v_scales_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh,
+                         stride_sb, stride_ss, q.dtype, FP8)
         s = tile_dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
         visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
         if WINDOW > 0:
@@ -96,11 +100,13 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
                     block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                     sinks: torch.Tensor, window: int | None, scale: float, max_query_len: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
+                    value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D], caches [blocks, block_size, Hkv, D], block_tables int32 [B, M], query_start int32 [B + 1],
     context_lens int32 [B], sinks [Hq] -> [N, Hq, D]. max_query_len: the most new tokens any sequence has (the
     caller's own number; it sizes the grid). Rows past query_start[B] are left as they are in `out` (uninitialized
-    when out is None, where the reference gives zeros).
+    when out is None, where the reference gives zeros). key_scales, value_scales: an e4m3 cache's scale exponents
+    (uint8 [blocks, block_size, Hkv], see fp8_kv_reference.py).
 
     A decode step (max_query_len 1) is split across its keys when that gives the GPU more programs: how many
     splits is decided from host numbers alone, the tables' width bounding every context (a CUDA graph's tables are
@@ -112,10 +118,10 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         if splits > 1:
             return split_kv_decode(q, key_cache, value_cache, block_tables=block_tables, query_start=query_start,
                                    context_lens=context_lens, sinks=sinks, window=window, scale=scale,
-                                   num_splits=splits, out=out)
+                                   num_splits=splits, out=out, key_scales=key_scales, value_scales=value_scales)
     return varlen_attention(q, key_cache, value_cache, block_tables=block_tables, query_start=query_start,
                             context_lens=context_lens, sinks=sinks, window=window, scale=scale,
-                            max_query_len=max_query_len, out=out)
+                            max_query_len=max_query_len, out=out, key_scales=key_scales, value_scales=value_scales)
 
 
 @functools.lru_cache
@@ -128,7 +134,8 @@ def _multiprocessors(device: torch.device) -> int:
 def varlen_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, *,
                      block_tables: torch.Tensor, query_start: torch.Tensor, context_lens: torch.Tensor,
                      sinks: torch.Tensor, window: int | None, scale: float, max_query_len: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, key_scales: torch.Tensor | None = None,
+                     value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention's arguments, always in the one kernel above (no split)."""
     N, Hq, D = q.shape
     _, block_size, Hkv, _ = key_cache.shape
@@ -144,11 +151,12 @@ def varlen_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     # rows = block_q * G: 16 (the matrix unit's least) for decode, 128 for prefill tiles
     block_q = max(1, (16 if max_query_len <= 16 // G else 128) // G)
     tiles_per_seq = triton.cdiv(max(max_query_len, 1), block_q)
+    stride_sb, stride_ss = scale_strides(key_cache, key_scales, value_scales)
     _attention[(B * tiles_per_seq, Hkv)](
-        q, key_cache, value_cache, out, block_tables, query_start, context_lens, sinks,
+        q, key_cache, value_cache, out, block_tables, query_start, context_lens, sinks, key_scales, value_scales,
         q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1),
-        block_tables.stride(0), tiles_per_seq, scale,
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), stride_sb, stride_ss,
+        out.stride(0), out.stride(1), block_tables.stride(0), tiles_per_seq, scale,
         G=G, D=D, BLOCK_Q=block_q, BLOCK_N=64, BLOCK_SIZE=block_size, WINDOW=window or 0,
-        INTERPRET=INTERPRET, num_warps=4)
+        FP8=key_scales is not None, INTERPRET=INTERPRET, num_warps=4)
     return out

@@ -1,5 +1,6 @@
 """Random paged-attention steps for the tests: sequences' keys and values scattered over shuffled cache blocks,
-with the blocks a sliding window left behind replaced by the null block 0, as the block manager does."""
+with the blocks a sliding window left behind replaced by the null block 0, as the block manager does; and the same
+step with its caches written into caches of another dtype (an fp8 cache and its scales) by a store function."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 
 import torch
 
+from gptoss_serve.kernels.fp8_kv_reference import E4M3, SCALE_DTYPE
+from gptoss_serve.kernels.paged_attention import store_kv_reference
 from gptoss_serve.kernels.sink_attention_reference import sink_attention
 
 
@@ -61,3 +64,16 @@ def expected(seqs, whole, args) -> torch.Tensor:
                               k_positions=positions, window=args["window"], scale=args["scale"])[0]
         out.append(full[ctx - new:])
     return torch.cat(out)
+
+
+def stored_as(args: dict, dtype: torch.dtype, store=store_kv_reference) -> dict:
+    """random_step's arguments with every slot of its caches (garbage included) written through `store` (the
+    reference or kernels.kv_store.store_kv) into new caches of dtype, and an e4m3 cache's scales."""
+    key_cache, value_cache = args["key_cache"], args["value_cache"]
+    shape, device = key_cache.shape, key_cache.device
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+    scales = {name: torch.zeros(shape[:3], dtype=SCALE_DTYPE, device=device)
+              for name in ("key_scales", "value_scales")} if dtype == E4M3 else {}
+    slots = torch.arange(shape[0] * shape[1], device=device)
+    store(key_cache.reshape(-1, *shape[2:]), value_cache.reshape(-1, *shape[2:]), *caches, slots, **scales)
+    return {**args, "key_cache": caches[0], "value_cache": caches[1], **scales}
