@@ -203,8 +203,8 @@ def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespa
     return rows, skipped
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model a benchmark loads, and where (bench.long_context takes the same)."""
     parser.add_argument("--model", help="checkpoint directory or hub id")
     parser.add_argument("--preset", choices=["tiny", "20b", "120b"], help="write a random checkpoint instead")
     parser.add_argument("--mxfp4", action="store_true", help="with --preset: MXFP4 experts")
@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                         help="dummy: random weights made on the device (the directory needs only config.json)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--experts", choices=["packed", "dequantized", "both"], default="packed",
                         help="MXFP4 experts kept packed, widened to bf16 at load, or both in turn")
     parser.add_argument("--eager", choices=["no", "yes", "both"], default="no",

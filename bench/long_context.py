@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from gptoss_serve.bench.engine_throughput import checkpoint_path, random_prompts, run_engine, sequence_blocks
+from gptoss_serve.bench.engine_throughput import (add_model_arguments, checkpoint_path, random_prompts, run_engine,
+                                                 sequence_blocks)
 from gptoss_serve.cluster.engine import LLMEngine
 from gptoss_serve.cluster.engine_config import EngineConfig
 from gptoss_serve.cluster.engine_protocol import RequestOutput, RequestTimes
@@ -162,13 +163,7 @@ def print_table(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="checkpoint directory or hub id")
-    parser.add_argument("--preset", choices=["tiny", "20b", "120b"], help="write a random checkpoint instead")
-    parser.add_argument("--mxfp4", action="store_true", help="with --preset: MXFP4 experts")
-    parser.add_argument("--write-to", default="/tmp/gptoss-bench", help="with --preset: where to write it")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                        help="dummy: random weights made on the device (the directory needs only config.json)")
+    add_model_arguments(parser)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "bf16", "fp8"], default="auto",
                         help="engine.kv_cache_dtype: fp8 holds about twice the tokens")

@@ -49,6 +49,18 @@ def load_kv_tile(cache_ptr, scales_ptr, block, offset, kv_head, d, key_ok, strid
     return x.to(dtype)
 
 
+def query_group(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:
+    """G, the query heads sharing each KV head, after the checks both kernels need: contiguous head dimensions and
+    G a power of two (a kernel's rows are tiles of whole groups)."""
+    if q.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise ValueError("q and the caches need a contiguous last (head) dimension")
+    Hq, Hkv = q.shape[1], key_cache.shape[2]
+    G = Hq // Hkv
+    if Hq % Hkv or G & (G - 1):
+        raise ValueError(f"{Hq} query heads over {Hkv} KV heads: the group size must be a power of two")
+    return G
+
+
 def scale_strides(key_cache: torch.Tensor, key_scales: torch.Tensor | None,
                   value_scales: torch.Tensor | None) -> tuple[int, int]:
     """The (block, offset) strides load_kv_tile reads both scale tensors with; (0, 0) without scales (a cache of

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, load_kv_tile, scale_strides, tile_dot
+from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, load_kv_tile, query_group, scale_strides,
+                                                   tile_dot)
 
 BLOCK_N = 64  # keys per tile of the walk
 # a chunk reads at least this many keys a KV head (64 KB at D 64 in bf16), against the 2 KB of partials its program
@@ -159,11 +160,7 @@ def split_kv_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     out = torch.empty_like(q) if out is None else out
     if N == 0 or B == 0:
         return out
-    if q.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
-        raise ValueError("q and the caches need a contiguous last (head) dimension")
-    G = Hq // Hkv
-    if Hq % Hkv or G & (G - 1):
-        raise ValueError(f"{Hq} query heads over {Hkv} KV heads: the group size must be a power of two")
+    G = query_group(q, key_cache, value_cache)
     if not 1 <= num_splits <= MAX_SPLITS or min_chunk < BLOCK_N or min_chunk % BLOCK_N:
         raise ValueError(f"num_splits {num_splits} must be in [1, {MAX_SPLITS}] and min_chunk {min_chunk} a multiple "
                          f"of {BLOCK_N}")

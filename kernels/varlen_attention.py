@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import INTERPRET, NEG, load_kv_tile, scale_strides, tile_dot
+from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, load_kv_tile, query_group, scale_strides,
+                                                   tile_dot)
 from gptoss_serve.kernels.split_kv_attention import decode_splits, split_kv_decode
 
 
@@ -143,11 +144,7 @@ def varlen_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     out = torch.empty_like(q) if out is None else out
     if N == 0 or B == 0:
         return out
-    if q.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
-        raise ValueError("q and the caches need a contiguous last (head) dimension")
-    G = Hq // Hkv
-    if Hq % Hkv or G & (G - 1):
-        raise ValueError(f"{Hq} query heads over {Hkv} KV heads: the group size must be a power of two")
+    G = query_group(q, key_cache, value_cache)
     # rows = block_q * G: 16 (the matrix unit's least) for decode, 128 for prefill tiles
     block_q = max(1, (16 if max_query_len <= 16 // G else 128) // G)
     tiles_per_seq = triton.cdiv(max(max_query_len, 1), block_q)
