@@ -154,6 +154,7 @@ def test_fp8_logits_stay_close_to_bf16s_at_a_long_context(model):
     Measured: top-1 agreement 0.93, relative error 0.036 (free experts: 0.87, 0.073); layers 0 (sliding) and 1
     (full) attention outputs 4.4% and 6.1% off (e4m3 rounds each number by up to 2**-4, 2.7% rms)."""
     measured = _compare_caches(model, _long_ids(1024, seed=0), chunk=128, last=256)
+    print(f"tiny model, 1k context, fp8 against bf16 KV: {measured}")  # shown with -s (BENCHMARKS.md)
     pinned, (layer0, layer1) = measured["pinned"], measured["attention"]
     assert pinned["top1_agreement"] >= 0.88 and pinned["relative_error"] < 0.05, measured
     assert layer0 < 0.06 and layer1 < 0.08, measured
@@ -195,6 +196,7 @@ def test_the_engine_decodes_from_an_fp8_cache_as_its_prefill_reads_it(model):
         measured = agreement(fp8, bf16)
         assert measured["relative_error"] < 0.06, measured
         top1.append(measured["top1_agreement"])
+        print(f"tiny model, {len(prompt)}-token prompt, fp8 along bf16's greedy output: {measured}")
     assert sum(top1) / len(top1) >= 0.85, top1
 
 
