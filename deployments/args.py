@@ -95,6 +95,10 @@ class AppArgs(BaseModel):
     num_cpus_per_replica: float = Field(1, ge=0)
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the engine's limits in each "
                                                                           "attention replica")
+    attention_routing: Literal["prefix", "most_room"] = Field(
+        "prefix", description="how a batch picks its attention replica: prefix, the one this router sent its "
+                              "prompts' prefixes to (their prefix cache) unless it is overloaded; most_room, the one "
+                              "with the most free KV blocks")
     # the HTTP front and the router: CPUs reserved so that they keep pace; more replicas for more clients
     num_ingress_replicas: int = Field(1, ge=1, description="OpenAIIngress replicas (HTTP, SSE, harmony)")
     num_cpus_per_ingress: float = Field(0.5, ge=0)

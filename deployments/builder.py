@@ -37,6 +37,15 @@ MOST_ROOM = RequestRouterConfig(request_router_class="gptoss_serve.deployments.m
                                 request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
 
 
+def attention_routing(args: AppArgs) -> RequestRouterConfig:
+    """How a batch picks its attention replica (args.attention_routing; aborts reach their replica either way)."""
+    if args.attention_routing == "most_room":
+        return MOST_ROOM
+    return RequestRouterConfig(request_router_class="gptoss_serve.deployments.prefix_aware_router:PrefixAwareRouter",
+                               request_router_kwargs={"block_size": args.engine.block_size},
+                               request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)
+
+
 def parse_args(raw: dict[str, Any] | AppArgs) -> AppArgs:
     """Validates the args; a bad value fails here, before any replica starts, naming the field."""
     if isinstance(raw, AppArgs):
@@ -110,7 +119,7 @@ def build_app(raw_args: dict[str, Any] | AppArgs | None = None) -> serve.Applica
         max_ongoing_requests=10_000,  # a call is a whole batch; the engine queues, not Serve
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica,
                            "runtime_env": {"env_vars": NCCL_ENV}},
-        request_router_config=MOST_ROOM,
+        request_router_config=attention_routing(args),
         health_check_period_s=5,
         health_check_timeout_s=30,
         **drain,

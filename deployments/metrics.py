@@ -105,6 +105,17 @@ class RouterMetrics:
                                     boundaries=LATENCY_BUCKETS, tag_keys=TAGS)
 
 
+class RoutingMetrics:
+    """What a request router (PrefixAwareRouter, inside each caller of a deployment) decided. The prefix-cache hit
+    rate per replica that these decisions buy is ReplicaMetrics' prefix_cache_hits / prefix_cache_queries."""
+
+    def __init__(self, *, deployment: str) -> None:
+        self.deployment = deployment
+        self.decisions = Counter("gptoss_routing_decisions", description="batches routed, by reason: prefix (to a "
+                                 "replica sent its prefix before), load (its holder was overloaded), no_match",
+                                 tag_keys=("deployment", "reason"))
+
+
 class ExpertMetrics:
     """Expert parallelism, seen from an attention replica: load balance, exchange latency and volume."""
 
@@ -146,8 +157,9 @@ def exported_series() -> dict[str, set[str]]:
     """Every series the app can export, as Prometheus names it (Ray's `ray_` prefix, `_total` on counters,
     `_bucket`/`_sum`/`_count` on histograms) -> its labels. The dashboard's test checks its queries against it."""
     series: dict[str, set[str]] = {}
-    for group in (ReplicaMetrics, RouterMetrics, ExpertMetrics):
-        for metric in vars(group(model="", replica="")).values():
+    groups = [group(model="", replica="") for group in (ReplicaMetrics, RouterMetrics, ExpertMetrics)]
+    for group in [*groups, RoutingMetrics(deployment="")]:
+        for metric in vars(group).values():
             if not isinstance(metric, Metric):
                 continue
             name, labels = f"ray_{metric._name}", set(metric._tag_keys)

@@ -1,0 +1,79 @@
+"""PrefixTable: which attention replicas were sent which block-aligned prompt prefixes, as one router saw it.
+
+A prompt's prefix is named block by block with the block manager's chained hash (cluster/block_manager.py), so
+"the first k blocks of this prompt" is one table key and a replica's cached prefix is matched the way its own
+prefix cache would match it. The table is this router's memory of its own routing decisions, not a view of the
+replicas' caches: it may claim a prefix that a replica has since evicted (a miss there costs what routing by load
+would have cost) and it is bounded, least recently used keys going first. Nothing here is shared between router
+processes, so a restart only loses what this one remembered.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gptoss_serve.cluster.block_manager import chain_hash
+
+MAX_ENTRIES = 200_000  # block hashes kept: ~100 bytes each with their replica sets, so ~20 MB at most
+MAX_BLOCKS_PER_PROMPT = 2_048  # 32k tokens at block size 16: longer prompts are matched on that much, keeping
+# the hashing per request in the router's event loop to about a millisecond
+
+
+class PrefixTable:
+    def __init__(self, *, block_size: int = 16, max_entries: int = MAX_ENTRIES,
+                 max_blocks_per_prompt: int = MAX_BLOCKS_PER_PROMPT) -> None:
+        self.block_size, self.max_entries, self.max_blocks = block_size, max_entries, max_blocks_per_prompt
+        # hash of a prompt's first k blocks -> the replicas sent a prompt starting so (most recent last)
+        self.holders: OrderedDict[int, dict[str, None]] = OrderedDict()
+
+    def block_hashes(self, token_ids: list[int]) -> list[int]:
+        """Chained hashes of the prompt's full blocks. As in the block manager, the last token never counts: a
+        prompt whose every block is cached still has its last token computed, so that block is not reused."""
+        size = self.block_size
+        num_full = min(max(0, len(token_ids) - 1) // size, self.max_blocks)
+        hashes, parent = [], None
+        for i in range(num_full):
+            parent = chain_hash(parent, token_ids[i * size:(i + 1) * size])
+            hashes.append(parent)
+        return hashes
+
+    def matches(self, hashes: list[int]) -> dict[str, int]:
+        """Replica id -> how many leading blocks of this prompt it was sent (replicas with none are absent)."""
+        matched: dict[str, int] = {}
+        alive: set[str] | None = None  # replicas that hold every block so far
+        for depth, h in enumerate(hashes, start=1):
+            holders = self.holders.get(h)
+            if not holders:
+                break
+            self.holders.move_to_end(h)
+            alive = set(holders) if alive is None else alive & holders.keys()
+            if not alive:
+                break
+            for replica in alive:
+                matched[replica] = depth
+        return matched
+
+    def record(self, hashes: list[int], replica: str) -> None:
+        """This prompt (its block hashes) was sent to `replica`: it will hold these blocks in its prefix cache."""
+        for h in hashes:
+            holders = self.holders.get(h)
+            if holders is None:
+                holders = self.holders[h] = {}
+            else:
+                self.holders.move_to_end(h)
+            holders.pop(replica, None)
+            holders[replica] = None
+        while len(self.holders) > self.max_entries:
+            self.holders.popitem(last=False)
+
+    def forget(self, live_replicas: set[str]) -> None:
+        """Drops every replica not in `live_replicas` (stopped, restarted under a new id, scaled down)."""
+        for h in list(self.holders):
+            holders = self.holders[h]
+            for replica in [r for r in holders if r not in live_replicas]:
+                del holders[replica]
+            if not holders:
+                del self.holders[h]
+
+    def __len__(self) -> int:
+        return len(self.holders)
