@@ -104,6 +104,26 @@ def _fake_app(seen: Counter, chats: list) -> FastAPI:
     async def chat_completions(request: Request):
         return await generate(request, chat=True)
 
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        body = await request.json()
+        seen[body["model"]] += 1
+        number = sum(1 for b in chats if isinstance(b, dict))  # bodies kept beside chat messages
+        chats.append(body)
+        rid = f"resp_{number}"
+        n = body["max_output_tokens"]
+
+        async def stream():
+            yield _sse({"type": "response.created", "response": {"id": rid, "status": "in_progress"}})
+            for i in range(n):
+                await asyncio.sleep(FIRST_DELAY if i == 0 else TOKEN_DELAY)
+                kind = "reasoning_text" if i < 2 else "output_text"
+                yield _sse({"type": f"response.{kind}.delta", "delta": f" t{i}"})
+            usage = {"input_tokens": len(tok.encode(body["input"])), "output_tokens": n}
+            yield _sse({"type": "response.completed", "response": {"id": rid, "status": "completed", "usage": usage}})
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
     return app
 
 
@@ -397,3 +417,71 @@ def test_conversation_options_are_checked():
         with pytest.raises(ConfigError):
             LoadConfig(**(base | kw)).validate()
     LoadConfig(**base).validate()
+
+
+def test_users_spread_over_system_prompts_hand_count(fresh):
+    # 4 users, 2 system prompts, 3 turns, 12 requests: each user holds one conversation of exactly 3 turns
+    result = _run(_config(fresh, endpoint="chat", workload="conversation", concurrency=4, num_requests=12,
+                          system_prompt_len=40, system_prompts=2, turns=3, input_len=6, output_len=4))
+    assert (result.completed, result.failed) == (12, 0) and len(fresh.chats) == 12
+    systems = {m[0]["content"] for m in fresh.chats}
+    assert len(systems) == 2 and all(len(load_tokenizer().encode(p)) == 40 for p in systems)
+    firsts = [m for m in fresh.chats if len(m) == 2]  # one per user; its user is found by its seed-fixed message
+    assert len(firsts) == 4
+    for messages in fresh.chats:  # each turn's prompt extends the one before: 3 turns, a chain of 3
+        later = [m for m in fresh.chats if len(m) > len(messages) and m[:len(messages)] == messages]
+        assert len(later) == 3 - len(messages) // 2  # turn t has 2t messages
+    openers = {m[1]["content"]: m[0]["content"] for m in firsts}
+    from gptoss_serve.bench.loadtest.conversation import Conversations
+    conv = Conversations.from_config(_config(fresh, endpoint="chat", workload="conversation", concurrency=4,
+                                             num_requests=12, system_prompt_len=40, system_prompts=2, turns=3,
+                                             input_len=6, output_len=4))
+    for user in range(4):  # user u held prompt u % 2: users 0 and 2 one, 1 and 3 the other
+        turn = conv.next_turn(user)
+        assert turn.system_prompt == user % 2 and openers[turn.messages[1]["content"]] == turn.instructions
+    assert sum(1 for o in openers.values() if o == conv.system_prompts[0]) == 2
+    assert [t["turn"] for t in result.to_json_dict()["by_turn"]] == [1, 2, 3]
+
+
+def test_responses_turns_follow_the_previous_response(fresh):
+    result = _run(_config(fresh, endpoint="responses", workload="conversation", concurrency=4, num_requests=12,
+                          system_prompt_len=40, system_prompts=2, turns=3, input_len=6, output_len=4,
+                          ignore_eos=False))
+    assert (result.completed, result.failed) == (12, 0)
+    bodies = [b for b in fresh.chats if isinstance(b, dict)]
+    assert len(bodies) == 12 and all(b["stream"] is True and b["store"] is True for b in bodies)
+    ids = {f"resp_{i}": b for i, b in enumerate(bodies)}
+    assert len({b["instructions"] for b in bodies}) == 2
+    firsts = [b for b in bodies if "previous_response_id" not in b]
+    assert len(firsts) == 4
+    for b in bodies:
+        if "previous_response_id" in b:  # a later turn: the new message only, after an earlier response
+            before = ids[b["previous_response_id"]]
+            assert before["instructions"] == b["instructions"] and before["input"] != b["input"]
+            assert bodies.index(before) < bodies.index(b)
+    # 4 users x 2 later turns, each following a different response
+    followed = [b["previous_response_id"] for b in bodies if "previous_response_id" in b]
+    assert len(followed) == 8 and len(set(followed)) == 8
+    assert all(r.ttft >= FIRST_DELAY for r in result.records)
+
+
+def test_think_time_is_respected(fresh):
+    think = 0.3
+    result = _run(_config(fresh, endpoint="chat", workload="conversation", concurrency=1, num_requests=3,
+                          system_prompt_len=16, turns=3, input_len=6, output_len=2, think_time=think))
+    records = sorted(result.records, key=lambda r: r.start)
+    assert result.completed == 3
+    for before, after in zip(records, records[1:]):
+        assert after.start - (before.start + before.latency) >= think
+
+
+def test_new_conversation_options_are_refused():
+    base = dict(url="http://127.0.0.1", workload="conversation", concurrency=2, num_requests=4)
+    for kw, words in ((dict(system_prompts=0), "system_prompts"), (dict(think_time=-1.0), "think_time"),
+                      (dict(think_time=float("inf")), "think_time"),
+                      (dict(system_prompts=2, system_prompt_len=0), "system_prompt_len"),
+                      (dict(endpoint="responses"), "--no-ignore-eos"),
+                      (dict(endpoint="responses", workload="random", ignore_eos=False), "conversation")):
+        with pytest.raises(ConfigError, match=words):
+            LoadConfig(**(base | kw)).validate()
+    LoadConfig(**(base | dict(endpoint="responses", ignore_eos=False, system_prompts=2, think_time=0.5))).validate()

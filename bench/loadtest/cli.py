@@ -38,7 +38,10 @@ a lognormal truncated to [4, 5x mean] whose mean is --input-len/--output-len, 21
 (spread sigma {SHAREGPT_SIGMA_INPUT} for prompts, {SHAREGPT_SIGMA_OUTPUT} for outputs).
 --workload conversation: each of --concurrency users shares one --system-prompt-len system prompt and holds a
 conversation that grows every turn (its answer and a new --input-len message appended), --turns turns long; the
-table adds the median TTFT of each turn. Chat endpoint only, closed loop (no --request-rate).
+table adds the median TTFT of each turn. --system-prompts G spreads the users over G system prompts (user u gets
+prompt u % G); --think-time S makes each user wait S seconds between an answer and its next turn. Chat, or
+--endpoint responses (each turn after the first sends its new message and previous_response_id; needs
+--no-ignore-eos). Closed loop (no --request-rate).
 Only loopback URLs are accepted unless --allow-host names the host.
 """
 
@@ -78,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--system-prompt-len", type=int, default=16384,
                       help="conversation: tokens of the system prompt all users share")
     work.add_argument("--turns", type=int, default=8, help="conversation: turns before a user starts anew")
+    work.add_argument("--system-prompts", type=int, default=1, metavar="G",
+                      help="conversation: distinct system prompts; user u gets prompt u %% G")
+    work.add_argument("--think-time", type=float, default=0.0, metavar="S",
+                      help="conversation: seconds a user waits between an answer and its next turn")
     work.add_argument("--input-len", type=int, help="prompt tokens (mean for uniform/sharegpt; conversation: "
                                                     "each new user message)")
     work.add_argument("--output-len", type=int, help="output tokens (mean for uniform/sharegpt)")
@@ -114,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         url=args.url, endpoint=args.endpoint, model=args.model, concurrency=args.concurrency,
         request_rate=args.request_rate, burstiness=args.burstiness, num_requests=args.num_requests,
         duration=args.duration, grace_period=args.grace_period, timeout=args.timeout, workload=args.workload,
-        system_prompt_len=args.system_prompt_len, turns=args.turns, input_len=args.input_len,
+        system_prompt_len=args.system_prompt_len, turns=args.turns, system_prompts=args.system_prompts,
+        think_time=args.think_time, input_len=args.input_len,
         output_len=args.output_len, length_dist=args.length_dist, range_ratio=args.range_ratio,
         temperature=args.temperature, ignore_eos=not args.no_ignore_eos, seed=args.seed,
         extra_body=args.extra_body, goodput=parse_goodput(args.goodput), allow_hosts=tuple(args.allow_host),

@@ -12,16 +12,23 @@ import httpx
 from gptoss_serve.bench.loadtest.config import Endpoint
 from gptoss_serve.bench.loadtest.conversation import Turn
 from gptoss_serve.bench.loadtest.record import (CHUNK_MISMATCH, CONNECTION, EMPTY_OUTPUT, MALFORMED_SSE, MISSING_DONE,
-                                                MISSING_USAGE, TIMEOUT, TOKEN_MISMATCH, RequestRecord)
+                                                MISSING_USAGE, STREAM_ERROR, TIMEOUT, TOKEN_MISMATCH, RequestRecord)
 from gptoss_serve.bench.loadtest.sse import DONE, StreamFault, Usage, chunk_text, chunk_usage, parse_line
 from gptoss_serve.bench.loadtest.workload import RequestSpec
 
-PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+PATHS: dict[Endpoint, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+                               "responses": "/v1/responses"}
+# Responses stream events whose delta is output: reasoning counts, as a chat stream's reasoning does
+RESPONSE_TEXT_EVENTS = ("response.output_text.delta", "response.reasoning_text.delta")
+RESPONSE_ENDS = ("response.completed", "response.incomplete")
 
 
 def build_payload(spec: RequestSpec | Turn, *, endpoint: Endpoint, model: str, temperature: float, ignore_eos: bool,
                   extra_body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A random prompt (as the user's message for chat), or a conversation's turn (chat only)."""
+    """A random prompt (as the user's message for chat), or a conversation's turn (chat or responses)."""
+    if endpoint == "responses":
+        assert isinstance(spec, Turn), "the responses endpoint carries conversation turns only"
+        return _responses_payload(spec, model=model, temperature=temperature) | dict(extra_body or {})
     body: dict[str, Any] = {"model": model}
     if isinstance(spec, Turn):
         body["messages"] = spec.messages
@@ -39,6 +46,18 @@ def build_payload(spec: RequestSpec | Turn, *, endpoint: Endpoint, model: str, t
         # vLLM's extra fields: without them a model may stop early and output lengths stop being controlled
         body |= {"ignore_eos": True, "min_tokens": spec.output_len}
     return body | dict(extra_body or {})
+
+
+def _responses_payload(turn: Turn, *, model: str, temperature: float) -> dict[str, Any]:
+    """The turn's new message; the server holds the rest under `previous_response_id`. Instructions go with every
+    turn: a response does not inherit them (OpenAI's rule), and the same instructions keep the same prompt prefix."""
+    body: dict[str, Any] = {"model": model, "input": turn.messages[-1]["content"], "max_output_tokens": turn.output_len,
+                            "temperature": temperature, "stream": True, "store": True}
+    if turn.instructions is not None:
+        body["instructions"] = turn.instructions
+    if turn.previous_response_id is not None:
+        body["previous_response_id"] = turn.previous_response_id
+    return body
 
 
 class ServerError(RuntimeError):
@@ -60,9 +79,10 @@ async def fetch_model(client: httpx.AsyncClient) -> str:
 
 async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endpoint: Endpoint,
                        payload: dict[str, Any], timeout: float, ignore_eos: bool,
-                       text: list[str] | None = None) -> None:
+                       text: list[str] | None = None, ids: list[str] | None = None) -> None:
     """Sends one request and fills `record`; never raises for a failed request (cancellation goes through).
-    `text`, if given, receives the streamed text chunk by chunk (a conversation appends the answer)."""
+    `text`, if given, receives the streamed text chunk by chunk (a conversation appends the answer); `ids`, the
+    response's id (responses endpoint)."""
     record.start = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
@@ -71,7 +91,10 @@ async def send_request(client: httpx.AsyncClient, record: RequestRecord, *, endp
                     body = await response.aread()
                     record.fail(str(response.status_code), body.decode("utf-8", errors="replace"))
                     return
-                usage = await _read_stream(response, record, chat=endpoint == "chat", text=text)
+                if endpoint == "responses":
+                    usage = await _read_response_events(response, record, text=text, ids=ids)
+                else:
+                    usage = await _read_stream(response, record, chat=endpoint == "chat", text=text)
     except StreamFault as fault:
         record.fail(fault.reason, fault.detail)
         return
@@ -122,6 +145,49 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat:
     if usage is None:
         raise StreamFault(MISSING_USAGE, "no chunk carried usage (stream_options.include_usage was asked)")
     return usage
+
+
+async def _read_response_events(response: httpx.Response, record: RequestRecord, *, text: list[str] | None,
+                                ids: list[str] | None) -> Usage:
+    """A /v1/responses stream: typed events, no [DONE]; it ends with response.completed (or .incomplete), whose
+    response carries the id and the usage."""
+    end: dict[str, Any] | None = None
+    last = record.start
+    async for line in response.aiter_lines():
+        now = time.monotonic()
+        event = parse_line(line)
+        if event is None:
+            continue
+        if event is DONE or end is not None:
+            raise StreamFault(MALFORMED_SSE, f"data after {end and end.get('type')}")
+        assert isinstance(event, dict)
+        kind = event.get("type")
+        if kind in ("error", "response.failed"):
+            raise StreamFault(STREAM_ERROR, str(event.get("message") or event.get("response", {}).get("error")))
+        if kind in RESPONSE_TEXT_EVENTS and (chunk := event.get("delta")):
+            if record.ttft is None:
+                record.ttft = now - record.start
+            else:
+                record.itl.append(now - last)
+            last = now
+            record.chunks += 1
+            record.output_chars += len(chunk)
+            if text is not None:
+                text.append(chunk)
+        if kind in RESPONSE_ENDS:
+            end = event
+    record.latency = time.monotonic() - record.start
+    if end is None:
+        raise StreamFault(MISSING_DONE, "the stream ended without response.completed")
+    body = end.get("response") or {}
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        raise StreamFault(MISSING_USAGE, f"{end.get('type')} carried no usage")
+    found = chunk_usage({"usage": {"prompt_tokens": usage.get("input_tokens"),
+                                   "completion_tokens": usage.get("output_tokens")}})
+    if ids is not None and isinstance(body.get("id"), str):
+        ids.append(body["id"])
+    return found
 
 
 def _check(record: RequestRecord, usage: Usage, *, ignore_eos: bool) -> None:

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
-Endpoint = Literal["chat", "completions"]
+Endpoint = Literal["chat", "completions", "responses"]
 LengthDist = Literal["fixed", "uniform", "sharegpt"]
 WorkloadKind = Literal["random", "conversation"]
 
-ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions")
+ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "responses")
 LENGTH_DISTS: tuple[LengthDist, ...] = ("fixed", "uniform", "sharegpt")
 WORKLOADS: tuple[WorkloadKind, ...] = ("random", "conversation")
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
@@ -47,6 +47,8 @@ class LoadConfig:
     workload: WorkloadKind = "random"
     system_prompt_len: int = 16384  # conversation: tokens of the system prompt every conversation starts with
     turns: int = 8  # conversation: a user's turns before it starts a new conversation
+    system_prompts: int = 1  # conversation: distinct system prompts; user u holds prompt u % system_prompts
+    think_time: float = 0.0  # conversation: seconds a user waits between an answer and its next turn
     input_len: int | None = None  # None: the length distribution's default (conversation: each new user message)
     output_len: int | None = None
     length_dist: LengthDist = "fixed"
@@ -90,6 +92,8 @@ class LoadConfig:
             _fail(f"workload must be one of {WORKLOADS}, got {self.workload!r}")
         if self.workload == "conversation":
             self._validate_conversation()
+        elif self.endpoint == "responses":
+            _fail("the responses endpoint is for the conversation workload (--workload conversation)")
         if self.concurrency is None and self.request_rate is None:
             _fail("give a concurrency or a request rate")
         if self.concurrency is not None and self.concurrency < 1:
@@ -127,14 +131,22 @@ class LoadConfig:
 
 
     def _validate_conversation(self) -> None:
-        if self.endpoint != "chat":
-            _fail("the conversation workload sends chat messages: use the chat endpoint")
+        if self.endpoint == "completions":
+            _fail("the conversation workload sends messages: use the chat or responses endpoint")
+        if self.endpoint == "responses" and self.ignore_eos:
+            _fail("the responses endpoint takes no ignore_eos/min_tokens: add --no-ignore-eos")
         if self.concurrency is None or self.request_rate is not None:
             _fail("the conversation workload is closed-loop: give a concurrency (the users), not a request rate")
         if self.system_prompt_len < 0:
             _fail(f"system_prompt_len must be >= 0, got {self.system_prompt_len}")
         if self.turns < 1:
             _fail(f"turns must be >= 1, got {self.turns}")
+        if self.system_prompts < 1:
+            _fail(f"system_prompts must be >= 1, got {self.system_prompts}")
+        if self.system_prompts > 1 and self.system_prompt_len == 0:
+            _fail("system_prompts > 1 needs system_prompt_len > 0 (prompts of no token are all the same)")
+        if not (self.think_time >= 0 and math.isfinite(self.think_time)):
+            _fail(f"think_time must be >= 0 seconds, got {self.think_time}")
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:

@@ -156,7 +156,8 @@ class LoadResult:
             for stat in ("mean", "median", "std", "p90", "p99"):
                 out[f"{stat}_{name}_ms"] = getattr(stats, stat)
         if c.workload == "conversation":
-            out |= {"system_prompt_len": c.system_prompt_len, "turns": c.turns,
+            out |= {"system_prompt_len": c.system_prompt_len, "turns": c.turns, "system_prompts": c.system_prompts,
+                    "think_time": c.think_time,
                     "by_turn": [{"turn": turn, "completed": stats.count,
                                  "mean_input_tokens": self.input_tokens_by_turn[turn],
                                  "median_ttft_ms": stats.median, "p99_ttft_ms": stats.p99}

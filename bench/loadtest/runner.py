@@ -58,6 +58,7 @@ class _Driver:
         # the users of a conversation run are its concurrency: each has one turn in flight at most
         self.slots = asyncio.Semaphore(config.concurrency) if config.concurrency and conversations is None else None
         self.in_flight = self.peak = self.failed = 0
+        self.answered_at: dict[int, float] = {}  # user -> when its last answer ended (think time counts from there)
         self.duration = 0.0
         self.cpu = 0.0  # this process's CPU seconds per second of the run: near 1, our own loop was the bottleneck
 
@@ -106,13 +107,21 @@ class _Driver:
         c = self.config
         while (c.num_requests is None or len(self.records) < c.num_requests) and (
                 deadline is None or time.monotonic() < deadline):
+            if c.think_time and user in self.answered_at:  # the user reads the answer before it writes again
+                if not await _sleep_until(self.answered_at[user] + c.think_time, deadline):
+                    break
+                if c.num_requests is not None and len(self.records) >= c.num_requests:
+                    break
             turn = self.conversations.next_turn(user)
             record = RequestRecord(index=len(self.records), prompt_len=turn.prompt_len, output_len=turn.output_len,
                                    turn=turn.turn)
             self.records.append(record)
             answer: list[str] = []
-            await self._one(record, self._payload(turn), text=answer)
-            self.conversations.answered(user, "".join(answer) if record.ok else None)
+            ids: list[str] = []
+            await self._one(record, self._payload(turn), text=answer, ids=ids)
+            self.answered_at[user] = time.monotonic()
+            ok = record.ok and (c.endpoint != "responses" or bool(ids))  # no id: nothing to follow on from
+            self.conversations.answered(user, "".join(answer) if ok else None, response_id=ids[0] if ids else None)
 
     def _payload(self, spec: RequestSpec | Turn) -> dict:
         c = self.config
@@ -123,13 +132,14 @@ class _Driver:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _one(self, record: RequestRecord, payload: dict, *, text: list[str] | None = None) -> None:
+    async def _one(self, record: RequestRecord, payload: dict, *, text: list[str] | None = None,
+                   ids: list[str] | None = None) -> None:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         slot, client = self.clients.acquire()
         try:
             await send_request(client, record, endpoint=self.config.endpoint, payload=payload,
-                               timeout=self.config.timeout, ignore_eos=self.config.ignore_eos, text=text)
+                               timeout=self.config.timeout, ignore_eos=self.config.ignore_eos, text=text, ids=ids)
         except Exception as exc:  # a bug of ours must show as a failure, not vanish as a "cancelled" request
             record.fail(CLIENT_ERROR, f"{type(exc).__name__}: {exc}")
         finally:
