@@ -128,15 +128,7 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, *, chat:
             continue
         assert isinstance(event, dict)
         if chunk := chunk_text(event, chat=chat):
-            if record.ttft is None:
-                record.ttft = now - record.start
-            else:
-                record.itl.append(now - last)
-            last = now
-            record.chunks += 1
-            record.output_chars += len(chunk)
-            if text is not None:
-                text.append(chunk)
+            last = _take_chunk(record, chunk, now, last, text)
         if (found := chunk_usage(event)) is not None:
             usage = found
     record.latency = time.monotonic() - record.start  # before the connection goes back to the pool
@@ -165,15 +157,7 @@ async def _read_response_events(response: httpx.Response, record: RequestRecord,
         if kind in ("error", "response.failed"):
             raise StreamFault(STREAM_ERROR, str(event.get("message") or event.get("response", {}).get("error")))
         if kind in RESPONSE_TEXT_EVENTS and (chunk := event.get("delta")):
-            if record.ttft is None:
-                record.ttft = now - record.start
-            else:
-                record.itl.append(now - last)
-            last = now
-            record.chunks += 1
-            record.output_chars += len(chunk)
-            if text is not None:
-                text.append(chunk)
+            last = _take_chunk(record, chunk, now, last, text)
         if kind in RESPONSE_ENDS:
             end = event
     record.latency = time.monotonic() - record.start
@@ -188,6 +172,19 @@ async def _read_response_events(response: httpx.Response, record: RequestRecord,
     if ids is not None and isinstance(body.get("id"), str):
         ids.append(body["id"])
     return found
+
+
+def _take_chunk(record: RequestRecord, chunk: str, now: float, last: float, text: list[str] | None) -> float:
+    """Times and counts a text chunk that arrived at `now` (the one before it at `last`) -> now, the next `last`."""
+    if record.ttft is None:
+        record.ttft = now - record.start
+    else:
+        record.itl.append(now - last)
+    record.chunks += 1
+    record.output_chars += len(chunk)
+    if text is not None:
+        text.append(chunk)
+    return now
 
 
 def _check(record: RequestRecord, usage: Usage, *, ignore_eos: bool) -> None:
