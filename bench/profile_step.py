@@ -1,7 +1,7 @@
 """Where an engine step's time goes: launches, host syncs, GPU time against wall time, over decode steps.
 
     python -m gptoss_serve.bench.profile_step --model DIR [--load-format dummy] [--batch 1] [--steps 8]
-        [--enforce-eager] [--sync-scheduling] [--trace trace.json] [--json PATH]
+        [--prompt-len 128] [--max-model-len N] [--kv-cache-dtype bf16|fp8] [--enforce-eager] [--sync-scheduling] [--trace trace.json] [--json PATH]
 
 Per decode step it prints: kernel launches and CUDA-graph launches made by the host (cudaLaunchKernel and
 cudaGraphLaunch calls), kernels the GPU ran, host syncs (counted by torch's CUDA sync debug mode, which warns on
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-model-len", type=int, help="default: the prompt, the steps and 4,096, whichever fits")
+    parser.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--sync-scheduling", action="store_true", help="no async scheduling")
     parser.add_argument("--rows", type=int, default=20)
@@ -61,14 +63,18 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     model = load_model(args.model, device=device, load_format=args.load_format)
-    engine = LLMEngine(model, load_tokenizer(), EngineConfig(max_num_seqs=max(args.batch, 1), max_model_len=4096,
-                                                             enforce_eager=args.enforce_eager,
-                                                             async_scheduling=not args.sync_scheduling))
-    params = SamplingParams(temperature=0, max_tokens=args.steps * 4 + 16, ignore_eos=True)
+    # enough tokens that the first prompts are still decoding when the last prompt's prefill ends
+    prefill_steps = -(-args.batch * args.prompt_len // EngineConfig().max_num_batched_tokens)
+    params = SamplingParams(temperature=0, max_tokens=prefill_steps + args.steps * 4 + 16, ignore_eos=True)
+    max_model_len = args.max_model_len or max(4096, args.prompt_len + params.max_tokens)
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(
+        max_num_seqs=max(args.batch, 1), max_model_len=max_model_len, kv_cache_dtype=args.kv_cache_dtype,
+        enforce_eager=args.enforce_eager, async_scheduling=not args.sync_scheduling))
     for i, prompt in enumerate(random_prompts(args.batch, args.prompt_len, seed=0)):
         engine.add_request(str(i), prompt, params)
-    while len({o.request_id for o in engine.step()}) < args.batch:  # prefill, then a few warm-up steps
-        pass
+    started: set[str] = set()
+    while len(started) < args.batch:  # prefill until every request has its first token
+        started.update(o.request_id for o in engine.step())
     for _ in range(args.steps):
         engine.step()
     sync(device)
@@ -82,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - start
     events = prof.events()
     per_step = {
-        "batch": args.batch, "enforce_eager": args.enforce_eager, "async_scheduling": not args.sync_scheduling,
+        "batch": args.batch, "prompt_len": args.prompt_len, "kv_cache_dtype": args.kv_cache_dtype,
+        "enforce_eager": args.enforce_eager, "async_scheduling": not args.sync_scheduling,
         "kernel_launches": sum(e.name in LAUNCHES for e in events) / args.steps,
         "graph_launches": sum(e.name == "cudaGraphLaunch" for e in events) / args.steps,
         "gpu_kernels": sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events) / args.steps,

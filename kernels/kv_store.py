@@ -53,8 +53,11 @@ def _quantize_e4m3(x, MAX_MANTISSA: tl.constexpr, BELOW_MAX: tl.constexpr, MIN_E
     exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, MIN_EXPONENT)
     magic = ((exponent + 127 + 23 - MANTISSA_BITS) << 23).to(tl.float32, bitcast=True)
     rounded = (y + magic) - magic
-    negative = x.to(tl.int32, bitcast=True) < 0  # the sign bit, -0.0's included
-    return tl.where(negative, -rounded, rounded).to(tl.float8e4nv), biased
+    # x's sign bit put back by bits: a negation compiles to 0 - rounded on the GPU, which makes -0.0 of a tiny
+    # negative value +0.0 (torch keeps -0.0)
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31  # arithmetic shift: 0x80000000 or 0
+    signed = (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return signed.to(tl.float8e4nv), biased
 
 
 @triton.jit
