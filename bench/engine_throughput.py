@@ -6,8 +6,10 @@
     python -m gptoss_serve.bench.engine_throughput --preset 20b --mxfp4 --write-to /tmp/gptoss-20b   # random checkpoint
     python -m gptoss_serve.bench.engine_throughput --model DIR --load-format dummy --experts both   # before / after
 
-Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens generated after every
-request of the batch has its first token; prefill tokens/s is prompt tokens over the time to those first tokens.
+Prints one table; --json FILE writes the figures. Decode tokens/s counts the tokens of --output-len steps in which
+the whole batch decodes, from the step after every request of the batch has its first token (each request is given
+enough tokens that the first ones are still running when the last prompt's prefill ends); prefill tokens/s is
+prompt tokens over the time to those first tokens.
 --eager both runs it without CUDA graphs (engine.enforce_eager), then with them; --scheduling both runs it with
 synchronous steps, then with async scheduling (engine.async_scheduling). --experts both loads the model twice,
 MXFP4 experts widened to bf16 at load and then kept packed, and prints the GPU memory the weights take after each
@@ -63,17 +65,28 @@ def random_prompts(batch: int, length: int, seed: int | None = None) -> list[lis
     return torch.randint(0, 199_000, (batch, length), generator=gen).tolist()
 
 
+def lead_tokens(engine: LLMEngine, batch: int, prompt_len: int) -> int:
+    """Tokens the first requests of a batch generate while the last prompts still prefill (one a step, in chunks of
+    max_num_batched_tokens): each request gets that many more, so the whole batch is decoding when it is timed."""
+    return -(-batch * prompt_len // engine.config.max_num_batched_tokens) + 1
+
+
 def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> dict:
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    """Prefill tokens/s: the batch's prompt tokens over the time until every request has its first token. Decode
+    tokens/s: the tokens of the next output_len steps, in which all `batch` requests decode (then the rest is
+    aborted); at long prompts the first requests would otherwise be done before the last ones start, and a decode
+    'of batch 64' would time a handful of sequences."""
+    params = SamplingParams(temperature=0, max_tokens=output_len + lead_tokens(engine, batch, prompt_len),
+                            ignore_eos=True)
     device = engine.model.device
-    for i, prompt in enumerate(random_prompts(batch, prompt_len)):
-        engine.add_request(f"b{batch}-{i}", prompt, params)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for request_id, prompt in zip(ids, random_prompts(batch, prompt_len)):
+        engine.add_request(request_id, prompt, params)
     sync(device)
     start = time.perf_counter()
     started: set[str] = set()
-    first_token_at = None
-    generated_after = 0
-    steps = 0
+    first_token_at = end = None
+    generated_after = decode_steps = steps = 0
     while engine.has_unfinished_requests:
         outputs = engine.step()
         steps += 1
@@ -82,15 +95,21 @@ def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) 
             if len(started) == batch:
                 sync(device)
                 first_token_at = time.perf_counter()
-        else:
+        elif end is None:
             generated_after += len(outputs)
+            decode_steps += 1
+            if decode_steps == output_len:
+                sync(device)
+                end = time.perf_counter()
+                for request_id in ids:
+                    engine.abort(request_id)
     sync(device)
-    end = time.perf_counter()
-    decode_time = end - first_token_at
+    decode_time = (end or time.perf_counter()) - first_token_at
     return {"batch": batch, "prompt_len": prompt_len, "output_len": output_len, "steps": steps,
+            "decode_steps": decode_steps, "decode_tokens": generated_after,
             "prefill_tokens_per_s": batch * prompt_len / (first_token_at - start),
             "decode_tokens_per_s": generated_after / decode_time if decode_time > 0 else float("nan"),
-            "total_s": end - start}
+            "total_s": time.perf_counter() - start}
 
 
 def run_hf(path: Path, device: torch.device, batch: int, prompt_len: int, output_len: int, hf_model=None) -> dict:
@@ -133,9 +152,9 @@ def sequence_blocks(engine: LLMEngine, length: int) -> int:
 def why_skipped(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> str | None:
     """Why a case cannot be measured as meant (the whole batch decoding at once), or None when it can: a batch the
     cache cannot hold would be preempted and recomputed, and time that instead."""
-    length = prompt_len + output_len
+    length = prompt_len + output_len + lead_tokens(engine, batch, prompt_len)
     if length > engine.max_model_len:
-        return f"{prompt_len} + {output_len} tokens are more than max_model_len {engine.max_model_len}"
+        return f"{prompt_len} + {length - prompt_len} tokens are more than max_model_len {engine.max_model_len}"
     # a prefill chunk holds sliding-window blocks beyond the window until its step ends
     chunk = -(-engine.config.max_num_batched_tokens // engine.config.block_size)
     need, have = batch * sequence_blocks(engine, length) + chunk, engine.num_blocks - 1
@@ -149,7 +168,8 @@ def build_engine(model, args: argparse.Namespace, name: str, **fields) -> LLMEng
     model's context), or what the cache holds when that is less."""
     if args.max_model_len is not None:
         return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=args.max_model_len, **fields))
-    longest = min(max(args.prompt_lens) + args.output_len + 16, model.config.max_position_embeddings)
+    lead = -(-max(args.batches) * max(args.prompt_lens) // EngineConfig().max_num_batched_tokens) + 1  # lead_tokens
+    longest = min(max(args.prompt_lens) + args.output_len + lead + 16, model.config.max_position_embeddings)
     try:
         return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=longest, **fields))
     except ValueError as e:  # the cache cannot hold it: longer prompts are skipped below, the others still run

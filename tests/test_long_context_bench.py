@@ -59,8 +59,9 @@ def test_engine_throughput_sweeps_prompt_lengths_and_skips_what_does_not_fit(tin
 
 def whole_batch_run(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> tuple[int, int]:
     """Runs a batch to the end. -> (the most sequences running at once, preemptions)."""
+    max_tokens = output_len + engine_throughput.lead_tokens(engine, batch, prompt_len)  # as run_engine asks
     for i, prompt in enumerate(engine_throughput.random_prompts(batch, prompt_len)):
-        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     peak = 0
     while engine.has_unfinished_requests:
         engine.step()
@@ -85,3 +86,14 @@ def test_the_skip_rule_passes_only_batches_that_run_whole(tiny_bf16):
             preempted.append(batch)
     assert len(accepted) >= 2 and preempted and not set(preempted) & set(accepted)
     assert "max_model_len 96" in engine_throughput.why_skipped(engine, 1, 90, 20)
+
+
+def test_decode_is_timed_while_the_whole_batch_decodes(tiny_bf16):
+    """Prompts that take several steps each to prefill (16 tokens a step): the first requests get enough tokens to
+    be still decoding when the last prompt's prefill ends, so each timed step yields one token per request."""
+    model = load_model(tiny_bf16, dtype=torch.float32)
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=96, max_num_batched_tokens=16,
+                                                             max_num_seqs=4))
+    r = engine_throughput.run_engine(engine, 3, 32, 5)
+    assert (r["decode_steps"], r["decode_tokens"]) == (5, 3 * 5)
+    assert not engine.has_unfinished_requests and engine.num_free_blocks == engine.num_blocks - 1  # aborted, freed
