@@ -1,7 +1,8 @@
 """Where an engine step's time goes: launches, host syncs, GPU time against wall time, over decode steps.
 
     python -m gptoss_serve.bench.profile_step --model DIR [--load-format dummy] [--batch 1] [--steps 8]
-        [--prompt-len 128] [--max-model-len N] [--kv-cache-dtype bf16|fp8] [--enforce-eager] [--sync-scheduling] [--trace trace.json] [--json PATH]
+        [--prompt-len 128] [--max-model-len N] [--kv-cache-dtype bf16|fp8]
+        [--enforce-eager] [--sync-scheduling] [--trace trace.json] [--json PATH]
 
 Per decode step it prints: kernel launches and CUDA-graph launches made by the host (cudaLaunchKernel and
 cudaGraphLaunch calls), kernels the GPU ran, host syncs (counted by torch's CUDA sync debug mode, which warns on

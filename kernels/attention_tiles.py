@@ -4,8 +4,9 @@ the cache, the tile product they take for q.k and p.v, and where a running max s
 Two kernels compute the same attention and are tested against one reference, so they must multiply alike: float32
 operands get IEEE float32 products (a float32 model, not TF32's 10-bit mantissas), bf16 ones the matrix unit's
 native product with float32 accumulation. They read the cache alike too: a tile is converted to q's dtype (a no-op
-for a cache of that dtype), and an e4m3 tile is first dequantized with its scales as fp8_kv_reference.py does (widened
-to float32, times the power-of-two scale: exact), so on what it reads the attention is the one of a q-dtype cache.
+for a cache of that dtype; exact for e4m3), and an e4m3 cache's power-of-two scales (fp8_kv_reference.py) are applied
+to the scores and probabilities its tiles meet (kv_scales), so on what it reads the attention is the one of the
+dequantized cache in q's dtype.
 This module imports Triton: import it only where a GPU is (or under Triton's interpreter).
 """
 
@@ -35,18 +36,24 @@ def tile_dot(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def load_kv_tile(cache_ptr, scales_ptr, block, offset, kv_head, d, key_ok, stride_b, stride_s, stride_h,
-                 scale_stride_b, scale_stride_s, dtype: tl.constexpr, FP8: tl.constexpr):
+def load_kv_tile(cache_ptr, block, offset, kv_head, d, key_ok, stride_b, stride_s, stride_h, dtype: tl.constexpr):
     """The keys (or values) of positions at (block, offset) [BLOCK_N] of one KV head -> [BLOCK_N, D] in dtype; zeros
-    where not key_ok. FP8: the cache is e4m3, each token-head scaled by 2 ** (its exponent in scales - 127)."""
+    where not key_ok. An e4m3 cache's values come unscaled (exact in bf16 and float32): see kv_scales."""
     x = tl.load(cache_ptr + block[:, None] * stride_b + offset[:, None] * stride_s + kv_head * stride_h + d[None, :],
                 mask=key_ok[:, None], other=0.0)
-    if FP8:
-        biased = tl.load(scales_ptr + block * scale_stride_b + offset * scale_stride_s + kv_head, mask=key_ok,
-                         other=0)
-        scale = (biased.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        return (x.to(tl.float32) * scale[:, None]).to(dtype)
     return x.to(dtype)
+
+
+@triton.jit
+def kv_scales(scales_ptr, block, offset, kv_head, key_ok, stride_b, stride_s):
+    """An e4m3 cache's scales of the positions at (block, offset) [BLOCK_N] of one KV head -> float32 [BLOCK_N],
+    2 ** (exponent - 127); 0 where not key_ok.
+
+    A kernel applies them to the products, not to the tile: a key's scale multiplies its column of q.k, a value's
+    scale the column of p that meets it in p.v. Scaling by a power of two is exact in float32 and bf16, so this is
+    the attention of the dequantized cache, for one multiply per score instead of one per cached number."""
+    biased = tl.load(scales_ptr + block * stride_b + offset * stride_s + kv_head, mask=key_ok, other=0)
+    return (biased.to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
 
 def query_group(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:

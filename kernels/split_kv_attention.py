@@ -7,8 +7,9 @@ chunks, one program per (sequence, KV head, chunk). A program attends the G = Hq
 (rows padded to 16, the matrix unit's least) to its chunk and stores, in float32, each row's max logit, its sum of
 exponentials and its un-normalized output. A second kernel, one program per (sequence, query head), combines the
 chunks in a fixed order (the same sum every run), adds the head's sink to the denominator as the one-kernel path
-does, and writes the output in q's dtype. An e4m3 cache is dequantized tile by tile as the one-kernel path does
-(attention_tiles.load_kv_tile). The PyTorch reference is `paged_attention_reference` (paged_attention.py).
+does, and writes the output in q's dtype. An e4m3 cache is read as the one-kernel path reads it
+(attention_tiles.load_kv_tile and kv_scales). The PyTorch reference is `paged_attention_reference`
+(paged_attention.py).
 
 The grid, (B, Hkv, num_splits), is chosen on the host from host numbers only (no device value is read, so a step
 can be captured in a CUDA graph): a CUDA graph's step knows only its block tables' width, max_model_len. The chunk
@@ -23,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, load_kv_tile, query_group, scale_strides,
-                                                   tile_dot)
+from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, kv_scales, load_kv_tile, query_group,
+                                                   scale_strides, tile_dot)
 
 BLOCK_N = 64  # keys per tile of the walk
 # a chunk reads at least this many keys a KV head (64 KB at D 64 in bf16), against the 2 KB of partials its program
@@ -83,15 +84,18 @@ def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context
         key_ok = key_pos < end
         block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         offset = key_pos % BLOCK_SIZE
-        k = load_kv_tile(k_ptr, k_scales_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh,
-                         stride_sb, stride_ss, q.dtype, FP8)  # [BLOCK_N, D]
-        v = load_kv_tile(v_ptr, v_scales_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh,
-                         stride_sb, stride_ss, q.dtype, FP8)
-        s = tl.where(key_ok[None, :], tile_dot(q, tl.trans(k), INTERPRET) * scale, float("-inf"))  # [ROWS, BLOCK_N]
+        k = load_kv_tile(k_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh, q.dtype)
+        v = load_kv_tile(v_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh, q.dtype)
+        s = tile_dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
+        if FP8:  # each key's scale on its column of scores (attention_tiles.kv_scales)
+            s *= kv_scales(k_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
+        s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         rescale = tl.exp(m - m_new)
         l = l * rescale + tl.sum(p, axis=1)
+        if FP8:  # each value's scale on the column of p that meets it
+            p *= kv_scales(v_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
         acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
         m = m_new
 

@@ -14,7 +14,8 @@ any device value, so a step never waits for the host and can be captured in a CU
 own length return at once.
 
 An e4m3 cache (with its per-token-head scales, fp8_kv_reference.py) is read through the same kernel compiled with
-FP8 on: each tile is dequantized to q's dtype as it is loaded, and the rest is unchanged.
+FP8 on: each tile is converted to q's dtype unscaled, and its power-of-two scales multiply the scores (keys) and
+the probabilities (values) they meet (attention_tiles.kv_scales).
 
 `paged_attention` sends a decode step whose few programs would each walk long contexts to split_kv_attention.py
 instead (flash-decoding: each sequence's keys cut across programs), and every other step to this kernel.
@@ -28,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, load_kv_tile, query_group, scale_strides,
-                                                   tile_dot)
+from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, kv_scales, load_kv_tile, query_group,
+                                                   scale_strides, tile_dot)
 from gptoss_serve.kernels.split_kv_attention import decode_splits, split_kv_decode
 
 
@@ -73,11 +74,11 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
         key_ok = key_pos <= last
         block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         offset = key_pos % BLOCK_SIZE
-        k = load_kv_tile(k_ptr, k_scales_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh,
-                         stride_sb, stride_ss, q.dtype, FP8)  # [BLOCK_N, D]
-        v = load_kv_tile(v_ptr, v_scales_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh,
-                         stride_sb, stride_ss, q.dtype, FP8)
+        k = load_kv_tile(k_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh, q.dtype)
+        v = load_kv_tile(v_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh, q.dtype)
         s = tile_dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
+        if FP8:  # each key's scale on its column of scores (kv_scales)
+            s *= kv_scales(k_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
         visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
         if WINDOW > 0:
             visible &= position[:, None] - key_pos[None, :] < WINDOW
@@ -86,6 +87,8 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
         p = tl.exp(s - m_new[:, None])
         rescale = tl.exp(m - m_new)
         l = l * rescale + tl.sum(p, axis=1)
+        if FP8:  # each value's scale on the column of p that meets it
+            p *= kv_scales(v_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
         acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
         m = m_new
 
