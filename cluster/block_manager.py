@@ -126,13 +126,13 @@ class BlockManager:
     def after_step(self, seq: Sequence) -> None:
         """Once the step's tokens are in the cache: register newly full blocks, release out-of-window ones."""
         if self.prefix_caching:
-            tokens = seq.token_ids
             full = seq.num_computed_tokens // self.block_size
             while seq.num_hashed_blocks < full:
                 i = seq.num_hashed_blocks
                 if i == len(seq.block_hashes):
                     parent = seq.block_hashes[-1] if seq.block_hashes else None
-                    seq.block_hashes.append(chain_hash(parent, tokens[i * self.block_size:(i + 1) * self.block_size]))
+                    seq.block_hashes.append(chain_hash(parent, seq.tokens_in(i * self.block_size,
+                                                                             (i + 1) * self.block_size)))
                 for g in self.groups:
                     block = seq.block_tables[g][i]
                     if block != NULL_BLOCK and block not in self.hash_of and (g, seq.block_hashes[i]) not in self.cached:
@@ -140,11 +140,14 @@ class BlockManager:
                         self.hash_of[block] = (g, seq.block_hashes[i])
                 seq.num_hashed_blocks += 1
         if SLIDING in self.groups:
+            # the released blocks are always a prefix of the table (the window only moves on): walk back from the
+            # first block still needed to the last one released, not over the whole context every step
             table = seq.block_tables[SLIDING]
-            for i in range(min(self._first_needed_block(seq.num_computed_tokens), len(table))):
-                if table[i] != NULL_BLOCK:
-                    self._release(table[i])
-                    table[i] = NULL_BLOCK
+            i = min(self._first_needed_block(seq.num_computed_tokens), len(table)) - 1
+            while i >= 0 and table[i] != NULL_BLOCK:
+                self._release(table[i])
+                table[i] = NULL_BLOCK
+                i -= 1
 
     def free_sequence(self, seq: Sequence) -> None:
         for table in seq.block_tables.values():

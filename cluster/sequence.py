@@ -51,6 +51,14 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def tokens_in(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (a long sequence's block, once a block fills)."""
+        prompt = self.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        return (prompt[start:] if start < len(prompt) else []) + \
+            self.output_token_ids[max(start - len(prompt), 0):end - len(prompt)]
+
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
