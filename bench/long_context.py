@@ -2,7 +2,8 @@
 requests decoding beside it.
 
     python -m gptoss_serve.bench.long_context --model DIR --load-format dummy [--ttft-lens 8192 32768 131071]
-        [--decode-batch 32] [--decode-prompt-len 1024] [--long-prompt-len 131071] [--json FILE]
+        [--decode-batch 32] [--decode-prompt-len 1024] [--long-prompt-len 131071]
+        [--long-prefill-token-threshold N] [--json FILE]
     python -m gptoss_serve.bench.long_context --preset tiny --ttft-lens 64 256 --decode-batch 4 \\
         --decode-prompt-len 16 --long-prompt-len 512 --max-num-batched-tokens 64    # the same on the CPU, at toy sizes
 
@@ -12,7 +13,8 @@ Time to first token: each prompt alone on an idle engine, one token asked for; t
 Decodes beside a prefill: --decode-batch requests decode together. Their time per output token (TPOT) is measured
 over --baseline-steps steps alone, then from the step a --long-prompt-len prompt arrives until its first token: the
 scheduler serves the decodes first and fills the rest of each step's engine.max_num_batched_tokens with a chunk of
-the long prompt, so the decodes go on, each step longer by its chunk. A window's TPOT is, for each decoding request,
+the long prompt (at most --long-prefill-token-threshold tokens, engine.long_prefill_token_threshold, when set), so
+the decodes go on, each step longer by its chunk. A window's TPOT is, for each decoding request,
 the time from its first to its last token in the window over the tokens between (taken as engine.step returns
 them); the table gives the median over the requests and the longest gap any of them saw.
 
@@ -134,7 +136,10 @@ def why_decodes_skipped(engine: LLMEngine, args: argparse.Namespace) -> str | No
     if args.long_prompt_len + 1 > engine.max_model_len:
         return f"a {args.long_prompt_len}-token prompt and its token are more than max_model_len {engine.max_model_len}"
     # what the decodes reach by the end: their prompt, the steps before the window and in it, the prefill's steps
-    prefill_steps = -(-args.long_prompt_len // max(1, engine.config.max_num_batched_tokens - args.decode_batch))
+    per_step = engine.config.max_num_batched_tokens - args.decode_batch
+    if engine.config.long_prefill_token_threshold:
+        per_step = min(per_step, engine.config.long_prefill_token_threshold)
+    prefill_steps = -(-args.long_prompt_len // max(1, per_step))
     decoded = args.settle_steps + args.baseline_steps + prefill_steps + 4
     chunk = -(-engine.config.max_num_batched_tokens // engine.config.block_size)
     need = (args.decode_batch * sequence_blocks(engine, args.decode_prompt_len + decoded)
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                                                           "what the KV cache holds)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens,
                         help="tokens a step computes: the prefill chunk the decodes share their steps with")
+    parser.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                        help="engine.long_prefill_token_threshold: the long prompt's chunk beside the decodes")
     parser.add_argument("--ttft-lens", type=int, nargs="+", default=[8192, 32768, 131071],
                         help="prompt tokens, each timed alone to its first token")
     parser.add_argument("--decode-batch", type=int, default=32, help="requests decoding beside the long prefill")
@@ -186,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     t = time.perf_counter()
     model = load_model(path, device=device, load_format=args.load_format)
     config = EngineConfig(max_num_seqs=args.decode_batch + 1, max_num_batched_tokens=args.max_num_batched_tokens,
+                          long_prefill_token_threshold=args.long_prefill_token_threshold,
                           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(model, load_tokenizer(), config)
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                "engine": {"max_model_len": engine.max_model_len, "num_blocks": engine.num_blocks,
                           "block_size": engine.config.block_size, "kv_cache_gb": engine.kv_cache_bytes / 1e9,
                           "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+                          "long_prefill_token_threshold": engine.config.long_prefill_token_threshold,
                           "kv_cache_dtype": engine.config.kv_cache_dtype},
                "ttft": [], "decode_beside_prefill": None, "skipped": []}
     seeds = itertools.count(1)

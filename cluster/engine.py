@@ -84,7 +84,8 @@ class LLMEngine:
                                    sliding_window=model.config.sliding_window,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   long_prefill_token_threshold=config.long_prefill_token_threshold)
         self.runner = ModelRunner(model, KVCache(model.config, num_blocks=self.num_blocks, block_size=config.block_size,
                                                  dtype=self.kv_cache_dtype, device=model.device),
                                   micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -21,6 +21,11 @@ class EngineConfig(BaseModel):
 
     max_num_seqs: int = Field(256, ge=1, description="requests decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens a step computes (prefill chunk size)")
+    long_prefill_token_threshold: int = Field(
+        0, ge=0, description="while other requests decode, a prompt's chunk is at most this many tokens (0: the "
+                             "step's whole budget; vLLM's name). Smaller chunks keep their TPOT low beside a long "
+                             "prefill, at the cost of that prompt's time to first token; alone, a prompt takes the "
+                             "whole budget")
     max_model_len: int | None = Field(None, ge=2, description="longest prompt + output; default: the model's "
                                                               "context, or what the cache holds")
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")

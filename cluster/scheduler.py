@@ -1,8 +1,9 @@
 """Decides what runs each step: continuing sequences first, then new ones, under a token and sequence budget.
 
 Prompts are prefilled in chunks of at most the step's remaining token budget, so a long prompt never stalls the
-decoding sequences. When the cache has no room for a running sequence's next tokens, the most recently admitted
-sequence is preempted: its blocks are freed and it waits to be recomputed (its prefix may still be cached).
+decoding sequences; with long_prefill_token_threshold, a chunk beside decoding sequences is at most that many
+tokens, so it does not stretch their steps much either. When the cache has no room for a running sequence's next
+tokens, the most recently admitted sequence is preempted: its blocks are freed and it waits to be recomputed (its prefix may still be cached).
 Once a step is launched, `advance` records what it computes and returns the sequences that sample; once it ran,
 `after_step` lets the cache keep or release their blocks. Whether a sequence is done (stop token, stop string,
 length) the engine decides, and `finish` takes it out. Under async scheduling the engine schedules step t+1 while
@@ -21,9 +22,11 @@ from gptoss_serve.cluster.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0) -> None:
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # running total (the replica's preemption counter reads it)
@@ -37,12 +40,13 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """-> (sequence, number of new tokens to compute) for this step."""
         budget = self.max_num_batched_tokens
+        chunk = self._prefill_chunk()
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.at_length_cap:  # preempted earlier in this loop, or done
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, chunk)
             if n == 0:
                 break
             while not self.blocks.can_append(seq, n):
@@ -60,7 +64,7 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             self.blocks.allocate_prompt(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, chunk)
             if not self.blocks.can_append(seq, n):
                 self.blocks.free_sequence(seq)
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
@@ -77,6 +81,15 @@ class Scheduler:
             budget -= n
         self.scheduled_tokens = self.max_num_batched_tokens - budget  # from the budget: no pass over the batch
         return scheduled
+
+    def _prefill_chunk(self) -> int:
+        """The most tokens one sequence may compute this step: long_prefill_token_threshold while a running
+        sequence decodes (its prompt all computed), so a long prompt's chunks do not stretch every decode step;
+        else no limit beyond the budget. A decoding sequence computes one token, under any threshold."""
+        limit = self.long_prefill_token_threshold
+        if limit and any(seq.num_computed_tokens >= len(seq.prompt_token_ids) for seq in self.running):
+            return limit
+        return self.max_num_batched_tokens
 
     def advance(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
         """A step was launched: its tokens count as computed. -> the sequences whose chunk reaches their last token
