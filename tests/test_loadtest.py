@@ -124,6 +124,29 @@ def _fake_app(seen: Counter, chats: list) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    @app.get("/metrics")
+    async def metrics():
+        """The app's counters as Ray exports them, made up from the requests seen: 100 prompt tokens looked up a
+        request, 60 of them hits on replica "a" and 20 on "b" (alternating), each request routed by prefix; one
+        series of Ray's own labels per replica, and a series of another app the scrape must ignore."""
+        from fastapi.responses import PlainTextResponse
+
+        n = sum(seen.values())
+        on_a, on_b = (n + 1) // 2, n // 2
+        ray = 'Component="serve_replica",NodeAddress="10.0.0.1",SessionName="s"'
+        text = "".join([
+            "# TYPE ray_gptoss_prefix_cache_queries_total counter\n",
+            f'ray_gptoss_prefix_cache_queries_total{{{ray},model_name="m",replica="a"}} {100.0 * on_a}\n',
+            f'ray_gptoss_prefix_cache_queries_total{{{ray},model_name="m",replica="b"}} {100.0 * on_b}\n',
+            "# TYPE ray_gptoss_prefix_cache_hits_total counter\n",
+            f'ray_gptoss_prefix_cache_hits_total{{{ray},model_name="m",replica="a"}} {60.0 * on_a}\n',
+            f'ray_gptoss_prefix_cache_hits_total{{{ray},model_name="m",replica="b"}} {20.0 * on_b}\n',
+            "# TYPE ray_gptoss_routing_decisions_total counter\n",
+            f'ray_gptoss_routing_decisions_total{{{ray},deployment="AttentionReplica",reason="prefix"}} {float(n)}\n',
+            "# TYPE ray_other_app_hits_total counter\n",
+            'ray_other_app_hits_total{replica="a"} 5.0\n'])
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
     return app
 
 
@@ -485,3 +508,45 @@ def test_new_conversation_options_are_refused():
         with pytest.raises(ConfigError, match=words):
             LoadConfig(**(base | kw)).validate()
     LoadConfig(**(base | dict(endpoint="responses", ignore_eos=False, system_prompts=2, think_time=0.5))).validate()
+
+
+# --------------------------------------------------------------------------- the server's own counters
+
+
+def test_the_servers_prefix_hit_rate_and_routing_come_from_its_metrics(fresh, capsys, tmp_path):
+    """12 requests after 0 seen: 6 on each replica, 60 and 20 of 100 tokens hits -> 0.6, 0.2, 0.4 overall."""
+    result = _run(_config(fresh, metrics_url=f"{fresh.url}/metrics", metrics_settle=0.0))
+    assert result.completed == 12
+    server = result.server
+    assert server.prefix_queries == {"a": 600.0, "b": 600.0} and server.hit_rate == pytest.approx(0.4)
+    assert server.hit_rate_by_replica == pytest.approx({"a": 0.6, "b": 0.2})
+    assert server.routing == {"prefix": 12.0}
+    assert result.to_json_dict()["server_metrics"]["prefix_cache_hit_rate"] == pytest.approx(0.4)
+    # a second run counts only its own requests (the counters' change), from the command line
+    out = tmp_path / "r.json"
+    assert main(["--url", fresh.url, "--model", "fake-ok", "--endpoint", "completions", "--concurrency", "2",
+                 "--num-requests", "4", "--input-len", "16", "--output-len", "4", "--no-progress",
+                 "--metrics-url", f"{fresh.url}/metrics", "--metrics-settle", "0", "--result-json", str(out)]) == 0
+    assert json.loads(out.read_text())["server_metrics"]["routing_decisions"] == {"prefix": 4.0}
+    printed = capsys.readouterr().out
+    assert "Prefix-cache hit rate, prompt tokens:" in printed and "Routed by prefix:" in printed
+
+
+def test_a_metrics_url_that_cannot_be_read_is_named(fresh, capsys):
+    assert main(["--url", fresh.url, "--model", "fake-ok", "--endpoint", "completions", "--concurrency", "1",
+                 "--num-requests", "1", "--input-len", "8", "--output-len", "2", "--no-progress",
+                 "--metrics-url", f"{fresh.url}/no-such-page"]) == 1
+    assert f"--metrics-url {fresh.url}/no-such-page: HTTPStatusError" in capsys.readouterr().err
+    with pytest.raises(UnsafeTargetError):  # the same rule as the load's own target
+        _run(_config(fresh, metrics_url="http://192.0.2.1:8080/metrics"))
+
+
+def test_counters_of_a_restarted_replica_count_from_zero():
+    from gptoss_serve.bench.loadtest.server_metrics import ServerCounters
+
+    before = ServerCounters(prefix_queries={"a": 500.0, "b": 100.0}, prefix_hits={"a": 400.0, "b": 0.0})
+    after = ServerCounters(prefix_queries={"a": 700.0, "b": 30.0, "c": 10.0}, prefix_hits={"a": 500.0, "b": 30.0})
+    delta = after.since(before)
+    assert delta.prefix_queries == {"a": 200.0, "b": 30.0, "c": 10.0}  # b restarted: its 30 are all new
+    assert delta.prefix_hits == {"a": 100.0, "b": 30.0}
+    assert delta.hit_rate == pytest.approx(130 / 240)

@@ -22,6 +22,7 @@ from gptoss_serve.bench.loadtest.plot import PLOT_STATS, plot_curves
 from gptoss_serve.bench.loadtest.report import CLIENT_BOUND_WARNING, format_result, format_sweep
 from gptoss_serve.bench.loadtest.runner import run_load
 from gptoss_serve.bench.loadtest.safety import UnsafeTargetError, check_target
+from gptoss_serve.bench.loadtest.server_metrics import MetricsScrapeError
 from gptoss_serve.bench.loadtest.sweep import curve_of, load_curve, run_sweep
 
 EPILOG = f"""
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--concurrencies", type=_ints, help="e.g. 1,8,32")
     sweep.add_argument("--request-rates", type=_floats, help="e.g. 1,2,4")
     out = p.add_argument_group("output")
+    out.add_argument("--metrics-url", help="the app's Prometheus endpoint (e.g. http://127.0.0.1:8080/metrics): "
+                     "its prefix-cache hit rate and routing decisions over the run")
+    out.add_argument("--metrics-settle", type=float, default=12.0, metavar="S",
+                     help="seconds after the run before the last scrape (Ray's exporters report every 10 s)")
     out.add_argument("--label", help="name of this run in tables, JSON and plots")
     out.add_argument("--result-json", type=Path, help="write the figures (all points for a sweep)")
     out.add_argument("--save-detailed", action="store_true", help="add per-request figures to --result-json")
@@ -126,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         output_len=args.output_len, length_dist=args.length_dist, range_ratio=args.range_ratio,
         temperature=args.temperature, ignore_eos=not args.no_ignore_eos, seed=args.seed,
         extra_body=args.extra_body, goodput=parse_goodput(args.goodput), allow_hosts=tuple(args.allow_host),
-        api_key=args.api_key, label=args.label,
+        api_key=args.api_key, label=args.label, metrics_url=args.metrics_url, metrics_settle=args.metrics_settle,
     )
 
 
@@ -158,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")  # the message, without a page of usage around it
     except ServerError as exc:  # only the model lookup raises; requests record their own failures
         print(f"loadtest: {config.url}: {exc}", file=sys.stderr)
+        return 1
+    except MetricsScrapeError as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loadtest: interrupted", file=sys.stderr)

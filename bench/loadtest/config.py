@@ -62,6 +62,10 @@ class LoadConfig:
     allow_hosts: tuple[str, ...] = ()  # non-loopback hosts the user named explicitly
     api_key: str | None = None
     label: str | None = None  # names this run's curve in plots
+    # the app's Prometheus endpoint (server_metrics.py), scraped before the run and, metrics_settle seconds after its
+    # end (Ray's exporters report every 10 s), again: prefix-cache hit rate and routing decisions of the run
+    metrics_url: str | None = None
+    metrics_settle: float = 12.0
 
     @property
     def mean_input_len(self) -> int:
@@ -114,6 +118,8 @@ class LoadConfig:
                 _fail(f"{name} must be a positive number of seconds, got {value}")
         if not (self.grace_period >= 0 and math.isfinite(self.grace_period)):
             _fail(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        if not (self.metrics_settle >= 0 and math.isfinite(self.metrics_settle)):
+            _fail(f"metrics_settle must be >= 0 seconds, got {self.metrics_settle}")
         if not 0 <= self.range_ratio < 1:
             _fail(f"range_ratio must be in [0, 1), got {self.range_ratio}")
         for name, value in (("input_len", self.mean_input_len), ("output_len", self.mean_output_len)):

@@ -13,6 +13,7 @@ import numpy as np
 
 from gptoss_serve.bench.loadtest.config import LoadConfig
 from gptoss_serve.bench.loadtest.record import RequestRecord
+from gptoss_serve.bench.loadtest.server_metrics import ServerCounters
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
 # Above this share of one core, the load generator's own event loop delays the chunks it timestamps.
@@ -65,6 +66,7 @@ class LoadResult:
     input_tokens_by_turn: Mapping[int, float] = field(default_factory=dict)  # turn -> mean usage.prompt_tokens
     errors_by_status: Mapping[str, int] = field(default_factory=dict)  # HTTP status or failure reason -> count
     error_examples: Mapping[str, str] = field(default_factory=dict)  # one detail per reason, for the table
+    server: ServerCounters | None = None  # what the app's own counters say of the run (--metrics-url)
 
     @classmethod
     def from_records(cls, config: LoadConfig, *, model: str, records: Sequence[RequestRecord], duration: float,
@@ -150,6 +152,7 @@ class LoadResult:
             "max_concurrent_requests": self.max_concurrent_requests,
             "errors_by_status": dict(self.errors_by_status),
             "load_generator_cpu": self.client_cpu,
+            "server_metrics": self.server.to_json_dict() if self.server is not None else None,
         }
         for name in LATENCIES:
             stats: LatencyStats = getattr(self, name)

@@ -67,6 +67,13 @@ def format_result(result: LoadResult) -> str:
         for turn, stats in result.ttft_by_turn.items():
             tokens = result.input_tokens_by_turn[turn]
             lines.append(_row(f"Turn {turn}, {tokens:.0f} input tok (ms):", stats.median))
+    if result.server is not None:
+        lines.append(_rule("The server's counters (--metrics-url)"))
+        lines.append(_row("Prefix-cache hit rate, prompt tokens:", result.server.hit_rate))
+        for replica, rate in result.server.hit_rate_by_replica.items():
+            lines.append(_row(f"  replica {replica}:", rate))
+        for reason, count in sorted(result.server.routing.items()):
+            lines.append(_row(f"Routed by {reason}:", count))
     if result.errors_by_status:
         lines.append(_rule("Failures by status or reason"))
         for reason, count in result.errors_by_status.items():

@@ -6,6 +6,7 @@ workload runs one loop per user, each sending its next turn once the last one's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from gptoss_serve.bench.loadtest.conversation import Conversations, Turn
 from gptoss_serve.bench.loadtest.metrics import LoadResult
 from gptoss_serve.bench.loadtest.record import CANCELLED, CLIENT_ERROR, RequestRecord
 from gptoss_serve.bench.loadtest.safety import check_target
+from gptoss_serve.bench.loadtest.server_metrics import scrape
 from gptoss_serve.bench.loadtest.workload import RequestSpec, Workload
 
 # Prompts built before the clock starts; beyond this, a --duration run builds them as it goes (about 1 ms each).
@@ -28,6 +30,8 @@ async def run_load(config: LoadConfig, *, workload: Workload | None = None, prog
     """Runs one load test and returns its figures. Raises ConfigError or UnsafeTargetError before sending."""
     config.validate()
     check_target(config.url, allow_hosts=config.allow_hosts)
+    if config.metrics_url:
+        check_target(config.metrics_url, allow_hosts=config.allow_hosts)
     conversations = None
     if config.workload == "conversation":
         conversations = Conversations.from_config(config)  # the system prompt built before the clock starts
@@ -40,12 +44,17 @@ async def run_load(config: LoadConfig, *, workload: Workload | None = None, prog
         shape = f"c={config.concurrency}" if config.request_rate is None else f"r={config.request_rate:g}/s"
         bar = tqdm(total=config.num_requests, desc=f"{config.label or model} {shape}", unit="req",
                    dynamic_ncols=True, disable=not progress, leave=False)
+        before = await scrape(config.metrics_url) if config.metrics_url else None
         with bar:
             driver = _Driver(config, clients=clients, model=model, workload=workload, conversations=conversations,
                              bar=bar)
             await driver.run()
-    return LoadResult.from_records(config, model=model, records=driver.records, duration=driver.duration,
-                                   max_concurrent_requests=driver.peak, client_cpu=driver.cpu)
+    result = LoadResult.from_records(config, model=model, records=driver.records, duration=driver.duration,
+                                     max_concurrent_requests=driver.peak, client_cpu=driver.cpu)
+    if before is None:
+        return result
+    await asyncio.sleep(config.metrics_settle)  # the run's last counts reach the exporter
+    return dataclasses.replace(result, server=(await scrape(config.metrics_url)).since(before))
 
 
 class _Driver:
