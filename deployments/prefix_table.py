@@ -25,6 +25,7 @@ class PrefixTable:
         self.block_size, self.max_entries, self.max_blocks = block_size, max_entries, max_blocks_per_prompt
         # hash of a prompt's first k blocks -> the replicas sent a prompt starting so (most recent last)
         self.holders: OrderedDict[int, dict[str, None]] = OrderedDict()
+        self.replicas: set[str] = set()  # every replica recorded since it was last forgotten
 
     def block_hashes(self, token_ids: list[int]) -> list[int]:
         """Chained hashes of the prompt's full blocks. As in the block manager, the last token never counts: a
@@ -55,6 +56,7 @@ class PrefixTable:
 
     def record(self, hashes: list[int], replica: str) -> None:
         """This prompt (its block hashes) was sent to `replica`: it will hold these blocks in its prefix cache."""
+        self.replicas.add(replica)
         for h in hashes:
             holders = self.holders.get(h)
             if holders is None:
@@ -67,10 +69,15 @@ class PrefixTable:
             self.holders.popitem(last=False)
 
     def forget(self, live_replicas: set[str]) -> None:
-        """Drops every replica not in `live_replicas` (stopped, restarted under a new id, scaled down)."""
+        """Drops every replica not in `live_replicas` (stopped, restarted under a new id, scaled down). Serve
+        announces the replica set often and it seldom loses one: only a loss walks the table."""
+        gone = self.replicas - live_replicas
+        if not gone:
+            return
+        self.replicas -= gone
         for h in list(self.holders):
             holders = self.holders[h]
-            for replica in [r for r in holders if r not in live_replicas]:
+            for replica in [r for r in holders if r in gone]:
                 del holders[replica]
             if not holders:
                 del self.holders[h]

@@ -60,8 +60,11 @@ def test_replicas_that_leave_are_forgotten():
     table.record(table.block_hashes(prompt), "r1")
     table.forget({"r1", "r2"})
     assert table.matches(table.block_hashes(prompt)) == {"r1": 3}
+    table.record(table.block_hashes(prompt), "r0")  # r0 back under the same id: it is known again
+    table.forget({"r0", "r1"})
+    assert table.matches(table.block_hashes(prompt)) == {"r1": 3, "r0": 3}
     table.forget(set())
-    assert len(table) == 0
+    assert len(table) == 0 and not table.replicas
 
 
 # -- the rule ----------------------------------------------------------------------------------------------------
