@@ -30,6 +30,7 @@ class _Entry:
     stream: RequestStream  # the caller's: gets lists of StreamItems
     queued_at: float = field(default_factory=time.monotonic)
     replica: str | None = None  # set once its batch's stream names its replica
+    group: object = None  # batches hold requests of one group (BatchStreamer's group_by)
     batch: _Batch | None = None  # set when its batch leaves
 
 
@@ -43,13 +44,15 @@ class _Batch:
 
 class BatchStreamer:
     def __init__(self, downstream, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 on_batch=None) -> None:
+                 on_batch=None, group_by=None) -> None:
         """downstream: a handle with `generate_batch(requests)` (streaming: its replica id, then lists of
-        StreamItems) and `abort(request_ids, target_replica=)`. on_batch(batch_size, waits) observes batches."""
+        StreamItems) and `abort(request_ids, target_replica=)`. on_batch(batch_size, waits) observes batches.
+        group_by(request), when given, is taken once a request is submitted: a batch holds requests of one group
+        (the oldest request's), the others leave in the next batches."""
         self.downstream = downstream
         self.streams = downstream.options(stream=True)
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
-        self.on_batch = on_batch
+        self.on_batch, self.group_by = on_batch, group_by
         self.pending: list[_Entry] = []
         self.sent: dict[str, _Entry] = {}  # request id -> entry, for requests downstream and not finished
         self.to_abort: set[str] = set()  # asked this turn of the event loop; sent together
@@ -63,7 +66,8 @@ class BatchStreamer:
         return len(self.sent)
 
     def submit(self, requests: list[EngineRequest], stream: RequestStream) -> None:
-        self.pending += [_Entry(r, stream) for r in requests]
+        group = self.group_by or (lambda _: None)
+        self.pending += [_Entry(r, stream, group=group(r)) for r in requests]
         if self.batcher is None or self.batcher.done():
             self.batcher = self._spawn(self._batch_loop())
         self.wake.set()
@@ -100,7 +104,7 @@ class BatchStreamer:
                         await asyncio.wait_for(self.wake.wait(), left)
                     except TimeoutError:
                         break
-            batch, self.pending = self.pending[:self.max_batch_size], self.pending[self.max_batch_size:]
+            batch, self.pending = self._take_batch()
             if batch:
                 sent = _Batch([entry.request.request_id for entry in batch])
                 for entry in batch:
@@ -110,6 +114,14 @@ class BatchStreamer:
                     now = time.monotonic()
                     self.on_batch(len(batch), [now - e.queued_at for e in batch])
                 sent.listener = self._spawn(self._run_batch(batch))
+
+    def _take_batch(self) -> tuple[list[_Entry], list[_Entry]]:
+        """(the next batch: up to max_batch_size requests of the oldest one's group, oldest first; the rest)."""
+        group = self.pending[0].group
+        batch, rest = [], []
+        for entry in self.pending:
+            (batch if entry.group == group and len(batch) < self.max_batch_size else rest).append(entry)
+        return batch, rest
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         ids = [e.request.request_id for e in batch]

@@ -26,7 +26,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 from gptoss_serve.cluster.engine_protocol import EngineRequest, RoutingLoad
 from gptoss_serve.deployments.metrics import RoutingMetrics
 from gptoss_serve.deployments.most_room_router import MostRoomRouter
-from gptoss_serve.deployments.prefix_table import PrefixTable
+from gptoss_serve.deployments.prefix_table import PrefixTable, register
 
 PREFIX, LOAD, NO_MATCH = "prefix", "load", "no_match"  # why a batch went where it went (the metric's `reason`)
 
@@ -66,6 +66,7 @@ class PrefixAwareRouter(MostRoomRouter):
     def initialize_state(self, *, block_size: int = 16, limit: dict | None = None, **kwargs) -> None:
         super().initialize_state(**kwargs)
         self.table = PrefixTable(block_size=block_size)
+        register(self._deployment_id.app_name, self._deployment_id.name, self.table)  # for the caller's batching
         self.limit = LoadLimit(**(limit or {}))
         self.metrics = RoutingMetrics(deployment=self._deployment_id.name)
 

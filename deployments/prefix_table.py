@@ -6,10 +6,16 @@ prefix cache would match it. The table is this router's memory of its own routin
 replicas' caches: it may claim a prefix that a replica has since evicted (a miss there costs what routing by load
 would have cost) and it is bounded, least recently used keys going first. Nothing here is shared between router
 processes, so a restart only loses what this one remembered.
+
+Within a process, the caller that owns the router (the BatchingRouter) reads the same table to form its batches:
+`registered(app, deployment)` finds it, and `preferred` names the replica a prompt would go to alone, so that a batch
+holds requests bound for one replica (a batch goes to one replica, and a mixed one would miss for all but its
+majority). Serve may run its routers on an event loop thread of their own: a lock guards the table.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from gptoss_serve.cluster.block_manager import chain_hash
@@ -26,6 +32,7 @@ class PrefixTable:
         # hash of a prompt's first k blocks -> the replicas sent a prompt starting so (most recent last)
         self.holders: OrderedDict[int, dict[str, None]] = OrderedDict()
         self.replicas: set[str] = set()  # every replica recorded since it was last forgotten
+        self.lock = threading.Lock()
 
     def block_hashes(self, token_ids: list[int]) -> list[int]:
         """Chained hashes of the prompt's full blocks. As in the block manager, the last token never counts: a
@@ -40,13 +47,25 @@ class PrefixTable:
 
     def matches(self, hashes: list[int]) -> dict[str, int]:
         """Replica id -> how many leading blocks of this prompt it was sent (replicas with none are absent)."""
+        with self.lock:
+            return self._matches(hashes, touch=True)
+
+    def preferred(self, hashes: list[int]) -> str | None:
+        """A replica sent the most leading blocks of this prompt (any one among equals), or None; looking does
+        not count as use (the LRU order is the router's)."""
+        with self.lock:
+            matched = self._matches(hashes, touch=False)
+        return max(matched, key=matched.__getitem__) if matched else None
+
+    def _matches(self, hashes: list[int], *, touch: bool) -> dict[str, int]:
         matched: dict[str, int] = {}
         alive: set[str] | None = None  # replicas that hold every block so far
         for depth, h in enumerate(hashes, start=1):
             holders = self.holders.get(h)
             if not holders:
                 break
-            self.holders.move_to_end(h)
+            if touch:
+                self.holders.move_to_end(h)
             alive = set(holders) if alive is None else alive & holders.keys()
             if not alive:
                 break
@@ -56,6 +75,10 @@ class PrefixTable:
 
     def record(self, hashes: list[int], replica: str) -> None:
         """This prompt (its block hashes) was sent to `replica`: it will hold these blocks in its prefix cache."""
+        with self.lock:
+            self._record(hashes, replica)
+
+    def _record(self, hashes: list[int], replica: str) -> None:
         self.replicas.add(replica)
         for h in hashes:
             holders = self.holders.get(h)
@@ -71,6 +94,10 @@ class PrefixTable:
     def forget(self, live_replicas: set[str]) -> None:
         """Drops every replica not in `live_replicas` (stopped, restarted under a new id, scaled down). Serve
         announces the replica set often and it seldom loses one: only a loss walks the table."""
+        with self.lock:
+            self._forget(live_replicas)
+
+    def _forget(self, live_replicas: set[str]) -> None:
         gone = self.replicas - live_replicas
         if not gone:
             return
@@ -84,3 +111,15 @@ class PrefixTable:
 
     def __len__(self) -> int:
         return len(self.holders)
+
+
+# (app, deployment) -> the table of the router that routes this process's calls to that deployment
+_REGISTERED: dict[tuple[str, str], PrefixTable] = {}
+
+
+def register(app: str, deployment: str, table: PrefixTable) -> None:
+    _REGISTERED[(app, deployment)] = table
+
+
+def registered(app: str, deployment: str) -> PrefixTable | None:
+    return _REGISTERED.get((app, deployment))

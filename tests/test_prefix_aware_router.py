@@ -195,3 +195,14 @@ def test_prefix_aware_routing_keeps_one_replicas_hit_rate_and_balances_load():
     assert prefix >= 0.9 * one
     assert max(prefix_load) <= 1.5 * mean
     assert prefix > most_room + 0.1  # the table is what buys it
+
+
+def test_preferred_names_the_deepest_holder_without_touching_the_lru_order():
+    table = PrefixTable(block_size=BLOCK)
+    prompt = tokens(1, 3 * BLOCK + 1)
+    table.record(table.block_hashes(prompt[:BLOCK + 1]), "r0")  # its first block only
+    table.record(table.block_hashes(prompt), "r1")  # all three
+    order = list(table.holders)
+    assert table.preferred(table.block_hashes(prompt)) == "r1"
+    assert table.preferred(table.block_hashes(tokens(2, 3 * BLOCK + 1))) is None
+    assert list(table.holders) == order

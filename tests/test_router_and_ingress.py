@@ -214,3 +214,35 @@ def test_models_retrieve_and_an_unknown_model(client):
         assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
 
     asyncio.run(main())
+
+
+def test_batches_hold_requests_bound_for_one_replica():
+    """With the prefix-aware router's table registered for the handle's deployment, the BatchingRouter forms each
+    batch of requests that the table sends to one replica (those it knows nothing of form one group): five waiting
+    requests, two of a conversation known on r-a, one known on r-b and two new ones, leave as three batches."""
+    from gptoss_serve.deployments.prefix_table import PrefixTable, register
+
+    def prompt(n: int) -> list[int]:
+        return [n] * 40  # two full blocks of 16, and a last token
+
+    table = PrefixTable(block_size=16)
+    table.record(table.block_hashes(prompt(1)), "r-a")
+    table.record(table.block_hashes(prompt(2)), "r-b")
+
+    async def main():
+        replicas = FakeReplicas(tokens=2, delay=0.05)
+        replicas.app_name, replicas.deployment_name = "app-grouping", "AttentionReplica"
+        register("app-grouping", "AttentionReplica", table)
+        router = BatchingRouter(replicas, model_name="m", max_batch_size=8, max_wait_ms=50, replica_id="router-0")
+
+        def call(i: int, n: int):
+            req = EngineRequest(f"r{i}", prompt(n), SamplingParams(max_tokens=2), arrival_time=time.time())
+            return asyncio.create_task(collect(router, req))
+
+        first = call(0, 9)  # leaves at once, alone
+        await asyncio.sleep(0.01)
+        rest = [call(1, 1), call(2, 2), call(3, 1), call(4, 7), call(5, 8)]
+        await asyncio.gather(first, *rest)
+        assert replicas.batches == [["r0"], ["r1", "r3"], ["r2"], ["r4", "r5"]]
+
+    asyncio.run(main())
