@@ -41,7 +41,8 @@ STARTING = "the engine is starting; retry shortly"
 logger = logging.getLogger("ray.serve")  # Serve shows its replicas' records in `serve run`'s console
 
 
-def build_engine(args: AppArgs, *, expert_workers: list | None = None, link_name: str | None = None) -> Built:
+def build_engine(args: AppArgs, *, expert_workers: list | None = None, link_name: str | None = None,
+                 find_workers: Callable[[], list] | None = None) -> Built:
     """Colocated experts, or (given MoE worker actors) RemoteExperts on every layer; with them, the
     exchange's stats. link_name: the replica's name to the workers, the same for each engine core it starts (a
     worker ends a replica's old link when it reconnects, also after its core was replaced)."""
@@ -49,7 +50,7 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None, link_name
     factory, micro_batches, link = None, 1, None
     if expert_workers:
         link = ExpertLink(expert_workers, backend=args.resolved_transport, device=torch.device(device),
-                          timeout_s=args.expert_timeout_s, name=link_name)
+                          timeout_s=args.expert_timeout_s, name=link_name, find_workers=find_workers)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory,
                        dequantize_experts=args.dequantize_experts, load_format=args.load_format)
@@ -71,7 +72,8 @@ def build_engine_core(args: AppArgs, *, app_name: str, ray_address: str | None, 
         ray.init(address=ray_address, namespace=namespace, log_to_driver=False, configure_logging=False)
         workers = find_expert_workers(args, app_name=app_name)
     return build_engine(args, expert_workers=workers,
-                        link_name=f"{app_name}/{replica_id}" if replica_id is not None else None)
+                        link_name=f"{app_name}/{replica_id}" if replica_id is not None else None,
+                        find_workers=lambda: find_expert_workers(args, app_name=app_name, timeout_s=0))
 
 
 def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Callable
 
 import ray
 import torch
@@ -35,10 +36,14 @@ def _free_port() -> int:
 
 class ExpertLink:
     def __init__(self, workers: list, *, backend: str, device: torch.device, timeout_s: float = 10.0,
-                 name: str | None = None) -> None:
+                 name: str | None = None, find_workers: Callable[[], list] | None = None) -> None:
         """workers: Ray actor handles of the MoE workers, in rank order. name: the replica's, as the workers know
-        it (a reconnect under the same name ends the old link on their side); a fresh one if not given."""
+        it (a reconnect under the same name ends the old link on their side); a fresh one if not given.
+        find_workers: the workers' handles anew (by name), for when those held are dead for good: workers that Ray
+        restarts keep their handles, but workers that died with their ExpertPool (a lost node held both) are
+        replaced by the new pool's."""
         self.workers, self.backend, self.device, self.timeout_s = workers, backend, device, timeout_s
+        self.find_workers = find_workers
         self.shards = [Shard(*shard) for shard in ray.get([w.shard.remote() for w in workers])]
         self.client: ExpertClient | None = None
         self.reconnects = 0
@@ -59,6 +64,11 @@ class ExpertLink:
         try:
             ray.get([w.ping.remote() for w in self.workers], timeout=5)
         except Exception as e:  # noqa: BLE001 - dead, restarting or hung: fail fast, retry next step
+            if isinstance(e, ray.exceptions.ActorDiedError) and self.find_workers is not None:
+                try:
+                    self.workers = self.find_workers()  # the next step pings the replacements
+                except Exception:  # noqa: BLE001 - not there yet: the next step asks again
+                    pass
             raise ExpertsUnavailableError(f"MoE workers are not ready ({type(e).__name__})") from None
         host, port, prefix = _host_ip(), _free_port(), f"link-{uuid.uuid4().hex[:12]}"
         world = len(self.workers) + 1
