@@ -72,16 +72,6 @@ def node_labels(name: str, group: dict) -> dict[str, str]:
     return {**group.get("labels", {}), "ray.io/node-group": name}
 
 
-def label_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    """Ray's label selector: `value`, `!value`, `in(a,b)`, `!in(a,b)`."""
-    for key, want in selector.items():
-        negate, want = want.startswith("!"), want.lstrip("!")
-        values = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") else [want]
-        if (labels.get(key) in values) == negate:
-            return False
-    return True
-
-
 def image_ray_version(image: str) -> str | None:
     """rayproject/ray:2.60.0-py311-gpu -> 2.60.0; our own images carry it in the tag: ...:0.1.0-ray2.60.0."""
     repo, _, tag = image.rpartition(":")

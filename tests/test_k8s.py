@@ -23,7 +23,8 @@ import pytest
 import ray
 import yaml
 
-from tests.k8s_cases import (GPU, K8S, REPO, cluster, containers, crd_schema, groups, image_ray_version, label_matches,
+from gptoss_serve.bench.cluster_check import label_matches
+from tests.k8s_cases import (GPU, K8S, REPO, cluster, containers, crd_schema, groups, image_ray_version,
                              load, manifest_paths, node_labels, ray_container, ray_resources)
 
 SCHEMAS = K8S / "schemas"  # the vendored CRDs the tests validate against
