@@ -6,8 +6,9 @@
         --manifest k8s/rayservice.gpt-oss-20b-disaggregated.yaml --app gptoss
 
 The rules come from the manifest, not from this script: the attention replicas belong on the worker groups whose
-Ray node labels AttentionReplica's label selector matches; the MoE workers on the groups whose pods can hold a
-worker's CPUs and GPUs (the manifest keeps them off `attention` pods by asking more CPUs than those pods have). A
+Ray node labels AttentionReplica's label selector matches, and so does every other deployment the manifest gives a
+label selector (the ingress and the router, kept off `moe` pods); the MoE workers on the groups whose pods can hold
+a worker's CPUs and GPUs (the manifest keeps them off `attention` pods by asking more CPUs than those pods have). A
 node is of a group when it carries the group's labels (and, where Ray set it, `ray.io/node-group`: KubeRay's
 RAY_NODE_TYPE_NAME).
 
@@ -28,7 +29,8 @@ import yaml
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[1] / "k8s" / "rayservice.gpt-oss-20b-disaggregated.yaml"
 NODE_GROUP_LABEL = "ray.io/node-group"  # Ray's own label, from RAY_NODE_TYPE_NAME (KubeRay sets it on each pod)
-ATTENTION, MOE = "attention replica", "MoE worker"
+ATTENTION, MOE = "attention replica", "MoE worker"  # kinds; other selector-bearing deployments are their own kind
+ATTENTION_DEPLOYMENT = "AttentionReplica"
 
 
 @dataclass(frozen=True)
@@ -86,19 +88,29 @@ def rules_from_manifest(path: Path, app_name: str | None = None) -> Rules:
     for g in svc["spec"]["rayClusterConfig"].get("workerGroupSpecs", []):
         cpus, gpus = pod_resources(g)
         groups.append(Group(g["groupName"], dict(g.get("labels") or {}), cpus, gpus))
-    selector = next((d.get("ray_actor_options", {}).get("label_selector") or {} for d in app.get("deployments", [])
-                     if d["name"] == "AttentionReplica"), {})
+    selectors = {d["name"]: (d.get("ray_actor_options") or {}).get("label_selector") or {}
+                 for d in app.get("deployments", [])}
     args = app.get("args") or {}
     worker = (max(float(args.get("num_cpus_per_moe_worker", 1)), 0.01), float(args.get("num_gpus_per_moe_worker", 0)))
-    allowed = {ATTENTION: [g.name for g in groups if label_matches(selector, {**g.labels, NODE_GROUP_LABEL: g.name})]}
+
+    def matching(selector: dict[str, str]) -> list[str]:
+        return [g.name for g in groups if label_matches(selector, {**g.labels, NODE_GROUP_LABEL: g.name})]
+
+    allowed = {ATTENTION: matching(selectors.get(ATTENTION_DEPLOYMENT, {}))}
+    allowed |= {name: matching(s) for name, s in selectors.items() if s and name != ATTENTION_DEPLOYMENT}
     if args.get("num_moe_workers"):
         allowed[MOE] = [g.name for g in groups if g.cpus >= worker[0] and g.gpus >= worker[1]]
     return Rules(app["name"], groups, allowed)
 
 
-def kind_of(actor: dict, app: str) -> str | None:
-    if actor.get("class_name") == f"ServeReplica:{app}:AttentionReplica":
+def kind_of(actor: dict, rules: Rules) -> str | None:
+    """The actor's kind under the rules (None: no rule places it)."""
+    app = rules.app
+    deployment = (actor.get("class_name") or "").removeprefix(f"ServeReplica:{app}:")
+    if deployment == ATTENTION_DEPLOYMENT:
         return ATTENTION
+    if deployment in rules.allowed:
+        return deployment
     from gptoss_serve.deployments.expert_pool import worker_name
 
     if (actor.get("name") or "").startswith(worker_name(app, 0).rsplit(":", 1)[0] + ":"):
@@ -120,7 +132,7 @@ def placements(rules: Rules, nodes: list[dict], actors: list[dict]) -> list[Plac
     labels = {n["node_id"]: n.get("labels") or {} for n in nodes if n.get("state") == "ALIVE"}
     found = []
     for actor in actors:
-        kind = kind_of(actor, rules.app)
+        kind = kind_of(actor, rules)
         if kind is None or actor.get("state") != "ALIVE":
             continue
         node = actor.get("node_id") or ""
@@ -154,19 +166,20 @@ def snapshot(address: str) -> tuple[list[dict], list[dict]]:
 def _snapshot_here(address: str | None = None) -> tuple[list[dict], list[dict]]:
     from ray.util.state import list_actors, list_nodes
 
-    nodes = [n.__dict__ if not isinstance(n, dict) else n for n in list_nodes(address=address, limit=10_000,
-                                                                              detail=True, raise_on_missing_output=False)]
+    nodes = [n.__dict__ if not isinstance(n, dict) else n
+             for n in list_nodes(address=address, limit=10_000, detail=True, raise_on_missing_output=False)]
     actors = [a.__dict__ if not isinstance(a, dict) else a for a in list_actors(
         address=address, limit=10_000, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)]
     return nodes, actors
 
 
 def others(rules: Rules, nodes: list[dict], actors: list[dict]) -> list[str]:
-    """The app's other live actors (ingress, router, ExpertPool), where they are: no rule keeps them anywhere."""
+    """The app's other live actors (the ExpertPool, and whatever the manifest gives no label selector), where they
+    are: no rule keeps them anywhere."""
     labels = {n["node_id"]: n.get("labels") or {} for n in nodes if n.get("state") == "ALIVE"}
     lines = []
     for actor in actors:
-        if (actor.get("class_name") or "").startswith(f"ServeReplica:{rules.app}:") and kind_of(actor, rules.app) is None:
+        if (actor.get("class_name") or "").startswith(f"ServeReplica:{rules.app}:") and kind_of(actor, rules) is None:
             node = actor.get("node_id") or ""
             group = next((g.name for g in rules.groups if node in labels and g.holds(labels[node])), None)
             lines.append(f"  {'(any node)':<18} {actor.get('name') or actor['actor_id']:<60} node {node[:8]}  "

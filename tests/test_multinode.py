@@ -2,17 +2,16 @@
 
 tests/ray_nodes.py starts a head and one raylet per worker group of k8s/rayservice.gpt-oss-20b-disaggregated.yaml
 with `ray start`, each with the group's node labels and CPUs as the manifest gives them, and deploys the manifest's
-serveConfigV2 (the tiny model on the CPU, one attention replica and one MoE worker; AttentionReplica's label
-selector and the CPUs each actor asks for unchanged) through the dashboard, as the operator does. Then:
+serveConfigV2 (the tiny model on the CPU, one attention replica and one MoE worker; the label selectors and the
+CPUs each actor asks for unchanged) through the dashboard, as the operator does. Then:
 
 - `python -m gptoss_serve.bench.cluster_check` (Ray's state API: list_nodes, list_actors) finds the attention
-  replica on the `attention` node and the MoE worker on the `moe` node;
+  replica, the ingress and the router on the `attention` node and the MoE worker on the `moe` node;
 - the `moe` node is killed (its `ray start`, raylet and every process they started), twice: the streams in flight
   fail within expert_timeout_s + 5 s, none hangs, what needs no expert (/v1/models) still answers and a completion
   is refused with a 503; once the node rejoins with the same labels the service answers 200 again within 60 s,
-  its worker on the new `moe` node. Nothing keeps the BatchingRouter or the ExpertPool off `moe` nodes, and
-  Serve's spreading puts the router there at first: the first loss also takes the router, the second only the
-  worker (the streams fail at the exchange); the pool goes with the node in some runs.
+  its worker on the new `moe` node. The streams fail at the exchange: the request path (ingress, router, replica)
+  is on the `attention` node. Nothing keeps the ExpertPool off `moe` nodes: it goes with the node in some runs.
 
 The cluster is the test's own (its temp dir, its ports, loopback only), apart from the session's local cluster of
 tests/conftest.py, and its processes are killed by their ids at the end, whatever happens.
@@ -58,7 +57,8 @@ def test_the_check_reads_the_manifest_as_test_k8s_does():
         name: (g.get("labels", {}), ray_resources(g)["CPU"], ray_resources(g)["GPU"]) for name, g in groups(SVC)[1:]}
     for g in rules.groups:
         assert g.holds(node_labels(g.name, dict(groups(SVC))[g.name]))
-    assert rules.allowed == {ATTENTION: ["attention"], MOE: ["moe"]}
+    assert rules.allowed == {ATTENTION: ["attention"], MOE: ["moe"], "OpenAIIngress": ["attention"],
+                             "BatchingRouter": ["attention"]}
 
 
 def test_the_check_catches_an_actor_off_its_group():
@@ -67,11 +67,15 @@ def test_the_check_catches_an_actor_off_its_group():
              for g in rules.groups]
     replica = {"class_name": f"ServeReplica:{APP}:AttentionReplica", "name": "r", "state": "ALIVE"}
     worker = {"class_name": "MoEWorker", "name": worker_name(APP, 0), "state": "ALIVE"}
-    right = [{**replica, "node_id": "attention-node"}, {**worker, "node_id": "moe-node"}]
+    front = [{"class_name": f"ServeReplica:{APP}:{name}", "name": name, "state": "ALIVE", "node_id": "attention-node"}
+             for name in ("OpenAIIngress", "BatchingRouter")]
+    right = [{**replica, "node_id": "attention-node"}, {**worker, "node_id": "moe-node"}, *front]
     assert not violations(rules, placements(rules, nodes, right))
-    swapped = [{**replica, "node_id": "moe-node"}, {**worker, "node_id": "attention-node"}]
+    swapped = [{**replica, "node_id": "moe-node"}, {**worker, "node_id": "attention-node"}, *front]
     assert len(violations(rules, placements(rules, nodes, swapped))) == 2
-    assert violations(rules, placements(rules, nodes, right[:1])) == [f"no live {MOE} of app {APP!r}"]
+    router_astray = [*right[:3], {**right[3], "node_id": "moe-node"}]
+    assert [v.split()[0] for v in violations(rules, placements(rules, nodes, router_astray))] == ["BatchingRouter"]
+    assert violations(rules, placements(rules, nodes, [right[0], *front])) == [f"no live {MOE} of app {APP!r}"]
     unlabelled = [{**n, "labels": {}} if n["node_id"] == "moe-node" else n for n in nodes]
     assert violations(rules, placements(rules, unlabelled, right))  # a node without the group's labels: no group
     assert not Group("moe", {"gptoss.io/role": "moe"}, 10, 1).holds({"gptoss.io/role": "moe",
@@ -111,8 +115,10 @@ def assert_placed(local: LocalCluster) -> str:
     result = cluster_check(local)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
-    for kind, group in ((ATTENTION, "attention"), (MOE, "moe")):
-        assert any(line.split()[:2] == kind.split()[:2] and f"group {group}" in line and line.endswith("ok")
+    for kind, group in ((ATTENTION, "attention"), (MOE, "moe"), ("OpenAIIngress", "attention"),
+                        ("BatchingRouter", "attention")):
+        words = kind.split()
+        assert any(line.split()[:len(words)] == words and f"group {group}" in line and line.endswith("ok")
                    for line in result.stdout.splitlines()), f"no {kind} on {group}:\n{result.stdout}"
     return result.stdout
 
@@ -193,7 +199,7 @@ class Stream:
 
 def lose_and_rejoin_the_moe_node(cluster: LocalCluster) -> dict[str, bool]:
     """Kills the `moe` node under two streams and starts it again; checks the bounds. Returns which of the app's
-    other actors (BatchingRouter, ExpertPool) the lost node held: no rule keeps them off it."""
+    other actors the lost node held: the manifest keeps the ingress and the router off it, not the ExpertPool."""
     serving(cluster.url, within_s=BACK_WITHIN_S)
     streams = [Stream(cluster.url) for _ in range(2)]
     deadline = time.monotonic() + 60
@@ -205,6 +211,7 @@ def lose_and_rejoin_the_moe_node(cluster: LocalCluster) -> dict[str, bool]:
     moe_node = cluster.nodes["moe"].node_id[:8]
     went_too = {name: any(f"#{name}#" in line and f"node {moe_node}" in line for line in before.splitlines())
                 for name in ("BatchingRouter", "ExpertPool", "OpenAIIngress")}
+    assert not went_too["BatchingRouter"] and not went_too["OpenAIIngress"], before  # their label selectors
 
     fault_at = time.monotonic()
     cluster.nodes["moe"].kill()
@@ -213,13 +220,13 @@ def lose_and_rejoin_the_moe_node(cluster: LocalCluster) -> dict[str, bool]:
     for i, s in enumerate(streams):
         s.thread.join(timeout=FAIL_WITHIN_S + 30)
         assert not s.thread.is_alive(), f"stream {i} hung after the node was lost"
-    print(f"\nnode killed in {killed_in:.2f} s (it also held {[k for k, v in went_too.items() if v] or 'nothing else'});"
+    held = [k for k, v in went_too.items() if v] or "nothing else"
+    print(f"\nnode killed in {killed_in:.2f} s (it also held {held});"
           f" streams ended {[round(s.ended_at - fault_at, 2) for s in streams]} s after: {[s.error for s in streams]}")
     for i, s in enumerate(streams):
         assert not s.completed and s.error, f"stream {i} completed without its MoE worker"
         assert s.ended_at - fault_at < FAIL_WITHIN_S, f"stream {i} failed {s.ended_at - fault_at:.1f} s after"
-        if not went_too["BatchingRouter"] and not went_too["OpenAIIngress"]:  # the request path lived on
-            assert "MoE worker" in s.error, s.error
+        assert "MoE worker" in s.error, s.error  # the request path (ingress, router, replica) lived on
 
     # what needs no expert still answers while the node is away; a completion is refused, never held
     r = httpx.get(cluster.url + "/v1/models", timeout=30)
@@ -240,9 +247,9 @@ def lose_and_rejoin_the_moe_node(cluster: LocalCluster) -> dict[str, bool]:
 
 
 def test_lost_node_fails_its_streams_fast_and_the_service_returns_when_it_rejoins(cluster):
-    """Twice: Serve spreads the app's first replicas, so the BatchingRouter starts on the `moe` node and goes with
-    it (the streams fail at the router); its replacement lands elsewhere, so the second time the streams fail at
-    the expert exchange (expert_timeout_s). The ExpertPool may be on the lost node either time: its workers die
-    with it, and the replica finds the new pool's workers by name."""
+    """Twice, the second time against the workers that came back with the node. The streams fail at the expert
+    exchange (expert_timeout_s): the ingress and the router are on the `attention` node by the manifest's label
+    selectors. The ExpertPool may be on the lost node: its workers die with it, and the replica finds the new
+    pool's workers by name."""
     held = [lose_and_rejoin_the_moe_node(cluster) for _ in range(2)]
     print(f"the lost node held, each time: {held}")
