@@ -13,8 +13,10 @@ a later request with the same prefix takes it over without recomputing it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-from gptoss_serve.cluster.sequence import Sequence
+if TYPE_CHECKING:  # sequence.py imports the sampler (torch); the prefix-aware router needs chain_hash without it
+    from gptoss_serve.cluster.sequence import Sequence
 
 FULL, SLIDING = "full", "sliding"
 NULL_BLOCK = 0  # never allocated; stands for released sliding-window blocks

@@ -13,6 +13,7 @@ from gptoss_serve.cluster.sampling_params import SamplingParams
 PROBE = """
 import sys
 import gptoss_serve.deployments.openai_ingress, gptoss_serve.deployments.batching_router
+import gptoss_serve.deployments.prefix_aware_router  # Serve runs it in the router's process
 import gptoss_serve.deployments.responses.api, gptoss_serve.cluster.engine_protocol
 heavy = sorted(m for m in ("torch", "triton", "safetensors", "gptoss_serve.cluster.engine") if m in sys.modules)
 print("heavy:" + ",".join(heavy))
