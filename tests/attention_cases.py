@@ -77,3 +77,21 @@ def stored_as(args: dict, dtype: torch.dtype, store=store_kv_reference) -> dict:
     slots = torch.arange(shape[0] * shape[1], device=device)
     store(key_cache.reshape(-1, *shape[2:]), value_cache.reshape(-1, *shape[2:]), *caches, slots, **scales)
     return {**args, "key_cache": caches[0], "value_cache": caches[1], **scales}
+
+
+def captured_wide_decode(args: dict, *, max_model_len: int = 32768) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A decode step of `args` (on a GPU) captured in a CUDA graph with block tables max_model_len wide, as
+    cluster/decode_graphs.py captures them: args' tables are replaced by the wide ones (their first columns the old
+    ones). -> (the graph, the output it writes on each replay)."""
+    from gptoss_serve.kernels.varlen_attention import paged_attention
+
+    narrow = args["block_tables"]
+    tables = torch.zeros(narrow.shape[0], max_model_len // args["key_cache"].shape[1], dtype=torch.int32,
+                         device=narrow.device)
+    tables[:, :narrow.shape[1]] = narrow
+    args["block_tables"] = tables
+    paged_attention(**args, max_query_len=1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = paged_attention(**args, max_query_len=1)
+    return graph, captured

@@ -11,7 +11,7 @@ import torch
 
 from gptoss_serve.kernels.fp8_kv_reference import E4M3
 from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
-from tests.attention_cases import random_step, stored_as
+from tests.attention_cases import captured_wide_decode, random_step, stored_as
 from tests.interpreter import assert_runs_in_interpreter
 
 BF16 = torch.bfloat16
@@ -216,13 +216,7 @@ def test_fp8_decode_replays_in_a_cuda_graph_with_other_contexts(window):
     args, _ = random_step([(6000, 1)] * 3, **GPT_OSS)
     args = stored_as(args, E4M3, store_kv)
     args["window"] = window
-    tables = torch.zeros(3, 32768 // 16, dtype=torch.int32, device="cuda")
-    tables[:, :args["block_tables"].shape[1]] = args["block_tables"]
-    args["block_tables"] = tables
-    paged_attention(**args, max_query_len=1)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = paged_attention(**args, max_query_len=1)
+    graph, captured = captured_wide_decode(args)
     for contexts in ([6000, 300, 17], [1, 4097, 5000]):
         args["context_lens"].copy_(torch.tensor(contexts, dtype=torch.int32))
         args["q"].normal_()

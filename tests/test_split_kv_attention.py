@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptoss_serve.kernels.paged_attention import paged_attention_reference
-from tests.attention_cases import random_step
+from tests.attention_cases import captured_wide_decode, random_step
 from tests.interpreter import assert_runs_in_interpreter
 
 
@@ -120,13 +120,7 @@ def test_split_decode_replays_in_a_cuda_graph_with_other_contexts(window):
     # every block real (no window when built): a replayed context's window may reach back past the built one's
     args, _ = random_step([(6000, 1)] * 3, device="cuda", dtype=torch.bfloat16, **GPT_OSS)
     args["window"] = window
-    tables = torch.zeros(3, 32768 // 16, dtype=torch.int32, device="cuda")  # max_model_len 32k
-    tables[:, :args["block_tables"].shape[1]] = args["block_tables"]
-    args["block_tables"] = tables
-    paged_attention(**args, max_query_len=1)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = paged_attention(**args, max_query_len=1)
+    graph, captured = captured_wide_decode(args)  # max_model_len 32k
     for contexts in ([6000, 300, 17], [1, 4097, 5000], [2500, 1, 6000]):
         args["context_lens"].copy_(torch.tensor(contexts, dtype=torch.int32))  # in place: what the graph reads
         args["q"].normal_()
