@@ -56,13 +56,13 @@ class BatchingRouter:
         return RoutingLoad(queued=self.replicas.in_flight + len(self.replicas.pending)).as_stats()
 
     def _preferred_replica(self, request: EngineRequest) -> str | None:
-        """Where the prefix-aware router would send this request alone: the replica sent most of its prefix (None
-        without one, or when the router routes by room alone)."""
+        """Where the prefix-aware router would send this request alone: the replica whose match it would follow
+        (None without one, or when the router routes by room alone)."""
         app, deployment = getattr(self.handle, "app_name", None), getattr(self.handle, "deployment_name", None)
         table = registered(app, deployment) if app is not None and deployment is not None else None
         if table is None:
             return None
-        return table.preferred(table.block_hashes(request.prompt_token_ids))
+        return table.preferred(table.block_hashes(request.prompt_token_ids), len(request.prompt_token_ids))
 
     def _observe_batch(self, size: int, waits: list[float]) -> None:
         tags = self.metrics.tags

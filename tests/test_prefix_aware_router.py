@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections import OrderedDict
 from types import SimpleNamespace
+from uuid import uuid4
 
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID
 
@@ -70,18 +71,32 @@ def test_replicas_that_leave_are_forgotten():
 # -- the rule ----------------------------------------------------------------------------------------------------
 
 def test_the_prefix_holder_wins_until_it_is_overloaded():
-    limit = LoadLimit(max_free_gap=0.25, max_held_ratio=1.25, held_slack=8)
+    limit = LoadLimit(max_free_gap=0.25, max_held_ratio=1.25, held_slack=8, min_match_ratio=0.3)
     idle = Candidate("idle", matched_tokens=0, free_fraction=0.9, held=10)
-    assert choose_by_prefix([idle, Candidate("warm", 320, 0.8, 20)], limit) == (Candidate("warm", 320, 0.8, 20), PREFIX)
+    warm = Candidate("warm", 320, 0.8, 20)
+    assert choose_by_prefix([idle, warm], limit, prompt_tokens=400) == (warm, PREFIX)
     # 10 * 1.25 + 8 = 20.5 requests is the most it may hold
     busy = Candidate("warm", 320, 0.8, 21)
-    assert choose_by_prefix([idle, busy], limit) == (idle, LOAD)
+    assert choose_by_prefix([idle, busy], limit, prompt_tokens=400) == (idle, LOAD)
     full = Candidate("warm", 320, 0.6, 0)  # KV cache 0.3 less free than the roomiest's
-    assert choose_by_prefix([idle, full], limit) == (idle, LOAD)
+    assert choose_by_prefix([idle, full], limit, prompt_tokens=400) == (idle, LOAD)
     # the next-best holder is tried before falling back to load
-    second = Candidate("shared", 64, 0.9, 12)
-    assert choose_by_prefix([idle, busy, second], limit) == (second, PREFIX)
-    assert choose_by_prefix([Candidate("a", 0, 0.5, 3), idle], limit) == (idle, NO_MATCH)
+    second = Candidate("shared", 128, 0.9, 12)
+    assert choose_by_prefix([idle, busy, second], limit, prompt_tokens=400) == (second, PREFIX)
+    assert choose_by_prefix([Candidate("a", 0, 0.5, 3), idle], limit, prompt_tokens=400) == (idle, NO_MATCH)
+
+
+def test_a_short_match_is_no_reason_to_pick_a_replica_and_equals_go_by_room():
+    limit = LoadLimit(min_match_ratio=0.3)
+    roomy = Candidate("roomy", 0, 0.9, 0)
+    header_only = Candidate("header", 64, 0.8, 5)  # the chat template's header: 64 of 400 tokens
+    assert choose_by_prefix([roomy, header_only], limit, prompt_tokens=400) == (roomy, NO_MATCH)
+    a, b, c = Candidate("a", 64, 0.9, 0), Candidate("b", 128, 0.7, 4), Candidate("c", 64, 0.8, 2)
+    assert choose_by_prefix([a, b, c], limit, prompt_tokens=400) == (b, PREFIX)  # 128 >= 0.3 x 400
+    assert choose_by_prefix([a, b, c], limit, prompt_tokens=480) == (a, NO_MATCH)  # 128 < 0.3 x 480
+    # equal matches go by room, not by the order Serve lists the replicas in
+    twin = Candidate("twin", 128, 0.95, 0)
+    assert choose_by_prefix([a, b, twin], limit, prompt_tokens=400) == (twin, PREFIX)
 
 
 # -- the router (Serve's RequestRouter subclass, with replica-like objects) ---------------------------------------
@@ -94,7 +109,7 @@ def replica(name: str, *, queued: int = 0, free: float = 1.0, time: float = 1.0)
 def call(*prompts: list[int], **kwargs):
     requests = [EngineRequest(request_id=str(i), prompt_token_ids=p, params=SamplingParams())
                 for i, p in enumerate(prompts)]
-    return SimpleNamespace(args=[requests], kwargs=kwargs)
+    return SimpleNamespace(args=[requests], kwargs=kwargs, metadata=SimpleNamespace(internal_request_id=uuid4().hex))
 
 
 def make_router(cls=PrefixAwareRouter, **state):
@@ -157,7 +172,8 @@ def simulate(policy: str, *, num_replicas: int = 4, conversations: int = 64, tur
     next turn, in random order, one call each; a replica's reported load is the requests of this round it holds."""
     rng = random.Random(seed)
     hasher = PrefixTable(block_size=BLOCK)
-    systems = [tokens(1000 + s, 20 * BLOCK) for s in range(4)]
+    header = tokens(999, 4 * BLOCK)  # the chat template's start, the same in every prompt
+    systems = [header + tokens(1000 + s, 20 * BLOCK) for s in range(4)]
     history = {c: list(systems[c % 4]) for c in range(conversations)}
     caches = [PrefixCache(capacity_blocks) for _ in range(num_replicas)]
     names = [f"r{i}" for i in range(num_replicas)]
@@ -197,12 +213,15 @@ def test_prefix_aware_routing_keeps_one_replicas_hit_rate_and_balances_load():
     assert prefix > most_room + 0.1  # the table is what buys it
 
 
-def test_preferred_names_the_deepest_holder_without_touching_the_lru_order():
-    table = PrefixTable(block_size=BLOCK)
+def test_preferred_names_the_deepest_holder_worth_following_without_touching_the_lru_order():
+    table = PrefixTable(block_size=BLOCK, min_match_ratio=0.3)
     prompt = tokens(1, 3 * BLOCK + 1)
     table.record(table.block_hashes(prompt[:BLOCK + 1]), "r0")  # its first block only
     table.record(table.block_hashes(prompt), "r1")  # all three
     order = list(table.holders)
-    assert table.preferred(table.block_hashes(prompt)) == "r1"
-    assert table.preferred(table.block_hashes(tokens(2, 3 * BLOCK + 1))) is None
+    assert table.preferred(table.block_hashes(prompt), len(prompt)) == "r1"
+    assert table.preferred(table.block_hashes(tokens(2, 3 * BLOCK + 1)), 3 * BLOCK + 1) is None
     assert list(table.holders) == order
+    # a prompt sharing only its first block with what r0 and r1 were sent: 16 of 96 tokens, below the ratio
+    new_conversation = prompt[:BLOCK] + tokens(3, 5 * BLOCK)
+    assert table.preferred(table.block_hashes(new_conversation), len(new_conversation)) is None
