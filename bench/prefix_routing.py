@@ -4,14 +4,16 @@ several attention replicas, routed each way, and the prefix-cache hit rate the a
     python -m gptoss_serve.bench.prefix_routing [--replicas 4] [--users 64] [--turns 6] [--system-prompts 4]
         [--system-prompt-len 320] [--input-len 32] [--output-len 16] [--json FILE]          # tiny model, CPU
     python -m gptoss_serve.bench.prefix_routing --model /tmp/c20 --load-format dummy --device cuda \\
-        --replicas 2 --system-prompt-len 8192 --input-len 256 --output-len 128                 # one GPU a replica
+        --replicas 2 --system-prompt-len 8192 --input-len 256 --output-len 128 --max-model-len 16384  # a GPU each
+        ... --gpus-per-replica 0.5 --kv-cache-gib 20                                            # both on one GPU
 
 For each of attention_routing=prefix and most_room: a local Ray cluster serves the app (bench/local_app.py) with
 Ray's metrics agent on --metrics-port; the load tester runs --users conversations of --turns turns each (a user's
 next turn once its answer is complete), the users spread over --system-prompts shared system prompts, and reads the
 app's counters before and after (bench/loadtest/server_metrics.py): the prompt tokens found in a replica's prefix
-cache over those looked up, per replica and overall, and the router's decisions. Prints one row per routing, with
-the median TTFT of the first turn and of the later ones; --json FILE writes everything.
+cache over those looked up, per replica and overall, and the router's decisions; and, per turn, the cached tokens
+each answer's usage reports over its prompt tokens. Prints one row per routing, with the median TTFT of the first
+turn and of the later ones; --json FILE writes everything.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ ROUTINGS = ("prefix", "most_room")
 def run_routing(routing: str, args: argparse.Namespace, model_dir: str) -> dict:
     app = {"model": model_dir, "load_format": args.load_format, "device": args.device,
            "num_attention_replicas": args.replicas, "attention_routing": routing,
-           "num_gpus_per_replica": 1 if args.device == "cuda" else 0,
+           "num_gpus_per_replica": args.gpus_per_replica if args.device == "cuda" else 0,
            "num_cpus_per_replica": 1 if args.device == "cuda" else 0.5,
-           "engine": {"max_model_len": args.max_model_len, "max_num_seqs": max(args.users, 8)}}
+           "engine": {"max_model_len": args.max_model_len, "max_num_seqs": max(args.users, 8),
+                      **({"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib else {})}}
     with local_app(app, num_cpus=args.num_cpus, port=args.port, metrics_export_port=args.metrics_port) as url:
         config = LoadConfig(url=url, endpoint="chat", workload="conversation", concurrency=args.users,
                             num_requests=args.users * args.turns, turns=args.turns,
@@ -48,6 +51,7 @@ def run_routing(routing: str, args: argparse.Namespace, model_dir: str) -> dict:
     first = [r.ttft for r in result.records if r.ok and r.turn == 1 and r.ttft is not None]
     return {"routing": routing, "completed": result.completed, "failed": result.failed,
             "hit_rate": server.hit_rate, "hit_rate_by_replica": server.hit_rate_by_replica,
+            "hit_rate_by_turn": dict(result.cached_share_by_turn),
             "prompt_tokens_by_replica": queries,
             "max_over_mean_load": max(queries.values()) / mean_load if mean_load else None,
             "routing_decisions": dict(server.routing),
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input-len", type=int, default=32, help="tokens of each new user message")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--gpus-per-replica", type=float, default=1.0,
+                   help="with --device cuda: 0.5 puts two replicas on one GPU (give each --kv-cache-gib)")
+    p.add_argument("--kv-cache-gib", type=float, help="engine.kv_cache_gib of each replica (replicas sharing a GPU)")
     p.add_argument("--num-cpus", type=int, default=8, help="Ray CPUs (logical: may exceed the cores)")
     p.add_argument("--port", type=int, default=8000, help="the app's HTTP port on 127.0.0.1")
     p.add_argument("--metrics-port", type=int, default=18080, help="Ray's metrics agent (Prometheus) port")
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         first = f"{r['ttft_first_turn_median_ms']:.1f}" if r["ttft_first_turn_median_ms"] else "-"
         later = f"{r['ttft_later_turns_median_ms']:.1f}" if r["ttft_later_turns_median_ms"] else "-"
         print(f"{r['routing']:>10}  {hit:>8}  {load:>13}  {first:>14}  {later:>13}  {r['routing_decisions']}")
+        print(f"{'':>10}  hit rate by turn (answers' usage): "
+              + ", ".join(f"{turn}: {rate:.3f}" for turn, rate in r["hit_rate_by_turn"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

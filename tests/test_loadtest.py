@@ -68,6 +68,9 @@ def _fake_app(seen: Counter, chats: list) -> FastAPI:
         else:
             prompt_tokens = len(tok.encode(body["prompt"]))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n + (fault == "token_mismatch")}
+        if chat:  # a prefix cache that held everything before the last message
+            last = len(tok.encode(body["messages"][-1]["content"]))
+            usage["prompt_tokens_details"] = {"cached_tokens": prompt_tokens - last}
 
         def chunk(i: int) -> dict:
             if not chat:
@@ -410,6 +413,10 @@ def test_conversations_share_the_system_prompt_and_grow_turn_by_turn(fresh):
     assert [t["turn"] for t in by_turn] == [1, 2, 3] and sum(t["completed"] for t in by_turn) == 12
     inputs = [t["mean_input_tokens"] for t in by_turn]
     assert inputs == sorted(inputs) and inputs[0] > 300
+    # the share of prompt tokens the server said it had cached: all but the new message (20 tokens)
+    shares = [t["cached_token_share"] for t in by_turn]
+    assert shares[0] == pytest.approx((300 + CHAT_TEMPLATE_TOKENS) / (320 + CHAT_TEMPLATE_TOKENS))
+    assert shares == sorted(shares) and result.cached_share_by_turn[3] == shares[2]
     assert all(t["median_ttft_ms"] >= FIRST_DELAY * 1000 for t in by_turn)
 
 

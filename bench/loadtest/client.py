@@ -168,7 +168,8 @@ async def _read_response_events(response: httpx.Response, record: RequestRecord,
     if not isinstance(usage, dict):
         raise StreamFault(MISSING_USAGE, f"{end.get('type')} carried no usage")
     found = chunk_usage({"usage": {"prompt_tokens": usage.get("input_tokens"),
-                                   "completion_tokens": usage.get("output_tokens")}})
+                                   "completion_tokens": usage.get("output_tokens"),
+                                   "prompt_tokens_details": usage.get("input_tokens_details")}})
     if ids is not None and isinstance(body.get("id"), str):
         ids.append(body["id"])
     return found
@@ -189,6 +190,7 @@ def _take_chunk(record: RequestRecord, chunk: str, now: float, last: float, text
 
 def _check(record: RequestRecord, usage: Usage, *, ignore_eos: bool) -> None:
     record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+    record.cached_tokens = usage.cached_tokens
     got, asked = usage.completion_tokens, record.output_len
     if record.chunks == 0 or got == 0:
         record.fail(EMPTY_OUTPUT, f"{record.chunks} text chunks, usage.completion_tokens={got}")

@@ -64,6 +64,8 @@ class LoadResult:
     # the conversation workload: turn -> the TTFT of that turn's completed requests, whose context grows with the turn
     ttft_by_turn: Mapping[int, LatencyStats] = field(default_factory=dict)
     input_tokens_by_turn: Mapping[int, float] = field(default_factory=dict)  # turn -> mean usage.prompt_tokens
+    # turn -> the share of its prompt tokens the server's prefix cache held (usage's cached_tokens), where it says
+    cached_share_by_turn: Mapping[int, float] = field(default_factory=dict)
     errors_by_status: Mapping[str, int] = field(default_factory=dict)  # HTTP status or failure reason -> count
     error_examples: Mapping[str, str] = field(default_factory=dict)  # one detail per reason, for the table
     server: ServerCounters | None = None  # what the app's own counters say of the run (--metrics-url)
@@ -100,6 +102,8 @@ class LoadResult:
                           for turn, rs in by_turn.items()},
             input_tokens_by_turn={turn: float(np.mean([r.prompt_tokens or 0 for r in rs]))
                                   for turn, rs in by_turn.items()},
+            cached_share_by_turn={turn: share for turn, rs in by_turn.items()
+                                  if (share := _cached_share(rs)) is not None},
             errors_by_status=dict(sorted(Counter(str(r.error) for r in failed).items())),
             error_examples=examples,
         )
@@ -163,6 +167,7 @@ class LoadResult:
                     "think_time": c.think_time,
                     "by_turn": [{"turn": turn, "completed": stats.count,
                                  "mean_input_tokens": self.input_tokens_by_turn[turn],
+                                 "cached_token_share": self.cached_share_by_turn.get(turn),
                                  "median_ttft_ms": stats.median, "p99_ttft_ms": stats.p99}
                                 for turn, stats in self.ttft_by_turn.items()]}
         if detailed:
@@ -189,3 +194,9 @@ def _goodput(ok: Sequence[RequestRecord], targets: Mapping[str, float], duration
         if all(measured[k] is not None and measured[k] * 1000.0 <= limit for k, limit in targets.items()):
             good += 1
     return good / duration
+
+
+def _cached_share(records: Sequence[RequestRecord]) -> float | None:
+    """Cached prompt tokens over prompt tokens, of the records whose usage said how many were cached."""
+    told = [r for r in records if r.cached_tokens is not None and r.prompt_tokens]
+    return sum(r.cached_tokens for r in told) / sum(r.prompt_tokens for r in told) if told else None

@@ -32,6 +32,7 @@ class RequestRecord:
     output_chars: int = 0
     prompt_tokens: int | None = None  # the server's usage: the input length we report
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # the server's usage: prompt tokens its prefix cache held
     error: str | None = None  # a reason above or an HTTP status code; None if it succeeded
     detail: str = ""  # a short human-readable account of the failure
     finished: bool = False  # False while in flight, and for requests cancelled at the end

@@ -67,6 +67,10 @@ def format_result(result: LoadResult) -> str:
         for turn, stats in result.ttft_by_turn.items():
             tokens = result.input_tokens_by_turn[turn]
             lines.append(_row(f"Turn {turn}, {tokens:.0f} input tok (ms):", stats.median))
+    if result.cached_share_by_turn:
+        lines.append(_rule("Prompt tokens cached, by turn (usage)"))
+        for turn, share in result.cached_share_by_turn.items():
+            lines.append(_row(f"Turn {turn}:", f"{share:.3f}"))
     if result.server is not None:
         lines.append(_rule("The server's counters (--metrics-url)"))
         lines.append(_row("Prefix-cache hit rate, prompt tokens:", result.server.hit_rate))

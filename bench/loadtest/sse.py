@@ -82,6 +82,7 @@ def _text(value: Any) -> str:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int | None = None  # of the prompt's, found in the server's prefix cache (when it says)
 
 
 def chunk_usage(chunk: dict[str, Any]) -> Usage | None:
@@ -93,7 +94,9 @@ def chunk_usage(chunk: dict[str, Any]) -> Usage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not (_count(prompt) and _count(completion)):
         raise StreamFault(MALFORMED_SSE, f"usage lacks integer token counts: {str(usage)[:120]}")
-    return Usage(prompt, completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(prompt, completion, cached if _count(cached) else None)
 
 
 def _count(value: Any) -> bool:
