@@ -82,6 +82,13 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds
 
 
+def matmul_peak(size: int = 8192) -> float:
+    """FLOP/s of a bf16 [size, size] x [size, size] torch.matmul (cuBLAS), the device's practical tensor-core peak."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * size**3 / events_median([lambda: a @ b], 30)
+
+
 def bf16_experts(packed: dict[str, torch.Tensor]) -> LocalExperts:
     """LocalExperts of the 20b shape holding the same weights, dequantized to bf16 on the GPU."""
     with torch.device("meta"):

@@ -2,6 +2,7 @@
 device's copy bandwidth.
 
     python -m gptoss_serve.bench.paged_attention [--json PATH] [--long-only]
+    python -m gptoss_serve.bench.paged_attention --prefill [--sweep] [--baseline OLD/kernels/varlen_attention.py]
 
 One layer's attention (64 query heads, 8 KV heads, head dim 64, blocks of 16, bf16), timed as the median of CUDA-graph
 replays with events (bench/moe_kernel.py's helpers); bytes are the keys and values the kernel must read (the window's,
@@ -14,22 +15,36 @@ sliding-window layers), the one kernel against the split-KV one side by side: th
 the tables' own width (an eager step's), and picked as a CUDA graph of max_model_len 128k picks them (the engine's
 decode path); "diff" is ||split - one kernel|| / ||one kernel||. Cases whose caches do not fit the free memory are
 skipped; cases smaller than the L2 cache run over several copies in rotation, so repeats do not read it from L2.
+
+`--prefill` instead times prompt chunks on a full-attention layer, eagerly (prefill steps are not graphed): the
+engine's 2,048-token chunk ending at contexts of 8k, 32k and 128k tokens, a whole 8k prompt in one step, and
+256-token chunks at 32k and 128k (split across keys as paged_attention picks, and unsplit); FLOP/s count the
+products a causal kernel must take (4 * heads * head dim for each visible query-key pair) against a bf16
+torch.matmul measured in the same run. `--sweep` times the tilings of varlen_attention.PrefillTiles listed below at 32k; `--baseline` loads another
+tree's varlen_attention.py from its path and times it beside this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 
 import torch
 
-from gptoss_serve.bench.moe_kernel import copy_bandwidth, eager_mean, events_median, graphed
+from gptoss_serve.bench.moe_kernel import copy_bandwidth, eager_mean, events_median, graphed, matmul_peak
 from gptoss_serve.kernels.paged_attention import paged_attention_reference
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 64, 8, 64, 16
 MAX_MODEL_LEN = 131072  # gpt-oss's: the width of the decode graphs' block tables
 LONG_CONTEXTS, LONG_BATCHES = (1024, 8192, 32768, 131072), (1, 16, 64)
+CHUNK = 2048  # the engine's max_num_batched_tokens: a long prompt's prefill chunk
+# (context, new tokens): the engine's chunks, a whole 8k prompt, and a long prompt's chunks capped at 256 tokens
+# beside decodes (long_prefill_token_threshold)
+PREFILL_CASES = ((8192, CHUNK), (32768, CHUNK), (131072, CHUNK), (8192, 8192), (32768, 256), (131072, 256))
+SWEEP_TILES = ((128, 64, 4, None), (128, 64, 4, 2), (128, 64, 4, 4), (128, 128, 4, 2), (128, 128, 4, 3),
+               (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (256, 128, 8, 2), (256, 128, 8, 3))
 
 
 def case(batch: int, context: int, new: int, window: int | None) -> dict:
@@ -106,11 +121,78 @@ def long_decode(batch: int, context: int, windows: list[int | None]) -> list[dic
     return rows
 
 
+def prefill_flops(context: int, new: int) -> int:
+    """Products a causal kernel must take for `new` tokens ending at `context`: query p sees keys 0..p."""
+    pairs = new * context - new * (new - 1) // 2
+    return 4 * HEADS * HEAD_DIM * pairs
+
+
+def prefill_table(peak: float, sweep: bool, baseline: str | None) -> list[dict]:
+    from gptoss_serve.kernels.varlen_attention import (PREFILL_TILES, PrefillTiles, _multiprocessors, prefill_splits,
+                                                       varlen_attention)
+
+    old = None
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_varlen_attention", baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+    print(f"\nprefill chunks on a full-attention layer: TFLOP/s against the bf16 matmul's {peak / 1e12:.0f}")
+    print(f"{'kernel':>26} {'context':>7} {'new':>5} {'us':>9} {'TFLOP/s':>7} {'%peak':>5} {'error':>8}")
+    rows = []
+    for context, new in PREFILL_CASES:
+        args = decode_inputs(1, context)
+        args["q"] = torch.randn(new, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        args["query_start"] = torch.tensor([0, new], device="cuda", dtype=torch.int32)
+        splits = prefill_splits(num_tokens=new, tile_tokens=PREFILL_TILES.rows * KV_HEADS // HEADS,
+                                kv_heads=KV_HEADS, max_keys=context, multiprocessors=_multiprocessors(args["q"].device))
+        variants = [(f"this tree, {splits} splits", PREFILL_TILES, splits)]  # as paged_attention picks
+        if splits > 1:
+            variants.append(("this tree, unsplit", PREFILL_TILES, 1))
+        if old is not None:
+            variants.append(("baseline", None, 1))
+        if sweep and (context, new) == (32768, CHUNK):
+            variants += [(None, PrefillTiles(*t), 1) for t in SWEEP_TILES]
+        reference = None
+        for name, tiles, num_splits in variants:
+            if tiles is None:
+                run = lambda: old.varlen_attention(**args, window=None, max_query_len=new)
+            else:
+                run = lambda: varlen_attention(**args, window=None, max_query_len=new, tiles=tiles,
+                                               num_splits=num_splits)
+            run()  # compiled, and the split's workspace allocated, before timing
+            torch.cuda.synchronize()
+            seconds = events_median([run], 20)
+            out = run().float()
+            if reference is None:  # the first variant's output: the others are compared with it
+                reference = out
+            error = ((out - reference).norm() / reference.norm()).item()
+            label = name or f"{tiles.rows}r {tiles.block_n}n {tiles.warps}w {tiles.stages}s"
+            rate = prefill_flops(context, new) / seconds
+            rows.append(dict(kernel=label, tiles=None if tiles is None else vars(tiles), splits=num_splits,
+                             context=context, new_tokens=new, seconds=seconds, flops=prefill_flops(context, new),
+                             difference=error))
+            print(f"{label:>26} {context:7d} {new:5d} {seconds * 1e6:9.1f} {rate / 1e12:7.1f} {rate / peak:5.0%} "
+                  f"{error:8.1e}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--long-only", action="store_true", help="only the long-context decode table")
+    parser.add_argument("--prefill", action="store_true", help="only the prefill-chunk table (TFLOP/s)")
+    parser.add_argument("--sweep", action="store_true", help="with --prefill: the tilings at 32k too")
+    parser.add_argument("--baseline", help="with --prefill: another tree's kernels/varlen_attention.py, timed beside")
     args = parser.parse_args(argv)
+    if args.prefill:
+        peak = matmul_peak()
+        print(f"{torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+        rows = prefill_table(peak, args.sweep, args.baseline)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), matmul_flops_per_s=peak, prefill=rows), f,
+                          indent=1)
+        return
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy / 1e12:.2f} TB/s")
     rows = [] if args.long_only else engine_table(copy)

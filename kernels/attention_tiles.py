@@ -24,6 +24,7 @@ from gptoss_serve.kernels.paged_attention import check_scales
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
 # a running max that starts finite: a row that saw no key yet keeps exp(0) = 1 as its rescale
 NEG = tl.constexpr(-1.0e30)
+LOG2E = tl.constexpr(1.4426950408889634)  # kernels take softmax in base 2: exp2 is one GPU instruction
 
 
 @triton.jit

@@ -55,6 +55,31 @@ def random_step(seqs: list[tuple[int, int]], *, heads: int = 4, kv_heads: int = 
     return args, whole
 
 
+def long_step(seqs: list[tuple[int, int]], *, heads: int = 64, kv_heads: int = 8, head_dim: int = 64,
+              block_size: int = 16, dtype=torch.bfloat16, device="cuda", seed: int = 0, padding_rows: int = 0):
+    """random_step's arguments for contexts too long to build whole sequences of (up to 128k), made on the device:
+    random caches, each sequence's blocks shuffled; no window."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    blocks_per_seq = [math.ceil(ctx / block_size) for ctx, _ in seqs]
+    num_blocks = 1 + sum(blocks_per_seq)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.randn(shape, generator=gen, device=device).to(dtype)
+    value_cache = torch.randn(shape, generator=gen, device=device).to(dtype)
+    ids = torch.randperm(num_blocks - 1, generator=gen, device=device).int() + 1
+    tables = torch.zeros(len(seqs), max(blocks_per_seq), dtype=torch.int32, device=device)
+    taken = 0
+    for b, n_blocks in enumerate(blocks_per_seq):
+        tables[b, :n_blocks] = ids[taken:taken + n_blocks]
+        taken += n_blocks
+    new = sum(n for _, n in seqs)
+    q = torch.randn(new + padding_rows, heads, head_dim, generator=gen, device=device).to(dtype)
+    query_start = torch.tensor([0, *torch.tensor([n for _, n in seqs]).cumsum(0).tolist()], dtype=torch.int32,
+                               device=device)
+    return dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=tables, query_start=query_start,
+                context_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=device),
+                sinks=torch.randn(heads, generator=gen, device=device), window=None, scale=head_dim**-0.5)
+
+
 def expected(seqs, whole, args) -> torch.Tensor:
     """Each sequence's new rows from sink_attention over its whole sequence, float32, end to end."""
     out = []

@@ -51,7 +51,7 @@ INTERPRETED = textwrap.dedent("""
         assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, want)), (heads, dim, dtype)
 
     # store, then attend: the one kernel (prefill chunks and decodes, windows, groups of 1 to 4) and the split
-    cases = [([(37, 1), (21, 21), (70, 13), (1, 1)], None, 2, torch.float32, None),
+    cases = [([(37, 1), (21, 21), (70, 13), (1, 1), (200, 20)], None, 2, torch.float32, None),
              ([(37, 1), (70, 13), (5, 0)], 16, 1, torch.float32, None),
              ([(40, 1), (9, 1)], 16, 4, torch.bfloat16, None),
              ([(300, 1), (5, 0), (70, 1)], None, 2, torch.float32, 3),
@@ -119,10 +119,17 @@ def test_the_kernels_compile_for_an_h100(fp8):
     from gptoss_serve.kernels import kv_store, split_kv_attention, varlen_attention
 
     attention = varlen_attention._attention
-    strides = [n for n in attention.arg_names if n.startswith("stride_")] + ["tiles_per_seq"]
-    for block_q, window in ((2, 0), (2, 128), (16, 0), (16, 128)):  # G = 8: decode tiles of 16 rows, prefill 128
-        _compile_for_h100(attention, **_attention_signature(attention, fp8=fp8, strides=strides), G=8, D=64,
-                          BLOCK_Q=block_q, BLOCK_N=64, BLOCK_SIZE=16, WINDOW=window, FP8=fp8, INTERPRET=False)
+    strides = [n for n in attention.arg_names if n.startswith("stride_")] + ["tiles_per_seq", "num_splits",
+                                                                              "min_chunk"]
+    for block_q, window, split in ((2, 0, False), (2, 128, False), (16, 0, False), (16, 128, False), (16, 0, True)):
+        # G = 8: decode tiles of 16 rows, prefill 128; full-attention prefill split across keys too
+        _compile_for_h100(attention, **_attention_signature(attention, fp8=fp8, strides=strides), HEADS=64, G=8,
+                          D=64, BLOCK_Q=block_q, BLOCK_N=64, BLOCK_SIZE=16, WINDOW=window, SPLIT=split, FP8=fp8,
+                          INTERPRET=False)
+    combine = varlen_attention._combine_splits
+    _compile_for_h100(combine, o_ptr="*bf16", query_start_ptr="*i32", sinks_ptr="*bf16", max_ptr="*fp32",
+                      sum_ptr="*fp32", acc_ptr="*fp32", stride_on="i32", stride_oh="i32", num_seqs="i32",
+                      num_splits="i32", HEADS=64, G=8, D=64)
     partial = split_kv_attention._partial_attention
     strides = [n for n in partial.arg_names if n.startswith("stride_")] + ["num_splits", "min_chunk"]
     for window in (0, 128):
