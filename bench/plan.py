@@ -4,7 +4,7 @@
         --gpus 2 --prompt-len 128 --output-len 128 --concurrency 64 [--tpot-ms 15] [--ttft-ms 2000] [--burst]
     python -m gptoss_serve.bench.plan --measure --model DIR [--load-format dummy] --save-profile FILE --gpus 4 ...
 
---profile reads a saved profile (JSON, cluster/capacity_planner.py's Profile); --measure measures one on this
+--profile reads a saved profile (JSON, cluster/capacity_profile.py's Profile); --measure measures one on this
 machine's GPU with the benchmark helpers (bench.engine_throughput's engine runs, MoE layers timed in CUDA graphs as
 bench.moe_kernel does, and bench.expert_exchange over NCCL when there are 2+ GPUs); --save-profile writes it, so a
 later run plans for other GPU counts without a GPU. The workload: --prompt-len / --output-len (one length, or LOW
@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gptoss_serve.cluster.capacity_planner import (
-    Curve, EngineLimits, Layout, Lengths, Planner, Prediction, Profile, ProfileError, Workload)
+from gptoss_serve.cluster.capacity_planner import Layout, Planner, Prediction
+from gptoss_serve.cluster.capacity_profile import Curve, Profile, ProfileError
+from gptoss_serve.cluster.capacity_workload import EngineLimits, Lengths, Workload
 
 
 class PlanError(Exception):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from gptoss_serve.bench import plan
-from gptoss_serve.cluster.capacity_planner import (
-    AttentionTable, Curve, EngineLimits, Layout, Lengths, ModelShape, Planner, Profile, ProfileError, Workload,
-    interpolate, layouts_for)
+from gptoss_serve.cluster.capacity_planner import Layout, Planner, layouts_for
+from gptoss_serve.cluster.capacity_profile import AttentionTable, Curve, ModelShape, Profile, ProfileError, interpolate
+from gptoss_serve.cluster.capacity_workload import EngineLimits, Lengths, Workload
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "bench/results/2026-12-07-plan-profile-20b-h100-example.json"
 
