@@ -20,8 +20,8 @@ skipped; cases smaller than the L2 cache run over several copies in rotation, so
 engine's 2,048-token chunk ending at contexts of 8k, 32k and 128k tokens, a whole 8k prompt in one step, and
 256-token chunks at 32k and 128k (split across keys as paged_attention picks, and unsplit); FLOP/s count the
 products a causal kernel must take (4 * heads * head dim for each visible query-key pair) against a bf16
-torch.matmul measured in the same run. `--sweep` times the tilings of varlen_attention.PrefillTiles listed below at 32k; `--baseline` loads another
-tree's varlen_attention.py from its path and times it beside this one.
+torch.matmul measured in the same run. `--sweep` times the tilings of varlen_attention.PrefillTiles listed below
+at 32k; `--baseline` loads another tree's varlen_attention.py from its path and times it beside this one.
 """
 
 from __future__ import annotations

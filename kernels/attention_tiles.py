@@ -57,6 +57,40 @@ def kv_scales(scales_ptr, block, offset, kv_head, key_ok, stride_b, stride_s):
     return (biased.to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def attend_tile(q, m, l, acc, start, position, key_end, table, k_ptr, v_ptr, k_scales_ptr, v_scales_ptr, kv_head, d,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss, qk_scale,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                 FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """The keys at start .. start + BLOCK_N - 1 (those before key_end) of one KV head folded into the online softmax
+    (m, l, acc) of q's rows, in base 2 (qk_scale carries log2(e)). MASKED: each row sees the keys up to its
+    position (and within WINDOW when > 0) and none from key_end on; off where every row sees every key of the tile,
+    which saves the [ROWS, BLOCK_N] compares and selects that long prompts would otherwise pay on every tile.
+    Both kernels fold their tiles in here, so that they multiply, mask and exponentiate alike."""
+    key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    key_ok = key_pos < key_end
+    block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    offset = key_pos % BLOCK_SIZE
+    k = load_kv_tile(k_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh, q.dtype)
+    v = load_kv_tile(v_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh, q.dtype)
+    s = tile_dot(q, tl.trans(k), INTERPRET) * qk_scale  # [ROWS, BLOCK_N]
+    if FP8:  # each key's scale on its column of scores (kv_scales)
+        s *= kv_scales(k_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
+    if MASKED:
+        visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
+        if WINDOW > 0:
+            visible &= position[:, None] - key_pos[None, :] < WINDOW
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    rescale = tl.exp2(m - m_new)
+    l = l * rescale + tl.sum(p, axis=1)
+    if FP8:  # each value's scale on the column of p that meets it
+        p *= kv_scales(v_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
+    acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
+    return m_new, l, acc
+
+
 def query_group(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> int:
     """G, the query heads sharing each KV head, after the checks both kernels need: contiguous head dimensions and
     G a power of two (a kernel's rows are tiles of whole groups)."""

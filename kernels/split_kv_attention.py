@@ -5,11 +5,11 @@ context: batch 1 at a 32k context runs 8 programs on a GPU of 132 multiprocessor
 (the last `window` positions on a sliding layer, all of them on a full one) are cut into num_splits contiguous
 chunks, one program per (sequence, KV head, chunk). A program attends the G = Hq / Hkv query heads of its KV head
 (rows padded to 16, the matrix unit's least) to its chunk and stores, in float32, each row's max logit, its sum of
-exponentials and its un-normalized output. A second kernel, one program per (sequence, query head), combines the
-chunks in a fixed order (the same sum every run), adds the head's sink to the denominator as the one-kernel path
-does, and writes the output in q's dtype. An e4m3 cache is read as the one-kernel path reads it
-(attention_tiles.load_kv_tile and kv_scales). The PyTorch reference is `paged_attention_reference`
-(paged_attention.py).
+exponentials and its un-normalized output (in base 2, its tiles folded by attention_tiles.attend_tile as the
+one-kernel path folds its own). A second kernel, one program per (sequence, query head), combines the chunks in a
+fixed order (the same sum every run), adds the head's sink to the denominator as the one-kernel path does, and
+writes the output in q's dtype. An e4m3 cache is read as the one-kernel path reads it. The PyTorch reference is
+`paged_attention_reference` (paged_attention.py).
 
 The grid, (B, Hkv, num_splits), is chosen on the host from host numbers only (no device value is read, so a step
 can be captured in a CUDA graph): a CUDA graph's step knows only its block tables' width, max_model_len. The chunk
@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import (INTERPRET, NEG, kv_scales, load_kv_tile, query_group,
-                                                   scale_strides, tile_dot)
+from gptoss_serve.kernels.attention_tiles import INTERPRET, LOG2E, NEG, attend_tile, query_group, scale_strides
 
 BLOCK_N = 64  # keys per tile of the walk
 # a chunk reads at least this many keys a KV head (64 KB at D 64 in bf16), against the 2 KB of partials its program
@@ -79,25 +78,12 @@ def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context
     l = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, D], dtype=tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_t
-    for start in range(begin, end, BLOCK_N):
-        key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        key_ok = key_pos < end
-        block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        offset = key_pos % BLOCK_SIZE
-        k = load_kv_tile(k_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh, q.dtype)
-        v = load_kv_tile(v_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh, q.dtype)
-        s = tile_dot(q, tl.trans(k), INTERPRET) * scale  # [ROWS, BLOCK_N]
-        if FP8:  # each key's scale on its column of scores (attention_tiles.kv_scales)
-            s *= kv_scales(k_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        rescale = tl.exp(m - m_new)
-        l = l * rescale + tl.sum(p, axis=1)
-        if FP8:  # each value's scale on the column of p that meets it
-            p *= kv_scales(v_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
-        acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
-        m = m_new
+    position = tl.full([ROWS], context - 1, dtype=tl.int32)  # the new token's: it sees every key of the chunk
+    for start in range(begin, end, BLOCK_N):  # the window is in [begin, end) already
+        m, l, acc = attend_tile(q, m, l, acc, start, position, end, table, k_ptr, v_ptr, k_scales_ptr, v_scales_ptr,
+                                kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                stride_sb, stride_ss, scale * LOG2E, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE,
+                                WINDOW=0, MASKED=True, FP8=FP8, INTERPRET=INTERPRET)
 
     slot = (seq.to(tl.int64) * HEADS + head) * num_splits + split  # [ROWS]: this chunk's entry of each head
     tl.store(max_ptr + slot, m, mask=row_ok)
@@ -126,10 +112,10 @@ def _combine_chunks(o_ptr, query_start_ptr, context_lens_ptr, sinks_ptr, max_ptr
     l = tl.load(sum_ptr + slot, mask=c_ok, other=0.0)
     acc = tl.load(acc_ptr + slot[:, None] * D + d[None, :], mask=c_ok[:, None], other=0.0)  # [SPLITS, D]
 
-    sink = tl.load(sinks_ptr + head).to(tl.float32)  # one more logit per head, attending to nothing
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E  # one more logit per head, attending to nothing
     m_final = tl.maximum(tl.max(m, axis=0), sink)
-    weight = tl.exp(m - m_final)  # 0 for unused chunks
-    total = tl.sum(l * weight, axis=0) + tl.exp(sink - m_final)
+    weight = tl.exp2(m - m_final)  # 0 for unused chunks
+    total = tl.sum(l * weight, axis=0) + tl.exp2(sink - m_final)
     out = tl.sum(acc * weight[:, None], axis=0) / total  # [D]
     tl.store(o_ptr + q_row.to(tl.int64) * stride_on + head * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 

@@ -36,41 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.attention_tiles import (INTERPRET, LOG2E, NEG, kv_scales, load_kv_tile, query_group,
-                                                   scale_strides, tile_dot)
+from gptoss_serve.kernels.attention_tiles import INTERPRET, LOG2E, NEG, attend_tile, query_group, scale_strides
 from gptoss_serve.kernels.split_kv_attention import MAX_SPLITS, decode_splits, split_kv_decode
-
-
-@triton.jit
-def _attend_keys(q, m, l, acc, start, position, key_end, table, k_ptr, v_ptr, k_scales_ptr, v_scales_ptr, kv_head, d,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss, qk_scale,
-                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                 FP8: tl.constexpr, INTERPRET: tl.constexpr):
-    """One tile of BLOCK_N keys from `start` folded into the online softmax (m, l, acc), in base 2 (qk_scale
-    carries log2(e)). MASKED: apply the causal mask and the window; off where every row sees every key of the
-    tile, which saves the [ROWS, BLOCK_N] compares and selects that long prompts would otherwise pay on every tile."""
-    key_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    key_ok = key_pos < key_end
-    block = tl.load(table + key_pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    offset = key_pos % BLOCK_SIZE
-    k = load_kv_tile(k_ptr, block, offset, kv_head, d, key_ok, stride_kb, stride_ks, stride_kh, q.dtype)
-    v = load_kv_tile(v_ptr, block, offset, kv_head, d, key_ok, stride_vb, stride_vs, stride_vh, q.dtype)
-    s = tile_dot(q, tl.trans(k), INTERPRET) * qk_scale  # [ROWS, BLOCK_N]
-    if FP8:  # each key's scale on its column of scores (kv_scales)
-        s *= kv_scales(k_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
-    if MASKED:
-        visible = (key_pos[None, :] <= position[:, None]) & key_ok[None, :]
-        if WINDOW > 0:
-            visible &= position[:, None] - key_pos[None, :] < WINDOW
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    rescale = tl.exp2(m - m_new)
-    l = l * rescale + tl.sum(p, axis=1)
-    if FP8:  # each value's scale on the column of p that meets it
-        p *= kv_scales(v_scales_ptr, block, offset, kv_head, key_ok, stride_sb, stride_ss)[None, :]
-    acc = acc * rescale[:, None] + tile_dot(p.to(v.dtype), v, INTERPRET)
-    return m_new, l, acc
 
 
 @triton.jit(do_not_specialize=["num_splits", "min_chunk"])
@@ -119,14 +86,14 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
         # every row sees keys 0 .. first: whole tiles of them go without a mask (a long prompt's chunk: nearly all)
         unmasked_end = tl.minimum((first + 1) // BLOCK_N * BLOCK_N, end)
         for start in range(begin, unmasked_end, BLOCK_N):
-            m, l, acc = _attend_keys(q, m, l, acc, start, position, end, table, k_ptr, v_ptr, k_scales_ptr,
+            m, l, acc = attend_tile(q, m, l, acc, start, position, end, table, k_ptr, v_ptr, k_scales_ptr,
                                      v_scales_ptr, kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                      stride_vh, stride_sb, stride_ss, qk_scale, BLOCK_N=BLOCK_N,
                                      BLOCK_SIZE=BLOCK_SIZE, WINDOW=WINDOW, MASKED=False, FP8=FP8,
                                      INTERPRET=INTERPRET)
         begin = tl.maximum(begin, unmasked_end)
     for start in range(begin, end, BLOCK_N):
-        m, l, acc = _attend_keys(q, m, l, acc, start, position, end, table, k_ptr, v_ptr, k_scales_ptr,
+        m, l, acc = attend_tile(q, m, l, acc, start, position, end, table, k_ptr, v_ptr, k_scales_ptr,
                                  v_scales_ptr, kv_head, d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                  stride_vh, stride_sb, stride_ss, qk_scale, BLOCK_N=BLOCK_N, BLOCK_SIZE=BLOCK_SIZE,
                                  WINDOW=WINDOW, MASKED=True, FP8=FP8, INTERPRET=INTERPRET)
