@@ -4,7 +4,8 @@ the loop with the most instructions is counted.
 
     python -m gptoss_serve.bench.kernel_sass [--presets decode_wide medium] [--dump DIR]
 
-The decode loop is issue-bound (kernels/NOTES-mxfp4-moe.md): an H100 issues about 4 warp-instructions a clock per
+Triton is imported in the functions (this repository keeps module-level Triton imports in kernels/). The decode
+loop is issue-bound (kernels/NOTES-mxfp4-moe.md): an H100 issues about 4 warp-instructions a clock per
 multiprocessor, ~0.9 T warp-instructions a second over 132 of them, so streaming MXFP4 (~0.53 bytes a value) at
 3 TB/s allows ~5.3 thread-instructions a value with nothing stalled. This prints that figure for each kernel, so a
 change to the loop can be judged before a GPU is lent. The figures depend on the Triton of this machine, which may
@@ -20,13 +21,6 @@ import re
 import subprocess
 import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-
-from gptoss_serve.kernels import mxfp4_moe_kernels as kernels
-from gptoss_serve.kernels.mxfp4_moe import PRESETS
-
 HIDDEN = INTER = 2880  # gpt-oss's
 EXPERTS_PAD = 32
 POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", b_ptr="*fp32", pair_ptr="*i32", start_ptr="*i32",
@@ -36,6 +30,9 @@ FLOATS = {"alpha", "limit"}
 
 def compile_for_sm90(kernel, constants: dict, num_warps: int):
     """kernel compiled for an H100: pointers as POINTERS (16-byte aligned), other runtime arguments i32 or fp32."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constants:
@@ -50,6 +47,8 @@ def compile_for_sm90(kernel, constants: dict, num_warps: int):
 
 
 def disassemble(cubin: bytes) -> str:
+    import triton
+
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -74,6 +73,9 @@ def largest_loop(sass: str) -> list[str]:
 
 
 def loop_figures(preset: str, which: str) -> dict:
+    from gptoss_serve.kernels import mxfp4_moe_kernels as kernels
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
     tiles = PRESETS[preset]
     common = dict(EXPERTS_PAD=EXPERTS_PAD, USE_ASM=True, INTERPRET=False, DEPTH=tiles.depth, SPLIT_K=tiles.split_k,
                   BLOCK_M=tiles.block_m)
@@ -94,6 +96,10 @@ def loop_figures(preset: str, which: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import triton
+
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["decode", "decode_wide", "medium", "prefill"],
                         choices=[p for p, t in PRESETS.items() if not (t.gemv or t.scaled)])
