@@ -5,7 +5,7 @@ the loop with the most instructions is counted.
     python -m gptoss_serve.bench.kernel_sass [--presets decode_wide medium] [--dump DIR]
 
 Triton is imported in the functions (this repository keeps module-level Triton imports in kernels/). The decode
-loop is issue-bound (kernels/NOTES-mxfp4-moe.md): an H100 issues about 4 warp-instructions a clock per
+loop is held back by instruction issue as much as by stalls (kernels/NOTES-mxfp4-moe.md): an H100 issues about 4 warp-instructions a clock per
 multiprocessor, ~0.9 T warp-instructions a second over 132 of them, so streaming MXFP4 (~0.53 bytes a value) at
 3 TB/s allows ~5.3 thread-instructions a value with nothing stalled. This prints that figure for each kernel, so a
 change to the loop can be judged before a GPU is lent. The figures depend on the Triton of this machine, which may
