@@ -11,7 +11,7 @@ import torch
 
 from gptoss_serve.kernels.fp8_kv_reference import E4M3
 from gptoss_serve.kernels.paged_attention import paged_attention_reference, store_kv_reference
-from tests.attention_cases import captured_wide_decode, random_step, stored_as
+from tests.attention_cases import captured_wide_decode, long_step, random_step, stored_as
 from tests.interpreter import assert_runs_in_interpreter
 
 BF16 = torch.bfloat16
@@ -210,6 +210,23 @@ def test_fp8_attention_matches_the_reference_on_gpu(seqs, window, entry):
     assert _error(got[:n], want[:n]) < 1e-2
     # and fp8 against bf16 attention on the same keys: e4m3's rounding (3.3% on the CPU's case), not a wrong read
     assert _error(got[:n], paged_attention_reference(**args)[:n]) < 5e-2
+
+
+@pytest.mark.gpu
+def test_fp8_attention_at_128k_matches_the_reference_on_gpu():
+    """gpt-oss's longest context in an e4m3 cache, stored by the kernel: a long prompt's last chunk beside decodes
+    (the split prefill) and a decode step alone (split-KV), against the reference reading the reference's store."""
+    from gptoss_serve.kernels.kv_store import store_kv
+    from gptoss_serve.kernels.varlen_attention import paged_attention
+
+    for seqs in ([(131072, 64), (100_000, 1), (17, 1)], [(131072, 1), (70_000, 1)]):
+        args = long_step(seqs, padding_rows=3)
+        mine, theirs = stored_as(args, E4M3, store_kv), stored_as(args, E4M3)
+        n = sum(new for _, new in seqs)
+        want = paged_attention_reference(**theirs, out=torch.full_like(args["q"], 7.0))
+        got = paged_attention(**mine, max_query_len=max(new for _, new in seqs), out=torch.full_like(args["q"], 7.0))
+        assert torch.equal(got[n:], want[n:])
+        assert _error(got[:n], want[:n]) < 1e-2, seqs
 
 
 @pytest.mark.gpu

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptoss_serve.kernels.paged_attention import paged_attention_reference
-from tests.attention_cases import captured_wide_decode, random_step
+from tests.attention_cases import captured_wide_decode, long_step, random_step
 from tests.interpreter import assert_runs_in_interpreter
 
 
@@ -127,3 +127,15 @@ def test_split_decode_replays_in_a_cuda_graph_with_other_contexts(window):
         graph.replay()
         assert _error(captured, paged_attention_reference(**args)) < 1e-2, contexts
         torch.testing.assert_close(captured, paged_attention(**args, max_query_len=1), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_split_decode_at_128k_matches_the_reference():
+    """gpt-oss's longest context, batch 3 (one short): the split the dispatcher picks, against the reference."""
+    from gptoss_serve.kernels.varlen_attention import paged_attention
+
+    args = long_step([(131072, 1), (70_000, 1), (17, 1)], padding_rows=2)
+    want = paged_attention_reference(**args, out=torch.full_like(args["q"], 7.0))
+    got = paged_attention(**args, max_query_len=1, out=torch.full_like(args["q"], 7.0))
+    assert torch.equal(got[3:], want[3:])
+    assert _error(got[:3], want[:3]) < 1e-2
