@@ -47,7 +47,8 @@ def _chunking(context, num_splits, min_chunk, WINDOW: tl.constexpr, BLOCK_N: tl.
     return first, tl.maximum(chunk, min_chunk)
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_chunk"])  # one compiled kernel whatever the host picks
+# one compiled kernel whatever the host picks, and whatever the tables' width (see varlen_attention._attention)
+@triton.jit(do_not_specialize=["num_splits", "min_chunk", "stride_t"])
 def _partial_attention(q_ptr, k_ptr, v_ptr, tables_ptr, query_start_ptr, context_lens_ptr, k_scales_ptr, v_scales_ptr,
                        max_ptr, sum_ptr, acc_ptr,
                        stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,

@@ -40,7 +40,10 @@ from gptoss_serve.kernels.attention_tiles import INTERPRET, LOG2E, NEG, attend_t
 from gptoss_serve.kernels.split_kv_attention import MAX_SPLITS, decode_splits, split_kv_decode
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_chunk"])
+# Triton compiles a kernel again for each new class of an integer argument (1, a multiple of 16, other): the step's
+# own numbers (its tiles per sequence, its tables' width) change from step to step, and each new class would stall a
+# serving step for a compile, so they are not specialized on
+@triton.jit(do_not_specialize=["num_splits", "min_chunk", "tiles_per_seq", "stride_t"])
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_lens_ptr, sinks_ptr,
                k_scales_ptr, v_scales_ptr, max_ptr, sum_ptr, acc_ptr,
                stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -113,7 +116,7 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, query_start_ptr, context_
                  + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "num_seqs"])
 def _combine_splits(o_ptr, query_start_ptr, sinks_ptr, max_ptr, sum_ptr, acc_ptr, stride_on, stride_oh, num_seqs,
                     num_splits, HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
     """One token's G heads of one KV head: its chunks' partials added in chunk order (the same sum every run), the
