@@ -89,6 +89,8 @@ class ModelRunner:
                                           max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
         if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
             self.graphs = self._capture(self._forward)
+        if self.device.type == "cuda":
+            warm_up_prefill_attention(self.attention[1], cache, model)
 
     @torch.inference_mode()
     def launch(self, scheduled: list[tuple[Sequence, int]],
@@ -155,3 +157,29 @@ class ModelRunner:
                 groups.append(current)
                 current = []
         return groups + ([current] if current else [])
+
+
+# the widest tables the warm-up steps read: a prompt chunk this far into a sequence has its keys split across programs
+WARM_UP_KEYS = 4096
+
+
+@torch.inference_mode()
+def warm_up_prefill_attention(kernel, cache: KVCache, model: GptOssForCausalLM) -> None:
+    """Compiles the prompt-chunk variants of the attention kernel before the first request: a 17-token chunk on a
+    full-attention layer unsplit (at 256 keys) and split across keys (at WARM_UP_KEYS), and one on a sliding-window
+    layer. A variant compiled in the middle of serving takes seconds, and every request decoding beside that step waits
+    for it; decode variants compile when the decode graphs are captured. The tables point at the null block only."""
+    config, layer = model.config, cache.layer(0)
+    device, block_size = layer.keys.device, layer.keys.shape[1]
+    new = 17
+    q = torch.zeros(new, config.num_attention_heads, config.head_dim, dtype=model.dtype, device=device)
+    sinks = torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device)
+    query_start = torch.tensor([0, new], dtype=torch.int32, device=device)
+    steps = [(256, None), (WARM_UP_KEYS, None)] + ([(256, config.sliding_window)] if config.sliding_window else [])
+    for keys, window in steps:
+        tables = torch.zeros(1, keys // block_size, dtype=torch.int32, device=device)
+        kernel(q, layer.keys, layer.values, block_tables=tables, query_start=query_start,
+               context_lens=torch.tensor([keys], dtype=torch.int32, device=device), sinks=sinks, window=window,
+               scale=config.head_dim**-0.5, max_query_len=new, **layer.scales)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
