@@ -8,18 +8,16 @@ within 60 s.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from gptoss_serve.deployments.builder import ROUTING_STATS_PERIOD_S, build_app
 from gptoss_serve.deployments.expert_pool import worker_name
+from tests.completion_stream import CompletionStream, wait_until_streaming
 
 APP = "gptoss-faults"
 MODEL = "gpt-oss-faults"
@@ -42,75 +40,31 @@ def app(ray_cluster, tiny_bf16):
     serve.delete(APP)
 
 
-@dataclass
-class Stream:
-    """One streaming completion on a thread of its own, and how it ended."""
-
-    url: str
-    index: int
-    chunks: int = 0
-    status: int | None = None
-    error: str | None = None
-    completed: bool = False  # finish_reason "length" and [DONE]
-    ended_at: float | None = None
-    thread: threading.Thread = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        body = {"model": MODEL, "prompt": f"fault load {self.index}", "max_tokens": MAX_TOKENS, "temperature": 0,
-                "ignore_eos": True, "stream": True}
-        try:
-            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as r:
-                self.status = r.status_code
-                if r.status_code != 200:
-                    self.error = r.read().decode()
-                    return
-                finish, done = None, False
-                for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: "):
-                        event = json.loads(line[6:])
-                        if "error" in event:
-                            self.error = event["error"]["message"]
-                        for choice in event.get("choices", []):
-                            finish = choice["finish_reason"] or finish
-                        self.chunks += 1
-                self.completed = done and finish == "length" and self.error is None
-        except httpx.HTTPError as e:
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.ended_at = time.monotonic()
-
-
-def start_streams(url: str, n: int, *, first: int = 0) -> list[Stream]:
+def start_streams(url: str, n: int, *, first: int = 0) -> list[CompletionStream]:
     streams = []
     for i in range(first, first + n):
-        streams.append(Stream(url, i))
+        streams.append(CompletionStream(url, {"model": MODEL, "prompt": f"fault load {i}", "max_tokens": MAX_TOKENS,
+                                              "temperature": 0, "ignore_eos": True}))
         time.sleep(0.3)  # one batch each, so that they spread over both replicas
-    deadline = time.monotonic() + 60
-    while not all(s.chunks >= 3 or s.ended_at for s in streams):
-        assert time.monotonic() < deadline, "the streams did not start"
-        time.sleep(0.05)
-    assert all(s.chunks >= 3 for s in streams), [(s.status, s.error) for s in streams]
+    wait_until_streaming(streams)
     return streams
 
 
-def check_outcomes(streams: list[Stream], fault_at: float) -> tuple[list[Stream], list[Stream]]:
+Streams = list[CompletionStream]
+
+
+def check_outcomes(streams: Streams, fault_at: float) -> tuple[Streams, Streams]:
     """(failed, completed): every stream ended, the failed ones within the bound after the fault."""
     for s in streams:
         s.thread.join(timeout=90)
-        assert not s.thread.is_alive(), f"stream {s.index} hung after the fault"
+        assert not s.thread.is_alive(), f"stream {s.body['prompt']!r} hung after the fault"
     failed = [s for s in streams if not s.completed]
     print(f"\n{len(failed)} of {len(streams)} streams failed, {', '.join(f'{s.ended_at - fault_at:.2f}' for s in failed)}"
           f" s after the fault")
     for s in failed:
         assert s.error is not None and (s.status == 200 or s.status >= 500), (s.status, s.error)
-        assert s.ended_at - fault_at < FAIL_WITHIN_S, f"stream {s.index} failed {s.ended_at - fault_at:.1f} s " \
-                                                      f"after the fault: {s.error}"
+        assert s.ended_at - fault_at < FAIL_WITHIN_S, \
+            f"stream {s.body['prompt']!r} failed {s.ended_at - fault_at:.1f} s after the fault: {s.error}"
     return failed, [s for s in streams if s.completed]
 
 

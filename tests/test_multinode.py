@@ -23,9 +23,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -34,6 +32,7 @@ from gptoss_serve.bench.cluster_check import (ATTENTION, MOE, Group, placements,
                                               violations)
 from gptoss_serve.deployments.expert_pool import worker_name
 from tests.k8s_cases import groups, node_labels, ray_resources
+from tests.completion_stream import CompletionStream, wait_until_streaming
 from tests.net import free_port
 from tests.ray_nodes import HEAD, MANIFEST, QUIET_ENV, LocalCluster, cpu_serve_config, group_specs, rayservice
 
@@ -161,52 +160,13 @@ def test_each_kind_of_actor_on_a_node_of_its_group(cluster):
     assert_placed(cluster)
 
 
-@dataclass
-class Stream:
-    """One streaming completion on a thread of its own, and how it ended."""
-
-    url: str
-    chunks: int = 0
-    error: str | None = None
-    completed: bool = False  # [DONE] after MAX_TOKENS, no error
-    ended_at: float | None = None
-    thread: threading.Thread = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        body = {"model": MODEL, "prompt": "the node goes", "max_tokens": MAX_TOKENS, "ignore_eos": True,
-                "stream": True}
-        try:
-            with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=120) as r:
-                if r.status_code != 200:
-                    self.error = f"{r.status_code}: {r.read().decode()}"
-                    return
-                for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        self.completed = self.error is None
-                    elif line.startswith("data: "):
-                        event = json.loads(line[6:])
-                        self.error = event["error"]["message"] if "error" in event else self.error
-                        self.chunks += 1
-        except httpx.HTTPError as e:
-            self.error = f"{type(e).__name__}: {e}"
-        finally:
-            self.ended_at = time.monotonic()
-
-
 def lose_and_rejoin_the_moe_node(cluster: LocalCluster) -> dict[str, bool]:
     """Kills the `moe` node under two streams and starts it again; checks the bounds. Returns which of the app's
     other actors the lost node held: the manifest keeps the ingress and the router off it, not the ExpertPool."""
     serving(cluster.url, within_s=BACK_WITHIN_S)
-    streams = [Stream(cluster.url) for _ in range(2)]
-    deadline = time.monotonic() + 60
-    while not all(s.chunks >= 3 or s.ended_at for s in streams):
-        assert time.monotonic() < deadline, "the streams did not start"
-        time.sleep(0.05)
-    assert all(s.chunks >= 3 for s in streams), [s.error for s in streams]
+    body = {"model": MODEL, "prompt": "the node goes", "max_tokens": MAX_TOKENS, "ignore_eos": True}
+    streams = [CompletionStream(cluster.url, body) for _ in range(2)]
+    wait_until_streaming(streams)
     before = assert_placed(cluster)  # where everything is, for the record (and a failure's message)
     moe_node = cluster.nodes["moe"].node_id[:8]
     went_too = {name: any(f"#{name}#" in line and f"node {moe_node}" in line for line in before.splitlines())
