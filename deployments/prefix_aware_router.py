@@ -63,8 +63,7 @@ def choose_by_prefix(candidates: list[Candidate], limit: LoadLimit, prompt_token
     """The candidate for a batch of `prompt_tokens` prompt tokens, and why (module docstring)."""
     roomiest = max(candidates, key=room)
     least_held = min(c.held for c in candidates)
-    worth = worth_following({c.replica: c.matched_tokens for c in candidates}, [c.replica for c in candidates],
-                            prompt_tokens, limit.min_match_ratio)
+    worth = worth_following({c.replica: c.matched_tokens for c in candidates}, prompt_tokens, limit.min_match_ratio)
     holders = sorted((c for c in candidates if c.replica in worth), key=lambda c: (c.matched_tokens, *room(c)),
                      reverse=True)
     for c in holders:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
 
 from gptoss_serve.cluster.block_manager import chain_hash
 
@@ -29,15 +28,15 @@ MAX_BLOCKS_PER_PROMPT = 2_048  # 32k tokens at block size 16: longer prompts are
 MIN_MATCH_RATIO = 0.3  # SGLang's cache-aware router's default threshold for following a match
 
 
-def worth_following(matched_tokens: dict[str, int], candidates: Iterable[str], prompt_tokens: int,
+def worth_following(matched_tokens: dict[str, int], prompt_tokens: int,
                     min_match_ratio: float = MIN_MATCH_RATIO) -> dict[str, int]:
-    """The candidates whose cached prefix is a reason to pick them, with their matched tokens: at least
+    """The replicas whose cached prefix is a reason to pick them, with their matched tokens: at least
     min_match_ratio of the prompt tokens. A short shared start (the chat template's header, the same in every
     prompt) seen on one replica would otherwise pull every new conversation onto the first replica that served
     one; a conversation's next turn, or a new one whose long system prompt a replica holds, matches most of its
     prompt."""
     enough = max(1.0, min_match_ratio * prompt_tokens)
-    return {c: matched_tokens[c] for c in candidates if matched_tokens.get(c, 0) >= enough}
+    return {replica: tokens for replica, tokens in matched_tokens.items() if tokens >= enough}
 
 
 class PrefixTable:
@@ -68,13 +67,12 @@ class PrefixTable:
 
     def preferred(self, hashes: list[int], prompt_tokens: int) -> str | None:
         """The replica the router would follow for this prompt alone: of those whose match is worth following
-        (worth_following, every recorded replica a candidate), one sent the most leading blocks; None if none is.
-        Looking does not count as use (the LRU order is the router's)."""
+        (worth_following), one sent the most leading blocks; None if none is. Looking does not count as use (the
+        LRU order is the router's)."""
         with self.lock:
             matched = self._matches(hashes, touch=False)
-            candidates = set(self.replicas)
         tokens = {r: blocks * self.block_size for r, blocks in matched.items()}
-        holders = worth_following(tokens, candidates, prompt_tokens, self.min_match_ratio)
+        holders = worth_following(tokens, prompt_tokens, self.min_match_ratio)
         return max(holders, key=holders.__getitem__) if holders else None
 
     def _matches(self, hashes: list[int], *, touch: bool) -> dict[str, int]:
