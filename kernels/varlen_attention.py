@@ -204,8 +204,8 @@ def _tile_tokens(max_query_len: int, group: int, tiles: PrefillTiles) -> tuple[i
 class PrefillTiles:
     """How a prefill step (more than 16 rows a KV head) is tiled: `rows` query rows a program (tokens x the G heads
     of a KV head), `block_n` keys a step, the warps of a program and the software pipeline's depth (None: Triton's
-    default). The default is the best of `python -m gptoss_serve.bench.paged_attention --prefill --sweep` on an H100
-    (BENCHMARKS.md)."""
+    default). The default is the tiling the kernel had before it could be swept; `python -m
+    gptoss_serve.bench.paged_attention --prefill --sweep` times others beside it (not yet run on a GPU)."""
     rows: int = 128
     block_n: int = 64
     warps: int = 4
