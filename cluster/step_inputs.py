@@ -23,6 +23,8 @@ import torch
 from gptoss_serve.cluster.block_manager import NULL_BLOCK
 from gptoss_serve.cluster.sequence import Sequence
 
+ALIGN = 4  # int32 elements: 16 bytes
+
 
 def token_at(seq: Sequence, index: int) -> int:
     """seq.token_ids[index] without building the whole list (decode steps ask for one token a sequence)."""
@@ -67,8 +69,13 @@ class StepInputs:
             + [padded_b * width] * len(groups)
         # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end
         F = sum(seq.newest_is_pending for seq, _ in scheduled)
-        host = np.zeros(sum(sizes) + B + 2 * F, dtype=np.int32)
-        ids, positions, query_start, context_lens, *rest = np.split(host, np.cumsum([*sizes, B, F]))
+        sizes += [B, F, F]
+        # each part starts on a 16-byte boundary: kernels compiled for aligned pointers (Triton specializes on it)
+        # serve every step, instead of a step whose token count moves a part off the boundary compiling a variant
+        # mid-serving (seconds, with every decoding request waiting)
+        starts = np.cumsum([0] + [-(-size // ALIGN) * ALIGN for size in sizes])
+        host = np.zeros(starts[-1], dtype=np.int32)
+        ids, positions, query_start, context_lens, *rest = [host[a:a + size] for a, size in zip(starts, sizes)]
         slots, tables = rest[:len(groups)], rest[len(groups):2 * len(groups)]
         sample_rows, fill_rows, fill_from = rest[-3:]
         tables = [t.reshape(padded_b, width) for t in tables]
@@ -102,7 +109,7 @@ class StepInputs:
         if device.type == "cuda":
             pinned = pinned.pin_memory()
         flat = pinned.to(device, non_blocking=True)
-        parts = torch.split(flat, [*sizes, B, F, F])
+        parts = [flat[a:a + size] for a, size in zip(starts.tolist(), sizes)]
         if F:
             if pending_tokens is None:
                 raise ValueError(f"{F} sequences wait for tokens of a step in flight, but no pending_tokens came")

@@ -41,6 +41,20 @@ def test_a_mixed_step_lays_rows_end_to_end():
     assert inputs.slot_mapping[SLIDING].tolist() == [56, 36, 37, 38, 39, 40, 41, 48, 49, 50, 51, 64]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7])
+def test_every_part_starts_on_a_16_byte_boundary_whatever_the_token_count(chunk):
+    """Kernels are compiled for 16-byte-aligned pointers: a part off the boundary (a step of an odd token count)
+    would compile a variant in the middle of serving."""
+    decoding = sequence([5, 6, 7], outputs=[8], computed=3, full=[3], sliding=[4])
+    prompt = sequence(list(range(100, 110)), computed=0, full=[7, 2, 6], sliding=[9, 10, 11])
+    inputs = StepInputs.build([(decoding, 1), (prompt, chunk)], block_size=4, device=torch.device("cpu"))
+    parts = [inputs.token_ids, inputs.positions, inputs.query_start, inputs.context_lens,
+             *inputs.slot_mapping.values(), *inputs.block_tables.values()]
+    assert [t.storage_offset() * t.element_size() % 16 for t in parts] == [0] * len(parts)
+    assert inputs.token_ids.tolist() == [8, *range(100, 100 + chunk)]
+    assert inputs.query_start.tolist() == [0, 1, 1 + chunk] and inputs.context_lens.tolist() == [4, chunk]
+
+
 def test_decode_steps_pad_to_their_bucket():
     seqs = [sequence([1, 2, 3], outputs=[4], computed=3, full=[5 + i], sliding=[9 + i]) for i in range(3)]
     # position 3 of each: block 5 + i, offset 3
