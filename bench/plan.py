@@ -53,6 +53,9 @@ def read_profile(path: str) -> Profile:
         raise PlanError(f"profile {path}: {e}") from None
 
 
+PREFILL_CHUNKS = 8
+
+
 def measure_profile(args: argparse.Namespace) -> Profile:
     """Measures a profile on this machine's GPU. The attention side of a step is not timed alone: it is the
     colocated engine's decode step less the model's MoE layers timed at the same tokens (both on this GPU)."""
@@ -91,8 +94,13 @@ def measure_profile(args: argparse.Namespace) -> Profile:
     curve = Curve.from_pairs(moe, "measured MoE layer")
 
     # the colocated engine's decode steps by batch and context, and a prefill chunk's step
-    ns = argparse.Namespace(max_model_len=None, prompt_lens=args.measure_contexts, output_len=32)
-    engine = et.build_engine(model, ns, "plan", max_num_seqs=max(args.measure_batches),
+    ns = argparse.Namespace(max_model_len=None, prompt_lens=args.measure_contexts, batches=args.measure_batches,
+                            output_len=32)
+    chunk = args.max_num_batched_tokens
+    # a prompt chunk's step: timed over PREFILL_CHUNKS full chunks of prompts at the context (one batch of short
+    # prompts would time mostly the step's fixed costs and the first token's wait)
+    prefill_batches = {prompt: -(-PREFILL_CHUNKS * chunk // prompt) for prompt in args.measure_contexts}
+    engine = et.build_engine(model, ns, "plan", max_num_seqs=max(*args.measure_batches, *prefill_batches.values()),
                              max_num_batched_tokens=args.max_num_batched_tokens,
                              gpu_memory_utilization=args.gpu_memory_utilization)
     kv_tokens = engine.num_blocks * engine.config.block_size
@@ -104,25 +112,28 @@ def measure_profile(args: argparse.Namespace) -> Profile:
     seconds: list[list[float]] = []
     batches = list(args.measure_batches) + [args.max_num_batched_tokens]
     for prompt in args.measure_contexts:
-        row, prefill_s = [], None
-        for batch in args.measure_batches:
+        row = []
+        for batch in [*args.measure_batches, prefill_batches[prompt]]:
             if reason := et.why_skipped(engine, batch, prompt, 32):
                 raise PlanError(f"cannot measure batch {batch} at a {prompt}-token prompt: {reason}; "
                                 "pass fewer --measure-batches / --measure-contexts")
+        for batch in args.measure_batches:
             r = et.run_engine(engine, batch, prompt, 32)
             step = batch / r["decode_tokens_per_s"]
             row.append(max(step - layers * curve.at(batch), 0.1 * step))
-            prefill_s = args.max_num_batched_tokens / r["prefill_tokens_per_s"]
             print(f"context {prompt}, batch {batch}: decode step {step * 1e3:.2f} ms", flush=True)
-        chunk = args.max_num_batched_tokens
+        r = et.run_engine(engine, prefill_batches[prompt], prompt, 2)
+        prefill_s = chunk / r["prefill_tokens_per_s"]
         row.append(max(prefill_s - layers * curve.at(chunk), 0.1 * prefill_s))
+        print(f"context {prompt}: a {chunk}-token prompt chunk {prefill_s * 1e3:.2f} ms "
+              f"({prefill_batches[prompt]} prompts)", flush=True)
         seconds.append(row)
     exchange = measure_exchange(config, layers, num_experts, torch.cuda.device_count())
     window = getattr(config, "sliding_window", 0) or 0
     data = {
         "name": f"{Path(args.model).name} on {torch.cuda.get_device_name(device)}",
         "card": torch.cuda.get_device_name(device),
-        "source": "python -m gptoss_serve.bench.plan --measure " + " ".join(sys.argv[1:]),
+        "source": "python -m gptoss_serve.bench.plan " + " ".join(sys.argv[1:]),
         "notes": {"attention_step": "colocated decode step minus the model's MoE layers at the same tokens; the "
                                     "last batch column is a prefill chunk (max_num_batched_tokens)",
                   "expert_layer": "measured for 1 worker (the whole layer); others use the planner's fallback"},
