@@ -12,7 +12,8 @@ Ray's metrics agent on --metrics-port; the load tester runs --users conversation
 next turn once its answer is complete), the users spread over --system-prompts shared system prompts, and reads the
 app's counters before and after (bench/loadtest/server_metrics.py): the prompt tokens found in a replica's prefix
 cache over those looked up, per replica and overall, and the router's decisions; and, per turn, the cached tokens
-each answer's usage reports over its prompt tokens. Prints one row per routing, with the median TTFT of the first
+each answer's usage reports over its prompt tokens. The load starts once the metrics agent answers (it can come up after the app); if it does not
+within METRICS_WAIT_S, the run goes on with the answers' usage and the TTFTs alone and says so. Prints one row per routing, with the median TTFT of the first
 turn and of the later ones; --json FILE writes everything.
 """
 
@@ -22,12 +23,32 @@ import argparse
 import asyncio
 import json
 import statistics
+import time
+
+import httpx
 
 from gptoss_serve.bench.local_app import local_app
 from gptoss_serve.bench.loadtest import LoadConfig, run_load
+from gptoss_serve.bench.loadtest.server_metrics import ServerCounters
 from gptoss_serve.model.synthetic import write_preset
 
 ROUTINGS = ("prefix", "most_room")
+
+
+METRICS_WAIT_S = 60.0  # the agent comes up beside the app, and on a busy machine after it
+
+
+def metrics_agent_up(url: str, seconds: float) -> bool:
+    """Whether Ray's metrics agent serves `url` within `seconds` (polled)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url, timeout=5.0).raise_for_status()
+            return True
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
 
 def run_routing(routing: str, args: argparse.Namespace, model_dir: str) -> dict:
@@ -38,13 +59,19 @@ def run_routing(routing: str, args: argparse.Namespace, model_dir: str) -> dict:
            "engine": {"max_model_len": args.max_model_len, "max_num_seqs": max(args.users, 8),
                       **({"kv_cache_gib": args.kv_cache_gib} if args.kv_cache_gib else {})}}
     with local_app(app, num_cpus=args.num_cpus, port=args.port, metrics_export_port=args.metrics_port) as url:
+        metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics"
+        if not metrics_agent_up(metrics_url, METRICS_WAIT_S):
+            print(f"{routing}: Ray's metrics agent did not answer at {metrics_url} within {METRICS_WAIT_S:.0f} s: "
+                  "the replicas' hit rates and the router's decisions are left out (the answers' usage still "
+                  "gives the cached share by turn)", flush=True)
+            metrics_url = None
         config = LoadConfig(url=url, endpoint="chat", workload="conversation", concurrency=args.users,
                             num_requests=args.users * args.turns, turns=args.turns,
                             system_prompts=args.system_prompts, system_prompt_len=args.system_prompt_len,
                             input_len=args.input_len, output_len=args.output_len, timeout=args.timeout,
-                            metrics_url=f"http://127.0.0.1:{args.metrics_port}/metrics", label=routing)
+                            metrics_url=metrics_url, label=routing)
         result = asyncio.run(run_load(config))
-    server = result.server
+    server = result.server or ServerCounters()
     queries = dict(server.prefix_queries)
     mean_load = statistics.mean(queries.values()) if queries else 0.0
     later = [r.ttft for r in result.records if r.ok and r.turn and r.turn > 1 and r.ttft is not None]
