@@ -12,9 +12,10 @@ Ray's metrics agent on --metrics-port; the load tester runs --users conversation
 next turn once its answer is complete), the users spread over --system-prompts shared system prompts, and reads the
 app's counters before and after (bench/loadtest/server_metrics.py): the prompt tokens found in a replica's prefix
 cache over those looked up, per replica and overall, and the router's decisions; and, per turn, the cached tokens
-each answer's usage reports over its prompt tokens. The load starts once the metrics agent answers (it can come up after the app); if it does not
-within METRICS_WAIT_S, the run goes on with the answers' usage and the TTFTs alone and says so. Prints one row per routing, with the median TTFT of the first
-turn and of the later ones; --json FILE writes everything.
+each answer's usage reports over its prompt tokens. The load starts once the metrics agent answers (it can come up
+after the app); if it does not within METRICS_WAIT_S, the run goes on with the answers' usage and the TTFTs alone
+and says so. Prints one row per routing, with the median TTFT of the first turn and of the later ones; --json FILE
+writes everything.
 """
 
 from __future__ import annotations
