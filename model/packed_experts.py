@@ -81,17 +81,28 @@ class Mxfp4Experts(ExpertShard):
         Triton compiles them all at start-up rather than in the steps of the first long prompts."""
         if not self.gate_up_blocks.is_cuda:
             return
+        for hidden, ids, weights in self.warm_up_calls(max_tokens, top_k):
+            self(hidden, ids, weights)
+        torch.cuda.synchronize(self.gate_up_blocks.device)
+
+    def warm_up_calls(self, max_tokens: int, top_k: int,
+                      dtype: torch.dtype = torch.bfloat16) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(hidden, expert ids, routing weights) of each warm-up call, as the model passes them: activations and
+        weights in `dtype` (the router's weights come in its logits' dtype; a kernel compiled for float32 weights
+        would leave the bf16 variant to compile in the first prompt's step), ids int64."""
         per_expert_steps = (1, 16, 64)  # kernels/mxfp4_moe.pick_tiles: tokens an expert where the tiles change
         counts = sorted({min(max_tokens, max(1, -(-n * self.layer_experts // top_k))) for n in per_expert_steps}
                         | {1, max_tokens})  # 1: the matrix-vector kernels of a handful of tokens
-        gen = torch.Generator(self.gate_up_blocks.device).manual_seed(0)
+        device = self.gate_up_blocks.device
+        gen = torch.Generator(device).manual_seed(0)
+        calls = []
         for n in counts:
-            hidden = torch.randn(n, self.gate_up_blocks.shape[2] * mxfp4.BLOCK_SIZE, device=gen.device,
-                                 generator=gen, dtype=torch.bfloat16)
-            scores = torch.rand(n, self.count, device=gen.device, generator=gen)
+            hidden = torch.randn(n, self.gate_up_blocks.shape[2] * mxfp4.BLOCK_SIZE, device=device, generator=gen,
+                                 dtype=dtype)
+            scores = torch.rand(n, self.count, device=device, generator=gen)
             ids = scores.topk(min(top_k, self.count), dim=-1).indices + self.first
-            self(hidden, ids, torch.full(ids.shape, 1 / ids.shape[1], device=gen.device))
-        torch.cuda.synchronize(gen.device)
+            calls.append((hidden, ids, torch.full(ids.shape, 1 / ids.shape[1], device=device, dtype=dtype)))
+        return calls
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The six buffers by name (moe_reference's keyword arguments)."""

@@ -183,3 +183,19 @@ def test_gpu_logits_agree_with_the_float32_cpu_reference(tiny_mxfp4):
     print(f"GPU packed bf16: {gpu}; CPU dense bf16: {cpu_bf16}")
     assert gpu["relative_error"] < 1.25 * cpu_bf16["relative_error"]
     assert gpu["top1_agreement"] >= cpu_bf16["top1_agreement"] - 0.03
+
+
+def test_the_warm_up_calls_the_experts_as_the_model_does(tiny_mxfp4):
+    """Same dtypes as the router's output for bf16 activations (a float32-weights call compiles a variant the model
+    never uses and leaves the model's to its first prompt), every token count of the tile switches, and it runs."""
+    model = load_model(tiny_mxfp4)
+    layer = model.model.layers[0].mlp
+    experts = layer.experts
+    hidden = torch.randn(5, model.config.hidden_size, dtype=torch.bfloat16)
+    ids, weights = layer.router(hidden)
+    calls = experts.warm_up_calls(64, model.config.num_experts_per_tok)
+    assert [c[0].shape[0] for c in calls] == sorted({c[0].shape[0] for c in calls}) and calls[-1][0].shape[0] == 64
+    for h, i, w in calls:
+        assert (h.dtype, i.dtype, w.dtype) == (hidden.dtype, ids.dtype, weights.dtype)
+        assert i.shape == w.shape == (h.shape[0], model.config.num_experts_per_tok)
+        assert experts(h, i, w).shape == h.shape
