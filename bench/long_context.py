@@ -20,7 +20,9 @@ them); the table gives the median over the requests and the longest gap any of t
 
 Prompts are random token ids, each from its own seed: no two share a prefix the prefix cache could serve. A case
 the engine cannot hold (a prompt longer than max_model_len, a batch beyond the KV cache) is skipped with a line
-saying so. Prints a table; --json FILE writes the figures.
+saying so. Each case also counts the kernel variants the engine first needed while it ran (LLMEngine.kernel_compiles:
+a compile stalls its step, so a long gap with a compile beside it is the compile). Prints a table; --json FILE writes
+the figures.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ UNTIL_ABORTED = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True) 
 def time_to_first_token(engine: LLMEngine, prompt: list[int]) -> dict:
     """Runs one prompt alone to its first token. -> its TTFT and the prefill rate it implies."""
     request_id = f"ttft-{len(prompt)}"
+    compiles = engine.kernel_compiles
     engine.add_request(request_id, prompt, FIRST_TOKEN_ONLY)
     times, steps = None, 0
     while engine.has_unfinished_requests:
@@ -58,7 +61,8 @@ def time_to_first_token(engine: LLMEngine, prompt: list[int]) -> dict:
             times = first_token_times(out, request_id) or times
         steps += 1
     ttft = times.first_token - times.arrival
-    return {"prompt_len": len(prompt), "ttft_s": ttft, "prefill_tokens_per_s": len(prompt) / ttft, "steps": steps}
+    return {"prompt_len": len(prompt), "ttft_s": ttft, "prefill_tokens_per_s": len(prompt) / ttft, "steps": steps,
+            "kernel_compiles": engine.kernel_compiles - compiles}
 
 
 def first_token_times(out: RequestOutput, request_id: str) -> RequestTimes | None:
@@ -110,18 +114,18 @@ def decodes_beside_prefill(engine: LLMEngine, args: argparse.Namespace, seeds: i
         clock.step()
     for _ in range(args.settle_steps):  # the async pipeline full, every request decoding
         clock.step()
-    start = time.perf_counter()
+    start, compiles = time.perf_counter(), engine.kernel_compiles
     for _ in range(args.baseline_steps):
         clock.step()
-    alone = clock.window(start, time.perf_counter())
+    alone = clock.window(start, time.perf_counter()) | {"kernel_compiles": engine.kernel_compiles - compiles}
 
     engine.add_request("long", random_prompts(1, args.long_prompt_len, seed=next(seeds))[0], FIRST_TOKEN_ONLY)
-    arrived, long_times, steps = time.perf_counter(), None, 0
+    arrived, long_times, steps, compiles = time.perf_counter(), None, 0, engine.kernel_compiles
     while long_times is None:
         steps += 1
         for out in clock.step():
             long_times = first_token_times(out, "long") or long_times
-    beside = clock.window(arrived, time.perf_counter())
+    beside = clock.window(arrived, time.perf_counter()) | {"kernel_compiles": engine.kernel_compiles - compiles}
     for request_id in ids:
         engine.abort(request_id)
     while engine.has_unfinished_requests:
@@ -151,16 +155,18 @@ def why_decodes_skipped(engine: LLMEngine, args: argparse.Namespace) -> str | No
 
 def print_table(results: dict) -> None:
     print("\ntime to first token, each prompt alone (1 token out)")
-    print(f"{'prompt tokens':>14}  {'TTFT s':>9}  {'prefill tok/s':>13}  {'steps':>6}")
+    print(f"{'prompt tokens':>14}  {'TTFT s':>9}  {'prefill tok/s':>13}  {'steps':>6}  {'kernel compiles':>15}")
     for r in results["ttft"]:
-        print(f"{r['prompt_len']:>14,}  {r['ttft_s']:>9.3f}  {r['prefill_tokens_per_s']:>13,.0f}  {r['steps']:>6}")
+        print(f"{r['prompt_len']:>14,}  {r['ttft_s']:>9.3f}  {r['prefill_tokens_per_s']:>13,.0f}  {r['steps']:>6}  "
+              f"{r['kernel_compiles']:>15}")
     d = results["decode_beside_prefill"]
     if d is not None:
         print(f"\n{d['decode_batch']} requests decoding ({d['decode_prompt_len']:,}-token prompts)")
-        print(f"{'':>40}  {'TPOT ms':>8}  {'longest gap ms':>14}  {'tokens each':>11}")
+        print(f"{'':>40}  {'TPOT ms':>8}  {'longest gap ms':>14}  {'tokens each':>11}  {'kernel compiles':>15}")
         for label, w in (("alone", d["alone"]),
                          (f"while a {d['long_prompt_len']:,}-token prompt prefills", d["beside_prefill"])):
-            print(f"{label:>40}  {w['tpot_ms']:>8.2f}  {w['longest_gap_ms']:>14.2f}  {w['tokens_per_request']:>11g}")
+            print(f"{label:>40}  {w['tpot_ms']:>8.2f}  {w['longest_gap_ms']:>14.2f}  {w['tokens_per_request']:>11g}  "
+                  f"{w['kernel_compiles']:>15}")
         print(f"the long prompt's TTFT beside them: {d['long_prompt_ttft_s']:.3f} s ({d['prefill_steps']} steps)")
     for s in results["skipped"]:
         print(f"skipped: {s['case']}: {s['reason']}")

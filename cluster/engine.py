@@ -104,6 +104,9 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer)
         self.failed_steps_in_a_row = 0
         self.step_tokens = 0  # tokens computed by the step the last `step` launched (the core's EngineStats)
+        # Triton compiles from here on (start-up, above, compiled what it could): each stalled a step
+        self._compiles = _compile_watch(model.device)
+        self._compiles_at_start = self._compiles.count if self._compiles is not None else 0
         self._generate_ids = itertools.count()
         torch.manual_seed(config.seed)
 
@@ -339,6 +342,12 @@ class LLMEngine:
 
     # ---- introspection (metrics, placement) ---------------------------------------------------------------------
     @property
+    def kernel_compiles(self) -> int:
+        """Triton kernel variants this process first needed after the engine's start-up (compiled, or loaded from
+        Triton's disk cache; kernels/compile_watch.py); 0 off GPUs."""
+        return self._compiles.count - self._compiles_at_start if self._compiles is not None else 0
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
@@ -353,3 +362,12 @@ class LLMEngine:
     def is_idle(self) -> bool:
         """No request left and every block back in the pool (cached prefix blocks count as free)."""
         return not self.requests and self.in_flight is None and self.blocks.num_free_blocks == self.num_blocks - 1
+
+
+def _compile_watch(device: torch.device):
+    """The process's Triton compile watch on a GPU (kernels/compile_watch.py), None elsewhere (no Triton there)."""
+    if device.type != "cuda":
+        return None
+    from gptoss_serve.kernels.compile_watch import compile_watch  # Triton: only on a GPU
+
+    return compile_watch()

@@ -40,7 +40,8 @@ def engine_stats(engine: LLMEngine, *, extra: object | None = None, step_tokens:
                        max_model_len=engine.max_model_len, weights_bytes=engine.weights_bytes,
                        kv_cache_bytes=engine.kv_cache_bytes, block_size=engine.config.block_size,
                        kv_cache_dtype=str(engine.kv_cache_dtype).removeprefix("torch."),
-                       num_preemptions=engine.scheduler.num_preemptions, step_tokens=step_tokens, time=time.time(),
+                       num_preemptions=engine.scheduler.num_preemptions, kernel_compiles=engine.kernel_compiles,
+                       step_tokens=step_tokens, time=time.time(),
                        extra=extra)
 
 

@@ -102,6 +102,7 @@ class EngineStats:
     kv_cache_dtype: str = ""  # what the cache stores: "bfloat16", "float8_e4m3fn", ...
     block_size: int = 16
     num_preemptions: int = 0  # sequences preempted (their blocks freed, to be recomputed) since the core started
+    kernel_compiles: int = 0  # Triton kernel variants first needed after the engine's start-up (LLMEngine's)
     step_tokens: int = 0  # tokens (prefill and decode) the step computes; 0 in stats sent without a step
     time: float = 0.0  # time.time() when taken
     extra: object | None = None  # the expert exchange's stats, about once a second (ExpertMetrics.record reads them)

@@ -91,9 +91,9 @@ def find_expert_workers(args: AppArgs, *, app_name: str, timeout_s: float = 600)
             time.sleep(1)
 
 
-def engine_totals(stats: EngineStats) -> tuple[int, int, int]:
+def engine_totals(stats: EngineStats) -> tuple[int, ...]:
     """The running totals an engine core reports, in the order _add_engine_totals counts them."""
-    return stats.prefix_queries, stats.prefix_hits, stats.num_preemptions
+    return stats.prefix_queries, stats.prefix_hits, stats.num_preemptions, stats.kernel_compiles
 
 
 def rss_bytes(pid: int) -> int:
@@ -141,7 +141,7 @@ class AttentionReplica:
         self.core: EngineCoreClient | None = None  # None until the engine core has started
         self.unavailable: str | None = None  # while there is no core: what requests are told (503)
         self.start_error: str | None = None  # why a core started in the background could not start
-        self._totals_seen = (0, 0, 0)  # the engine's running totals that the counters have (see _add_engine_totals)
+        self._totals_seen = (0, 0, 0, 0)  # the engine's running totals that the counters have (see _add_engine_totals)
         self._deaths_seen: dict[str, int] = {}  # engine core deaths already counted, by reason
         self.stats = EngineStats(time=time.time())
         self._last_step = time.time()
@@ -308,12 +308,13 @@ class AttentionReplica:
         m.kv_usage.set(stats.kv_usage, tags=tags)
 
     def _add_engine_totals(self, stats: EngineStats) -> None:
-        """The engine keeps running totals (prefix cache lookups and hits, preemptions); their counters get what was
-        added since the last look."""
+        """The engine keeps running totals (prefix cache lookups and hits, preemptions, kernel compiles); their
+        counters get what was added since the last look."""
         m, totals = self.metrics, engine_totals(stats)
         if any(total < seen for total, seen in zip(totals, self._totals_seen)):  # a new engine core counts from 0
-            self._totals_seen = (0, 0, 0)
-        for counter, total, seen in zip((m.prefix_queries, m.prefix_hits, m.preemptions), totals, self._totals_seen):
+            self._totals_seen = (0,) * len(totals)
+        counters = (m.prefix_queries, m.prefix_hits, m.preemptions, m.kernel_compiles)
+        for counter, total, seen in zip(counters, totals, self._totals_seen):
             if total > seen:  # Ray's counters refuse an increment of 0
                 counter.inc(total - seen, tags=m.tags)
         self._totals_seen = totals

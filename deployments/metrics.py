@@ -75,6 +75,10 @@ class ReplicaMetrics:
                                                    tag_keys=TAGS)
         self.preemptions = Counter("gptoss_num_preemptions", description="sequences preempted (blocks freed, "
                                    "recomputed later) when the KV cache ran out", tag_keys=TAGS)
+        self.kernel_compiles = Counter("gptoss_kernel_compiles", description="GPU kernel variants first needed "
+                                       "after the engine's start-up, compiled (each stalls its step, and every request "
+                                       "in it, for a second or more) or loaded from Triton's disk cache",
+                                       tag_keys=TAGS)
         self.step_tokens = Histogram("gptoss_iteration_tokens_total", description="tokens (prefill and decode) per "
                                      "engine step", boundaries=STEP_TOKEN_BUCKETS, tag_keys=TAGS)
 

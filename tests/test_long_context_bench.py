@@ -26,11 +26,13 @@ def test_long_context_bench_times_first_tokens_and_decodes_beside_a_prefill(tiny
     assert [r["prompt_len"] for r in figures["ttft"]] == [64, 256]
     assert all(r["ttft_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in figures["ttft"])
     assert figures["ttft"][1]["steps"] >= 256 // 64  # chunked: a 64-token budget a step
+    assert [r["kernel_compiles"] for r in figures["ttft"]] == [0, 0]
     [skipped] = figures["skipped"]
     assert "1000" in skipped["case"] and "max_model_len 600" in skipped["reason"]
     d = figures["decode_beside_prefill"]
     for window in (d["alone"], d["beside_prefill"]):
         assert window["tpot_ms"] > 0 and window["longest_gap_ms"] >= window["tpot_ms"] * 0.5
+        assert window["kernel_compiles"] == 0  # no Triton on the CPU
         assert window["tokens_per_request"] >= 2  # the decodes went on in both windows
     # 512 prompt tokens, 60 a step beside the 4 decodes: the prefill took its chunks
     assert d["prefill_steps"] >= -(-512 // 60) and d["long_prompt_ttft_s"] > 0
