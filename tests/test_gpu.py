@@ -124,3 +124,38 @@ def test_a_decode_step_never_syncs_with_the_host(tiny_mxfp4, async_scheduling):
         engine.step()
     assert engine.num_waiting == 0 and engine.num_running == 3
     assert count_syncs(engine.step, 5) == 0
+
+
+
+SERVE_AFTER_START_UP = """
+import sys, torch
+from gptoss_serve.cluster.engine import LLMEngine
+from gptoss_serve.cluster.engine_config import EngineConfig
+from gptoss_serve.cluster.sampling_params import SamplingParams
+from gptoss_serve.kernels.compile_watch import compile_watch
+from gptoss_serve.model.loader import load_model
+from gptoss_serve.model.tokenizer import load_tokenizer
+
+engine = LLMEngine(load_model(sys.argv[1], device="cuda"), load_tokenizer(),
+                   EngineConfig(num_kv_blocks=256, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64))
+gen = torch.Generator().manual_seed(0)
+prompts = [torch.randint(0, 200_000, (n,), generator=gen).tolist() for n in (7, 33, 130, 61, 250)]
+engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+print(engine.kernel_compiles, compile_watch().last_kernel)
+"""
+
+
+def test_serving_after_start_up_compiles_no_kernel(tiny_mxfp4):
+    """Start-up compiles every kernel variant a step needs: prompts of odd lengths (which put parts of a step's
+    inputs off a 16-byte boundary before StepInputs aligned them), chunks beside decodes, prompt chunks through the
+    MoE's many-token kernels (whose warm-up once passed float32 routing weights), decode graphs; then nothing
+    compiles while serving: each compile stalls its step, and every request in it, for a second or more. In a
+    process of its own, so that no kernel another test compiled hides one the engine's start-up misses."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SERVE_AFTER_START_UP, str(tiny_mxfp4)], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiles, last = run.stdout.split()[-2:]
+    assert compiles == "0", f"{compiles} kernel variants compiled while serving, the last {last}"
