@@ -110,7 +110,7 @@ def measure_profile(args: argparse.Namespace) -> Profile:
     et.run_engine(engine, 2, 16, 4)  # warm-up
     contexts = [p + 16 for p in args.measure_contexts]  # a 32-token output's mean context
     seconds: list[list[float]] = []
-    batches = list(args.measure_batches) + [args.max_num_batched_tokens]
+    batches = list(args.measure_batches) + [chunk]
     for prompt in args.measure_contexts:
         row = []
         for batch in [*args.measure_batches, prefill_batches[prompt]]:

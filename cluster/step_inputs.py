@@ -73,9 +73,10 @@ class StepInputs:
         # each part starts on a 16-byte boundary: kernels compiled for aligned pointers (Triton specializes on it)
         # serve every step, instead of a step whose token count moves a part off the boundary compiling a variant
         # mid-serving (seconds, with every decoding request waiting)
-        starts = np.cumsum([0] + [-(-size // ALIGN) * ALIGN for size in sizes])
+        starts = np.cumsum([0] + [-(-size // ALIGN) * ALIGN for size in sizes]).tolist()
+        spans = list(zip(starts, sizes))
         host = np.zeros(starts[-1], dtype=np.int32)
-        ids, positions, query_start, context_lens, *rest = [host[a:a + size] for a, size in zip(starts, sizes)]
+        ids, positions, query_start, context_lens, *rest = [host[a:a + size] for a, size in spans]
         slots, tables = rest[:len(groups)], rest[len(groups):2 * len(groups)]
         sample_rows, fill_rows, fill_from = rest[-3:]
         tables = [t.reshape(padded_b, width) for t in tables]
@@ -109,7 +110,7 @@ class StepInputs:
         if device.type == "cuda":
             pinned = pinned.pin_memory()
         flat = pinned.to(device, non_blocking=True)
-        parts = [flat[a:a + size] for a, size in zip(starts.tolist(), sizes)]
+        parts = [flat[a:a + size] for a, size in spans]
         if F:
             if pending_tokens is None:
                 raise ValueError(f"{F} sequences wait for tokens of a step in flight, but no pending_tokens came")

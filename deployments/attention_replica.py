@@ -141,7 +141,7 @@ class AttentionReplica:
         self.core: EngineCoreClient | None = None  # None until the engine core has started
         self.unavailable: str | None = None  # while there is no core: what requests are told (503)
         self.start_error: str | None = None  # why a core started in the background could not start
-        self._totals_seen = (0, 0, 0, 0)  # the engine's running totals that the counters have (see _add_engine_totals)
+        self._totals_seen = engine_totals(EngineStats())  # the running totals the counters have (_add_engine_totals)
         self._deaths_seen: dict[str, int] = {}  # engine core deaths already counted, by reason
         self.stats = EngineStats(time=time.time())
         self._last_step = time.time()

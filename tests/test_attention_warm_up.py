@@ -28,7 +28,10 @@ def test_the_warm_up_steps_are_valid_and_one_of_them_is_split(tiny_bf16):
     assert max(keys for _, keys, *_ in calls) == WARM_UP_KEYS
     # gpt-oss's shape on an H100: the widest step is split (its split variant is compiled), the narrow one is not
     varlen = pytest.importorskip("gptoss_serve.kernels.varlen_attention")
-    splits = {keys: varlen.prefill_splits(num_tokens=tokens, tile_tokens=varlen.PREFILL_TILES.rows // 8, kv_heads=8,
-                                          max_keys=keys, multiprocessors=132)
-              for tokens, keys, window, _ in calls if window is None}
+    def split(tokens, keys, max_query_len):  # as paged_attention decides, at G = 8 query heads a KV head
+        tile_tokens, _ = varlen._tile_tokens(max_query_len, 8, varlen.PREFILL_TILES)
+        return varlen.prefill_splits(num_tokens=tokens, tile_tokens=tile_tokens, kv_heads=8, max_keys=keys,
+                                     multiprocessors=132)
+
+    splits = {keys: split(tokens, keys, new) for tokens, keys, window, new in calls if window is None}
     assert splits[WARM_UP_KEYS] > 1 and splits[256] == 1
