@@ -366,6 +366,11 @@ def client():
 
     yield send, seen
     loop.run_until_complete(http.aclose())
+    # the ingress's background loops (batching, stop polling) end with the loop, not left pending for the collector
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     loop.close()
     docs.stop()
 
