@@ -67,8 +67,9 @@ class StepInputs:
         # one int32 buffer: ids, positions, query_start, context_lens, slots per group, tables per group, rows
         sizes = [padded_n, padded_n, padded_b + 1, padded_b] + [padded_n] * len(groups) \
             + [padded_b * width] * len(groups)
-        # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end
-        F = sum(seq.newest_is_pending for seq, _ in scheduled)
+        # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end (a chunk that
+        # stops short of a PENDING token does not read it)
+        F = sum(seq.newest_is_pending and seq.num_computed_tokens + n == len(seq) for seq, n in scheduled)
         sizes += [B, F, F]
         # each part starts on a 16-byte boundary: kernels compiled for aligned pointers (Triton specializes on it)
         # serve every step, instead of a step whose token count moves a part off the boundary compiling a variant
@@ -81,26 +82,40 @@ class StepInputs:
         sample_rows, fill_rows, fill_from = rest[-3:]
         tables = [t.reshape(padded_b, width) for t in tables]
 
-        row, samples, fills = 0, 0, 0
-        for b, (seq, n) in enumerate(scheduled):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids[row:row + n] = [token_at(seq, i) for i in range(start, end)]
-            if end == len(seq) and seq.newest_is_pending:
-                fill_rows[fills], fill_from[fills] = row + n - 1, seq.pending_row
-                ids[row + n - 1] = 0  # a real token id until the gather below overwrites it
+        # a pass over the sequences gathers what is per sequence (tokens, where it stands); the rest is whole-array
+        # arithmetic: at a few hundred sequences a step, numpy calls a row would cost more than the device's step
+        token_list: list[int] = []
+        computed, lengths, fills = [], [], 0
+        for seq, n in scheduled:
+            start, length = seq.num_computed_tokens, len(seq)
+            computed.append(start)
+            lengths.append(length)
+            token_list += seq.tokens_in(start, start + n) if n > 1 else [token_at(seq, start)]
+            if start + n == length and seq.newest_is_pending:
+                fill_rows[fills], fill_from[fills] = len(token_list) - 1, seq.pending_row
                 fills += 1
-            positions[row:row + n] = np.arange(start, end)
-            context_lens[b] = end
-            for g, group in enumerate(groups):
-                table = seq.block_tables[group]
-                tables[g][b, :len(table)] = table
-                pos = positions[row:row + n]
-                slots[g][row:row + n] = tables[g][b, pos // block_size] * block_size + pos % block_size
-            row += n
-            if end == len(seq):
-                sample_rows[samples] = row - 1
-                samples += 1
+                token_list[-1] = 0  # a real token id until the gather below overwrites it
+        ids[:N] = token_list
         query_start[:] = [*itertools.accumulate([0, *lens, *([1] * (padded_b - B))])]
+        ends = [start + n for start, n in zip(computed, lens)]
+        context_lens[:B] = ends
+        if N == B:  # a decode step: one row a sequence, at its last position
+            seq_of_row, row_positions = np.arange(B), computed
+        else:
+            seq_of_row = np.repeat(np.arange(B), lens)  # [N]
+            row_positions = np.arange(N) + np.repeat(np.subtract(computed, query_start[:B]), lens)
+        positions[:N] = row_positions
+        for g, group in enumerate(groups):
+            # each row's table, left-aligned: one copy of all the tables' entries
+            group_tables = [seq.block_tables[group] for seq, _ in scheduled]
+            table_lens = np.fromiter(map(len, group_tables), dtype=np.int64, count=B)
+            tables[g][:B][np.arange(width) < table_lens[:, None]] = np.fromiter(
+                itertools.chain.from_iterable(group_tables), dtype=np.int32, count=int(table_lens.sum()))
+            # position p lives in block table[p // block_size], at offset p % block_size
+            slots[g][:N] = tables[g][seq_of_row, positions[:N] // block_size] * block_size + positions[:N] % block_size
+        # sequences whose chunk reaches their last token sample, from their last row
+        samples = [b for b, (end, length) in enumerate(zip(ends, lengths)) if end == length]
+        sample_rows[:len(samples)] = query_start[1:][samples] - 1
         context_lens[B:] = 1  # padding: one token, its slot in the null block
         for g in range(len(groups)):
             slots[g][N:] = NULL_BLOCK * block_size
@@ -119,4 +134,4 @@ class StepInputs:
             token_ids=parts[0], positions=parts[1], query_start=parts[2], context_lens=parts[3],
             slot_mapping={group: parts[4 + g] for g, group in enumerate(groups)},
             block_tables={group: parts[4 + len(groups) + g].view(padded_b, width) for g, group in enumerate(groups)},
-            sample_rows=parts[-3][:samples].long(), num_seqs=B, num_tokens=N, max_query_len=max(lens))
+            sample_rows=parts[-3][:len(samples)].long(), num_seqs=B, num_tokens=N, max_query_len=max(lens))
