@@ -3,7 +3,7 @@ requests decoding beside it.
 
     python -m gptoss_serve.bench.long_context --model DIR --load-format dummy [--ttft-lens 8192 32768 131071]
         [--decode-batch 32] [--decode-prompt-len 1024] [--long-prompt-len 131071]
-        [--long-prefill-token-threshold N] [--json FILE]
+        [--long-prefill-token-threshold N] [--mixed-step-graph-tokens N] [--json FILE]
     python -m gptoss_serve.bench.long_context --preset tiny --ttft-lens 64 256 --decode-batch 4 \\
         --decode-prompt-len 16 --long-prompt-len 512 --max-num-batched-tokens 64    # the same on the CPU, at toy sizes
 
@@ -168,6 +168,8 @@ def print_table(results: dict) -> None:
             print(f"{label:>40}  {w['tpot_ms']:>8.2f}  {w['longest_gap_ms']:>14.2f}  {w['tokens_per_request']:>11g}  "
                   f"{w['kernel_compiles']:>15}")
         print(f"the long prompt's TTFT beside them: {d['long_prompt_ttft_s']:.3f} s ({d['prefill_steps']} steps)")
+    if results["engine"]["mixed_step_graph_tokens"]:
+        print(f"steps replayed from piecewise graphs: {results['mixed_graph_steps']}")
     for s in results["skipped"]:
         print(f"skipped: {s['case']}: {s['reason']}")
 
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens a step computes: the prefill chunk the decodes share their steps with")
     parser.add_argument("--long-prefill-token-threshold", type=int, default=0,
                         help="engine.long_prefill_token_threshold: the long prompt's chunk beside the decodes")
+    parser.add_argument("--mixed-step-graph-tokens", type=int, default=0,
+                        help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs")
     parser.add_argument("--ttft-lens", type=int, nargs="+", default=[8192, 32768, 131071],
                         help="prompt tokens, each timed alone to its first token")
     parser.add_argument("--decode-batch", type=int, default=32, help="requests decoding beside the long prefill")
@@ -200,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(path, device=device, load_format=args.load_format)
     config = EngineConfig(max_num_seqs=args.decode_batch + 1, max_num_batched_tokens=args.max_num_batched_tokens,
                           long_prefill_token_threshold=args.long_prefill_token_threshold,
-                          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          mixed_step_graph_tokens=args.mixed_step_graph_tokens, max_model_len=args.max_model_len,
+                          gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(model, load_tokenizer(), config)
     print(f"loaded in {time.perf_counter() - t:.1f} s on {device}; KV cache {engine.kv_cache_bytes / 1e9:.2f} GB, "
           f"{engine.num_blocks} blocks of {engine.config.block_size} tokens, max_model_len {engine.max_model_len}",
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                           "block_size": engine.config.block_size, "kv_cache_gb": engine.kv_cache_bytes / 1e9,
                           "max_num_batched_tokens": engine.config.max_num_batched_tokens,
                           "long_prefill_token_threshold": engine.config.long_prefill_token_threshold,
+                          "mixed_step_graph_tokens": engine.config.mixed_step_graph_tokens,
                           "kv_cache_dtype": engine.config.kv_cache_dtype},
                "ttft": [], "decode_beside_prefill": None, "skipped": []}
     seeds = itertools.count(1)
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                                            f"prefill", "reason": reason})
     else:
         results["decode_beside_prefill"] = decodes_beside_prefill(engine, args, seeds)
+    results["mixed_graph_steps"] = engine.runner.mixed_graph_steps
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

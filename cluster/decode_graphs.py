@@ -4,7 +4,7 @@ A decode step launches a few hundred kernels; launched one by one from Python th
 pace. A CUDA graph launches them all at once. Each graph reads its inputs from persistent buffers (token ids,
 positions, context lengths, cache slots, block tables) that a step fills by device copies before replaying, and
 writes its logits to a buffer of its own. A batch runs in the smallest bucket that holds it, padded (see
-step_inputs.py). Prefill and mixed steps run eagerly.
+step_inputs.py). Prefill and mixed steps run eagerly, or from piecewise graphs (mixed_graphs.py) when asked.
 """
 
 from __future__ import annotations

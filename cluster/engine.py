@@ -90,7 +90,8 @@ class LLMEngine:
                                                  dtype=self.kv_cache_dtype, device=model.device),
                                   micro_batches=micro_batches, max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  enforce_eager=config.enforce_eager)
+                                  enforce_eager=config.enforce_eager,
+                                  mixed_step_graph_tokens=config.mixed_step_graph_tokens)
         # what the model's tensors and the cache take on the device (start-up logs, the core's ready stats)
         self.weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                                         model.buffers()))

@@ -4,7 +4,8 @@ A step's tokens are laid end to end ([N], no padding): each sequence contributes
 one new token, described to the device by StepInputs (one copy). Attention goes through the paged KV cache, in one
 variable-length kernel on GPUs (the PyTorch reference elsewhere); logits are computed, and a token sampled, only
 for the sequences whose chunk reaches the end of their tokens. On a GPU with experts in this process, or on MoE
-workers over NCCL, decode steps replay CUDA graphs (decode_graphs.py) unless `enforce_eager`. Experts on MoE
+workers over NCCL, decode steps replay CUDA graphs (decode_graphs.py) unless `enforce_eager`; with colocated experts
+and `mixed_step_graph_tokens`, small mixed steps replay piecewise ones (mixed_graphs.py). Experts on MoE
 workers take part in each step through the hooks of cluster/expert_parallel/step_hooks.py.
 """
 
@@ -18,6 +19,7 @@ from gptoss_serve.cluster.block_manager import FULL, SLIDING
 from gptoss_serve.cluster.decode_graphs import DecodeGraphs
 from gptoss_serve.cluster.expert_parallel.step_hooks import StepSamples, expert_step_hooks
 from gptoss_serve.cluster.kv_cache import KVCache
+from gptoss_serve.cluster.mixed_graphs import MixedStepGraphs
 from gptoss_serve.cluster.sampler import Sampler
 from gptoss_serve.cluster.sequence import Sequence
 from gptoss_serve.cluster.step_inputs import StepInputs
@@ -65,13 +67,14 @@ class PagedAttention:
 class ModelRunner:
     def __init__(self, model: GptOssForCausalLM, cache: KVCache, *, micro_batches: int = 1,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, max_model_len: int = 8192,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, mixed_step_graph_tokens: int = 0) -> None:
         """micro_batches > 1 splits an eager step into that many groups of sequences, run ping-pong (see
         Decoder.forward_interleaved): worth it when experts are remote, so the wait for them hides the other
         groups' attention. Decode steps replayed from graphs stay whole (split, they read the experts' weights twice;
         measured in bench/ping_pong.py).
         max_num_batched_tokens: the most tokens a step holds (kernels are compiled up to it at start-up).
-        max_num_seqs, max_model_len: the largest decode batch and sequence the CUDA graphs must hold."""
+        max_num_seqs, max_model_len: the largest decode batch and sequence the CUDA graphs must hold.
+        mixed_step_graph_tokens: the largest mixed step replayed from piecewise graphs (0: none)."""
         self.model, self.cache = model, cache
         self.device = model.device
         self.micro_batches = micro_batches
@@ -87,8 +90,19 @@ class ModelRunner:
         groups = [FULL, SLIDING] if model.config.sliding_window else [FULL]
         self._capture = functools.partial(DecodeGraphs, groups=groups, max_num_seqs=max_num_seqs,
                                           max_blocks_per_seq=-(-max_model_len // cache.block_size), device=self.device)
+        self.mixed_graphs = None  # colocated experts' piecewise graphs of mixed steps, if asked for
+        self.mixed_graph_steps = 0  # steps they ran
         if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
             self.graphs = self._capture(self._forward)
+            if mixed_step_graph_tokens:
+                try:
+                    self.mixed_graphs = MixedStepGraphs(
+                        model, lambda inputs: PagedAttention(self.cache, inputs, self.attention),
+                        max_tokens=min(mixed_step_graph_tokens, max_num_batched_tokens), device=self.device)
+                except Exception as e:  # a setting the user chose: say which, and how to go without it
+                    raise RuntimeError(f"engine.mixed_step_graph_tokens {mixed_step_graph_tokens}: the mixed steps' "
+                                       f"graphs could not be captured ({type(e).__name__}: {e}); 0 turns them off"
+                                       ) from e
         if self.device.type == "cuda":
             warm_up_prefill_attention(self.attention[1], cache, model)
 
@@ -128,6 +142,12 @@ class ModelRunner:
             self.expert_hooks.begin_replayed_step(bucket, self.model.config.num_hidden_layers)
             return graphs.run(inputs)
         groups = self._split(scheduled)
+        tokens = sum(n for _, n in scheduled)
+        if len(groups) == 1 and self.mixed_graphs is not None and self.mixed_graphs.bucket(tokens) is not None:
+            inputs = build(scheduled)
+            self.expert_hooks.begin_step([tokens])
+            self.mixed_graph_steps += 1
+            return self.model.compute_logits(self.mixed_graphs.run(inputs)[inputs.sample_rows])
         prepared = [build(group) for group in groups]
         self.expert_hooks.begin_step([p.token_ids.shape[0] for p in prepared])
         if len(prepared) == 1:

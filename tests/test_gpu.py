@@ -107,6 +107,41 @@ def test_async_scheduling_gives_the_synchronous_tokens(tiny_mxfp4):
     assert runs[True][-1][0] == free[:free.index(free[5]) + 1]
 
 
+def _staggered(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of the prompts, one arriving every third step while the others decode: mixed steps."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    step = 0
+    while step < 3 * len(prompts) or engine.has_unfinished_requests:
+        if step % 3 == 0 and step // 3 < len(prompts):
+            engine.add_request(str(step // 3), prompts[step // 3], params)
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        step += 1
+    return [tokens[str(i)] for i in range(len(prompts))]
+
+
+def test_mixed_steps_from_piecewise_graphs_give_the_eager_tokens(tiny_mxfp4):
+    """Prompt chunks beside decodes replayed from piecewise graphs (a set of pieces per step size, attention eager
+    between them) against the same engine launching every kernel: requests arrive while others decode, chunks of at
+    most 24 tokens cross the window (32) and block boundaries, and steps are padded to their bucket."""
+    model = load_model(tiny_mxfp4, device="cuda")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 200_000, (n,), generator=gen).tolist() for n in (7, 50, 90, 33, 16, 61)]
+    config = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=40,
+                  long_prefill_token_threshold=24)
+    graphs = LLMEngine(model, load_tokenizer(), EngineConfig(**config, mixed_step_graph_tokens=40))
+    assert graphs.runner.mixed_graphs.buckets == [8, 16, 24, 32, 40]
+    eager = LLMEngine(model, load_tokenizer(), EngineConfig(**config, enforce_eager=True))
+    assert eager.runner.mixed_graphs is None
+    got, expected = _staggered(graphs, prompts, 30), _staggered(eager, prompts, 30)
+    assert graphs.runner.mixed_graph_steps >= len(prompts)  # each prompt's chunks rode beside decodes
+    # padded rows change how the MoE kernel tiles a step, so allow a late divergence, as for padded decode graphs
+    agree = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
+    assert agree >= 0.9 * sum(map(len, expected)), (got, expected)
+    assert [len(g) for g in got] == [30] * len(prompts) and graphs.is_idle()
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_decode_step_never_syncs_with_the_host(tiny_mxfp4, async_scheduling):
     """The inputs go over in one non-blocking copy, the forward pass (a graph replay here) never waits for the host,
