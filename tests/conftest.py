@@ -35,6 +35,23 @@ def tiny_checkpoint(request, tiny_bf16, tiny_mxfp4):
     return tiny_bf16 if request.param == "bf16" else tiny_mxfp4
 
 
+@pytest.fixture
+def poisoned_allocations():
+    """Every tensor allocated without values (torch.empty and the like, in a kernel's launcher too) starts as NaN,
+    or as the largest integer: an output element a kernel fails to write then fails the test's comparison instead
+    of matching whatever the memory held. (PyTorch fills such memory only in its deterministic mode; warn_only keeps
+    the operations that have no deterministic version running.)"""
+    import torch.utils.deterministic as deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    deterministic.fill_uninitialized_memory = before[2]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for every Ray test of the session, with a known metrics port."""

@@ -113,6 +113,7 @@ def test_reference_norm_adds_then_normalizes():
 # ------------------------------------------------------------------------------------------------------- GPU tests
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("rows", [1, 7, 2048])
 def test_norm_kernel_matches_the_reference_on_gpu(rows):
     from gptoss_serve.kernels.rms_norm import add_rms_norm
@@ -127,6 +128,7 @@ def test_norm_kernel_matches_the_reference_on_gpu(rows):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("tokens", [1, 64, 2048])
 def test_rotary_kernel_matches_the_reference_on_gpu(tokens):
     from gptoss_serve.kernels.rotary import rotary_qk
@@ -154,6 +156,7 @@ def test_kv_store_kernel_matches_the_reference_on_gpu(tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("tokens", [1, 64, 2048])
 @pytest.mark.parametrize("experts", [32, 128])
 def test_router_kernel_matches_the_reference_on_gpu(tokens, experts):
@@ -167,3 +170,10 @@ def test_router_kernel_matches_the_reference_on_gpu(tokens, experts):
     torch.testing.assert_close(logits.gather(1, ids), logits.gather(1, want_ids), rtol=0, atol=0)
     torch.testing.assert_close(weights, want_weights, rtol=2**-7, atol=2**-8)
     assert torch.equal(router(x)[0], ids)  # the module takes the kernel on the GPU
+
+
+def test_poisoned_allocations_start_as_nan_or_the_largest_integer(poisoned_allocations):
+    """What the GPU tests above rely on: an element no kernel wrote is never a plausible value."""
+    assert torch.isnan(torch.empty(64)).all() and torch.isnan(torch.empty(8, dtype=torch.bfloat16)).all()
+    assert (torch.empty(16, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(3, 5))).all()

@@ -16,6 +16,7 @@ SHAPES = [(5120, 2880), (2880, 4096), (32, 2880), (1000, 200)]
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
 @pytest.mark.parametrize("rows", [1, 3, 16, 64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
