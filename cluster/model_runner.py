@@ -142,8 +142,8 @@ class ModelRunner:
             self.expert_hooks.begin_replayed_step(bucket, self.model.config.num_hidden_layers)
             return graphs.run(inputs)
         groups = self._split(scheduled)
-        tokens = sum(n for _, n in scheduled)
-        if len(groups) == 1 and self.mixed_graphs is not None and self.mixed_graphs.bucket(tokens) is not None:
+        tokens = sum(n for _, n in scheduled) if self.mixed_graphs is not None and len(groups) == 1 else None
+        if tokens is not None and self.mixed_graphs.bucket(tokens) is not None:
             inputs = build(scheduled)
             self.expert_hooks.begin_step([tokens])
             self.mixed_graph_steps += 1

@@ -64,13 +64,25 @@ class StepInputs:
                              f"bucket {pad_to}")
         width = max(1, max(len(seq.block_tables[g]) for seq, _ in scheduled for g in groups))
 
-        # one int32 buffer: ids, positions, query_start, context_lens, slots per group, tables per group, rows
+        # a pass over the sequences gathers what is per sequence (tokens, where it stands); the rest is whole-array
+        # arithmetic: at a few hundred sequences a step, numpy calls a row would cost more than the device's step
+        token_list: list[int] = []
+        computed, lengths = [], []
+        fills: list[tuple[int, int]] = []  # (row, its place in pending_tokens) of each row whose token is PENDING
+        for seq, n in scheduled:
+            start, length = seq.num_computed_tokens, len(seq)
+            computed.append(start)
+            lengths.append(length)
+            token_list += seq.tokens_in(start, start + n) if n > 1 else [token_at(seq, start)]
+            if start + n == length and seq.newest_is_pending:  # (a chunk short of a PENDING token does not read it)
+                fills.append((len(token_list) - 1, seq.pending_row))
+                token_list[-1] = 0  # a real token id until the gather below overwrites it
+        F = len(fills)
+
+        # one int32 buffer: ids, positions, query_start, context_lens, slots per group, tables per group, rows; then
+        # the PENDING rows and where in pending_tokens each is
         sizes = [padded_n, padded_n, padded_b + 1, padded_b] + [padded_n] * len(groups) \
-            + [padded_b * width] * len(groups)
-        # then the rows whose token is PENDING and where in pending_tokens each is: 2 x F at the end (a chunk that
-        # stops short of a PENDING token does not read it)
-        F = sum(seq.newest_is_pending and seq.num_computed_tokens + n == len(seq) for seq, n in scheduled)
-        sizes += [B, F, F]
+            + [padded_b * width] * len(groups) + [B, F, F]
         # each part starts on a 16-byte boundary: kernels compiled for aligned pointers (Triton specializes on it)
         # serve every step, instead of a step whose token count moves a part off the boundary compiling a variant
         # mid-serving (seconds, with every decoding request waiting)
@@ -81,30 +93,14 @@ class StepInputs:
         slots, tables = rest[:len(groups)], rest[len(groups):2 * len(groups)]
         sample_rows, fill_rows, fill_from = rest[-3:]
         tables = [t.reshape(padded_b, width) for t in tables]
-
-        # a pass over the sequences gathers what is per sequence (tokens, where it stands); the rest is whole-array
-        # arithmetic: at a few hundred sequences a step, numpy calls a row would cost more than the device's step
-        token_list: list[int] = []
-        computed, lengths, fills = [], [], 0
-        for seq, n in scheduled:
-            start, length = seq.num_computed_tokens, len(seq)
-            computed.append(start)
-            lengths.append(length)
-            token_list += seq.tokens_in(start, start + n) if n > 1 else [token_at(seq, start)]
-            if start + n == length and seq.newest_is_pending:
-                fill_rows[fills], fill_from[fills] = len(token_list) - 1, seq.pending_row
-                fills += 1
-                token_list[-1] = 0  # a real token id until the gather below overwrites it
+        if fills:
+            fill_rows[:], fill_from[:] = zip(*fills)
         ids[:N] = token_list
         query_start[:] = [*itertools.accumulate([0, *lens, *([1] * (padded_b - B))])]
         ends = [start + n for start, n in zip(computed, lens)]
         context_lens[:B] = ends
-        if N == B:  # a decode step: one row a sequence, at its last position
-            seq_of_row, row_positions = np.arange(B), computed
-        else:
-            seq_of_row = np.repeat(np.arange(B), lens)  # [N]
-            row_positions = np.arange(N) + np.repeat(np.subtract(computed, query_start[:B]), lens)
-        positions[:N] = row_positions
+        seq_of_row = np.repeat(np.arange(B), lens)  # [N]
+        positions[:N] = np.arange(N) + np.repeat(np.subtract(computed, query_start[:B]), lens)
         for g, group in enumerate(groups):
             # each row's table, left-aligned: one copy of all the tables' entries
             group_tables = [seq.block_tables[group] for seq, _ in scheduled]
