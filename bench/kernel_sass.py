@@ -24,7 +24,7 @@ import tempfile
 HIDDEN = INTER = 2880  # gpt-oss's
 EXPERTS_PAD = 32
 POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", b_ptr="*fp32", pair_ptr="*i32", start_ptr="*i32",
-                act_ptr="*bf16", part_ptr="*fp32", route_ptr="*fp32", y_ptr="*fp32")
+                act_ptr="*bf16", part_ptr="*fp32", route_ptr="*fp32", y_ptr="*fp32", ids_ptr="*i64")
 FLOATS = {"alpha", "limit"}
 
 
@@ -73,13 +73,21 @@ def largest_loop(sass: str) -> list[str]:
 
 
 def loop_figures(preset: str, which: str) -> dict:
+    from gptoss_serve.kernels import mxfp4_moe_gemv as gemv
     from gptoss_serve.kernels import mxfp4_moe_kernels as kernels
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
 
     tiles = PRESETS[preset]
     common = dict(EXPERTS_PAD=EXPERTS_PAD, USE_ASM=True, INTERPRET=False, DEPTH=tiles.depth, SPLIT_K=tiles.split_k,
                   BLOCK_M=tiles.block_m)
-    if which == "gate_up":
+    if tiles.gemv:  # one token a program: its rows times one vector
+        if which == "gate_up":
+            kernel, n, groups, rows = gemv._gate_up_gemv, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
+            constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True)
+        else:
+            kernel, n, groups, rows = gemv._down_gemv, tiles.down_n, tiles.down_groups, tiles.down_n
+            constants = dict(BLOCK_N=n, GROUPS=groups, USE_ASM=True)
+    elif which == "gate_up":
         kernel, n, groups, rows = kernels._gate_up, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
         constants = dict(common, TOP_K=4, BLOCK_N=n, GROUPS=groups)
     else:
@@ -101,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["decode", "decode_wide", "medium", "prefill"],
-                        choices=[p for p, t in PRESETS.items() if not (t.gemv or t.scaled)])
+    parser.add_argument("--presets", nargs="+", default=["gemv", "decode", "decode_wide", "medium", "prefill"],
+                        choices=[p for p, t in PRESETS.items() if not t.scaled])
     parser.add_argument("--dump", help="write each kernel's disassembly here")
     args = parser.parse_args(argv)
     print(f"Triton {triton.__version__}, sm_90; thread-instructions a weight value in the reduction loop "

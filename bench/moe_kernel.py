@@ -1,10 +1,11 @@
-"""One MoE layer at the gpt-oss-20b shape: the MXFP4 Triton kernel against the bf16 grouped GEMM, per token count.
+"""One MoE layer at gpt-oss's shape: the MXFP4 Triton kernel against the bf16 grouped GEMM, per token count.
 
-    python -m gptoss_serve.bench.moe_kernel [--tokens 1 16 64 256 1024 4096] [--sweep [--sweep-tokens ...]]
-        [--json PATH] [--dump DIR]
+    python -m gptoss_serve.bench.moe_kernel [--preset 20b|120b] [--tokens 1 16 64 256 1024 4096]
+        [--sweep [--sweep-tokens ...]] [--json PATH] [--dump DIR]
 
 Measures the device's copy bandwidth first (a 1 GiB device-to-device copy, bytes read + written), then per token
-count (uniform random top-4 routing over 32 experts, hidden = intermediate = 2880) the layer's time: the median of
+count (uniform random top-4 routing over the preset's experts: 32 for 20b, 128 for 120b; hidden = intermediate =
+2880 in both) the layer's time: the median of
 single CUDA-graph replays timed with events (the queue filled ahead by a sleep kernel, several input sets in
 rotation), and eagerly (back-to-back calls, launch costs included). The bf16 path is LocalExperts' grouped GEMM
 (torch._grouped_mm) on the same weights dequantized, forward_grouped, eagerly and in a graph. Bytes moved count the packed weights of the experts a batch touches
@@ -26,12 +27,11 @@ import torch
 
 from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, relative_error
 from gptoss_serve.model import mxfp4
+from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import LocalExperts
 from gptoss_serve.model.packed_experts import random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
 
-HIDDEN = INTER = 2880
-EXPERTS, TOP_K = 32, 4
 INPUT_SETS = 4  # routings in rotation, so repeated runs do not find one batch's experts in L2
 
 
@@ -89,12 +89,12 @@ def matmul_peak(size: int = 8192) -> float:
     return 2 * size**3 / events_median([lambda: a @ b], 30)
 
 
-def bf16_experts(packed: dict[str, torch.Tensor]) -> LocalExperts:
-    """LocalExperts of the 20b shape holding the same weights, dequantized to bf16 on the GPU."""
+def bf16_experts(packed: dict[str, torch.Tensor], config: GptOssConfig) -> LocalExperts:
+    """LocalExperts of the config's shape holding the same weights, dequantized to bf16 on the GPU."""
     with torch.device("meta"):
-        experts = LocalExperts(preset_config("20b"))
+        experts = LocalExperts(config)
     experts = experts.to(torch.bfloat16).to_empty(device="cuda").requires_grad_(False)
-    for e in range(EXPERTS):
+    for e in range(config.num_local_experts):
         experts.gate_up_proj[e].copy_(mxfp4.dequantize(packed["gate_up_blocks"][e], packed["gate_up_scales"][e]).T)
         experts.down_proj[e].copy_(mxfp4.dequantize(packed["down_blocks"][e], packed["down_scales"][e]).T)
     experts.gate_up_proj_bias.copy_(packed["gate_up_bias"])
@@ -102,27 +102,39 @@ def bf16_experts(packed: dict[str, torch.Tensor]) -> LocalExperts:
     return experts
 
 
-def inputs(num_tokens: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def inputs(num_tokens: int, config: GptOssConfig,
+           gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """INPUT_SETS (hidden [T, H], expert ids [T, K], routing weights [T, K]) on the GPU, ids uniformly random."""
+    top_k = config.num_experts_per_tok
     sets = []
     for _ in range(INPUT_SETS):
-        hidden = torch.randn(num_tokens, HIDDEN, generator=gen).bfloat16()
-        ids = torch.rand(num_tokens, EXPERTS, generator=gen).topk(TOP_K, dim=-1).indices
-        weights = torch.softmax(torch.randn(num_tokens, TOP_K, generator=gen), dim=-1).bfloat16()
+        hidden = torch.randn(num_tokens, config.hidden_size, generator=gen).bfloat16()
+        ids = torch.rand(num_tokens, config.num_local_experts, generator=gen).topk(top_k, dim=-1).indices
+        weights = torch.softmax(torch.randn(num_tokens, top_k, generator=gen), dim=-1).bfloat16()
         sets.append((hidden.cuda(), ids.cuda(), weights.cuda()))
     return sets
 
 
-def measure(num_tokens: int, experts, dense: LocalExperts, gen: torch.Generator, *, sweep: bool) -> dict:
+def layer_bytes(num_tokens: int, touched: float, config: GptOssConfig) -> tuple[float, float]:
+    """(MXFP4, bf16) bytes a layer must move: the touched experts' weights (blocks + scales + bias), the activations
+    in and out, the ids and routing weights."""
+    H, I, K = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
+    activations = num_tokens * H * 2 * 2 + num_tokens * K * (8 + 2)
+    return (touched * packed_bytes_per_expert(H, I) + activations,
+            touched * (3 * H * I + 2 * I + H) * 2 + activations)
+
+
+def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig, gen: torch.Generator, *,
+            sweep: bool) -> dict:
     from gptoss_serve.kernels.mxfp4_moe import pick_tiles
 
-    sets = inputs(num_tokens, gen)
+    sets = inputs(num_tokens, config, gen)
     reps = max(20, min(300, 20_000 // max(num_tokens, 64)))
     touched = statistics.mean(len(torch.unique(ids)) for _, ids, _ in sets)
-    activations = num_tokens * HIDDEN * 2 * 2 + num_tokens * TOP_K * (8 + 2)  # hidden in, out; ids, weights
+    mxfp4_bytes, bf16_bytes = layer_bytes(num_tokens, touched, config)
     row = dict(tokens=num_tokens, experts_touched=touched,
-               tiles=pick_tiles(num_tokens * TOP_K, EXPERTS).__dict__,
-               mxfp4_bytes=touched * packed_bytes_per_expert(HIDDEN, INTER) + activations,
-               bf16_bytes=touched * (3 * HIDDEN * INTER + 2 * INTER + HIDDEN) * 2 + activations)
+               tiles=pick_tiles(num_tokens * config.num_experts_per_tok, config.num_local_experts).__dict__,
+               mxfp4_bytes=mxfp4_bytes, bf16_bytes=bf16_bytes)
 
     replays, outs = zip(*(graphed(lambda s=s: experts(*s)) for s in sets))
     row["mxfp4_s"] = events_median(list(replays), reps)
@@ -227,6 +239,7 @@ def dump_kernels(directory: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=["20b", "120b"], default="20b", help="the layer's shape")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     parser.add_argument("--sweep", action="store_true", help="also time every tile preset, with and without PTX")
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
@@ -236,19 +249,22 @@ def main(argv: list[str] | None = None) -> None:
     from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    config = preset_config(args.preset)
     gen = torch.Generator().manual_seed(0)
-    packed = {k: v.cuda() for k, v in random_packed_experts(EXPERTS, HIDDEN, INTER, generator=gen).items()}
+    packed = {k: v.cuda() for k, v in random_packed_experts(
+        config.num_local_experts, config.hidden_size, config.intermediate_size, generator=gen).items()}
     experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=1.702, limit=7.0)
-    dense = bf16_experts(packed)
+    dense = bf16_experts(packed, config)
     copy = copy_bandwidth()
     device = torch.cuda.get_device_name()
-    print(f"{device}: copy bandwidth {copy / 1e12:.2f} TB/s (1 GiB device-to-device, read + write)", flush=True)
+    print(f"{device}: copy bandwidth {copy / 1e12:.2f} TB/s (1 GiB device-to-device, read + write); "
+          f"{args.preset}'s layer ({config.num_local_experts} experts, top-{config.num_experts_per_tok})", flush=True)
     rows = []
     header = (f"{'tokens':>6} {'experts':>7} {'MB':>6} {'mxfp4 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} "
               f"{'bf16 MB':>7} {'bf16 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} {'speedup':>7} {'diff':>7}")
     print(header, flush=True)
     for num_tokens in args.tokens:
-        row = measure(num_tokens, experts, dense, gen, sweep=args.sweep and num_tokens in args.sweep_tokens)
+        row = measure(num_tokens, experts, dense, config, gen, sweep=args.sweep and num_tokens in args.sweep_tokens)
         rows.append(row)
         bw, bw16 = row["mxfp4_bytes"] / row["mxfp4_s"], row["bf16_bytes"] / row["bf16_s"]
         print(f"{num_tokens:>6} {row['experts_touched']:>7.1f} {row['mxfp4_bytes'] / 1e6:>6.1f} "
@@ -265,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         dump_kernels(args.dump)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device, copy_bytes_per_s=copy, rows=rows), f, indent=1)
+            json.dump(dict(device=device, preset=args.preset, copy_bytes_per_s=copy, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

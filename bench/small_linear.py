@@ -1,10 +1,11 @@
-"""gpt-oss-20b's dense projections at a handful of tokens: kernels/small_linear.py against F.linear (cuBLAS), in graph
+"""gpt-oss's dense projections at a handful of tokens: kernels/small_linear.py against F.linear (cuBLAS), in graph
 replays, with the bytes each reads against the device's copy bandwidth measured in the same run.
 
     python -m gptoss_serve.bench.small_linear [--rows 1 4 16 64] [--json PATH]
 
 Bytes: the bf16 weight and bias, the activations in and out. Shapes: QKV (2880 -> 5120), o_proj (4096 -> 2880), the
-router (2880 -> 32) and the unembedding (2880 -> 201,088). A few tile choices are timed too (--sweep).
+router (2880 -> 32 for 20b, 2880 -> 128 for 120b; the other shapes are the same in both) and the unembedding
+(2880 -> 201,088). A few tile choices are timed too (--sweep).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from gptoss_serve.bench.moe_kernel import copy_bandwidth, events_median, graphed
 
+# (out features, in features, bias): 20b and 120b share every shape but the router's (32 or 128 experts)
 SHAPES = {"qkv": (5120, 2880, True), "o_proj": (2880, 4096, True), "router": (32, 2880, True),
-          "unembed": (201088, 2880, False)}
+          "router_120b": (128, 2880, True), "unembed": (201088, 2880, False)}
 TILES = {"n32-k256-s4-w4": dict(block_n=32, block_k=256, num_stages=4, num_warps=4),
          "n16-k256-s4-w4": dict(block_n=16, block_k=256, num_stages=4, num_warps=4),
          "n16-k512-s3-w4": dict(block_n=16, block_k=512, num_stages=3, num_warps=4),
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                     except Exception as e:  # noqa: BLE001 - a tile that does not compile must not end the sweep
                         print(f"  {tile}: {str(e).splitlines()[0][:160]}", flush=True)
             rows_out.append(row)
-            print(f"{name:>8} rows {m:>3}: ours {row['ours_us']:7.1f} us ({nbytes / row['ours_us'] / 1e3:6.0f} GB/s, "
+            print(f"{name:>11} rows {m:>3}: ours {row['ours_us']:7.1f} us ({nbytes / row['ours_us'] / 1e3:6.0f} GB/s, "
                   f"{100 * nbytes / (row['ours_us'] * 1e-6) / copy:3.0f}% of copy)  cuBLAS "
                   f"{row['cublas_us']:7.1f} us ({100 * nbytes / (row['cublas_us'] * 1e-6) / copy:3.0f}%)  "
                   f"diff {row['diff']:.1e}" + ("  sweep: " + ", ".join(f"{t} {v:.1f}" for t, v in

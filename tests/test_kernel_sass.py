@@ -15,3 +15,18 @@ def test_the_decode_loop_is_found_and_counted():
     assert mix["HGMMA"] + mix["HMMA"] > 0 and mix["LDG"] > 0
     assert figures["values_per_step"] == 2 * 64 * 2 * 32  # gate and up rows x two 32-value blocks
     assert 1 < figures["per_value"] < 20
+
+
+def test_the_matrix_vector_loop_is_found_and_counted():
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import loop_figures
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    tiles = PRESETS["gemv"]
+    figures = loop_figures("gemv", "gate_up")
+    mix = figures["mix"]
+    # CUDA cores only: float multiply-adds on the decoded values, no matrix instruction
+    assert mix["FFMA"] > 0 and mix["LDG"] > 0 and mix["HGMMA"] + mix["HMMA"] == 0
+    assert figures["values_per_step"] == 2 * tiles.gate_up_n * tiles.gate_up_groups * 32
+    assert 1 < figures["per_value"] < 20
+    assert loop_figures("gemv", "down")["values_per_step"] == tiles.down_n * tiles.down_groups * 32

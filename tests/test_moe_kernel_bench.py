@@ -1,0 +1,26 @@
+"""bench/moe_kernel.py's byte counts on the CPU (the timings need a GPU): the figures its GB/s are computed from."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptoss_serve.bench.moe_kernel import layer_bytes, main
+from gptoss_serve.model.synthetic import preset_config
+
+
+@pytest.mark.parametrize("preset", ["20b", "120b"])
+def test_a_layer_at_one_token_moves_its_four_experts(preset):
+    config = preset_config(preset)
+    mxfp4, bf16 = layer_bytes(1, 4, config)
+    # an expert: gate_up [5760, 2880] and down [2880, 2880] values at half a byte, one exponent byte a 32-value block,
+    # float32 biases; 20b and 120b experts have the same shape, only their number differs
+    expert = 3 * 2880 * 2880 // 2 + 3 * 2880 * 2880 // 32 + 3 * 2880 * 4
+    activations = 2880 * 2 * 2 + 4 * (8 + 2)
+    assert mxfp4 == 4 * expert + activations
+    assert bf16 == 4 * (3 * 2880 * 2880 + 3 * 2880) * 2 + activations
+    assert 52e6 < mxfp4 < 54e6 and 3.7 < bf16 / mxfp4 < 3.8
+
+
+def test_the_preset_is_checked_before_any_gpu_work():
+    with pytest.raises(SystemExit):
+        main(["--preset", "70b"])
