@@ -14,7 +14,8 @@ prompt tokens over the time to those first tokens.
 synchronous steps, then with async scheduling (engine.async_scheduling). --experts both loads the model twice,
 MXFP4 experts widened to bf16 at load and then kept packed, and prints the GPU memory the weights take after each
 load (torch.cuda.memory_allocated); every other variant is an engine built afresh on the same loaded model.
---kv-cache-dtype fp8 stores the KV cache in e4m3 (engine.kv_cache_dtype).
+--kv-cache-dtype fp8 stores the KV cache in e4m3 (engine.kv_cache_dtype). --temperature T draws each token from the
+softmax at T (what chat clients ask for by default) instead of taking the argmax.
 --prompt-lens runs every batch size at each prompt length (--prompt-len is the same option). The engine's
 max_model_len is --max-model-len, else the longest prompt plus the output, or what the KV cache holds if that is
 less; a (prompt length, batch) case longer than max_model_len, or whose batch the cache cannot hold at once, is
@@ -71,12 +72,12 @@ def lead_tokens(engine: LLMEngine, batch: int, prompt_len: int) -> int:
     return -(-batch * prompt_len // engine.config.max_num_batched_tokens) + 1
 
 
-def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int) -> dict:
+def run_engine(engine: LLMEngine, batch: int, prompt_len: int, output_len: int, temperature: float = 0.0) -> dict:
     """Prefill tokens/s: the batch's prompt tokens over the time until every request has its first token. Decode
     tokens/s: the tokens of the next output_len steps, in which all `batch` requests decode (then the rest is
     aborted); at long prompts the first requests would otherwise be done before the last ones start, and a decode
-    'of batch 64' would time a handful of sequences."""
-    params = SamplingParams(temperature=0, max_tokens=output_len + lead_tokens(engine, batch, prompt_len),
+    'of batch 64' would time a handful of sequences. temperature 0 is greedy; above it each token is drawn."""
+    params = SamplingParams(temperature=temperature, max_tokens=output_len + lead_tokens(engine, batch, prompt_len),
                             ignore_eos=True)
     device = engine.model.device
     ids = [f"b{batch}-{i}" for i in range(batch)]
@@ -188,9 +189,10 @@ def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespa
           f"{weights_gb:.2f} GB (torch.cuda.memory_allocated)", flush=True)
     rows, skipped = [], []
     for eager, async_scheduling in modes:
-        name = f"{experts}{', eager' if eager else ''}{', async' if async_scheduling else ', sync'}"
+        name = (f"{experts}{', eager' if eager else ''}{', async' if async_scheduling else ', sync'}"
+                f"{f', temperature {args.temperature:g}' if args.temperature else ''}")
         variant = {"experts": experts, "eager": eager, "async_scheduling": async_scheduling,
-                   "kv_cache_dtype": args.kv_cache_dtype}
+                   "kv_cache_dtype": args.kv_cache_dtype, "temperature": args.temperature}
         engine = build_engine(model, args, name, max_num_seqs=max(args.batches),
                               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=eager,
                               async_scheduling=async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
@@ -206,7 +208,7 @@ def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespa
                     skipped.append({"batch": batch, "prompt_len": prompt_len, "output_len": args.output_len,
                                     "reason": reason} | variant)
                     continue
-                r = run_engine(engine, batch, prompt_len, args.output_len) | variant | {
+                r = run_engine(engine, batch, prompt_len, args.output_len, args.temperature) | variant | {
                     "weights_gb": weights_gb, "kv_cache_gb": engine.kv_cache_bytes / 1e9,
                     "kv_cache_tokens": engine.num_blocks * engine.config.block_size,
                     "max_model_len": engine.max_model_len}
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="engine.max_model_len (default: the longest prompt plus the output, if the cache "
                              "holds it)")
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (the default); above 0 every token is drawn from the softmax")
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--hf-batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--json", help="write the figures here")

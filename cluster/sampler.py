@@ -156,10 +156,21 @@ class Sampler:
             # greedy: the argmax after penalties; temperature and the cuts cannot move it
             tokens = logits.argmax(dim=-1)  # [B]
             if random_rows:
-                rows = torch.tensor(random_rows, device=logits.device)  # [R]
+                rows = _on_device(random_rows, logits.device)  # [R]
                 chosen = _draw(logits[rows], [requests[i] for i in random_rows])  # [R]
                 tokens = tokens.index_copy(0, rows, chosen)
         return PendingSample(tokens, _logprob_tensors(raw, tokens, params), params)
+
+
+def _on_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A host list as a tensor on `device`, queued behind the kernels already there. A plain torch.tensor(...,
+    device=gpu) is a blocking copy, which waits for the whole stream: the step's forward pass, and under async
+    scheduling the step before it too; the device then idles while the host prepares the next step. From pinned
+    memory the copy is asynchronous (PyTorch keeps the pinned block until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _apply_grammars(logits: Tensor, requests: list[SamplingState]) -> bool:
@@ -172,11 +183,8 @@ def _apply_grammars(logits: Tensor, requests: list[SamplingState]) -> bool:
     with torch.profiler.record_function("grammar_fill_bitmask"):
         masks = token_bitmasks([requests[i].grammar for i in rows], pin=on_gpu)  # [R, W]
     with torch.profiler.record_function("grammar_apply_bitmask"):
-        index = torch.tensor(rows, dtype=torch.int64)  # [R]
-        if on_gpu:
-            index = index.pin_memory()
         _apply_token_bitmask(logits, masks.to(logits.device, non_blocking=on_gpu),
-                             index.to(logits.device, non_blocking=on_gpu))
+                             _on_device(rows, logits.device, torch.int64))  # [R]
     return True
 
 
@@ -196,20 +204,20 @@ def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
     # what changed since the last step goes in with one transfer and one kernel for the whole batch, not one per row
     marks = [row * vocab_size + t for row, (_, _, prompt, _) in enumerate(inputs) for t in prompt]
     if marks:
-        in_prompt.view(-1)[torch.tensor(marks, device=device)] = True
+        in_prompt.view(-1)[_on_device(marks, device)] = True
         _store(in_prompt, [(row, mask) for row, (mask, _, prompt, _) in enumerate(inputs) if prompt])
     new = [row * vocab_size + t for row, (_, _, _, tokens) in enumerate(inputs) for t in tokens]
     if new:
-        counts.view(-1).index_add_(0, torch.tensor(new, device=device), torch.ones(len(new), device=device))
+        counts.view(-1).index_add_(0, _on_device(new, device), torch.ones(len(new), device=device))
         _store(counts, [(row, count) for row, (_, count, _, tokens) in enumerate(inputs) if tokens])
 
     in_output = counts > 0  # [P, V]
-    penalties = torch.tensor(
+    penalties = _on_device(
         [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in (requests[i].params for i in rows)],
-        device=device,
+        device,
     )  # [P, 3]
     repetition, frequency, presence = penalties.split(1, dim=1)  # [P, 1] each
-    index = torch.tensor(rows, device=device)  # [P]
+    index = _on_device(rows, device)  # [P]
     picked = logits[index]  # [P, V]
     # vLLM's (and CTRL's) rule: a seen token's logit moves towards -inf whatever its sign
     penalized = torch.where(picked > 0, picked / repetition, picked * repetition)  # [P, V]
@@ -235,7 +243,7 @@ def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None
             rows += [i] * len(stops)
             token_ids += stops
     if rows:
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(token_ids, device=logits.device)] = -math.inf
+        logits[_on_device(rows, logits.device), _on_device(token_ids, logits.device)] = -math.inf
 
 
 def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:
@@ -244,9 +252,7 @@ def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:
     device = logits.device
     params = [state.params for state in requests]
     ks = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]  # vocab_size: top-k off
-    options = torch.tensor(
-        [[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], device=device
-    )  # [R, 4]
+    options = _on_device([[p.temperature, k, p.top_p, p.min_p] for p, k in zip(params, ks)], device)  # [R, 4]
     temperature, top_k, top_p, min_p = options.split(1, dim=1)  # [R, 1] each
     logits = logits / temperature  # [R, V]
 
@@ -309,7 +315,7 @@ def _logprob_tensors(raw: Tensor, tokens: Tensor, params: list[SamplingParams]) 
     wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not wanted:
         return None
-    index = torch.tensor(wanted, device=raw.device)  # [L]
+    index = _on_device(wanted, raw.device)  # [L]
     logprobs = raw[index].float().log_softmax(dim=-1)  # [L, V]
     chosen = logprobs.gather(1, tokens[index].unsqueeze(1))  # [L, 1]
     ranks = (logprobs > chosen).sum(dim=-1) + 1  # [L]

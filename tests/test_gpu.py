@@ -143,17 +143,19 @@ def test_mixed_steps_from_piecewise_graphs_give_the_eager_tokens(tiny_mxfp4):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_decode_step_never_syncs_with_the_host(tiny_mxfp4, async_scheduling):
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9, presence_penalty=0.5)])
+def test_a_decode_step_never_syncs_with_the_host(tiny_mxfp4, async_scheduling, sampling):
     """The inputs go over in one non-blocking copy, the forward pass (a graph replay here) never waits for the host,
-    and the sampled ids come back through pinned memory: the host waits on that copy's event alone (at once when
-    steps are synchronous, while the next step runs under async scheduling), never on the whole stream."""
+    the sampler's options go over from pinned memory, and the sampled ids come back through pinned memory: the host
+    waits on that copy's event alone (at once when steps are synchronous, while the next step runs under async
+    scheduling), never on the whole stream, greedy or not."""
     from gptoss_serve.bench.profile_step import count_syncs
 
     model = load_model(tiny_mxfp4, device="cuda")
     engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_seqs=4,
                                                              async_scheduling=async_scheduling))
     for i in range(3):
-        engine.add_request(str(i), list(range(100 + i, 140 + i)), SamplingParams(temperature=0, max_tokens=30,
+        engine.add_request(str(i), list(range(100 + i, 140 + i)), SamplingParams(**sampling, max_tokens=30,
                                                                                   ignore_eos=True))
     for _ in range(3):  # the prefill (one step: 120 tokens), then decode steps, the graphs' first replays
         engine.step()

@@ -303,3 +303,28 @@ def test_on_cuda():
     mine = SamplingParams(seed=5, frequency_penalty=0.5, top_p=0.95, min_p=0.01, logprobs=2)
     alone = run([mine], 0)
     assert run([SamplingParams(), SamplingParams(seed=6), mine, SamplingParams(temperature=0)], 2) == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [
+    [SamplingParams(temperature=0)],
+    [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05), SamplingParams(seed=3)],
+    [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.5)],  # greedy and drawn rows in one batch
+    [SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3, min_tokens=4, logprobs=3,
+                    max_tokens=16)],
+])
+def test_a_launch_never_waits_for_the_device(batch):
+    """Whatever the options, launching a step's sampling only queues work behind the forward pass: a blocking copy
+    of a host list would wait for the whole stream and leave the device idle while the host prepares the next step
+    (under async scheduling). The sync debug mode turns any such wait into an error."""
+    device = torch.device("cuda")
+    requests = [SamplingState(p, [1, 2, 3], [4, 5]) for p in batch]
+    logits = torch.randn(len(batch), 201_088, device=device)  # [B, V]: the harmony stop ids (min_tokens) within it
+    Sampler().launch(logits, requests).result()  # first use: the requests' penalty tensors and generators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = Sampler().launch(logits, requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(pending.result().token_ids) == len(batch)
