@@ -28,8 +28,10 @@ POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", b_ptr="*fp32", pair_pt
 FLOATS = {"alpha", "limit"}
 
 
-def compile_for_sm90(kernel, constants: dict, num_warps: int):
-    """kernel compiled for an H100: pointers as POINTERS (16-byte aligned), other runtime arguments i32 or fp32."""
+def compile_for_sm90(kernel, constants: dict, num_warps: int, pointers: dict | None = None):
+    """kernel compiled for an H100: pointers as POINTERS updated by `pointers` (16-byte aligned), other runtime
+    arguments i32 or fp32."""
+    pointer_types = POINTERS | (pointers or {})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
@@ -37,8 +39,8 @@ def compile_for_sm90(kernel, constants: dict, num_warps: int):
     for index, name in enumerate(kernel.arg_names):
         if name in constants:
             signature[name], constexprs[name] = "constexpr", constants[name]
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
@@ -80,20 +82,23 @@ def loop_figures(preset: str, which: str) -> dict:
     tiles = PRESETS[preset]
     common = dict(EXPERTS_PAD=EXPERTS_PAD, USE_ASM=True, INTERPRET=False, DEPTH=tiles.depth, SPLIT_K=tiles.split_k,
                   BLOCK_M=tiles.block_m)
-    if tiles.gemv:  # one token a program: its rows times one vector
+    pointers = {}
+    if tiles.gemv:  # one token a program: its rows times one vector (HALF2: act as f16x2 words)
+        half2 = dict(HALF2=tiles.half2, ACT_SHIFT=10 if tiles.half2 else 0)
         if which == "gate_up":
             kernel, n, groups, rows = gemv._gate_up_gemv, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
-            constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True)
+            constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True, **half2)
         else:
             kernel, n, groups, rows = gemv._down_gemv, tiles.down_n, tiles.down_groups, tiles.down_n
-            constants = dict(BLOCK_N=n, GROUPS=groups, USE_ASM=True)
+            constants = dict(BLOCK_N=n, GROUPS=groups, USE_ASM=True, **half2)
+            pointers = dict(act_ptr="*i32") if tiles.half2 else {}
     elif which == "gate_up":
         kernel, n, groups, rows = kernels._gate_up, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
         constants = dict(common, TOP_K=4, BLOCK_N=n, GROUPS=groups)
     else:
         kernel, n, groups, rows = kernels._down, tiles.down_n, tiles.down_groups, tiles.down_n
         constants = dict(common, BLOCK_N=n, GROUPS=groups)
-    compiled = compile_for_sm90(kernel, constants, tiles.num_warps)
+    compiled = compile_for_sm90(kernel, constants, tiles.num_warps, pointers)
     sass = disassemble(compiled.asm["cubin"])
     loop = largest_loop(sass)
     values = rows * groups * 32  # weight values a program decodes per step
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["gemv", "decode", "decode_wide", "medium", "prefill"],
+    parser.add_argument("--presets", nargs="+",
+                        default=["gemv", "gemv_h2", "decode", "decode_wide", "medium", "prefill"],
                         choices=[p for p, t in PRESETS.items() if not t.scaled])
     parser.add_argument("--dump", help="write each kernel's disassembly here")
     args = parser.parse_args(argv)

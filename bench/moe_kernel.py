@@ -168,7 +168,8 @@ def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig,
 
 def sweep_variants(num_tokens: int) -> dict:
     """name -> (tiles, use_asm): every preset, the plain-Triton decodes, presets with the other load depth, the
-    matrix-vector kernels' tile sizes and warps (up to 16 tokens), and the scaled-dot kernels' tiles and stages."""
+    matrix-vector kernels' tile sizes and warps, float32 and fp16-pair products (up to 16 tokens), and the
+    scaled-dot kernels' tiles and stages."""
     from dataclasses import replace
 
     from gptoss_serve.kernels.mxfp4_moe import PRESETS, Tiles
@@ -193,6 +194,10 @@ def sweep_variants(num_tokens: int) -> dict:
         variants[f"gemv-n{n}-g{groups}-w{warps}"] = (replace(PRESETS["gemv"], gate_up_n=n, down_n=n,
                                                              gate_up_groups=groups, down_groups=groups,
                                                              num_warps=warps), True)
+    for n, groups, warps in ((8, 16, 1), (16, 8, 1), (16, 8, 2), (4, 8, 1), (16, 16, 2)):  # fp16 pairs
+        variants[f"gemv_h2-n{n}-g{groups}-w{warps}"] = (replace(PRESETS["gemv_h2"], gate_up_n=n, down_n=n,
+                                                                gate_up_groups=groups, down_groups=groups,
+                                                                num_warps=warps), True)
     return variants
 
 

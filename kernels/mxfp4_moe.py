@@ -26,6 +26,7 @@ This module imports Triton: import it only where a CUDA GPU is (the reference is
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class Tiles:
     depth: int = 3
     split_k: int = 1
     gemv: bool = False
+    half2: bool = False  # gemv only: the products in fp16 pairs (mxfp4_moe_gemv.py's HALF2)
     scaled: bool = False
     stages: int = 3
 
@@ -71,6 +73,10 @@ class Tiles:
 PRESETS = {
     "gemv": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=1, depth=1,
                   gemv=True),
+    # the same in fp16 pairs: about half the instructions a value (bench/kernel_sass.py); not yet timed on a GPU,
+    # so no call picks it unless GPTOSS_MOE_PRESETS=gemv=gemv_h2 asks
+    "gemv_h2": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=1, depth=1,
+                     gemv=True, half2=True),
     "decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4, depth=1,
                     split_k=2),
     "decode_wide": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4),
@@ -212,13 +218,15 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     groups = SUM_GROUPS.value
     group_experts = layer_experts // groups if layer_experts % groups == 0 else layer_experts  # else one group
     if tiles.gemv:
+        shift = act_shift(limit) if tiles.half2 else 0
         _gate_up_gemv[(P, triton.cdiv(I, tiles.gate_up_n))](
             hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias, ids,
             ws.act, first, count, H, I, alpha, limit, TOP_K=K, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups,
-            USE_ASM=asm, num_warps=tiles.num_warps)
+            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, num_warps=tiles.num_warps)
         _down_gemv[(P, triton.cdiv(H, tiles.down_n))](
-            ws.act, experts.down_blocks, experts.down_scales, experts.down_bias, ids, route, ws.y, first, count, I, H,
-            BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, USE_ASM=asm, num_warps=tiles.num_warps)
+            ws.act.view(torch.int32) if tiles.half2 else ws.act, experts.down_blocks, experts.down_scales,
+            experts.down_bias, ids, route, ws.y, first, count, I, H, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups,
+            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, num_warps=tiles.num_warps)
         _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=1,
                                            BLOCK=512, num_warps=4)
         return out
@@ -273,6 +281,20 @@ def _whole_step(groups: int, length: int) -> int:
 def _groups_per_split(n_groups: int, split: int, step: int) -> int:
     """Blocks of the reduction each of `split` programs sums: a whole number of steps of `step` blocks."""
     return triton.cdiv(triton.cdiv(n_groups, split), step) * step
+
+
+FP16_MAX = 65504.0
+
+
+def act_shift(limit: float) -> int:
+    """The power of two that scales act into fp16 for the half2 matrix-vector kernels: the largest that keeps the
+    largest act the clamped SwiGLU can give, (limit + 1) * limit, below fp16's largest value (10 at gpt-oss's
+    limit of 7), at most 14 (the decode's own 2**-14)."""
+    largest = (limit + 1) * limit
+    if not 0 < largest <= FP16_MAX:
+        raise ValueError(f"the half2 MoE kernels hold act in fp16, but a SwiGLU clamped at {limit} lets it reach "
+                         f"{largest:g} (at most {FP16_MAX:g}); use the gemv preset")
+    return min(14, math.floor(math.log2(FP16_MAX / largest)))
 
 
 def new_workspace(num_tokens: int, top_k: int, experts: PackedExperts, *, device: torch.device,

@@ -16,6 +16,19 @@ exactly); one conversion a value gives float32. The block's E8M0 exponent and th
     _down_gemv     per (pair, tile of output columns): y[p] = (act[p] @ down[expert(p)] + bias) * routing weight
 then the launcher's _combine sums each token's rows, in the same fixed order as the other path.
 
+HALF2 (the "gemv_h2" preset) takes the products in packed fp16 pairs instead: a block's decoded pairs (codes q and
+q + 4 of each word, each 2**-14 times its value) are multiplied by the matching activation pairs with fma.rn.f16x2,
+so one instruction takes two products and the conversion to float32 comes once a 32-value block, not once a value.
+The loop then costs 3.8-3.9 instructions a value against 5.4-5.9 (3.4-3.5 with 16 columns a program; counted from
+the machine code with bench/kernel_sass.py), of which the decode is ~2. The costs: the activations go in fp16, each
+block's products are summed 16 to a lane with fp16's 11-bit rounding (~6e-4 of a row's sum in an fp16 emulation at
+gpt-oss's shape; bf16's own output rounding is ~1e-3). The x pairs are built in registers from the bf16 hidden
+states, unscaled (a lane's 16 products, each 2**-14 v x, stay far inside fp16 for any x fp16 holds). The act buffer
+between the two kernels holds fp16 scaled by 2**ACT_SHIFT, in pair order (value 8w + q + 4h at 8w + 2q + h, so that
+one 32-bit load is a word's pair q); the launcher picks ACT_SHIFT from the SwiGLU's clamp, the largest that keeps
+the largest act, (limit + 1) * limit, below fp16's 65,504 (10 at gpt-oss's limit of 7), so that the products stay
+clear of fp16's subnormals; the block scale takes the shift back out.
+
 This module imports Triton: import it only where a CUDA GPU is (the reference is `moe_reference.py`).
 """
 
@@ -102,11 +115,145 @@ def _load_step(w_ptrs, s_ptrs, g, n_groups, row_ok, GROUPS: tl.constexpr):
     return w, s
 
 
+def _block_dot_asm() -> str:
+    """A 32-value block's products in fp16 pairs, as PTX: $1..$4 its four words, $5..$20 their activation pairs (word
+    j's pair q at $5 + 4j + q: fp16 value 8j + q low, 8j + q + 4 high) -> $0, float32: the sum of code value * 2**-14
+    * activation over the block. The products of each pair's two lanes are summed in fp16 (16 a lane), the lanes
+    once in float32."""
+    def pair(j: int, q: int) -> str:
+        em, sign = 9 - 4 * q, 12 - 4 * q  # as _decode_asm: code q's e,m bits to 9..11, its sign to 15 (q + 4: +16)
+        word, x = f"${1 + j}", f"${5 + 4 * j + q}"
+        product = f"mul.rn.f16x2 acc, pt, {x};" if j == q == 0 else f"fma.rn.f16x2 acc, pt, {x}, acc;"
+        return "\n".join([f"shl.b32 pt, {word}, {em};" if em > 0 else f"shr.b32 pt, {word}, {-em};",
+                          f"shl.b32 pu, {word}, {sign};\nand.b32 pu, pu, 0x80008000;" if sign
+                          else f"and.b32 pu, {word}, 0x80008000;",
+                          "and.b32 pt, pt, 0x0E000E00;", "or.b32 pt, pt, pu;", product])
+
+    return "\n".join(["", "{", ".reg .b32 pt, pu, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+                     + [pair(j, q) for j in range(4) for q in range(4)]
+                     + ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;",
+                        "add.f32 $0, flo, fhi;", "}", ""])
+
+
+_BLOCK_DOT_ASM = tl.constexpr(_block_dot_asm())
+
+
+@triton.jit
+def _split4(t):
+    """t [..., 4] -> its four slices along the last axis, in order (register moves within a thread)."""
+    a, b = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))  # a: 0 and 2, b: 1 and 3
+    a0, a2 = tl.split(a)
+    b1, b3 = tl.split(b)
+    return a0, b1, a2, b3
+
+
+@triton.jit
+def _fp16_pair(lo, hi):
+    """Two fp16 tensors -> int32 words, lo in bits 0..15 and hi in 16..31 (the register layout of an f16x2)."""
+    lo_bits = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | lo_bits
+
+
+@triton.jit
+def _pair_half(pairs, high: tl.constexpr):
+    """One half of int32 f16x2 words as fp16 (the interpreter's path)."""
+    bits = (pairs >> 16) if high else pairs
+    return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _half_products(w, pairs, q: tl.constexpr):
+    """Codes q and q + 4 of each word times their activations, in fp16 (the interpreter's path) -> float32."""
+    lo = _code_value(w, q).to(tl.float16) * _pair_half(pairs, False)
+    hi = _code_value(w, q + 4).to(tl.float16) * _pair_half(pairs, True)
+    return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _word_dot(w, p0, p1, p2, p3):
+    """One word's eight products in fp16 (the interpreter's path) -> float32."""
+    return _half_products(w, p0, 0) + _half_products(w, p1, 1) + _half_products(w, p2, 2) + _half_products(w, p3, 3)
+
+
+@triton.jit
+def _word_pairs(pairs):
+    """Activation pairs int32 [G, 4 words, 4 pairs] -> 16 tensors [1, G], word-major, broadcastable against [R, G]."""
+    q0, q1, q2, q3 = _split4(pairs)  # each [G, 4 words]
+    a0, a1, a2, a3 = _split4(q0)
+    b0, b1, b2, b3 = _split4(q1)
+    c0, c1, c2, c3 = _split4(q2)
+    d0, d1, d2, d3 = _split4(q3)
+    return (a0[None, :], b0[None, :], c0[None, :], d0[None, :], a1[None, :], b1[None, :], c1[None, :], d1[None, :],
+            a2[None, :], b2[None, :], c2[None, :], d2[None, :], a3[None, :], b3[None, :], c3[None, :], d3[None, :])
+
+
+@triton.jit
+def _block_dots(w, pairs, USE_ASM: tl.constexpr):
+    """Words int32 [R, G, 4] and their activation pairs int32 [G, 4 words, 4 pairs] -> float32 [R, G]: each block's
+    sum of value * 2**-14 * activation, its products rounded as fp16 pairs."""
+    w0, w1, w2, w3 = _split4(w)  # [R, G] each
+    x00, x01, x02, x03, x10, x11, x12, x13, x20, x21, x22, x23, x30, x31, x32, x33 = _word_pairs(pairs)
+    if USE_ASM:
+        shape: tl.constexpr = w0.shape
+        return tl.inline_asm_elementwise(
+            _BLOCK_DOT_ASM, "=f" + ",r" * 20,
+            [w0, w1, w2, w3, tl.broadcast_to(x00, shape), tl.broadcast_to(x01, shape), tl.broadcast_to(x02, shape),
+             tl.broadcast_to(x03, shape), tl.broadcast_to(x10, shape), tl.broadcast_to(x11, shape),
+             tl.broadcast_to(x12, shape), tl.broadcast_to(x13, shape), tl.broadcast_to(x20, shape),
+             tl.broadcast_to(x21, shape), tl.broadcast_to(x22, shape), tl.broadcast_to(x23, shape),
+             tl.broadcast_to(x30, shape), tl.broadcast_to(x31, shape), tl.broadcast_to(x32, shape),
+             tl.broadcast_to(x33, shape)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    return (_word_dot(w0, x00, x01, x02, x03) + _word_dot(w1, x10, x11, x12, x13)
+            + _word_dot(w2, x20, x21, x22, x23) + _word_dot(w3, x30, x31, x32, x33))
+
+
+@triton.jit
+def _rows_times_pairs(w_ptr, s_ptr, x_ptr, row, row_ok, n_groups, X_PAIRS: tl.constexpr, SHIFT: tl.constexpr,
+                      GROUPS: tl.constexpr, USE_ASM: tl.constexpr):
+    """_rows_times_vector in fp16 pairs. The vector at x_ptr: bf16 (n_groups * 32 values) when not X_PAIRS, turned
+    into pairs here; else int32 f16x2 words in pair order, scaled by 2**SHIFT (which the block scale takes out)."""
+    word = tl.arange(0, GROUPS)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    w_ptrs = w_ptr + row[:, None, None] * (n_groups * 4) + word  # [R, G, 4] int32
+    s_ptrs = s_ptr + row[:, None] * n_groups + tl.arange(0, GROUPS)[None, :]  # [R, G] uint8
+    if X_PAIRS:  # [G, 4 words, 4 pairs]: a block's 16 pairs are contiguous (pair q of word w at 4w + q)
+        x_offs = tl.arange(0, GROUPS)[:, None, None] * 16 + tl.arange(0, 4)[None, :, None] * 4 \
+            + tl.arange(0, 4)[None, None, :]
+    else:  # [G, 4 words, 4 pairs, 2 halves]: value 8w + q + 4h of the block
+        x_offs = tl.arange(0, GROUPS)[:, None, None, None] * 32 + tl.arange(0, 4)[None, :, None, None] * 8 \
+            + tl.arange(0, 4)[None, None, :, None] + tl.arange(0, 2)[None, None, None, :] * 4
+    # summed over the blocks of a step after the loop, not in it (in it, each step paid a cross-thread reduction)
+    acc = tl.zeros([row.shape[0], GROUPS], dtype=tl.float32)
+    w, s = _load_step(w_ptrs, s_ptrs, 0, n_groups, row_ok, GROUPS)
+    for g in range(0, n_groups, GROUPS):
+        w_next, s_next = _load_step(w_ptrs, s_ptrs, g + GROUPS, n_groups, row_ok, GROUPS)
+        live = (g + tl.arange(0, GROUPS)) < n_groups  # [G]
+        if X_PAIRS:
+            pairs = tl.load(x_ptr + g * 16 + x_offs, mask=live[:, None, None], other=0)
+        else:
+            halves = tl.load(x_ptr + g * 32 + x_offs, mask=live[:, None, None, None], other=0.0).to(tl.float16)
+            lo, hi = tl.split(halves)
+            pairs = _fp16_pair(lo, hi)
+        sums = _block_dots(w, pairs, USE_ASM)  # [R, G]
+        scale = ((s.to(tl.int32) + (14 - SHIFT)) << 23).to(tl.float32, bitcast=True)  # 2**(exponent-127+14-SHIFT)
+        acc += sums * scale
+        w, s = w_next, s_next
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _pair_order(cols):
+    """Where act column c sits in pair order: value 8w + q + 4h at 8w + 2q + h."""
+    return (cols // 8) * 8 + (cols % 4) * 2 + (cols % 8) // 4
+
+
 @triton.jit(do_not_specialize=["first"])
 def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first, count, hidden, inter, alpha, limit,
-                  TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr):
+                  TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr,
+                  HALF2: tl.constexpr = False, ACT_SHIFT: tl.constexpr = 0):
     """act[p, cols] = swiglu(x[p // TOP_K] @ gate_up[expert(p)] + bias) for one tile of BLOCK_N act columns: the
-    2 * BLOCK_N consecutive weight rows of gate (even) and up (odd). Pairs of experts outside the shard are skipped."""
+    2 * BLOCK_N consecutive weight rows of gate (even) and up (odd). Pairs of experts outside the shard are skipped.
+    HALF2: the products in fp16 pairs, act stored as fp16 times 2**ACT_SHIFT, in pair order (the module's doc)."""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int32) - first
     if (expert < 0) | (expert >= count):
@@ -115,18 +262,28 @@ def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first,
     row_ok = rows < 2 * inter
     row = expert.to(tl.int64) * 2 * inter + rows
     token = (pair // TOP_K).to(tl.int64)
-    acc = _rows_times_vector(w_ptr, s_ptr, x_ptr + token * stride_x, row, row_ok, hidden // 32, GROUPS, USE_ASM)
+    if HALF2:
+        acc = _rows_times_pairs(w_ptr, s_ptr, x_ptr + token * stride_x, row, row_ok, hidden // 32, False, 0, GROUPS,
+                                USE_ASM)
+    else:
+        acc = _rows_times_vector(w_ptr, s_ptr, x_ptr + token * stride_x, row, row_ok, hidden // 32, GROUPS, USE_ASM)
     acc += tl.load(b_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, [BLOCK_N, 2]))
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     act = _swiglu(gate, up, alpha, limit)
-    tl.store(act_ptr + pair.to(tl.int64) * inter + cols, act.to(tl.bfloat16), mask=cols < inter)
+    if HALF2:  # fp16 bits in the bf16 buffer, for _down_gemv's pair loads
+        half = (act * (1 << ACT_SHIFT)).to(tl.float16).to(tl.bfloat16, bitcast=True)
+        tl.store(act_ptr + pair.to(tl.int64) * inter + _pair_order(cols), half, mask=cols < inter)
+    else:
+        tl.store(act_ptr + pair.to(tl.int64) * inter + cols, act.to(tl.bfloat16), mask=cols < inter)
 
 
 @triton.jit(do_not_specialize=["first"])
 def _down_gemv(act_ptr, w_ptr, s_ptr, b_ptr, ids_ptr, route_ptr, y_ptr, first, count, inter, hidden,
-               BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr):
-    """y[p, cols] = (act[p] @ down[expert(p)] + bias) * routing weight of p, for one tile of BLOCK_N columns."""
+               BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr, HALF2: tl.constexpr = False,
+               ACT_SHIFT: tl.constexpr = 0):
+    """y[p, cols] = (act[p] @ down[expert(p)] + bias) * routing weight of p, for one tile of BLOCK_N columns.
+    HALF2: act_ptr is int32, act as _gate_up_gemv's HALF2 stored it (f16x2 words, pair order, 2**ACT_SHIFT)."""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int32) - first
     if (expert < 0) | (expert >= count):
@@ -134,7 +291,11 @@ def _down_gemv(act_ptr, w_ptr, s_ptr, b_ptr, ids_ptr, route_ptr, y_ptr, first, c
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     row = expert.to(tl.int64) * hidden + cols
-    acc = _rows_times_vector(w_ptr, s_ptr, act_ptr + pair.to(tl.int64) * inter, row, col_ok, inter // 32, GROUPS,
-                             USE_ASM)
+    if HALF2:
+        acc = _rows_times_pairs(w_ptr, s_ptr, act_ptr + pair.to(tl.int64) * (inter // 2), row, col_ok, inter // 32,
+                                True, ACT_SHIFT, GROUPS, USE_ASM)
+    else:
+        acc = _rows_times_vector(w_ptr, s_ptr, act_ptr + pair.to(tl.int64) * inter, row, col_ok, inter // 32,
+                                 GROUPS, USE_ASM)
     y = (acc + tl.load(b_ptr + row, mask=col_ok, other=0.0).to(tl.float32)) * tl.load(route_ptr + pair).to(tl.float32)
     tl.store(y_ptr + pair.to(tl.int64) * hidden + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)

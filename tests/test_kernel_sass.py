@@ -30,3 +30,15 @@ def test_the_matrix_vector_loop_is_found_and_counted():
     assert figures["values_per_step"] == 2 * tiles.gate_up_n * tiles.gate_up_groups * 32
     assert 1 < figures["per_value"] < 20
     assert loop_figures("gemv", "down")["values_per_step"] == tiles.down_n * tiles.down_groups * 32
+
+
+def test_fp16_pair_products_take_fewer_instructions_a_value():
+    """gemv_h2's reason to exist: its loop costs clearly fewer instructions a value than gemv's (two products an
+    instruction, one float32 conversion a block), for both kernels."""
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import loop_figures
+
+    for which in ("gate_up", "down"):
+        half2, plain = loop_figures("gemv_h2", which), loop_figures("gemv", which)
+        assert half2["mix"]["HFMA2"] > 0 and half2["values_per_step"] == plain["values_per_step"]
+        assert half2["per_value"] < 0.8 * plain["per_value"], (which, half2["per_value"], plain["per_value"])
