@@ -204,7 +204,7 @@ def _apply_penalties(logits: Tensor, requests: list[SamplingState]) -> None:
     # what changed since the last step goes in with one transfer and one kernel for the whole batch, not one per row
     marks = [row * vocab_size + t for row, (_, _, prompt, _) in enumerate(inputs) for t in prompt]
     if marks:
-        in_prompt.view(-1)[_on_device(marks, device)] = True
+        in_prompt.view(-1).index_put_((_on_device(marks, device),), torch.ones((), dtype=torch.bool, device=device))
         _store(in_prompt, [(row, mask) for row, (mask, _, prompt, _) in enumerate(inputs) if prompt])
     new = [row * vocab_size + t for row, (_, _, _, tokens) in enumerate(inputs) for t in tokens]
     if new:
@@ -243,7 +243,9 @@ def _suppress_stop_tokens(logits: Tensor, requests: list[SamplingState]) -> None
             rows += [i] * len(stops)
             token_ids += stops
     if rows:
-        logits[_on_device(rows, logits.device), _on_device(token_ids, logits.device)] = -math.inf
+        # the value as a device tensor: a Python scalar there goes over by a blocking copy
+        stop = torch.full((), -math.inf, device=logits.device)
+        logits.index_put_((_on_device(rows, logits.device), _on_device(token_ids, logits.device)), stop)
 
 
 def _draw(logits: Tensor, requests: list[SamplingState]) -> Tensor:

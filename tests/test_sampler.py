@@ -320,11 +320,15 @@ def test_a_launch_never_waits_for_the_device(batch):
     device = torch.device("cuda")
     requests = [SamplingState(p, [1, 2, 3], [4, 5]) for p in batch]
     logits = torch.randn(len(batch), 201_088, device=device)  # [B, V]: the harmony stop ids (min_tokens) within it
-    Sampler().launch(logits, requests).result()  # first use: the requests' penalty tensors and generators
+    for state in requests:  # first use: the seeded requests' generators
+        state.generator(logits.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        pending = Sampler().launch(logits, requests)
+    try:  # the first launch marks the prompts for the penalties, the second only counts the new output token
+        first = Sampler().launch(logits, requests)
+        for state in requests:
+            state.output_token_ids.append(6)
+        second = Sampler().launch(logits, requests)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert len(pending.result().token_ids) == len(batch)
+    assert len(first.result().token_ids) == len(second.result().token_ids) == len(batch)
