@@ -193,7 +193,9 @@ def warm_up_prefill_attention(kernel, cache: KVCache, model: GptOssForCausalLM) 
     device, block_size = layer.keys.device, layer.keys.shape[1]
     new = 17
     q = torch.zeros(new, config.num_attention_heads, config.head_dim, dtype=model.dtype, device=device)
-    sinks = torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device)
+    # the model's own sinks: a kernel variant is compiled per pointer dtype, and serving passes these (bf16 in a bf16
+    # model; float32 zeros here once left two variants to compile in the middle of serving)
+    sinks = model.model.layers[0].self_attn.sinks
     query_start = torch.tensor([0, new], dtype=torch.int32, device=device)
     steps = [(256, None), (WARM_UP_KEYS, None)] + ([(256, config.sliding_window)] if config.sliding_window else [])
     for keys, window in steps:

@@ -20,6 +20,9 @@ def test_the_warm_up_steps_are_valid_and_one_of_them_is_split(tiny_bf16):
 
     def kernel(q, keys, values, *, max_query_len, **args):
         calls.append((q.shape[0], args["block_tables"].shape[1] * keys.shape[1], args["window"], max_query_len))
+        # every tensor as a step passes it (a Triton variant is compiled per pointer dtype): the model's own sinks
+        assert args["sinks"].dtype == model.model.layers[0].self_attn.sinks.dtype == model.dtype
+        assert q.dtype == keys.dtype == model.dtype
         return paged_attention_reference(q, keys, values, **args)
 
     warm_up_prefill_attention(kernel, cache, model)
