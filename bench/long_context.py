@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens a step computes: the prefill chunk the decodes share their steps with")
     parser.add_argument("--long-prefill-token-threshold", type=int, default=0,
                         help="engine.long_prefill_token_threshold: the long prompt's chunk beside the decodes")
-    parser.add_argument("--mixed-step-graph-tokens", type=int, default=0,
-                        help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs")
+    parser.add_argument("--mixed-step-graph-tokens", type=int,
+                        default=EngineConfig.model_fields["mixed_step_graph_tokens"].default,
+                        help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs "
+                             "(0: eagerly)")
     parser.add_argument("--ttft-lens", type=int, nargs="+", default=[8192, 32768, 131071],
                         help="prompt tokens, each timed alone to its first token")
     parser.add_argument("--decode-batch", type=int, default=32, help="requests decoding beside the long prefill")

@@ -141,8 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-lens", type=int, nargs=2, default=[32, 32])
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--mixed-step-graph-tokens", type=int, default=0,
-                   help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs")
+    p.add_argument("--mixed-step-graph-tokens", type=int,
+                   default=EngineConfig.model_fields["mixed_step_graph_tokens"].default,
+                   help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs (0: "
+                        "eagerly)")
     p.add_argument("--num-cpus", type=int, default=4, help="Ray CPUs for the app")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
