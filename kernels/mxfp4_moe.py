@@ -73,8 +73,9 @@ class Tiles:
 PRESETS = {
     "gemv": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=1, depth=1,
                   gemv=True),
-    # the same in fp16 pairs: about half the instructions a value (bench/kernel_sass.py); not yet timed on a GPU,
-    # so no call picks it unless GPTOSS_MOE_PRESETS=gemv=gemv_h2 asks
+    # the same in fp16 pairs: ~0.7x the instructions a value (bench/kernel_sass.py), 1.11x the engine's batch-1
+    # decode and 1.25x at batch 4 on an H100 (BENCHMARKS.md): what calls pick; GPTOSS_MOE_PRESETS=gemv_h2=gemv
+    # swaps the float32 one back in
     "gemv_h2": Tiles(block_m=1, gate_up_n=8, gate_up_groups=8, down_n=8, down_groups=8, num_warps=1, depth=1,
                      gemv=True, half2=True),
     "decode": Tiles(block_m=16, gate_up_n=64, gate_up_groups=2, down_n=64, down_groups=4, num_warps=4, depth=1,
@@ -101,7 +102,7 @@ def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
     The thresholds follow the H100 sweep in kernels/NOTES-mxfp4-moe.md."""
     per_expert = num_pairs / num_experts
     if per_expert <= GEMV_PER_EXPERT:
-        name = "gemv"
+        name = "gemv_h2"
     elif per_expert <= 1:
         name = "decode"
     elif per_expert <= 16:
@@ -205,7 +206,10 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     layer_experts = layer_experts or first + count
     if layer_experts < first + count:
         raise ValueError(f"experts [{first}, {first + count}) do not fit in a layer of {layer_experts}")
-    tiles = tiles or pick_tiles(P, layer_experts)
+    if tiles is None:
+        tiles = pick_tiles(P, layer_experts)
+        if tiles.half2 and not act_fits_fp16(limit):  # a SwiGLU clamped far above gpt-oss's: float32 products
+            tiles = PRESETS["gemv"]
     ws = workspace or new_workspace(N, K, experts, device=hidden.device, tiles=tiles)
     split = tiles.split_k
     if ws.split_k != split or ws.y.shape[1] != P:
@@ -286,12 +290,17 @@ def _groups_per_split(n_groups: int, split: int, step: int) -> int:
 FP16_MAX = 65504.0
 
 
+def act_fits_fp16(limit: float) -> bool:
+    """Whether the clamped SwiGLU's largest act, (limit + 1) * limit, fits fp16 (the half2 kernels hold act so)."""
+    return 0 < (limit + 1) * limit <= FP16_MAX
+
+
 def act_shift(limit: float) -> int:
     """The power of two that scales act into fp16 for the half2 matrix-vector kernels: the largest that keeps the
     largest act the clamped SwiGLU can give, (limit + 1) * limit, below fp16's largest value (10 at gpt-oss's
     limit of 7), at most 14 (the decode's own 2**-14)."""
     largest = (limit + 1) * limit
-    if not 0 < largest <= FP16_MAX:
+    if not act_fits_fp16(limit):
         raise ValueError(f"the half2 MoE kernels hold act in fp16, but a SwiGLU clamped at {limit} lets it reach "
                          f"{largest:g} (at most {FP16_MAX:g}); use the gemv preset")
     return min(14, math.floor(math.log2(FP16_MAX / largest)))
