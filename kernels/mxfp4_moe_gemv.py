@@ -40,14 +40,20 @@ import triton.language as tl
 from gptoss_serve.kernels.mxfp4_moe_kernels import _swiglu
 
 
+def _pair_bits_asm(word: str, q: int) -> list[str]:
+    """PTX that leaves in `pt` codes q and q + 4 of `word` as an fp16 pair (each 2**-14 times its value), the decode
+    above; `pu` is scratch."""
+    em, sign = 9 - 4 * q, 12 - 4 * q  # shifts bringing code q's e,m bits to 9..11 and its sign to 15 (q + 4: +16)
+    return [f"shl.b32 pt, {word}, {em};" if em > 0 else f"shr.b32 pt, {word}, {-em};",
+            f"shl.b32 pu, {word}, {sign};\nand.b32 pu, pu, 0x80008000;" if sign else f"and.b32 pu, {word}, 0x80008000;",
+            "and.b32 pt, pt, 0x0E000E00;", "or.b32 pt, pt, pu;"]
+
+
 def _decode_asm() -> str:
     """The decode above as PTX: $8 a word -> $0..$7, values 0..7 as float32, each 2**-14 times the code's value."""
     def pair(q: int) -> str:
-        em, sign = 9 - 4 * q, 12 - 4 * q  # shifts bringing code q's e,m bits to 9..11 and its sign to 15
-        return "\n".join([f"shl.b32 pt, $8, {em};" if em > 0 else f"shr.b32 pt, $8, {-em};",
-                          f"shl.b32 pu, $8, {sign};" if sign else "mov.b32 pu, $8;",
-                          "and.b32 pt, pt, 0x0E000E00;", "and.b32 pu, pu, 0x80008000;", "or.b32 pt, pt, pu;",
-                          "mov.b32 {lo, hi}, pt;", f"cvt.f32.f16 ${q}, lo;", f"cvt.f32.f16 ${q + 4}, hi;"])
+        return "\n".join(_pair_bits_asm("$8", q)
+                         + ["mov.b32 {lo, hi}, pt;", f"cvt.f32.f16 ${q}, lo;", f"cvt.f32.f16 ${q + 4}, hi;"])
 
     return "\n".join(["", "{", ".reg .b32 pt, pu;", ".reg .b16 lo, hi;"] + [pair(q) for q in range(4)]) + "\n}\n"
 
@@ -121,13 +127,9 @@ def _block_dot_asm() -> str:
     * activation over the block. The products of each pair's two lanes are summed in fp16 (16 a lane), the lanes
     once in float32."""
     def pair(j: int, q: int) -> str:
-        em, sign = 9 - 4 * q, 12 - 4 * q  # as _decode_asm: code q's e,m bits to 9..11, its sign to 15 (q + 4: +16)
-        word, x = f"${1 + j}", f"${5 + 4 * j + q}"
+        x = f"${5 + 4 * j + q}"
         product = f"mul.rn.f16x2 acc, pt, {x};" if j == q == 0 else f"fma.rn.f16x2 acc, pt, {x}, acc;"
-        return "\n".join([f"shl.b32 pt, {word}, {em};" if em > 0 else f"shr.b32 pt, {word}, {-em};",
-                          f"shl.b32 pu, {word}, {sign};\nand.b32 pu, pu, 0x80008000;" if sign
-                          else f"and.b32 pu, {word}, 0x80008000;",
-                          "and.b32 pt, pt, 0x0E000E00;", "or.b32 pt, pt, pu;", product])
+        return "\n".join(_pair_bits_asm(f"${1 + j}", q) + [product])
 
     return "\n".join(["", "{", ".reg .b32 pt, pu, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
                      + [pair(j, q) for j in range(4) for q in range(4)]
