@@ -77,14 +77,16 @@ def largest_loop(sass: str) -> list[str]:
 def loop_figures(preset: str, which: str) -> dict:
     from gptoss_serve.kernels import mxfp4_moe_gemv as gemv
     from gptoss_serve.kernels import mxfp4_moe_kernels as kernels
-    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS, act_shift
+    from gptoss_serve.model.config import GptOssConfig
 
     tiles = PRESETS[preset]
     common = dict(EXPERTS_PAD=EXPERTS_PAD, USE_ASM=True, INTERPRET=False, DEPTH=tiles.depth, SPLIT_K=tiles.split_k,
                   BLOCK_M=tiles.block_m)
     pointers = {}
     if tiles.gemv:  # one token a program: its rows times one vector (HALF2: act as f16x2 words)
-        half2 = dict(HALF2=tiles.half2, ACT_SHIFT=10 if tiles.half2 else 0)
+        shift = act_shift(GptOssConfig.swiglu_limit) if tiles.half2 else 0  # what the launcher passes for gpt-oss
+        half2 = dict(HALF2=tiles.half2, ACT_SHIFT=shift)
         if which == "gate_up":
             kernel, n, groups, rows = gemv._gate_up_gemv, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
             constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True, **half2)
