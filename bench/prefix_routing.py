@@ -4,7 +4,8 @@ several attention replicas, routed each way, and the prefix-cache hit rate the a
     python -m gptoss_serve.bench.prefix_routing [--replicas 4] [--users 64] [--turns 6] [--system-prompts 4]
         [--system-prompt-len 320] [--input-len 32] [--output-len 16] [--json FILE]          # tiny model, CPU
     python -m gptoss_serve.bench.prefix_routing --model /tmp/c20 --load-format dummy --device cuda \\
-        --replicas 2 --system-prompt-len 8192 --input-len 256 --output-len 128 --max-model-len 16384  # a GPU each
+        --replicas 2 --system-prompt-len 8192 --input-len 256 --output-len 128 --max-model-len 16384 \\
+        --endpoint completions                                                                  # a GPU each
         ... --gpus-per-replica 0.5 --kv-cache-gib 20                                            # both on one GPU
 
 For each of attention_routing=prefix and most_room: a local Ray cluster serves the app (bench/local_app.py) with
@@ -16,6 +17,10 @@ each answer's usage reports over its prompt tokens. The load starts once the met
 after the app); if it does not within METRICS_WAIT_S, the run goes on with the answers' usage and the TTFTs alone
 and says so. Prints one row per routing, with the median TTFT of the first turn and of the later ones; --json FILE
 writes everything.
+
+--endpoint completions sends each turn as the conversation's plain-text transcript (bench/loadtest/conversation.py)
+instead of chat messages. Use it for TTFTs on random weights: their output never forms a harmony header, so a chat
+stream holds back its first 32 tokens (the parser's header limit) and TTFT would count 32 decode steps too.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def run_routing(routing: str, args: argparse.Namespace, model_dir: str) -> dict:
                   "the replicas' hit rates and the router's decisions are left out (the answers' usage still "
                   "gives the cached share by turn)", flush=True)
             metrics_url = None
-        config = LoadConfig(url=url, endpoint="chat", workload="conversation", concurrency=args.users,
+        config = LoadConfig(url=url, endpoint=args.endpoint, workload="conversation", concurrency=args.users,
                             num_requests=args.users * args.turns, turns=args.turns,
                             system_prompts=args.system_prompts, system_prompt_len=args.system_prompt_len,
                             input_len=args.input_len, output_len=args.output_len, timeout=args.timeout,
@@ -102,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input-len", type=int, default=32, help="tokens of each new user message")
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                   help="completions: turns as plain-text transcripts, TTFT without the chat stream's header hold-back")
     p.add_argument("--gpus-per-replica", type=float, default=1.0,
                    help="with --device cuda: 0.5 puts two replicas on one GPU (give each --kv-cache-gib)")
     p.add_argument("--kv-cache-gib", type=float, help="engine.kv_cache_gib of each replica (replicas sharing a GPU)")

@@ -66,6 +66,7 @@ def _fake_app(seen: Counter, chats: list) -> FastAPI:
             chats.append(body["messages"])
             prompt_tokens = sum(len(tok.encode(m["content"])) for m in body["messages"]) + CHAT_TEMPLATE_TOKENS
         else:
+            chats.append(body["prompt"])
             prompt_tokens = len(tok.encode(body["prompt"]))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n + (fault == "token_mismatch")}
         if chat:  # a prefix cache that held everything before the last message
@@ -442,11 +443,30 @@ def test_conversation_runs_from_the_command_line(fresh, tmp_path, capsys):
 
 def test_conversation_options_are_checked():
     base = dict(url="http://127.0.0.1", workload="conversation", concurrency=2, num_requests=4)
-    for kw in (dict(endpoint="completions"), dict(request_rate=2.0), dict(concurrency=None, request_rate=2.0),
+    for kw in (dict(request_rate=2.0), dict(concurrency=None, request_rate=2.0),
                dict(turns=0), dict(system_prompt_len=-1), dict(workload="replay")):
         with pytest.raises(ConfigError):
             LoadConfig(**(base | kw)).validate()
     LoadConfig(**base).validate()
+    LoadConfig(**(base | dict(endpoint="completions"))).validate()
+
+
+def test_completions_turns_are_transcripts_that_extend_the_turn_before(fresh):
+    result = _run(_config(fresh, endpoint="completions", workload="conversation", concurrency=2, num_requests=6,
+                          system_prompt_len=50, system_prompts=2, turns=3, input_len=6, output_len=4))
+    assert (result.completed, result.failed) == (6, 0)
+    prompts = [p for p in fresh.chats if isinstance(p, str)]
+    assert len(prompts) == 6 and all(p.startswith("system: ") and p.endswith("assistant:") for p in prompts)
+    assert len({p.split("\n\n")[0] for p in prompts}) == 2  # one system prompt a user, first in the transcript
+    for prompt in prompts:
+        paragraphs = prompt.split("\n\n")
+        turn = (len(paragraphs) - 1) // 2  # system, then a user message and an answer a turn (the last unanswered)
+        assert [p.split(":")[0] for p in paragraphs[1:-1]] == ["user", "assistant"] * (turn - 1) + ["user"]
+        if turn > 1:  # the transcript before it, the answer as streamed, a new message
+            before = "\n\n".join(paragraphs[:-3]) + "\n\nassistant:"
+            assert before in prompts and paragraphs[-3] == "assistant: " + _answer(4)
+    assert sorted(r.turn for r in result.records) == [1, 1, 2, 2, 3, 3]
+    assert all(r.ttft >= FIRST_DELAY and r.prompt_tokens > r.prompt_len for r in result.records)
 
 
 def test_users_spread_over_system_prompts_hand_count(fresh):

@@ -185,6 +185,32 @@ def test_gpu_logits_agree_with_the_float32_cpu_reference(tiny_mxfp4):
     assert gpu["top1_agreement"] >= cpu_bf16["top1_agreement"] - 0.03
 
 
+def test_logit_agreement_can_hand_the_experts_a_few_positions_a_call(tiny_mxfp4, monkeypatch):
+    """bench.logit_agreement --expert-tokens: the experts see N positions a call (the kernels a decode step picks),
+    the logits stay those of one call for all, and the model is left as it was."""
+    from gptoss_serve.bench.logit_agreement import experts_in_chunks
+
+    model = load_model(tiny_mxfp4, dtype=torch.float32)
+    ids = torch.randint(0, 201088, (2, 7), generator=torch.Generator().manual_seed(8))
+    experts, sizes = model.model.layers[0].mlp.experts, []
+    forward = type(experts).forward
+
+    def counted(self, hidden, expert_ids, weights):
+        if self is experts:
+            sizes.append(hidden.shape[0])
+        return forward(self, hidden, expert_ids, weights)
+
+    monkeypatch.setattr(type(experts), "forward", counted)
+    with torch.no_grad():
+        whole = model(ids)
+        with experts_in_chunks(model, 3):
+            chunked = model(ids)
+        again = model(ids)
+    assert sizes == [14, 3, 3, 3, 3, 2, 14]  # all at once, then in threes (and a two) inside, all at once after
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, whole) and "forward" not in vars(experts)
+
+
 def test_the_warm_up_calls_the_experts_as_the_model_does(tiny_mxfp4):
     """Same dtypes as the router's output for bf16 activations (a float32-weights call compiles a variant the model
     never uses and leaves the model's to its first prompt), every token count of the tile switches, and it runs."""

@@ -40,9 +40,10 @@ a lognormal truncated to [4, 5x mean] whose mean is --input-len/--output-len, 21
 --workload conversation: each of --concurrency users shares one --system-prompt-len system prompt and holds a
 conversation that grows every turn (its answer and a new --input-len message appended), --turns turns long; the
 table adds the median TTFT of each turn. --system-prompts G spreads the users over G system prompts (user u gets
-prompt u % G); --think-time S makes each user wait S seconds between an answer and its next turn. Chat, or
+prompt u % G); --think-time S makes each user wait S seconds between an answer and its next turn. Chat,
 --endpoint responses (each turn after the first sends its new message and previous_response_id; needs
---no-ignore-eos). Closed loop (no --request-rate).
+--no-ignore-eos), or --endpoint completions (the conversation as a plain-text transcript: TTFT without the chat
+template's parsing, e.g. for random checkpoints). Closed loop (no --request-rate).
 Only loopback URLs are accepted unless --allow-host names the host.
 """
 

@@ -25,13 +25,14 @@ RESPONSE_ENDS = ("response.completed", "response.incomplete")
 
 def build_payload(spec: RequestSpec | Turn, *, endpoint: Endpoint, model: str, temperature: float, ignore_eos: bool,
                   extra_body: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A random prompt (as the user's message for chat), or a conversation's turn (chat or responses)."""
+    """A random prompt (as the user's message for chat), or a conversation's turn (its messages for chat, its
+    transcript for completions, its new message after the previous response for responses)."""
     if endpoint == "responses":
         assert isinstance(spec, Turn), "the responses endpoint carries conversation turns only"
         return _responses_payload(spec, model=model, temperature=temperature) | dict(extra_body or {})
     body: dict[str, Any] = {"model": model}
     if isinstance(spec, Turn):
-        body["messages"] = spec.messages
+        body |= {"messages": spec.messages} if endpoint == "chat" else {"prompt": spec.transcript}
     elif endpoint == "chat":
         body["messages"] = [{"role": "user", "content": spec.prompt}]
     else:

@@ -137,8 +137,6 @@ class LoadConfig:
 
 
     def _validate_conversation(self) -> None:
-        if self.endpoint == "completions":
-            _fail("the conversation workload sends messages: use the chat or responses endpoint")
         if self.endpoint == "responses" and self.ignore_eos:
             _fail("the responses endpoint takes no ignore_eos/min_tokens: add --no-ignore-eos")
         if self.concurrency is None or self.request_rate is not None:

@@ -15,7 +15,10 @@ turn): the same run sends the same messages, whatever order the users' turns int
 With --system-prompts G the users are spread over G system prompts (user u holds prompt u % G), each its own
 --system-prompt-len tokens: G prefixes for the cache to hold, each shared by about N/G users. On the responses endpoint
 a later turn sends only its new message and the last response's id (`previous_response_id`); the server holds the
-rest, and `messages` stays our own copy of the conversation, used for its token count.
+rest, and `messages` stays our own copy of the conversation, used for its token count. On the completions endpoint a
+turn is the conversation as one plain-text transcript (`Turn.transcript`), each turn's transcript starting with the
+one before it: the time to first token then counts no chat-template parsing (a random checkpoint's output never
+forms a harmony header, and a chat stream holds such output back for the header's length before it streams).
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ class Turn:
     output_len: int  # tokens asked for
     system_prompt: int | None = None  # which of the system prompts opens `messages` (None: no system prompt)
     previous_response_id: str | None = None  # responses endpoint: the answer this turn follows
+
+    @property
+    def transcript(self) -> str:
+        """The conversation as one completions prompt: each message a paragraph under its role, ending where the
+        answer starts, so that the next turn's transcript (this one, the answer, a new message) begins with it."""
+        return "".join(f"{m['role']}: {m['content']}\n\n" for m in self.messages) + "assistant:"
 
     @property
     def instructions(self) -> str | None:
