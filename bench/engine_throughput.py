@@ -169,7 +169,8 @@ def build_engine(model, args: argparse.Namespace, name: str, **fields) -> LLMEng
     model's context), or what the cache holds when that is less."""
     if args.max_model_len is not None:
         return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=args.max_model_len, **fields))
-    lead = -(-max(args.batches) * max(args.prompt_lens) // EngineConfig().max_num_batched_tokens) + 1  # lead_tokens
+    chunk = fields.get("max_num_batched_tokens", EngineConfig().max_num_batched_tokens)
+    lead = -(-max(args.batches) * max(args.prompt_lens) // chunk) + 1  # lead_tokens
     longest = min(max(args.prompt_lens) + args.output_len + lead + 16, model.config.max_position_embeddings)
     try:
         return LLMEngine(model, load_tokenizer(), EngineConfig(max_model_len=longest, **fields))
@@ -194,6 +195,7 @@ def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespa
         variant = {"experts": experts, "eager": eager, "async_scheduling": async_scheduling,
                    "kv_cache_dtype": args.kv_cache_dtype, "temperature": args.temperature}
         engine = build_engine(model, args, name, max_num_seqs=max(args.batches),
+                              max_num_batched_tokens=args.max_num_batched_tokens,
                               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=eager,
                               async_scheduling=async_scheduling, kv_cache_dtype=args.kv_cache_dtype)
         free = torch.cuda.mem_get_info(device)[0] / 1e9 if device.type == "cuda" else float("nan")
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="engine.max_model_len (default: the longest prompt plus the output, if the cache "
                              "holds it)")
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens,
+                        help="engine.max_num_batched_tokens: the prefill chunk (prefill tok/s at 8,192-token steps)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (the default); above 0 every token is drawn from the softmax")
     parser.add_argument("--hf", action="store_true", help="also time transformers' generate")
