@@ -95,9 +95,12 @@ class ModelRunner:
         if local and experts.never_waits_for_host(model.dtype) and not enforce_eager:
             self.graphs = self._capture(self._forward)
             if mixed_step_graph_tokens:
+                # the backend closes over the cache and kernels, not over self: a runner its own graphs refer to is
+                # a reference cycle, which keeps the GPU memory of a dropped engine until a garbage collection
+                kernels = self.attention
                 try:
                     self.mixed_graphs = MixedStepGraphs(
-                        model, lambda inputs: PagedAttention(self.cache, inputs, self.attention),
+                        model, lambda inputs: PagedAttention(cache, inputs, kernels),
                         max_tokens=min(mixed_step_graph_tokens, max_num_batched_tokens), device=self.device)
                 except Exception as e:  # a setting the user chose: say which, and how to go without it
                     raise RuntimeError(f"engine.mixed_step_graph_tokens {mixed_step_graph_tokens}: the mixed steps' "

@@ -3,6 +3,9 @@ output against no-cache forward passes."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -140,6 +143,23 @@ def test_mixed_steps_from_piecewise_graphs_give_the_eager_tokens(tiny_mxfp4):
     agree = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
     assert agree >= 0.9 * sum(map(len, expected)), (got, expected)
     assert [len(g) for g in got] == [30] * len(prompts) and graphs.is_idle()
+
+
+def test_a_dropped_engine_leaves_no_cycle_through_its_graphs(tiny_mxfp4):
+    """An engine with decode and mixed-step graphs is gone when its last reference is: its runner must not be part
+    of a reference cycle (its mixed graphs' attention backend once closed over it), which would keep the KV cache's
+    GPU memory until a garbage collection (a served app started after an offline run ran out of memory so)."""
+    model = load_model(tiny_mxfp4, device="cuda")
+    engine = LLMEngine(model, load_tokenizer(), EngineConfig(num_kv_blocks=64, max_model_len=256, max_num_seqs=4))
+    assert engine.runner.mixed_graphs is not None and engine.runner.graphs is not None
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3))
+    runner, cache = weakref.ref(engine.runner), weakref.ref(engine.runner.cache)
+    gc.disable()
+    try:
+        del engine
+        assert runner() is None and cache() is None
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
