@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--burst", action="store_true", help="all --concurrency requests at once")
     parser.add_argument("--tpot-ms", type=float, help="TPOT limit")
     parser.add_argument("--ttft-ms", type=float, help="TTFT limit")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineLimits().gpu_memory_utilization)
+    parser.add_argument("--max-num-seqs", type=int, default=EngineLimits().max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineLimits().max_num_batched_tokens)
     parser.add_argument("--json", help="write the predictions here")
     return parser
 

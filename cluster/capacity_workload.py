@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from gptoss_serve.cluster.capacity_profile import ProfileError
+from gptoss_serve.cluster.engine_config import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,6 @@ class Workload:
 @dataclass(frozen=True)
 class EngineLimits:
     """The engine settings the prediction assumes (EngineConfig's names)."""
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = EngineConfig.model_fields["gpu_memory_utilization"].default
+    max_num_seqs: int = EngineConfig.model_fields["max_num_seqs"].default
+    max_num_batched_tokens: int = EngineConfig.model_fields["max_num_batched_tokens"].default
