@@ -5,6 +5,9 @@ while the next one runs)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -291,3 +294,17 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(make_engine, m
             assert [o.finish_reason for o in eng.step()] == ["error"]
     with pytest.raises(ValueError, match="secret"):
         eng.step()
+
+
+def test_a_dropped_engine_is_gone_without_a_garbage_collection(make_engine):
+    """Nothing in the engine refers back to it or to its runner (a cycle would keep the KV cache's memory until a
+    collection; on a GPU the mixed-step graphs once made one, see tests/test_gpu.py)."""
+    engine = make_engine(micro_batches=2)
+    engine.generate(prompts(5, 9), SamplingParams(max_tokens=4, stop=["x"]))
+    refs = [weakref.ref(o) for o in (engine, engine.runner, engine.runner.cache, engine.scheduler, engine.blocks)]
+    gc.disable()
+    try:
+        del engine
+        assert [r() for r in refs] == [None] * len(refs)
+    finally:
+        gc.enable()
