@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-lens", type=int, nargs=2, default=[32, 32])
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens,
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=EngineConfig.model_fields["max_num_batched_tokens"].default,
                    help="engine.max_num_batched_tokens: tokens a step computes (the prefill chunk)")
     p.add_argument("--mixed-step-graph-tokens", type=int,
                    default=EngineConfig.model_fields["mixed_step_graph_tokens"].default,
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = args.model or str(write_preset(args.write_to, args.preset, mxfp4_experts=args.mxfp4))
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          max_num_batched_tokens=args.max_num_batched_tokens, mixed_step_graph_tokens=args.mixed_step_graph_tokens)
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          mixed_step_graph_tokens=args.mixed_step_graph_tokens)
     requests = workload(args.burst, tuple(args.prompt_lens), tuple(args.output_lens))
     alone = engine_alone(model_dir, args.device, dtype, config, requests, load_format=args.load_format)
     serve_figures = served(model_dir, args.device, config, requests, num_cpus=args.num_cpus,

@@ -136,8 +136,7 @@ class TextStreams:
         text = self.texts.get(out.request_id)
         if text is None:
             return out
-        tokens = out.new_token_ids
-        delta = text.feed(tokens[0]) if len(tokens) == 1 else "".join(text.feed(token) for token in tokens)
+        delta = "".join(text.feed(token) for token in out.new_token_ids)
         if out.finished:
             delta += text.flush()
         out.new_text = delta
