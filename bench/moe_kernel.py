@@ -10,7 +10,9 @@ single CUDA-graph replays timed with events (the queue filled ahead by a sleep k
 rotation), and eagerly (back-to-back calls, launch costs included). The bf16 path is LocalExperts' grouped GEMM
 (torch._grouped_mm) on the same weights dequantized, forward_grouped, eagerly and in a graph. Bytes moved count the packed weights of the experts a batch touches
 (blocks + scales + bias) plus the activations in and out; for bf16, the same experts' bf16 weights. "diff" is
-||mxfp4 - bf16|| / ||bf16|| of the two outputs. Each row also gives the per-kernel GPU time (torch.profiler).
+||mxfp4 - bf16|| / ||bf16|| of the two outputs; TFLOP/s is the MXFP4 layer's matrix-product FLOPs a second against
+the bf16 peak measured first (an 8192^3 torch.matmul), for the token counts bound by the products, and "tiles" the
+preset the call picks. Each row also gives the per-kernel GPU time (torch.profiler).
 --sweep also times every tile preset, the plain-Triton decode and presets at the other load depth at --sweep-tokens,
 to choose the defaults; --dump prints registers/spills of every compiled variant and writes one gate_up's TTGIR/PTX.
 """
@@ -124,16 +126,32 @@ def layer_bytes(num_tokens: int, touched: float, config: GptOssConfig) -> tuple[
             touched * (3 * H * I + 2 * I + H) * 2 + activations)
 
 
+def layer_flops(num_tokens: int, config: GptOssConfig) -> float:
+    """The layer's matrix-product FLOPs: each token's K experts, gate_up (H x 2I) and down (I x H)."""
+    H, I, K = config.hidden_size, config.intermediate_size, config.num_experts_per_tok
+    return 2 * num_tokens * K * 3 * H * I
+
+
+def tile_name(tiles: dict) -> str:
+    """The preset whose tiles these are (the call's own pick), or "custom"."""
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    return next((name for name, preset in PRESETS.items() if preset.__dict__ == tiles), "custom")
+
+
 def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig, gen: torch.Generator, *,
             sweep: bool) -> dict:
     from gptoss_serve.kernels.mxfp4_moe import pick_tiles
+    from gptoss_serve.kernels.mxfp4_moe_widened import widened_bytes
 
     sets = inputs(num_tokens, config, gen)
     reps = max(20, min(300, 20_000 // max(num_tokens, 64)))
     touched = statistics.mean(len(torch.unique(ids)) for _, ids, _ in sets)
     mxfp4_bytes, bf16_bytes = layer_bytes(num_tokens, touched, config)
     row = dict(tokens=num_tokens, experts_touched=touched,
-               tiles=pick_tiles(num_tokens * config.num_experts_per_tok, config.num_local_experts).__dict__,
+               tiles=pick_tiles(num_tokens * config.num_experts_per_tok, config.num_local_experts,
+                                widened_bytes=widened_bytes(config.num_local_experts, config.hidden_size,
+                                                            config.intermediate_size)).__dict__,
                mxfp4_bytes=mxfp4_bytes, bf16_bytes=bf16_bytes)
 
     replays, outs = zip(*(graphed(lambda s=s: experts(*s)) for s in sets))
@@ -260,23 +278,27 @@ def main(argv: list[str] | None = None) -> None:
         config.num_local_experts, config.hidden_size, config.intermediate_size, generator=gen).items()}
     experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=1.702, limit=7.0)
     dense = bf16_experts(packed, config)
-    copy = copy_bandwidth()
+    copy, peak = copy_bandwidth(), matmul_peak()
     device = torch.cuda.get_device_name()
-    print(f"{device}: copy bandwidth {copy / 1e12:.2f} TB/s (1 GiB device-to-device, read + write); "
-          f"{args.preset}'s layer ({config.num_local_experts} experts, top-{config.num_experts_per_tok})", flush=True)
+    print(f"{device}: copy bandwidth {copy / 1e12:.2f} TB/s (1 GiB device-to-device, read + write), bf16 matmul "
+          f"{peak / 1e12:.0f} TFLOP/s (8192^3 torch.matmul); {args.preset}'s layer ({config.num_local_experts} "
+          f"experts, top-{config.num_experts_per_tok})", flush=True)
     rows = []
     header = (f"{'tokens':>6} {'experts':>7} {'MB':>6} {'mxfp4 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} "
-              f"{'bf16 MB':>7} {'bf16 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} {'speedup':>7} {'diff':>7}")
+              f"{'bf16 MB':>7} {'bf16 us':>8} {'GB/s':>5} {'%copy':>5} {'eager us':>8} {'speedup':>7} {'diff':>7} "
+              f"{'TFLOP/s':>7} {'%peak':>5} {'tiles':>8}")
     print(header, flush=True)
     for num_tokens in args.tokens:
         row = measure(num_tokens, experts, dense, config, gen, sweep=args.sweep and num_tokens in args.sweep_tokens)
         rows.append(row)
         bw, bw16 = row["mxfp4_bytes"] / row["mxfp4_s"], row["bf16_bytes"] / row["bf16_s"]
+        flops = layer_flops(num_tokens, config) / row["mxfp4_s"]
         print(f"{num_tokens:>6} {row['experts_touched']:>7.1f} {row['mxfp4_bytes'] / 1e6:>6.1f} "
               f"{row['mxfp4_s'] * 1e6:>8.1f} {bw / 1e9:>5.0f} {100 * bw / copy:>4.0f}% "
               f"{row['mxfp4_eager_s'] * 1e6:>8.1f} {row['bf16_bytes'] / 1e6:>7.1f} {row['bf16_s'] * 1e6:>8.1f} "
               f"{bw16 / 1e9:>5.0f} {100 * bw16 / copy:>4.0f}% {row['bf16_eager_s'] * 1e6:>8.1f} "
-              f"{row['bf16_s'] / row['mxfp4_s']:>6.2f}x {row['rel_diff_vs_bf16']:>7.1e}", flush=True)
+              f"{row['bf16_s'] / row['mxfp4_s']:>6.2f}x {row['rel_diff_vs_bf16']:>7.1e} {flops / 1e12:>7.1f} "
+              f"{100 * flops / peak:>4.0f}% {tile_name(row['tiles']):>8}", flush=True)
         print("       kernels (us): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row["kernels_us"].items()), flush=True)
         if "sweep" in row:
@@ -286,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         dump_kernels(args.dump)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device, preset=args.preset, copy_bytes_per_s=copy, rows=rows), f, indent=1)
+            json.dump(dict(device=device, preset=args.preset, copy_bytes_per_s=copy, matmul_flop_per_s=peak, rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

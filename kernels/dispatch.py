@@ -12,6 +12,7 @@ host sync, and a CUDA graph captures whichever function it picked.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable
@@ -72,3 +73,17 @@ class TritonOp(Generic[R]):
 
     def __repr__(self) -> str:
         return f"TritonOp({self.kernel_module}.{self.kernel_function}, reference={self.reference.__qualname__})"
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm takes x: on the CPU, and on CUDA for bf16 (Hopper and later)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_capability(x.device.index) >= 9
+
+
+@functools.cache
+def _cuda_capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]

@@ -5,7 +5,8 @@ Hopper has no FP4 matrix units; the gain is bytes. Each kernel streams FP4 codes
 scales, decodes them to bf16 in registers and multiplies with tl.dot in bf16 with float32 accumulation.
 
 One call is four launches (five with split-K), none waiting on the host (so it can be captured in a CUDA graph):
-  _route     one program: counting sort of the (token, slot) pairs by local expert, stable, on the device
+  _route     one program: counting sort of the (token, slot) pairs by local expert, stable, on the device (above
+             SORT_ROUTE_PAIRS pairs torch's stable sort instead: moe_sort.py, the same order)
   _gate_up   per (expert row tile, column tile): x @ gate_up + bias, clamped SwiGLU -> act [pairs, I], sorted order
   _down      per (expert row tile, column tile): act @ down + bias, times the routing weight -> y [pairs, H]
   _combine   per token: the sum of its K rows of y (deterministic, no atomics): in slot order within each of 8
@@ -16,6 +17,10 @@ reduction over 2 programs (a third grid axis): _gate_up then stores float32 part
 up (in split order) before the SwiGLU, and _down's partials are added by _combine.
 The matrix products are computed transposed (weights x tokens^T): the weights' output rows fill the matrix unit's
 M side, so a handful of tokens (decode) needs only the smallest token tile (16).
+Other presets replace _route, _gate_up and _down (_combine always ends the call): "gemv" (a handful of tokens: one
+pair a program on the CUDA cores, mxfp4_moe_gemv.py), "scaled" (Triton's scaled dot, mxfp4_moe_scaled.py) and
+"widened" (hundreds of tokens an expert: the experts widened to bf16, then torch's grouped products,
+mxfp4_moe_widened.py).
 
 Weights are read in the checkpoint's own layout, blocks [E, out, in / 32, 16] bytes viewed as 32-bit words
 [E, out, in / 32, 4]: a word holds eight consecutive values (value q in bits 4q..4q+3, low nibble first), four words
@@ -33,9 +38,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from gptoss_serve.kernels.dispatch import grouped_mm_supported
+from gptoss_serve.kernels.moe_sort import expert_ends, sort_by_expert
 from gptoss_serve.kernels.mxfp4_moe_gemv import _down_gemv, _gate_up_gemv
 from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, SUM_GROUPS, _combine, _down, _gate_up, _route, _swiglu_splits
 from gptoss_serve.kernels.mxfp4_moe_scaled import _down_scaled, _gate_up_scaled
+from gptoss_serve.kernels.mxfp4_moe_widened import grouped_moe, widened_bytes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: for checking logic only
 
@@ -50,7 +58,8 @@ class Tiles:
     GPU), their float32 partial sums added by the next kernel in a fixed order. gemv: one (token, expert) pair a
     program on the CUDA cores (mxfp4_moe_gemv.py; block_m and depth unused there). scaled: the kernels written
     with Triton's scaled dot (mxfp4_moe_scaled.py), the reduction pipelined over `stages` steps by the compiler
-    (depth and split_k unused there)."""
+    (depth and split_k unused there). widened: every expert widened to bf16, then torch's grouped matrix products
+    (mxfp4_moe_widened.py; the block sizes unused there)."""
 
     block_m: int
     gate_up_n: int
@@ -64,6 +73,7 @@ class Tiles:
     half2: bool = False  # gemv only: the products in fp16 pairs (mxfp4_moe_gemv.py's HALF2)
     scaled: bool = False
     stages: int = 3
+    widened: bool = False
 
 
 # by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
@@ -90,16 +100,28 @@ PRESETS = {
                            scaled=True, stages=4),
     "scaled_prefill": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=256, down_groups=2, num_warps=8,
                             scaled=True, stages=3),
+    "widened": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1,
+                     widened=True),
 }
 
 
 # below this many pairs an expert, nearly every touched expert serves one token: the matrix-vector kernels
 GEMV_PER_EXPERT = 0.5
+# above this many pairs an expert the layer is bound by its products: widen the experts to bf16 and use grouped GEMMs,
+# where the layer's widened weights fit WIDEN_MAX_BYTES (gpt-oss-20b's 32 experts: 1.06 GB; 120b's 128 would take 4.2).
+# Not yet timed on a GPU, so off unless asked for (GPTOSS_MOE_WIDEN_PER_EXPERT=128); the figure that would make it
+# the default is kernels/NOTES-mxfp4-moe.md's prediction for 20b: ~4 ms a layer against ~7 at 8,192 tokens
+WIDEN_PER_EXPERT = float(os.environ.get("GPTOSS_MOE_WIDEN_PER_EXPERT", "inf"))
+WIDEN_MAX_BYTES = 5 << 28  # 1.25 GiB
+# above this many pairs the fused kernels' pairs are sorted by torch (moe_sort.py) rather than by _route
+SORT_ROUTE_PAIRS = 4096
 
 
-def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
-    """Tiles for a call routing num_pairs (token, expert) pairs over num_experts local experts (host numbers only).
-    The thresholds follow the H100 sweep in kernels/NOTES-mxfp4-moe.md."""
+def pick_tiles(num_pairs: int, num_experts: int, *, widened_bytes: int | None = None) -> Tiles:
+    """Tiles for a call routing num_pairs (token, expert) pairs over num_experts experts (host numbers only; the
+    whole layer's, so that every expert-parallel shard picks what the whole layer would). widened_bytes: what
+    widening the layer's experts would hold (None: not an option). The thresholds follow the H100 sweeps in
+    kernels/NOTES-mxfp4-moe.md."""
     per_expert = num_pairs / num_experts
     if per_expert <= GEMV_PER_EXPERT:
         name = "gemv_h2"
@@ -109,8 +131,10 @@ def pick_tiles(num_pairs: int, num_experts: int) -> Tiles:
         name = "decode_wide"
     elif per_expert <= 64:
         name = "medium"
-    else:
+    elif per_expert <= WIDEN_PER_EXPERT or widened_bytes is None or widened_bytes > WIDEN_MAX_BYTES:
         name = "prefill"
+    else:
+        name = "widened"
     return PRESETS[_PRESET_SWAPS.get(name, name)]
 
 
@@ -207,7 +231,8 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     if layer_experts < first + count:
         raise ValueError(f"experts [{first}, {first + count}) do not fit in a layer of {layer_experts}")
     if tiles is None:
-        tiles = pick_tiles(P, layer_experts)
+        tiles = pick_tiles(P, layer_experts, widened_bytes=widened_bytes(layer_experts, H, I)
+                           if grouped_mm_supported(hidden) else None)
         if tiles.half2 and not act_fits_fp16(limit):  # a SwiGLU clamped far above gpt-oss's: float32 products
             tiles = PRESETS["gemv"]
     ws = workspace or new_workspace(N, K, experts, device=hidden.device, tiles=tiles)
@@ -221,6 +246,15 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     asm = use_asm and not _INTERPRET
     groups = SUM_GROUPS.value
     group_experts = layer_experts // groups if layer_experts % groups == 0 else layer_experts  # else one group
+
+    def combine(split_k: int) -> torch.Tensor:  # every path ends so: each token's K rows of y in a fixed order
+        _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K,
+                                           SPLIT_K=split_k, BLOCK=512, num_warps=4)
+        return out
+
+    if tiles.widened:
+        grouped_moe(hidden, ids, route, experts, ws.act, ws.y[0], first=first, top_k=K, alpha=alpha, limit=limit)
+        return combine(1)
     if tiles.gemv:
         shift = act_shift(limit) if tiles.half2 else 0
         _gate_up_gemv[(P, triton.cdiv(I, tiles.gate_up_n))](
@@ -231,12 +265,16 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
             ws.act.view(torch.int32) if tiles.half2 else ws.act, experts.down_blocks, experts.down_scales,
             experts.down_bias, ids, route, ws.y, first, count, I, H, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups,
             USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, num_warps=tiles.num_warps)
-        _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=1,
-                                           BLOCK=512, num_warps=4)
-        return out
+        return combine(1)
     pad = max(16, triton.next_power_of_2(count))
-    _route[(1,)](ids, P, first, count, ws.sorted_pairs, ws.expert_start,
-                 EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
+    if P > SORT_ROUTE_PAIRS:  # the one-program counting sort's time grows with P: torch's sort, the same order
+        sorted_keys, order = sort_by_expert(ids, first, count)
+        ws.sorted_pairs.copy_(order)
+        ws.expert_start[0].zero_()
+        ws.expert_start[1:].copy_(expert_ends(sorted_keys, count))
+    else:
+        _route[(1,)](ids, P, first, count, ws.sorted_pairs, ws.expert_start,
+                     EXPERTS_PAD=pad, BLOCK=max(16, 4096 // pad), num_warps=4)
     # each expert's rows split into tiles of block_m: at most ceil(P / block_m) + count tiles, and at most P
     grid_m = min(triton.cdiv(P, tiles.block_m) + count, P)
     if tiles.scaled:
@@ -249,9 +287,7 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
             ws.act, experts.down_blocks.view(torch.uint8), experts.down_scales, experts.down_bias, ws.sorted_pairs,
             ws.expert_start, route, ws.y, count, I, H, P, BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n,
             STEP=_whole_step(tiles.down_groups, I), STAGES=tiles.stages, EXPERTS_PAD=pad, num_warps=tiles.num_warps)
-        _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=1,
-                                           BLOCK=512, num_warps=4)
-        return out
+        return combine(1)
     gate_up_share = _groups_per_split(H // GROUP, split, tiles.gate_up_groups)
     _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n), split)](
         hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias,
@@ -268,9 +304,7 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
         EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
-    _combine[(N, triton.cdiv(H, 512))](ws.y, ids, out, first, count, group_experts, H, P, TOP_K=K, SPLIT_K=split,
-                                       BLOCK=512, num_warps=4)
-    return out
+    return combine(split)
 
 
 def _whole_step(groups: int, length: int) -> int:

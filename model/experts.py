@@ -8,13 +8,14 @@ MXFP4 weights kept packed. Another implementation may send the tokens to other p
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from gptoss_serve.kernels.dispatch import grouped_mm_supported
+from gptoss_serve.kernels.moe_sort import expert_ends, sort_by_expert
 from gptoss_serve.kernels.swiglu_reference import swiglu
 from gptoss_serve.model.checkpoint import CheckpointReader, expert_prefix, stored_names
 from gptoss_serve.model.config import GptOssConfig
@@ -124,7 +125,7 @@ class LocalExperts(ExpertShard):
 
     def never_waits_for_host(self, dtype: torch.dtype) -> bool:
         probe = torch.empty(0, dtype=dtype, device=self.gate_up_proj.device)
-        return probe.is_cuda and _grouped_mm_supported(probe)  # forward_loop reads group sizes on the host
+        return probe.is_cuda and grouped_mm_supported(probe)  # forward_loop reads group sizes on the host
 
     def load_weights(self, reader: CheckpointReader, layer: int) -> None:
         """Copies this shard's rows of the layer's expert weights in, dense (MXFP4 is decoded by the reader)."""
@@ -134,28 +135,23 @@ class LocalExperts(ExpertShard):
                 param.copy_(reader.read(prefix + name, dtype=param.dtype, rows=rows, expect=tuple(param.shape)))
 
     def forward(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if _grouped_mm_supported(hidden):
+        if grouped_mm_supported(hidden):
             return self.forward_grouped(hidden, expert_ids, weights)
         return self.forward_loop(hidden, expert_ids, weights)
 
     def forward_grouped(self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """All experts in two grouped matrix products, with no host sync (so it can be captured in a graph)."""
         N, K = expert_ids.shape
-        local = (expert_ids - self.first).flatten()  # [N * K]
-        valid = (local >= 0) & (local < self.count)
-        bucket = torch.where(valid, local, self.count)  # pairs outside the shard sort last and are dropped
-        order = torch.argsort(bucket, stable=True)  # [N * K]
-        sorted_bucket = bucket[order]
-        # where each expert's rows end: a search of the sorted buckets, not bincount (which syncs with the host on CUDA)
-        experts = torch.arange(self.count, device=bucket.device, dtype=bucket.dtype)
-        ends = torch.searchsorted(sorted_bucket, experts, right=True).to(torch.int32)  # [E]
+        sorted_bucket, order = sort_by_expert(expert_ids.flatten(), self.first, self.count)  # [N * K] each
+        valid = sorted_bucket < self.count  # pairs outside the shard sort last and are dropped
+        ends = expert_ends(sorted_bucket, self.count)  # [E]
         expert = sorted_bucket.clamp(max=self.count - 1)  # [N * K] expert of each sorted row
         x = hidden[order // K]  # [N * K, H]
         gate_up = torch._grouped_mm(x, self.gate_up_proj, offs=ends) + self.gate_up_proj_bias[expert]
         act = swiglu(gate_up, alpha=self.alpha, limit=self.limit)  # [N * K, I]
         y = torch._grouped_mm(act, self.down_proj, offs=ends) + self.down_proj_bias[expert]  # [N * K, H]
         # rows past the last group are not written by the product: select, never multiply, them away
-        y = torch.where(valid[order, None], y * weights.flatten()[order, None].to(y.dtype), 0)
+        y = torch.where(valid[:, None], y * weights.flatten()[order, None].to(y.dtype), 0)
         # un-sort and add each token's K outputs: deterministic, unlike an atomic index_add
         unsorted = torch.empty_like(y).index_copy_(0, order, y)
         return unsorted.view(N, K, -1).sum(dim=1).to(hidden.dtype)
@@ -181,17 +177,3 @@ class LocalExperts(ExpertShard):
             y = act @ self.down_proj[expert] + self.down_proj_bias[expert]  # [n, H]
             out.index_add_(0, token, (y * flat_weights[pairs, None]).to(out.dtype))
         return out
-
-
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on the CPU, and on CUDA for bf16 (Hopper and later)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_capability(x.device.index) >= 9
-
-
-@functools.cache
-def _cuda_capability(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]

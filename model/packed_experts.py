@@ -3,7 +3,9 @@
 A layer's experts take a quarter of the bytes they would in bf16 (gpt-oss-20b's weights fit in 14 GB, 120b's on
 one 80 GB GPU), and a decode step reads a quarter of the bytes. On a CUDA GPU with bf16 activations the Triton
 kernels in kernels/mxfp4_moe.py decode FP4 inside the matrix products; anywhere else (the CPU, float32) the
-PyTorch reference in kernels/moe_reference.py decodes each expert while it is used.
+PyTorch reference in kernels/moe_reference.py decodes each expert while it is used. With hundreds of tokens an
+expert (prefill), gpt-oss-20b's layers can be widened to bf16 for the call instead (kernels/mxfp4_moe_widened.py,
+~1.6 GB of transient GPU memory at an 8,192-token step; off until timed on a GPU, see kernels/mxfp4_moe.py).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Mxfp4Experts(ExpertShard):
         """(hidden, expert ids, routing weights) of each warm-up call, as the model passes them: activations and
         weights in `dtype` (the router's weights come in its logits' dtype; a kernel compiled for float32 weights
         would leave the bf16 variant to compile in the first prompt's step), ids int64."""
-        per_expert_steps = (1, 16, 64)  # kernels/mxfp4_moe.pick_tiles: tokens an expert where the tiles change
+        per_expert_steps = (1, 16, 64, 128)  # kernels/mxfp4_moe.pick_tiles: pairs an expert where the tiles change
         counts = sorted({min(max_tokens, max(1, -(-n * self.layer_experts // top_k))) for n in per_expert_steps}
                         | {1, max_tokens})  # 1: the matrix-vector kernels of a handful of tokens
         device = self.gate_up_blocks.device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gptoss_serve.bench.moe_kernel import layer_bytes, main
+from gptoss_serve.bench.moe_kernel import layer_bytes, layer_flops, main
 from gptoss_serve.model.synthetic import preset_config
 
 
@@ -24,3 +24,9 @@ def test_a_layer_at_one_token_moves_its_four_experts(preset):
 def test_the_preset_is_checked_before_any_gpu_work():
     with pytest.raises(SystemExit):
         main(["--preset", "70b"])
+
+
+def test_a_token_costs_its_four_experts_matrix_products():
+    # gate_up (2,880 x 5,760) and down (2,880 x 2,880), a multiply and an add each, for each of 4 experts
+    assert layer_flops(1, preset_config("20b")) == 2 * 4 * (2880 * 5760 + 2880 * 2880) == 199_065_600
+    assert layer_flops(8192, preset_config("120b")) == 8192 * layer_flops(1, preset_config("20b"))

@@ -89,6 +89,36 @@ def test_the_fp16_act_scale_follows_the_swiglu_clamp():
         act_shift(300.0)  # 301 * 300 > 65,504: act itself would overflow fp16
 
 
+def test_only_many_tokens_an_expert_widen_the_experts_and_only_where_they_fit(monkeypatch):
+    pytest.importorskip("triton")
+    from gptoss_serve.kernels import mxfp4_moe
+    from gptoss_serve.kernels.mxfp4_moe_widened import widened_bytes
+
+    twenty, one_twenty = widened_bytes(32, 2880, 2880), widened_bytes(128, 2880, 2880)
+    step = 8192 * 4  # the pairs of an 8,192-token prefill step
+    assert not mxfp4_moe.pick_tiles(step, 32, widened_bytes=twenty).widened  # off by default until timed on a GPU
+    monkeypatch.setattr(mxfp4_moe, "WIDEN_PER_EXPERT", 128)  # as GPTOSS_MOE_WIDEN_PER_EXPERT=128 sets it
+    assert twenty == 32 * 5760 * 2880 * 2 <= mxfp4_moe.WIDEN_MAX_BYTES < one_twenty
+    assert mxfp4_moe.pick_tiles(step, 32, widened_bytes=twenty).widened
+    assert not mxfp4_moe.pick_tiles(128 * 32, 32, widened_bytes=twenty).widened  # at the threshold: fused kernels
+    assert not mxfp4_moe.pick_tiles(step, 32).widened  # no grouped products on this device
+    assert not mxfp4_moe.pick_tiles(step, 128, widened_bytes=one_twenty).widened  # 120b's layer would take 4.2 GB
+
+
+@pytest.mark.parametrize("first, count", [(0, 8), (2, 3)])
+def test_torch_sort_groups_pairs_by_expert_stably(first, count):
+    """moe_sort's order: every pair of the shard once, by local expert, by pair index within one; the others after."""
+    from gptoss_serve.kernels.moe_sort import expert_ends, sort_by_expert
+
+    ids = torch.randint(0, 8, (200,), generator=torch.Generator().manual_seed(count))
+    keys, order = sort_by_expert(ids, first, count)
+    local = ids - first
+    mine = [p for e in range(count) for p in range(200) if local[p] == e]
+    assert order[:len(mine)].tolist() == mine and keys[:len(mine)].tolist() == sorted(local[mine].tolist())
+    assert (keys[len(mine):] == count).all()
+    assert expert_ends(keys, count).tolist() == [sum(0 <= v <= e for v in local.tolist()) for e in range(count)]
+
+
 def test_random_packed_values_stay_order_one():
     packed = random_packed_experts(2, 2880, 2880, generator=torch.Generator().manual_seed(0))
     assert set(PACKED_NAMES) == set(packed)
@@ -145,7 +175,7 @@ def test_kernel_matches_reference(num_tokens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["gemv", "gemv_h2", "decode", "decode_wide", "medium", "prefill", "scaled_decode",
-                                    "scaled_medium", "scaled_prefill"])
+                                    "scaled_medium", "scaled_prefill", "widened"])
 @pytest.mark.parametrize("num_tokens", [3, 129])
 def test_every_tile_preset(preset, num_tokens):
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
@@ -208,17 +238,21 @@ def test_shard_drops_other_experts_and_shards_add_up(num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [1, 3, 40, 200])  # gemv, decode, medium and prefill for the whole layer
+# gemv, decode, medium, prefill (pairs sorted by _route, then by torch), widened experts
+@pytest.mark.parametrize("num_tokens, preset", [(1, None), (3, None), (40, None), (200, None), (1100, None),
+                                               (700, "widened")])
 @pytest.mark.parametrize("workers", [2, 4, 8])
-def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens):
+def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens, preset):
     """Expert-parallel workers answer in float32 (expert_exchange.answer_dtype) and the replica adds their answers up
     the kernel's tree (add_as_groups) and rounds once: exactly the kernel's own bf16 output for the whole layer, so
     greedy outputs stay colocated mode's. (A shard picking tiles for its own expert count, or a plain running sum,
     differs in a few elements in the last bit, enough to part a random model's greedy tokens.)"""
-    per = 16 // workers
-    shares = [run_case(num_tokens, first=i * per, count=per, seed=6, out_dtype=torch.float32, layer_experts=16)[0]
-              for i in range(workers)]
-    whole, ref = run_case(num_tokens, seed=6)
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    per, tiles = 16 // workers, PRESETS.get(preset)
+    shares = [run_case(num_tokens, first=i * per, count=per, seed=6, out_dtype=torch.float32, layer_experts=16,
+                       tiles=tiles)[0] for i in range(workers)]
+    whole, ref = run_case(num_tokens, seed=6, tiles=tiles)
     assert all(share.dtype == torch.float32 for share in shares)
     summed = add_as_groups(shares).bfloat16()
     check(summed, ref)
@@ -226,21 +260,41 @@ def test_float32_shares_add_up_to_the_whole_bit_for_bit(workers, num_tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("num_tokens", [2, 64])  # the matrix-vector kernels, the tensor-core ones
-def test_gpt_oss_20b_shape(num_tokens):
-    check(*run_case(num_tokens, num_experts=32, hidden=2880, inter=2880, seed=20))
+@pytest.mark.parametrize("num_tokens, preset", [(2, None), (64, None), (1500, None), (1500, "widened")])
+def test_gpt_oss_20b_shape(num_tokens, preset):
+    """The matrix-vector kernels, the tensor-core ones (1,500 tokens: pairs sorted by torch), widened experts."""
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    check(*run_case(num_tokens, num_experts=32, hidden=2880, inter=2880, seed=20, tiles=PRESETS.get(preset)))
 
 
 @pytest.mark.gpu
-def test_deterministic_and_graph_capturable():
+def test_widened_experts_are_the_checkpoints_values_exactly():
+    """_widen gives mxfp4_reference.dequantize's bf16 values bit for bit, at a size whose blocks do not fill the last
+    program, and leaves nothing unwritten (the output starts as NaN)."""
+    from gptoss_serve.kernels.mxfp4_moe_widened import _widen
+
+    gen = torch.Generator().manual_seed(9)
+    packed = random_packed_experts(3, 96, 224, generator=gen)
+    blocks, scales = packed["down_blocks"].cuda(), packed["down_scales"].cuda()  # 3 x 96 rows of 7 blocks: 2,016
+    scales[0, 0, 0] = 127 + 20  # far from the random ones: still exact
+    out = torch.full((3, 96, 224), float("nan"), dtype=torch.bfloat16, device="cuda")
+    _widen[(-(-scales.numel() // 64),)](blocks.view(torch.int32), scales, out, scales.numel(), BLOCKS=64)
+    assert torch.equal(out, mxfp4.dequantize(blocks, scales))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens, preset", [(33, None), (1100, None), (700, "widened")])
+def test_deterministic_and_graph_capturable(num_tokens, preset):
     """Bitwise the same twice, and inside a CUDA graph (no host sync) the same as eagerly."""
-    from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS, PackedExperts, mxfp4_moe
 
     gen = torch.Generator().manual_seed(6)
     packed = shard(random_packed_experts(16, 256, 256, generator=gen), 0, 16, "cuda")
-    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=ALPHA, limit=LIMIT)
-    hidden = torch.randn(33, 256, generator=gen).bfloat16().cuda()
-    ids, weights = (t.cuda() for t in routing(33, 16, 4, gen))
+    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=ALPHA, limit=LIMIT,
+                                tiles=PRESETS.get(preset))  # 1,100 tokens: pairs sorted by torch
+    hidden = torch.randn(num_tokens, 256, generator=gen).bfloat16().cuda()
+    ids, weights = (t.cuda() for t in routing(num_tokens, 16, 4, gen))
     first, second = experts(hidden, ids, weights), experts(hidden, ids, weights)
     assert torch.equal(first, second)
     graph = torch.cuda.CUDAGraph()
@@ -254,16 +308,31 @@ def test_deterministic_and_graph_capturable():
 INTERPRETED = textwrap.dedent("""
     import torch
     from gptoss_serve.kernels.moe_reference import moe_reference, relative_error
+    from gptoss_serve.kernels import mxfp4_moe as launcher
     from gptoss_serve.kernels.mxfp4_moe import PRESETS, PackedExperts, mxfp4_moe
+    from gptoss_serve.kernels.mxfp4_moe_kernels import _route
+    from gptoss_serve.kernels.moe_sort import expert_ends, sort_by_expert
     from gptoss_serve.model.experts import add_as_groups
     from gptoss_serve.model.packed_experts import random_packed_experts
     from tests.test_mxfp4_moe_kernel import ALPHA, LIMIT, routing, shard
     gen = torch.Generator().manual_seed(0)
     experts = random_packed_experts(8, 64, 64, generator=gen)
+    # torch's sort groups pairs as _route's counting sort does, shard or whole layer
+    for first, count in ((0, 8), (2, 3)):
+        ids = torch.randint(0, 8, (1201,), generator=gen)
+        pairs, starts = torch.full((1201,), -1, dtype=torch.int32), torch.full((count + 1,), -1, dtype=torch.int32)
+        _route[(1,)](ids, 1201, first, count, pairs, starts, EXPERTS_PAD=16, BLOCK=256)
+        keys, order = sort_by_expert(ids, first, count)
+        assert starts.tolist() == [0] + expert_ends(keys, count).tolist()
+        assert torch.equal(pairs[:starts[-1]], order[:starts[-1]].int())
+    # 300 tokens: 150 pairs an expert, so the call widens the experts (at 128 pairs an expert; the default waits for
+    # a GPU's timing), and the fused prefill kernels' 1,200 pairs are sorted with torch's sort (above 1,000)
+    launcher.WIDEN_PER_EXPERT, launcher.SORT_ROUTE_PAIRS = 128, 1000
     for tokens, first, count, tiles in ((3, 0, 8, None), (5, 4, 4, PRESETS["decode"]), (1, 0, 8, None),
                                         (3, 2, 5, PRESETS["gemv"]), (2, 1, 6, PRESETS["gemv_h2"]),
                                         (7, 0, 8, PRESETS["scaled_decode"]),
-                                        (9, 2, 5, PRESETS["scaled_prefill"])):
+                                        (9, 2, 5, PRESETS["scaled_prefill"]), (11, 2, 5, PRESETS["widened"]),
+                                        (300, 0, 8, None), (300, 1, 6, PRESETS["prefill"])):  # see above
         packed = shard(experts, first, count, "cpu")
         x = torch.randn(tokens, 64, generator=gen).bfloat16()
         ids, weights = routing(tokens, 8, 4, gen)
@@ -278,7 +347,7 @@ INTERPRETED = textwrap.dedent("""
     def layer(first, count, **kwargs):
         return mxfp4_moe(x, ids, weights, PackedExperts.of(**shard(experts, first, count, "cpu")), first=first,
                          alpha=ALPHA, limit=LIMIT, use_asm=False, out=torch.empty(6, 64), **kwargs)
-    for tiles in (None, PRESETS["gemv"], PRESETS["gemv_h2"], PRESETS["scaled_medium"]):
+    for tiles in (None, PRESETS["gemv"], PRESETS["gemv_h2"], PRESETS["scaled_medium"], PRESETS["widened"]):
         whole = layer(0, 8, tiles=tiles)
         shares = [layer(first, 2, layer_experts=8, tiles=tiles) for first in (0, 2, 4, 6)]
         assert torch.equal(add_as_groups(shares), whole)
@@ -293,7 +362,8 @@ INTERPRETED = textwrap.dedent("""
 
 def test_kernels_in_the_interpreter_match_the_reference():
     """Triton's CPU interpreter runs the launcher and every kernel (routing, gate_up, split-K SwiGLU, down,
-    combine, the matrix-vector gate_up and down of a handful of tokens, the scaled-dot gate_up and down) on a
+    combine, the matrix-vector gate_up and down of a handful of tokens, the scaled-dot gate_up and down, the widened
+    experts' kernels around torch's grouped products) on a
     whole shard and on parts of one: the indexing and masks, without a GPU; and four quarter shards' float32 answers
     add up to the whole layer's bf16 output exactly."""
     assert_runs_in_interpreter(INTERPRETED)
