@@ -28,9 +28,11 @@ POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", b_ptr="*fp32", pair_pt
 FLOATS = {"alpha", "limit"}
 
 
-def compile_for_sm90(kernel, constants: dict, num_warps: int, pointers: dict | None = None):
+def compile_for_sm90(kernel, constants: dict, num_warps: int, pointers: dict | None = None,
+                     multiples_of_16: tuple[str, ...] = ()):
     """kernel compiled for an H100: pointers as POINTERS updated by `pointers` (16-byte aligned), other runtime
-    arguments i32 or fp32."""
+    arguments i32 or fp32; those named in multiples_of_16 marked so, as Triton marks such values at run time (2,880
+    is one), which lets it widen the accesses they index."""
     pointer_types = POINTERS | (pointers or {})
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
@@ -44,6 +46,8 @@ def compile_for_sm90(kernel, constants: dict, num_warps: int, pointers: dict | N
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
+            if name in multiples_of_16:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps})
 

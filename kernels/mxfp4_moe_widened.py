@@ -87,7 +87,7 @@ def _widen(w_ptr, s_ptr, out_ptr, blocks, BLOCKS: tl.constexpr):
     q = tl.arange(0, 8)
     codes = (words[:, :, None] >> (4 * q[None, None, :])) & 15  # [B, 4, 8]
     values = _fp4_values(codes, scale[:, None, None])
-    offsets = block[:, None, None] * GROUP + word[None, :, None] * 8 + q[None, None, :]
+    offsets = block[:, None, None] * 32 + word[None, :, None] * 8 + q[None, None, :]
     tl.store(out_ptr + offsets, values, mask=ok[:, None, None])
 
 

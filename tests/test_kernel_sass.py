@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -42,3 +44,22 @@ def test_fp16_pair_products_take_fewer_instructions_a_value():
         half2, plain = loop_figures("gemv_h2", which), loop_figures("gemv", which)
         assert half2["mix"]["HFMA2"] > 0 and half2["values_per_step"] == plain["values_per_step"]
         assert half2["per_value"] < 0.8 * plain["per_value"], (which, half2["per_value"], plain["per_value"])
+
+
+def test_the_widened_experts_kernels_compile_and_store_16_bytes_at_a_time():
+    """The widened path's three kernels (which the interpreter runs without compiling) compile for sm_90, and with
+    rows a multiple of 16 long (gpt-oss's 2,880) each thread stores 16 bytes an instruction."""
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import compile_for_sm90, disassemble
+    from gptoss_serve.kernels.mxfp4_moe_widened import _bias_swiglu, _scatter_rows, _widen
+
+    cases = ((_widen, dict(BLOCKS=64), dict(out_ptr="*bf16"), ()),
+             (_bias_swiglu, dict(ROWS=16, BLOCK=256), dict(gate_up_ptr="*bf16", bias_ptr="*fp32", key_ptr="*i64"),
+              ("inter",)),
+             (_scatter_rows, dict(ROWS=16, BLOCK=256), dict(out_ptr="*bf16", bias_ptr="*fp32", key_ptr="*i64",
+                                                            order_ptr="*i64", route_ptr="*bf16", y_ptr="*bf16"),
+              ("hidden",)))
+    for kernel, constants, pointers, aligned in cases:
+        sass = disassemble(compile_for_sm90(kernel, constants, 4, pointers, aligned).asm["cubin"])
+        stores = set(re.findall(r"\bSTG[.\w]*", sass))
+        assert stores == {"STG.E.128"}, (kernel.fn.__name__, stores)
