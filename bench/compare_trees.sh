@@ -8,6 +8,8 @@
 #     gpu     pytest -m gpu on the new tree
 #     engine  bench.engine_throughput (20b shapes, random MXFP4, batch 1 / 64 / 256), old then new, ROUNDS times
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
+#     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128): one
+#             layer at 1,024-8,192 tokens (bench.moe_kernel) and the engine's 8,192-token prefill steps
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -42,5 +44,15 @@ served)
     echo "== $tree"
     $tree python3 -m gptoss_serve.bench.served_vs_engine "${args[@]}" --json "$out/served-$tree.json" 2>&1 | tail -12
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served" >&2; exit 2 ;;
+widened)
+  shapes
+  for w in inf 128; do
+    echo "== GPTOSS_MOE_WIDEN_PER_EXPERT=$w"
+    GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.moe_kernel --tokens 1024 2048 4096 8192 \
+      --json "$out/moe-widen-$w.json" 2>&1 | grep -v "^ *kernels" | tail -6
+    GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
+      --load-format dummy --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens 8192 \
+      --json "$out/prefill-widen-$w.json" 2>&1 | tail -4
+  done ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened" >&2; exit 2 ;;
 esac
