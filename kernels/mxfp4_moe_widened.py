@@ -5,8 +5,9 @@ With hundreds of tokens an expert the layer is bound by its matrix products, not
 decode-in-the-loop kernels (mxfp4_moe_kernels.py) reach only about a third of the bf16 peak there: mma.sync on
 operands decoded in registers (kernels/NOTES-mxfp4-moe.md). Widening every expert of the layer costs one pass over
 its packed bytes and a write of the bf16 ones (~0.7 ms for gpt-oss-20b on an H100), after which torch._grouped_mm
-(CUTLASS's Hopper grouped GEMM, wgmma) does the products at the pace of a dense bf16 matmul. The crossover with
-the fused kernels is measured (`bench.moe_kernel --sweep`) and lives in mxfp4_moe.WIDEN_PER_EXPERT.
+(CUTLASS's Hopper grouped GEMM, wgmma) should do the products near the pace of a dense bf16 matmul. The crossover
+with the fused kernels lives in mxfp4_moe.WIDEN_PER_EXPERT, off until `bench.moe_kernel` has timed both on a GPU
+(kernels/NOTES-mxfp4-moe.md, "Widened experts for prefill").
 
 One call, none of it waiting on the host (so it can be captured in a CUDA graph):
   sort       the (token, slot) pairs by local expert (moe_sort.py: torch's stable sort, each expert's end by a search)
