@@ -76,12 +76,14 @@ class TritonOp(Generic[R]):
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm takes x: on the CPU, and on CUDA for bf16 (Hopper and later)."""
+    """Whether torch._grouped_mm takes x without waiting for the host: on the CPU, and on CUDA for bf16 on the
+    architectures its CUTLASS kernels are built for (Hopper, sm_90, and datacenter Blackwell, sm_100). Elsewhere it
+    falls back to a loop over the groups that copies their offsets to the host, which a CUDA graph cannot hold."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_capability(x.device.index) >= 9
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and _cuda_capability(x.device.index) in (9, 10)
 
 
 @functools.cache

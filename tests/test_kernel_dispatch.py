@@ -124,3 +124,23 @@ def test_the_cpu_path_never_imports_triton():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", CPU_PATH], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@dataclass
+class CudaTensor:
+    """What grouped_mm_supported reads of a CUDA tensor."""
+
+    dtype: torch.dtype
+    device: torch.device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("major, takes", [(8, False), (9, True), (10, True), (12, False)])
+def test_grouped_products_only_where_they_never_wait_for_the_host(monkeypatch, major, takes):
+    """torch._grouped_mm's CUTLASS kernels serve Hopper and datacenter Blackwell; elsewhere (Ampere, sm_120) it loops
+    over groups whose offsets it copies to the host, which a decode graph cannot hold: the experts must know."""
+    from gptoss_serve.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda index: major)
+    assert dispatch.grouped_mm_supported(CudaTensor(torch.bfloat16)) is takes
+    assert not dispatch.grouped_mm_supported(CudaTensor(torch.float32))
+    assert dispatch.grouped_mm_supported(torch.empty(2, 2))  # the CPU: any dtype
