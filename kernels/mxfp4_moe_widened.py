@@ -36,11 +36,12 @@ from gptoss_serve.kernels.mxfp4_moe_kernels import GROUP, _fp4_values, _swiglu
 WIDEN_BLOCKS = 64  # 32-value blocks a _widen program decodes: 2,048 values, 4 KiB written
 
 
-def widen(words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def widen(words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Block words int32 [E, R, G, 4] (uint8 [E, R, G, 16] viewed as words) and exponents uint8 [E, R, G] ->
-    bf16 [E, R, G * 32], exactly mxfp4_reference.dequantize's values."""
+    bf16 [E, R, G * 32] (into out, if given), exactly mxfp4_reference.dequantize's values."""
     E, R, G, _ = words.shape
-    out = torch.empty(E, R, G * GROUP, dtype=torch.bfloat16, device=words.device)
+    if out is None:
+        out = torch.empty(E, R, G * GROUP, dtype=torch.bfloat16, device=words.device)
     blocks = E * R * G
     _widen[(triton.cdiv(blocks, WIDEN_BLOCKS),)](words, scales, out, blocks, BLOCKS=WIDEN_BLOCKS, num_warps=4)
     return out
@@ -102,9 +103,8 @@ def _bias_swiglu(gate_up_ptr, bias_ptr, key_ptr, act_ptr, num_rows, inter, count
     expert = tl.load(key_ptr + rows, mask=rows < num_rows, other=count)
     ok = (expert < count)[:, None] & (cols < inter)[None, :]
     both = 2 * cols[None, :, None] + tl.arange(0, 2)[None, None, :]  # [1, BLOCK, 2]: gate and up side by side
-    pair_ok = ok[:, :, None] & (both < 2 * inter)
-    gate_up = tl.load(gate_up_ptr + rows[:, None, None] * (2 * inter) + both, mask=pair_ok, other=0.0)
-    bias = tl.load(bias_ptr + expert[:, None, None] * (2 * inter) + both, mask=pair_ok, other=0.0)
+    gate_up = tl.load(gate_up_ptr + rows[:, None, None] * (2 * inter) + both, mask=ok[:, :, None], other=0.0)
+    bias = tl.load(bias_ptr + expert[:, None, None] * (2 * inter) + both, mask=ok[:, :, None], other=0.0)
     gate, up = tl.split(gate_up.to(tl.float32) + bias.to(tl.float32))
     act = _swiglu(gate, up, alpha, limit)
     tl.store(act_ptr + rows[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=ok)

@@ -270,16 +270,16 @@ def test_gpt_oss_20b_shape(num_tokens, preset):
 
 @pytest.mark.gpu
 def test_widened_experts_are_the_checkpoints_values_exactly():
-    """_widen gives mxfp4_reference.dequantize's bf16 values bit for bit, at a size whose blocks do not fill the last
-    program, and leaves nothing unwritten (the output starts as NaN)."""
-    from gptoss_serve.kernels.mxfp4_moe_widened import _widen
+    """widen gives mxfp4_reference.dequantize's bf16 values bit for bit, at a size whose blocks do not fill the last
+    program (2,016 blocks, WIDEN_BLOCKS a program), and leaves nothing unwritten (the output starts as NaN)."""
+    from gptoss_serve.kernels.mxfp4_moe_widened import widen
 
     gen = torch.Generator().manual_seed(9)
     packed = random_packed_experts(3, 96, 224, generator=gen)
     blocks, scales = packed["down_blocks"].cuda(), packed["down_scales"].cuda()  # 3 x 96 rows of 7 blocks: 2,016
     scales[0, 0, 0] = 127 + 20  # far from the random ones: still exact
     out = torch.full((3, 96, 224), float("nan"), dtype=torch.bfloat16, device="cuda")
-    _widen[(-(-scales.numel() // 64),)](blocks.view(torch.int32), scales, out, scales.numel(), BLOCKS=64)
+    assert widen(blocks.view(torch.int32), scales, out) is out
     assert torch.equal(out, mxfp4.dequantize(blocks, scales))
 
 
