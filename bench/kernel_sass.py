@@ -86,7 +86,7 @@ def loop_figures(preset: str, which: str) -> dict:
 
     tiles = PRESETS[preset]
     common = dict(EXPERTS_PAD=EXPERTS_PAD, USE_ASM=True, INTERPRET=False, DEPTH=tiles.depth, SPLIT_K=tiles.split_k,
-                  BLOCK_M=tiles.block_m)
+                  BLOCK_M=tiles.block_m, PREFETCH=tiles.prefetch, BULK=tiles.prefetch_bulk)
     pointers = {}
     if tiles.gemv:  # one token a program: its rows times one vector (HALF2: act as f16x2 words)
         shift = act_shift(GptOssConfig.swiglu_limit) if tiles.half2 else 0  # what the launcher passes for gpt-oss
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+",
                         default=["gemv", "gemv_h2", "decode", "decode_wide", "medium", "prefill"],
-                        choices=[p for p, t in PRESETS.items() if not t.scaled])
+                        choices=[p for p, t in PRESETS.items() if not t.scaled and not t.widened])
     parser.add_argument("--dump", help="write each kernel's disassembly here")
     args = parser.parse_args(argv)
     print(f"Triton {triton.__version__}, sm_90; thread-instructions a weight value in the reduction loop "

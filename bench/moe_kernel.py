@@ -1,7 +1,7 @@
 """One MoE layer at gpt-oss's shape: the MXFP4 Triton kernel against the bf16 grouped GEMM, per token count.
 
     python -m gptoss_serve.bench.moe_kernel [--preset 20b|120b] [--tokens 1 16 64 256 1024 4096]
-        [--sweep [--sweep-tokens ...]] [--json PATH] [--dump DIR]
+        [--sweep [--sweep-tokens ...]] [--prefetch] [--json PATH] [--dump DIR]
 
 Measures the device's copy bandwidth first (a 1 GiB device-to-device copy, bytes read + written), then per token
 count (uniform random top-4 routing over the preset's experts: 32 for 20b, 128 for 120b; hidden = intermediate =
@@ -14,7 +14,9 @@ rotation), and eagerly (back-to-back calls, launch costs included). The bf16 pat
 the bf16 peak measured first (an 8192^3 torch.matmul), for the token counts bound by the products, and "tiles" the
 preset the call picks. Each row also gives the per-kernel GPU time (torch.profiler).
 --sweep also times every tile preset, the plain-Triton decode and presets at the other load depth at --sweep-tokens,
-to choose the defaults; --dump prints registers/spills of every compiled variant and writes one gate_up's TTGIR/PTX.
+to choose the defaults; --prefetch times the picked tensor-core tiles with and without L2 prefetches of the weight
+rows (kernels/l2_prefetch.py); --dump prints registers/spills of every compiled variant and writes one gate_up's
+TTGIR/PTX.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def tile_name(tiles: dict) -> str:
 
 
 def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig, gen: torch.Generator, *,
-            sweep: bool) -> dict:
+            sweep: bool, prefetch: bool = False) -> dict:
     from gptoss_serve.kernels.mxfp4_moe import pick_tiles
     from gptoss_serve.kernels.mxfp4_moe_widened import widened_bytes
 
@@ -172,16 +174,36 @@ def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig,
         row["kernels_us"] = kernel_breakdown(experts, sets)
     except Exception as e:  # noqa: BLE001 - diagnostics only
         row["kernels_us"] = {"error": repr(e)}
-    if sweep:
-        row["sweep"] = {}
-        for name, (tiles, use_asm) in sweep_variants(num_tokens).items():
+    for key, variants in (("sweep", sweep_variants(num_tokens) if sweep else {}),
+                          ("prefetch", prefetch_variants(row["tiles"]) if prefetch else {})):
+        if variants:
+            row[key] = {}
+        for name, (tiles, use_asm) in variants.items():
             try:
                 fns = [graphed(lambda s=s: experts(*s, tiles=tiles, use_asm=use_asm))[0] for s in sets]
             except Exception as e:  # noqa: BLE001 - one variant that does not compile must not end the sweep
                 print(f"       {name}: {str(e).splitlines()[0][:200]}", flush=True)
                 continue
-            row["sweep"][name] = events_median(fns, reps)
+            row[key][name] = events_median(fns, reps)
     return row
+
+
+def prefetch_variants(picked: dict) -> dict:
+    """name -> (tiles, use_asm): the call's own pick (when it is a tensor-core preset) as it is, then with each weight
+    row's bytes asked of L2 ahead of the loads, 128-512 bytes at a time, in bulk or a line at a time."""
+    from dataclasses import replace
+
+    from gptoss_serve.kernels.mxfp4_moe import Tiles
+
+    tiles = Tiles(**picked)
+    if tiles.gemv or tiles.scaled or tiles.widened:
+        return {}
+    variants = {"as picked": (tiles, True)}
+    for window in (128, 256, 512):
+        for bulk in (False, True):
+            variants[f"{window} B {'bulk' if bulk else 'lines'}"] = (
+                replace(tiles, prefetch=window, prefetch_bulk=bulk), True)
+    return variants
 
 
 def sweep_variants(num_tokens: int) -> dict:
@@ -266,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     parser.add_argument("--sweep", action="store_true", help="also time every tile preset, with and without PTX")
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
+    parser.add_argument("--prefetch", action="store_true",
+                        help="also time the picked tensor-core tiles with L2 prefetches of the weight rows")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--dump", help="a folder for the compiled decode kernel's TTGIR and PTX")
     args = parser.parse_args(argv)
@@ -289,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'TFLOP/s':>7} {'%peak':>5} {'tiles':>8}")
     print(header, flush=True)
     for num_tokens in args.tokens:
-        row = measure(num_tokens, experts, dense, config, gen, sweep=args.sweep and num_tokens in args.sweep_tokens)
+        row = measure(num_tokens, experts, dense, config, gen, sweep=args.sweep and num_tokens in args.sweep_tokens,
+                      prefetch=args.prefetch)
         rows.append(row)
         bw, bw16 = row["mxfp4_bytes"] / row["mxfp4_s"], row["bf16_bytes"] / row["bf16_s"]
         flops = layer_flops(num_tokens, config) / row["mxfp4_s"]
@@ -301,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * flops / peak:>4.0f}% {tile_name(row['tiles']):>8}", flush=True)
         print("       kernels (us): " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row["kernels_us"].items()), flush=True)
-        if "sweep" in row:
-            print("       sweep (graph us): " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in row["sweep"].items()),
-                  flush=True)
+        for key in ("sweep", "prefetch"):
+            if key in row:
+                print(f"       {key} (graph us): " + ", ".join(f"{k} {v * 1e6:.1f}" for k, v in row[key].items()),
+                      flush=True)
     if args.dump is not None:
         dump_kernels(args.dump)
     if args.json:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -59,7 +59,9 @@ class Tiles:
     program on the CUDA cores (mxfp4_moe_gemv.py; block_m and depth unused there). scaled: the kernels written
     with Triton's scaled dot (mxfp4_moe_scaled.py), the reduction pipelined over `stages` steps by the compiler
     (depth and split_k unused there). widened: every expert widened to bf16, then torch's grouped matrix products
-    (mxfp4_moe_widened.py; the block sizes unused there)."""
+    (mxfp4_moe_widened.py; the block sizes unused there). prefetch: the tensor-core kernels ask L2 for each weight
+    row's bytes this many at a time (a multiple of 128, and of a step's bytes), two windows ahead of their loads,
+    in one bulk instruction a row (prefetch_bulk) or a line prefetch a 128 bytes (kernels/l2_prefetch.py); 0: not."""
 
     block_m: int
     gate_up_n: int
@@ -74,6 +76,14 @@ class Tiles:
     scaled: bool = False
     stages: int = 3
     widened: bool = False
+    prefetch: int = 0
+    prefetch_bulk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prefetch and (self.prefetch % 128 or self.prefetch % (16 * self.gate_up_groups)
+                              or self.prefetch % (16 * self.down_groups)):
+            raise ValueError(f"prefetch {self.prefetch}: a multiple of 128 bytes and of a step's bytes "
+                             f"({16 * self.gate_up_groups} and {16 * self.down_groups} a row)")
 
 
 # by rows per expert: decode (a few tokens an expert: the smallest token tile; narrow column tiles when few experts
@@ -103,6 +113,11 @@ PRESETS = {
     "widened": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1,
                      widened=True),
 }
+# the tensor-core presets with each weight row's next bytes asked of L2 ahead of the loads: not picked by any call
+# until timed (kernels/NOTES-mxfp4-moe.md, "Weight reads"); GPTOSS_MOE_PRESETS=decode_wide=decode_wide_prefetch,...
+# runs them in the engine
+PRESETS |= {f"{name}_prefetch": replace(PRESETS[name], prefetch=256)
+            for name in ("decode", "decode_wide", "medium", "prefill")}
 
 
 # below this many pairs an expert, nearly every touched expert serves one token: the matrix-vector kernels
@@ -289,12 +304,15 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
             STEP=_whole_step(tiles.down_groups, I), STAGES=tiles.stages, EXPERTS_PAD=pad, num_warps=tiles.num_warps)
         return combine(1)
     gate_up_share = _groups_per_split(H // GROUP, split, tiles.gate_up_groups)
+    # (Triton's interpreter runs no PTX; a row shorter than the window is not worth it)
+    prefetch = 0 if _INTERPRET or tiles.prefetch > min(H, I) // 2 else tiles.prefetch
     _gate_up[(grid_m, triton.cdiv(I, tiles.gate_up_n), split)](
         hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias,
         ws.sorted_pairs, ws.expert_start, ws.act, ws.gate_up_partials if split > 1 else ws.act,
         count, H, I, alpha, limit, P, gate_up_share,
         TOP_K=K, BLOCK_M=tiles.block_m, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups, DEPTH=tiles.depth,
-        SPLIT_K=split, EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+        SPLIT_K=split, EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, PREFETCH=prefetch,
+        BULK=tiles.prefetch_bulk, num_warps=tiles.num_warps)
     if split > 1:
         block = 1024
         _swiglu_splits[(triton.cdiv(P * I, block),)](ws.gate_up_partials, ws.act, P, I, alpha, limit,
@@ -303,7 +321,8 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         ws.act, experts.down_blocks, experts.down_scales, experts.down_bias, ws.sorted_pairs, ws.expert_start,
         route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
-        EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, num_warps=tiles.num_warps)
+        EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, PREFETCH=prefetch, BULK=tiles.prefetch_bulk,
+        num_warps=tiles.num_warps)
     return combine(split)
 
 

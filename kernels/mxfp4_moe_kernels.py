@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gptoss_serve.kernels.l2_prefetch import prefetch_l2
+
 GROUP = 32  # values per MXFP4 block (one scale)
 # _combine adds a token's slots in 8 groups of experts, then the groups up a fixed tree: the order an expert-parallel
 # split into 1, 2, 4 or 8 workers can reproduce exactly
@@ -144,6 +146,29 @@ def _load_acts(a_ptrs, k, length, row_ok, STEP: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_first(row_ptrs, g0, n_groups, ok, PREFETCH: tl.constexpr, BULK: tl.constexpr):
+    """With PREFETCH > 0 (bytes), before the reduction loop: asks L2 for the first two windows of PREFETCH bytes of
+    each weight row from block g0 (l2_prefetch.py), kept inside the row. row_ptrs: int32 [BN] pointers to row
+    starts; ok: rows that exist."""
+    if PREFETCH > 0:
+        last = n_groups * 16 - PREFETCH  # the last window's start (the launcher keeps PREFETCH within a row)
+        prefetch_l2(row_ptrs + tl.minimum(g0 * 16, last) // 4, PREFETCH, ok, BULK)
+        prefetch_l2(row_ptrs + tl.minimum(g0 * 16 + PREFETCH, last) // 4, PREFETCH, ok, BULK)
+
+
+@triton.jit
+def _prefetch_next(row_ptrs, g, g0, n_groups, ok, PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BULK: tl.constexpr):
+    """At the top of the step at block g: on the first step of each window, asks L2 for the window two on, so that
+    each row's bytes are asked for 1-2 windows before the loads that use them."""
+    if PREFETCH > 0:
+        WINDOW_GROUPS: tl.constexpr = PREFETCH // 16
+        tl.static_assert(WINDOW_GROUPS % GROUPS == 0)
+        if (g - g0) % WINDOW_GROUPS == 0:
+            ahead = tl.minimum((g + 2 * WINDOW_GROUPS) * 16, n_groups * 16 - PREFETCH)
+            prefetch_l2(row_ptrs + ahead // 4, PREFETCH, ok, BULK)
+
+
+@triton.jit
 def _gate_up_step(acc_g, acc_u, wg, sg, wu, su, x, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
     acc_g = _dot(_dequant(wg, sg, USE_ASM), x, acc_g, INTERPRET)
     acc_u = _dot(_dequant(wu, su, USE_ASM), x, acc_u, INTERPRET)
@@ -155,10 +180,11 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
              count, hidden, inter, alpha, limit, num_rows, groups_per_split,
              TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
              DEPTH: tl.constexpr, SPLIT_K: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr,
-             INTERPRET: tl.constexpr):
+             INTERPRET: tl.constexpr, PREFETCH: tl.constexpr = 0, BULK: tl.constexpr = False):
     """act[rows, cols] = swiglu(x[token(rows)] @ gate_up[expert] + bias), computed as [BLOCK_N, BLOCK_M] tiles.
     With SPLIT_K > 1, program z of axis 2 sums blocks [z * groups_per_split, ...) only and stores its float32 gate
-    and up sums (bias in z = 0's) at partials[z, rows, 2 cols (+ 1)]; _swiglu_splits finishes them."""
+    and up sums (bias in z = 0's) at partials[z, rows, 2 cols (+ 1)]; _swiglu_splits finishes them. PREFETCH > 0:
+    the weight rows' bytes asked of L2 ahead of the loads (_prefetch_first)."""
     expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
     if expert >= count:
         return
@@ -178,6 +204,10 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
     sg_ptrs = s_ptr + gate_row[:, None, None] * n_groups + tl.arange(0, GROUPS)[None, :, None]  # [BN, GROUPS, 1]
     su_ptrs = sg_ptrs + n_groups
     x_ptrs = x_ptr + token.to(tl.int64)[None, :] * stride_x + tl.arange(0, STEP)[:, None]  # [STEP, BM]
+    pg_ptrs = w_ptr + gate_row * (n_groups * 4)  # [BN] row starts, for the L2 prefetches
+    pu_ptrs = pg_ptrs + n_groups * 4
+    _prefetch_first(pg_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
+    _prefetch_first(pu_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
 
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -186,6 +216,8 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
         wu, su = _load_weights(wu_ptrs, su_ptrs, g0, g1, col_ok, GROUPS)
         x = _load_acts(x_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
         for g in range(g0, g1, GROUPS):
+            _prefetch_next(pg_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
+            _prefetch_next(pu_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
             # the next step's loads go out before this step's decode and products
             wg_n, sg_n = _load_weights(wg_ptrs, sg_ptrs, g + GROUPS, g1, col_ok, GROUPS)
             wu_n, su_n = _load_weights(wu_ptrs, su_ptrs, g + GROUPS, g1, col_ok, GROUPS)
@@ -203,6 +235,8 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
         wu2, su2 = _load_weights(wu_ptrs, su_ptrs, g0 + 2 * GROUPS, g1, col_ok, GROUPS)
         x2 = _load_acts(x_ptrs, (g0 + 2 * GROUPS) * 32, g1 * 32, row_ok, STEP)
         for g in range(g0, g1, GROUPS):
+            _prefetch_next(pg_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
+            _prefetch_next(pu_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
             wg3, sg3 = _load_weights(wg_ptrs, sg_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
             wu3, su3 = _load_weights(wu_ptrs, su_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
             x3 = _load_acts(x_ptrs, (g + 3 * GROUPS) * 32, g1 * 32, row_ok, STEP)
@@ -254,9 +288,11 @@ def _swiglu_splits(part_ptr, act_ptr, num_rows, inter, alpha, limit, SPLIT_K: tl
 def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
           count, inter, hidden, num_rows, groups_per_split,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DEPTH: tl.constexpr,
-          SPLIT_K: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+          SPLIT_K: tl.constexpr, EXPERTS_PAD: tl.constexpr, USE_ASM: tl.constexpr, INTERPRET: tl.constexpr,
+          PREFETCH: tl.constexpr = 0, BULK: tl.constexpr = False):
     """y[pair(rows), cols] = (act[rows] @ down[expert] + bias) * routing weight, as [BLOCK_N, BLOCK_M] tiles.
-    With SPLIT_K > 1, program z of axis 2 sums its share of the blocks into y[z] (float32; bias in z = 0's)."""
+    With SPLIT_K > 1, program z of axis 2 sums its share of the blocks into y[z] (float32; bias in z = 0's).
+    PREFETCH as in _gate_up."""
     expert, row0, row_end = _tile(start_ptr, count, tl.program_id(0), BLOCK_M, EXPERTS_PAD)
     if expert >= count:
         return
@@ -274,12 +310,15 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
     w_ptrs = w_ptr + w_row[:, None, None] * (n_groups * 4) + word  # [BN, GROUPS, 4] int32
     s_ptrs = s_ptr + w_row[:, None, None] * n_groups + tl.arange(0, GROUPS)[None, :, None]  # [BN, GROUPS, 1]
     a_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + tl.arange(0, STEP)[:, None]  # [STEP, BM]
+    p_ptrs = w_ptr + w_row * (n_groups * 4)  # [BN] row starts, for the L2 prefetches
+    _prefetch_first(p_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if DEPTH == 1:
         w, s = _load_weights(w_ptrs, s_ptrs, g0, g1, col_ok, GROUPS)
         a = _load_acts(a_ptrs, g0 * 32, g1 * 32, row_ok, STEP)
         for g in range(g0, g1, GROUPS):
+            _prefetch_next(p_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
             w_n, s_n = _load_weights(w_ptrs, s_ptrs, g + GROUPS, g1, col_ok, GROUPS)
             a_n = _load_acts(a_ptrs, (g + GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc = _dot(_dequant(w, s, USE_ASM), a, acc, INTERPRET)
@@ -292,6 +331,7 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
         w2, s2 = _load_weights(w_ptrs, s_ptrs, g0 + 2 * GROUPS, g1, col_ok, GROUPS)
         a2 = _load_acts(a_ptrs, (g0 + 2 * GROUPS) * 32, g1 * 32, row_ok, STEP)
         for g in range(g0, g1, GROUPS):
+            _prefetch_next(p_ptrs, g, g0, n_groups, col_ok, PREFETCH, GROUPS, BULK)
             w3, s3 = _load_weights(w_ptrs, s_ptrs, g + 3 * GROUPS, g1, col_ok, GROUPS)
             a3 = _load_acts(a_ptrs, (g + 3 * GROUPS) * 32, g1 * 32, row_ok, STEP)
             acc = _dot(_dequant(w0, s0, USE_ASM), a0, acc, INTERPRET)

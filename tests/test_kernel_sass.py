@@ -63,3 +63,16 @@ def test_the_widened_experts_kernels_compile_and_store_16_bytes_at_a_time():
         sass = disassemble(compile_for_sm90(kernel, constants, 4, pointers, aligned).asm["cubin"])
         stores = set(re.findall(r"\bSTG[.\w]*", sass))
         assert stores == {"STG.E.128"}, (kernel.fn.__name__, stores)
+
+
+def test_the_prefetching_presets_prefetch_inside_the_loop():
+    """decode_wide_prefetch's kernels keep their line prefetches (inline PTX nothing reads) in the reduction loop,
+    for each weight row it reads (gate and up rows in gate_up), and the loop is otherwise decode_wide's."""
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import loop_figures
+
+    for which in ("gate_up", "down"):
+        fetching, plain = loop_figures("decode_wide_prefetch", which), loop_figures("decode_wide", which)
+        assert fetching["mix"]["CCTL"] > 0 and plain["mix"]["CCTL"] == 0
+        assert fetching["mix"]["HGMMA"] + fetching["mix"]["HMMA"] == plain["mix"]["HGMMA"] + plain["mix"]["HMMA"]
+        assert fetching["per_value"] < 1.15 * plain["per_value"], (which, fetching["per_value"], plain["per_value"])

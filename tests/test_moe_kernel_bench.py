@@ -30,3 +30,17 @@ def test_a_token_costs_its_four_experts_matrix_products():
     # gate_up (2,880 x 5,760) and down (2,880 x 2,880), a multiply and an add each, for each of 4 experts
     assert layer_flops(1, preset_config("20b")) == 2 * 4 * (2880 * 5760 + 2880 * 2880) == 199_065_600
     assert layer_flops(8192, preset_config("120b")) == 8192 * layer_flops(1, preset_config("20b"))
+
+
+def test_prefetch_variants_are_the_pick_with_each_window():
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.moe_kernel import prefetch_variants
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    variants = prefetch_variants(PRESETS["decode_wide"].__dict__)
+    assert variants["as picked"] == (PRESETS["decode_wide"], True)
+    assert variants["256 B lines"][0] == PRESETS["decode_wide_prefetch"]
+    assert {(t.prefetch, t.prefetch_bulk) for t, _ in variants.values()} == \
+        {(0, False)} | {(w, b) for w in (128, 256, 512) for b in (False, True)}
+    # the matrix-vector, scaled-dot and widened paths read no weight rows the prefetches know
+    assert all(prefetch_variants(PRESETS[name].__dict__) == {} for name in ("gemv_h2", "scaled_decode", "widened"))

@@ -269,6 +269,40 @@ def test_gpt_oss_20b_shape(num_tokens, preset):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("num_tokens, preset", [(12, "decode"), (40, "decode_wide"), (300, "medium"),
+                                                (700, "prefill")])
+@pytest.mark.parametrize("window, bulk", [(256, False), (128, True), (512, True)])
+def test_l2_prefetches_change_nothing_but_the_time(num_tokens, preset, window, bulk):
+    """A prefetch is a hint: each tensor-core preset with its weight rows' bytes asked of L2 ahead (bulk or line by
+    line, windows from a step's bytes to over a third of a row) gives its twin's output bit for bit, at gpt-oss's
+    shape (1,440-byte rows: the last window is clamped inside the row)."""
+    from dataclasses import replace
+
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    tiles = PRESETS[preset]
+    plain, ref = run_case(num_tokens, num_experts=8, hidden=2880, inter=2880, seed=12, tiles=tiles)
+    check(plain, ref)
+    fetched, _ = run_case(num_tokens, num_experts=8, hidden=2880, inter=2880, seed=12,
+                          tiles=replace(tiles, prefetch=window, prefetch_bulk=bulk))
+    assert torch.equal(fetched, plain)
+
+
+def test_a_prefetch_window_must_be_whole_lines_and_steps():
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    assert PRESETS["decode_wide_prefetch"] == replace(PRESETS["decode_wide"], prefetch=256)
+    with pytest.raises(ValueError, match="prefetch 192"):  # not whole 128-byte lines
+        replace(PRESETS["decode_wide"], prefetch=192)
+    with pytest.raises(ValueError, match="prefetch 128"):  # shorter than a step of 16 blocks (256 bytes a row)
+        replace(PRESETS["decode_wide"], down_groups=16, prefetch=128)
+
+
+@pytest.mark.gpu
 def test_widened_experts_are_the_checkpoints_values_exactly():
     """widen gives mxfp4_reference.dequantize's bf16 values bit for bit, at a size whose blocks do not fill the last
     program (2,016 blocks, WIDEN_BLOCKS a program), and leaves nothing unwritten (the output starts as NaN)."""

@@ -1,0 +1,42 @@
+"""Asking the GPU's L2 cache to fetch a run of bytes ahead of the loads that will read it (Hopper and later).
+
+The MXFP4 experts are read in the checkpoint's layout: a row of weights is a contiguous run of bytes (1,440 at
+gpt-oss's shapes), but a kernel's reduction step takes only 32-64 bytes of each of its 64-256 rows, so each step's
+loads are hundreds of short pieces spread over the layer's weights, and each load holds registers until its bytes
+arrive. `prefetch_l2` hands one thread's run of bytes (several steps of one row) to the memory system in a single
+`cp.async.bulk.prefetch.L2` instruction: nothing waits for it and no register holds it, and the kernel's own loads
+then find their bytes in L2 (~2-3x nearer than device memory) instead of each going out to it.
+kernels/NOTES-mxfp4-moe.md says when it pays (bench/weight_stream.py measures the access patterns alone).
+
+This module imports Triton: import it only where a CUDA GPU is.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# $1: the address (16-byte aligned), $2: bytes (a multiple of 16), $3: nonzero to fetch. A hint: the result is a
+# dummy, and the op is marked impure so that the compiler keeps it.
+_PREFETCH_ASM = tl.constexpr("{\n.reg .pred p;\nsetp.ne.b32 p, $3, 0;\n"
+                             "@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.b32 $0, 0;\n}")
+
+
+# one 128-byte line at $1 where $2 is nonzero (`prefetch`: a plain per-thread instruction, CCTL in the machine code)
+_LINE_ASM = tl.constexpr("{\n.reg .pred p;\nsetp.ne.b32 p, $2, 0;\n@p prefetch.global.L2 [$1];\nmov.b32 $0, 0;\n}")
+LINE = tl.constexpr(128)
+
+
+@triton.jit
+def prefetch_l2(ptrs, NBYTES: tl.constexpr, ok, BULK: tl.constexpr):
+    """Fetches NBYTES (a multiple of 128) from each of ptrs (128-byte aligned for whole lines) where ok, into L2: in
+    one bulk instruction a pointer (BULK; its address must pass through the warp's uniform registers, so ptxas
+    loops over the distinct addresses of a warp), or one line prefetch a 128 bytes."""
+    if BULK:
+        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r",
+                                  [ptrs.to(tl.int64), tl.full(ptrs.shape, NBYTES, tl.int32), ok.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        for line in tl.static_range(NBYTES // LINE.value):
+            tl.inline_asm_elementwise(_LINE_ASM, "=r,l,r", [ptrs.to(tl.int64) + line * LINE, ok.to(tl.int32)],
+                                      dtype=tl.int32, is_pure=False, pack=1)
