@@ -90,7 +90,7 @@ def loop_figures(preset: str, which: str) -> dict:
     pointers = {}
     if tiles.gemv:  # one token a program: its rows times one vector (HALF2: act as f16x2 words)
         shift = act_shift(GptOssConfig.swiglu_limit) if tiles.half2 else 0  # what the launcher passes for gpt-oss
-        half2 = dict(HALF2=tiles.half2, ACT_SHIFT=shift)
+        half2 = dict(HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=tiles.prefetch > 0)
         if which == "gate_up":
             kernel, n, groups, rows = gemv._gate_up_gemv, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
             constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True, **half2)

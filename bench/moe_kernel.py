@@ -189,16 +189,20 @@ def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig,
 
 
 def prefetch_variants(picked: dict) -> dict:
-    """name -> (tiles, use_asm): the call's own pick (when it is a tensor-core preset) as it is, then with each weight
-    row's bytes asked of L2 ahead of the loads, 128-512 bytes at a time, in bulk or a line at a time."""
+    """name -> (tiles, use_asm): the call's own pick as it is, then with each weight row's bytes asked of L2 ahead of
+    the loads, 128-512 bytes at a time, in bulk or a line at a time (the matrix-vector kernels: each program's whole
+    row tile before its loop)."""
     from dataclasses import replace
 
     from gptoss_serve.kernels.mxfp4_moe import Tiles
 
     tiles = Tiles(**picked)
-    if tiles.gemv or tiles.scaled or tiles.widened:
+    if tiles.scaled or tiles.widened:
         return {}
     variants = {"as picked": (tiles, True)}
+    if tiles.gemv:  # one contiguous row tile a program: the whole of it, first
+        variants["whole tile"] = (replace(tiles, prefetch=128, prefetch_bulk=True), True)
+        return variants
     for window in (128, 256, 512):
         for bulk in (False, True):
             variants[f"{window} B {'bulk' if bulk else 'lines'}"] = (

@@ -40,3 +40,17 @@ def prefetch_l2(ptrs, NBYTES: tl.constexpr, ok, BULK: tl.constexpr):
         for line in tl.static_range(NBYTES // LINE.value):
             tl.inline_asm_elementwise(_LINE_ASM, "=r,l,r", [ptrs.to(tl.int64) + line * LINE, ok.to(tl.int32)],
                                       dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l2_span(ptr, nbytes):
+    """Fetches the nbytes (int) from ptr (any element type, any alignment) into L2 in one bulk instruction: the
+    span widened to whole 16-byte units. For a program whose weights are one contiguous run (the matrix-vector
+    kernels' row tiles), asked for once before its loop."""
+    start = ptr.to(tl.int64)
+    aligned = start & ~15
+    size = ((start + nbytes - aligned + 15) & ~15).to(tl.int32)
+    # as one-element tensors: the operands are then the same in every thread, and ptxas issues it once a warp
+    tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r", [tl.full([1], 0, tl.int64) + aligned,
+                                                          tl.full([1], 0, tl.int32) + size, tl.full([1], 1, tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)

@@ -61,7 +61,9 @@ class Tiles:
     (depth and split_k unused there). widened: every expert widened to bf16, then torch's grouped matrix products
     (mxfp4_moe_widened.py; the block sizes unused there). prefetch: the tensor-core kernels ask L2 for each weight
     row's bytes this many at a time (a multiple of 128, and of a step's bytes), two windows ahead of their loads,
-    in one bulk instruction a row (prefetch_bulk) or a line prefetch a 128 bytes (kernels/l2_prefetch.py); 0: not."""
+    in one bulk instruction a row (prefetch_bulk) or a line prefetch a 128 bytes (kernels/l2_prefetch.py); 0: not.
+    The matrix-vector kernels, whose row tiles are contiguous, ask for the whole tile before the loop when it is
+    nonzero."""
 
     block_m: int
     gate_up_n: int
@@ -117,7 +119,7 @@ PRESETS = {
 # until timed (kernels/NOTES-mxfp4-moe.md, "Weight reads"); GPTOSS_MOE_PRESETS=decode_wide=decode_wide_prefetch,...
 # runs them in the engine
 PRESETS |= {f"{name}_prefetch": replace(PRESETS[name], prefetch=256)
-            for name in ("decode", "decode_wide", "medium", "prefill")}
+            for name in ("gemv_h2", "decode", "decode_wide", "medium", "prefill")}
 
 
 # below this many pairs an expert, nearly every touched expert serves one token: the matrix-vector kernels
@@ -272,14 +274,15 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         return combine(1)
     if tiles.gemv:
         shift = act_shift(limit) if tiles.half2 else 0
+        gemv_prefetch = tiles.prefetch > 0 and not _INTERPRET  # (the interpreter runs no PTX)
         _gate_up_gemv[(P, triton.cdiv(I, tiles.gate_up_n))](
             hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias, ids,
             ws.act, first, count, H, I, alpha, limit, TOP_K=K, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups,
-            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, num_warps=tiles.num_warps)
+            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=gemv_prefetch, num_warps=tiles.num_warps)
         _down_gemv[(P, triton.cdiv(H, tiles.down_n))](
             ws.act.view(torch.int32) if tiles.half2 else ws.act, experts.down_blocks, experts.down_scales,
             experts.down_bias, ids, route, ws.y, first, count, I, H, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups,
-            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, num_warps=tiles.num_warps)
+            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=gemv_prefetch, num_warps=tiles.num_warps)
         return combine(1)
     pad = max(16, triton.next_power_of_2(count))
     if P > SORT_ROUTE_PAIRS:  # the one-program counting sort's time grows with P: torch's sort, the same order

@@ -37,6 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from gptoss_serve.kernels.l2_prefetch import prefetch_l2_span
 from gptoss_serve.kernels.mxfp4_moe_kernels import _swiglu
 
 
@@ -244,6 +245,15 @@ def _rows_times_pairs(w_ptr, s_ptr, x_ptr, row, row_ok, n_groups, X_PAIRS: tl.co
 
 
 @triton.jit
+def _prefetch_tile(w_ptr, s_ptr, first_row, num_rows, n_groups, PREFETCH: tl.constexpr):
+    """With PREFETCH: asks L2 for a program's whole row tile before its loop, blocks and exponents (each one
+    contiguous run: the tile's rows are consecutive), so that the loop's loads find them there (l2_prefetch.py)."""
+    if PREFETCH:
+        prefetch_l2_span(w_ptr + first_row * (n_groups * 4), num_rows * n_groups * 16)
+        prefetch_l2_span(s_ptr + first_row * n_groups, num_rows * n_groups)
+
+
+@triton.jit
 def _pair_order(cols):
     """Where act column c sits in pair order: value 8w + q + 4h at 8w + 2q + h."""
     return (cols // 8) * 8 + (cols % 4) * 2 + (cols % 8) // 4
@@ -252,17 +262,21 @@ def _pair_order(cols):
 @triton.jit(do_not_specialize=["first"])
 def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first, count, hidden, inter, alpha, limit,
                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr,
-                  HALF2: tl.constexpr = False, ACT_SHIFT: tl.constexpr = 0):
+                  HALF2: tl.constexpr = False, ACT_SHIFT: tl.constexpr = 0, PREFETCH: tl.constexpr = False):
     """act[p, cols] = swiglu(x[p // TOP_K] @ gate_up[expert(p)] + bias) for one tile of BLOCK_N act columns: the
     2 * BLOCK_N consecutive weight rows of gate (even) and up (odd). Pairs of experts outside the shard are skipped.
-    HALF2: the products in fp16 pairs, act stored as fp16 times 2**ACT_SHIFT, in pair order (the module's doc)."""
+    HALF2: the products in fp16 pairs, act stored as fp16 times 2**ACT_SHIFT, in pair order (the module's doc).
+    PREFETCH: the tile's weights asked of L2 first (_prefetch_tile)."""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int32) - first
     if (expert < 0) | (expert >= count):
         return
-    rows = tl.program_id(1) * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+    row0 = tl.program_id(1) * 2 * BLOCK_N
+    rows = row0 + tl.arange(0, 2 * BLOCK_N)
     row_ok = rows < 2 * inter
     row = expert.to(tl.int64) * 2 * inter + rows
+    _prefetch_tile(w_ptr, s_ptr, expert.to(tl.int64) * 2 * inter + row0, tl.minimum(2 * BLOCK_N, 2 * inter - row0),
+                   hidden // 32, PREFETCH)
     token = (pair // TOP_K).to(tl.int64)
     if HALF2:
         acc = _rows_times_pairs(w_ptr, s_ptr, x_ptr + token * stride_x, row, row_ok, hidden // 32, False, 0, GROUPS,
@@ -283,16 +297,20 @@ def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first,
 @triton.jit(do_not_specialize=["first"])
 def _down_gemv(act_ptr, w_ptr, s_ptr, b_ptr, ids_ptr, route_ptr, y_ptr, first, count, inter, hidden,
                BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr, HALF2: tl.constexpr = False,
-               ACT_SHIFT: tl.constexpr = 0):
+               ACT_SHIFT: tl.constexpr = 0, PREFETCH: tl.constexpr = False):
     """y[p, cols] = (act[p] @ down[expert(p)] + bias) * routing weight of p, for one tile of BLOCK_N columns.
-    HALF2: act_ptr is int32, act as _gate_up_gemv's HALF2 stored it (f16x2 words, pair order, 2**ACT_SHIFT)."""
+    HALF2: act_ptr is int32, act as _gate_up_gemv's HALF2 stored it (f16x2 words, pair order, 2**ACT_SHIFT).
+    PREFETCH as in _gate_up_gemv."""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int32) - first
     if (expert < 0) | (expert >= count):
         return
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(1) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden
     row = expert.to(tl.int64) * hidden + cols
+    _prefetch_tile(w_ptr, s_ptr, expert.to(tl.int64) * hidden + col0, tl.minimum(BLOCK_N, hidden - col0),
+                   inter // 32, PREFETCH)
     if HALF2:
         acc = _rows_times_pairs(w_ptr, s_ptr, act_ptr + pair.to(tl.int64) * (inter // 2), row, col_ok, inter // 32,
                                 True, ACT_SHIFT, GROUPS, USE_ASM)

@@ -76,3 +76,16 @@ def test_the_prefetching_presets_prefetch_inside_the_loop():
         assert fetching["mix"]["CCTL"] > 0 and plain["mix"]["CCTL"] == 0
         assert fetching["mix"]["HGMMA"] + fetching["mix"]["HMMA"] == plain["mix"]["HGMMA"] + plain["mix"]["HMMA"]
         assert fetching["per_value"] < 1.15 * plain["per_value"], (which, fetching["per_value"], plain["per_value"])
+
+
+def test_the_matrix_vector_kernels_ask_for_their_tile_once_before_the_loop():
+    """gemv_h2_prefetch: one bulk prefetch of the row tile's blocks and one of its exponents, uniform (issued once a
+    warp), none in the loop, whose length stays gemv_h2's (within ptxas's scheduling noise)."""
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import loop_figures
+
+    for which in ("gate_up", "down"):
+        fetching, plain = loop_figures("gemv_h2_prefetch", which), loop_figures("gemv_h2", which)
+        assert fetching["sass"].count("UBLKPF.L2") == 2 and "UBLKPF" not in plain["sass"]
+        assert fetching["mix"]["UBLKPF"] == 0
+        assert abs(fetching["loop_instructions"] - plain["loop_instructions"]) < 0.1 * plain["loop_instructions"]

@@ -42,5 +42,6 @@ def test_prefetch_variants_are_the_pick_with_each_window():
     assert variants["256 B lines"][0] == PRESETS["decode_wide_prefetch"]
     assert {(t.prefetch, t.prefetch_bulk) for t, _ in variants.values()} == \
         {(0, False)} | {(w, b) for w in (128, 256, 512) for b in (False, True)}
-    # the matrix-vector, scaled-dot and widened paths read no weight rows the prefetches know
-    assert all(prefetch_variants(PRESETS[name].__dict__) == {} for name in ("gemv_h2", "scaled_decode", "widened"))
+    # the matrix-vector kernels ask for each program's whole row tile; the scaled-dot and widened paths, nothing
+    assert set(prefetch_variants(PRESETS["gemv_h2"].__dict__)) == {"as picked", "whole tile"}
+    assert all(prefetch_variants(PRESETS[name].__dict__) == {} for name in ("scaled_decode", "widened"))

@@ -270,13 +270,14 @@ def test_gpt_oss_20b_shape(num_tokens, preset):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("poisoned_allocations")
-@pytest.mark.parametrize("num_tokens, preset", [(12, "decode"), (40, "decode_wide"), (300, "medium"),
-                                                (700, "prefill")])
+@pytest.mark.parametrize("num_tokens, preset", [(1, "gemv_h2"), (4, "gemv"), (12, "decode"), (40, "decode_wide"),
+                                                (300, "medium"), (700, "prefill")])
 @pytest.mark.parametrize("window, bulk", [(256, False), (128, True), (512, True)])
 def test_l2_prefetches_change_nothing_but_the_time(num_tokens, preset, window, bulk):
     """A prefetch is a hint: each tensor-core preset with its weight rows' bytes asked of L2 ahead (bulk or line by
     line, windows from a step's bytes to over a third of a row) gives its twin's output bit for bit, at gpt-oss's
-    shape (1,440-byte rows: the last window is clamped inside the row)."""
+    shape (1,440-byte rows: the last window is clamped inside the row); so do the matrix-vector kernels asking for
+    their whole row tiles first (any window: a tile is one run)."""
     from dataclasses import replace
 
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
