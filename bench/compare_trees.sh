@@ -10,6 +10,9 @@
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
 #     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128): one
 #             layer at 1,024-8,192 tokens (bench.moe_kernel) and the engine's 8,192-token prefill steps
+#     reads   the new tree alone: the weight-read patterns (bench.weight_stream), the MoE layer with and without
+#             L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens), and the engine's
+#             decode at batch 1 / 4 / 64 / 256 with the picked presets, then with their *_prefetch twins
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -54,5 +57,17 @@ widened)
       --load-format dummy --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens 8192 \
       --json "$out/prefill-widen-$w.json" 2>&1 | tail -4
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened" >&2; exit 2 ;;
+reads)
+  shapes
+  new python3 -m gptoss_serve.bench.weight_stream --json "$out/weight-stream.json" 2>&1 | tail -16
+  new python3 -m gptoss_serve.bench.moe_kernel --tokens 1 4 16 64 256 1024 --prefetch \
+    --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14
+  twins=gemv_h2=gemv_h2_prefetch,decode=decode_prefetch,decode_wide=decode_wide_prefetch,medium=medium_prefetch
+  for presets in "" "$twins"; do
+    echo "== GPTOSS_MOE_PRESETS=$presets"
+    name=${presets:+prefetch}
+    GPTOSS_MOE_PRESETS=$presets new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
+      --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-${name:-picked}.json" 2>&1 | tail -6
+  done ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|reads" >&2; exit 2 ;;
 esac
