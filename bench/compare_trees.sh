@@ -10,7 +10,7 @@
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
 #     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128): one
 #             layer at 1,024-8,192 tokens (bench.moe_kernel) and the engine's 8,192-token prefill steps
-#     reads   the new tree alone: the weight-read patterns (bench.weight_stream), the MoE layer with and without
+#     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE layer with and without
 #             L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens), and the engine's
 #             decode at batch 1 / 4 / 64 / 256 with the picked presets, then with their *_prefetch twins
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
@@ -59,6 +59,8 @@ widened)
   done ;;
 reads)
   shapes
+  new python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_stream.py tests/test_mxfp4_moe_kernel.py \
+    -k "prefetch or every_variant" 2>&1 | tail -4
   new python3 -m gptoss_serve.bench.weight_stream --json "$out/weight-stream.json" 2>&1 | tail -16
   new python3 -m gptoss_serve.bench.moe_kernel --tokens 1 4 16 64 256 1024 --prefetch \
     --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14
