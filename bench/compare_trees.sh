@@ -8,8 +8,11 @@
 #     gpu     pytest -m gpu on the new tree
 #     engine  bench.engine_throughput (20b shapes, random MXFP4, batch 1 / 64 / 256), old then new, ROUNDS times
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
-#     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128): one
-#             layer at 1,024-8,192 tokens (bench.moe_kernel) and the engine's 8,192-token prefill steps
+#     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128), then
+#             with a bf16 copy of the experts (bf16_expert_copy): one layer at 256-8,192 tokens (bench.moe_kernel)
+#             and the engine's prefill at 2,048- and 8,192-token steps (~8 minutes)
+#     w2      the new tree alone: the W2 burst (bench.served_vs_engine, max_num_seqs 512) without, then with the
+#             bf16 copy of the experts (~6 minutes)
 #     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE layer with and without
 #             L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens), and the engine's
 #             decode at batch 1 / 4 / 64 / 256 with the picked presets, then with their *_prefetch twins
@@ -56,6 +59,23 @@ widened)
     GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
       --load-format dummy --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens 8192 \
       --json "$out/prefill-widen-$w.json" 2>&1 | tail -4
+  done
+  echo "== bf16_expert_copy"
+  new python3 -m gptoss_serve.bench.moe_kernel --bf16-expert-copy --tokens 256 512 1024 2048 8192 \
+    --json "$out/moe-copy.json" 2>&1 | grep -v "^ *kernels" | tail -7
+  for step in 2048 8192; do
+    new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 --load-format dummy --experts packed copy \
+      --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens $step \
+      --json "$out/prefill-copy-$step.json" 2>&1 | grep "engine \["
+  done ;;
+w2)
+  shapes
+  w2=(--model /tmp/c20 --load-format dummy --device cuda --burst 1000 --prompt-lens 32 400 --output-lens 32 368
+      --max-model-len 1024 --num-cpus 16)
+  for copy in "" --bf16-expert-copy; do
+    echo "== W2 $copy"
+    new python3 -m gptoss_serve.bench.served_vs_engine "${w2[@]}" $copy --json "$out/w2${copy:+-copy}.json" 2>&1 \
+      | tail -7
   done ;;
 reads)
   shapes
@@ -71,5 +91,5 @@ reads)
     GPTOSS_MOE_PRESETS=$presets new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
       --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-${name:-picked}.json" 2>&1 | tail -6
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|reads" >&2; exit 2 ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|reads" >&2; exit 2 ;;
 esac

@@ -13,7 +13,9 @@ prompt tokens over the time to those first tokens.
 --eager both runs it without CUDA graphs (engine.enforce_eager), then with them; --scheduling both runs it with
 synchronous steps, then with async scheduling (engine.async_scheduling). --experts both loads the model twice,
 MXFP4 experts widened to bf16 at load and then kept packed, and prints the GPU memory the weights take after each
-load (torch.cuda.memory_allocated); every other variant is an engine built afresh on the same loaded model.
+load (torch.cuda.memory_allocated); --experts packed copy does the same with packed experts, then packed ones with a
+bf16 copy beside them (bf16_expert_copy: the many-token steps multiply the copy); every other variant is an engine
+built afresh on the same loaded model.
 --kv-cache-dtype fp8 stores the KV cache in e4m3 (engine.kv_cache_dtype). --temperature T draws each token from the
 softmax at T (what chat clients ask for by default) instead of taking the argmax.
 --prompt-lens runs every batch size at each prompt length (--prompt-len is the same option). The engine's
@@ -184,7 +186,8 @@ def run_engine_variants(path: Path, device: torch.device, args: argparse.Namespa
     """Loads the model with its experts packed or dequantized; for each (eager, async scheduling) mode builds an
     engine on it and runs every (prompt length, batch size); frees the model. -> (figures, skipped cases)."""
     t = time.perf_counter()
-    model = load_model(path, device=device, load_format=args.load_format, dequantize_experts=experts == "dequantized")
+    model = load_model(path, device=device, load_format=args.load_format, dequantize_experts=experts == "dequantized",
+                       bf16_expert_copy=experts == "copy")
     weights_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
     print(f"[{experts}] loaded in {time.perf_counter() - t:.1f} s on {device}; weights on the GPU: "
           f"{weights_gb:.2f} GB (torch.cuda.memory_allocated)", flush=True)
@@ -241,8 +244,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
-    parser.add_argument("--experts", choices=["packed", "dequantized", "both"], default="packed",
-                        help="MXFP4 experts kept packed, widened to bf16 at load, or both in turn")
+    parser.add_argument("--experts", choices=["packed", "dequantized", "copy", "both"], nargs="+", default=["packed"],
+                        help="MXFP4 experts kept packed, widened to bf16 at load, kept packed with a bf16 copy "
+                             "beside them (the load option bf16_expert_copy), or dequantized then packed (both); "
+                             "several: each in turn")
     parser.add_argument("--eager", choices=["no", "yes", "both"], default="no",
                         help="yes: engine.enforce_eager (no CUDA graphs); both: eager first, then graphs")
     parser.add_argument("--scheduling", choices=["async", "sync", "both"], default="async",
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = [(eager, async_scheduling)
              for eager in ([True, False] if args.eager == "both" else [args.eager == "yes"])
              for async_scheduling in ([False, True] if args.scheduling == "both" else [args.scheduling == "async"])]
-    for experts in (["dequantized", "packed"] if args.experts == "both" else [args.experts]):
+    loads = [e for choice in args.experts for e in (["dequantized", "packed"] if choice == "both" else [choice])]
+    for experts in loads:
         rows, skipped = run_engine_variants(path, device, args, experts, modes)
         results["engine"] += rows
         results["skipped"] += skipped

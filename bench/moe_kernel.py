@@ -153,7 +153,8 @@ def measure(num_tokens: int, experts, dense: LocalExperts, config: GptOssConfig,
     row = dict(tokens=num_tokens, experts_touched=touched,
                tiles=pick_tiles(num_tokens * config.num_experts_per_tok, config.num_local_experts,
                                 widened_bytes=widened_bytes(config.num_local_experts, config.hidden_size,
-                                                            config.intermediate_size)).__dict__,
+                                                            config.intermediate_size),
+                                resident=experts.keywords["experts"].resident).__dict__,
                mxfp4_bytes=mxfp4_bytes, bf16_bytes=bf16_bytes)
 
     replays, outs = zip(*(graphed(lambda s=s: experts(*s)) for s in sets))
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     parser.add_argument("--sweep", action="store_true", help="also time every tile preset, with and without PTX")
     parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
+    parser.add_argument("--bf16-expert-copy", action="store_true",
+                        help="the experts hold a bf16 copy beside the packed weights (Mxfp4Experts.keep_bf16_copy): "
+                             "the widened path multiplies it, and is picked from fewer tokens an expert")
     parser.add_argument("--prefetch", action="store_true",
                         help="also time the picked tensor-core tiles with L2 prefetches of the weight rows")
     parser.add_argument("--json", help="write the figures here")
@@ -304,7 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     packed = {k: v.cuda() for k, v in random_packed_experts(
         config.num_local_experts, config.hidden_size, config.intermediate_size, generator=gen).items()}
-    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed), first=0, alpha=1.702, limit=7.0)
+    copy = dict(gate_up_widened=mxfp4.dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
+                down_widened=mxfp4.dequantize(packed["down_blocks"], packed["down_scales"])
+                ) if args.bf16_expert_copy else {}
+    experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed, **copy), first=0, alpha=1.702,
+                                limit=7.0)
     dense = bf16_experts(packed, config)
     copy, peak = copy_bandwidth(), matmul_peak()
     device = torch.cuda.get_device_name()

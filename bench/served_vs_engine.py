@@ -45,9 +45,10 @@ def params(output_len: int) -> SamplingParams:
 
 
 def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: EngineConfig, requests, *,
-                 load_format: str = "auto") -> dict:
-    engine = LLMEngine(load_model(model_dir, device=device, dtype=dtype, load_format=load_format), load_tokenizer(),
-                       config)
+                 load_format: str = "auto", bf16_expert_copy: bool = False) -> dict:
+    model = load_model(model_dir, device=device, dtype=dtype, load_format=load_format,
+                       bf16_expert_copy=bf16_expert_copy)
+    engine = LLMEngine(model, load_tokenizer(), config)
     engine.generate([requests[0][0]], params(4))  # warm-up
     compiles, start = engine.kernel_compiles, time.perf_counter()
     done = engine.generate([p for p, _ in requests], [params(n) for _, n in requests])
@@ -66,7 +67,7 @@ def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: Engine
     result = {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall, "kernel_compiles": compiles,
               "ttft_ms": (times[0] - start) * 1e3,
               "tpot_ms": statistics.mean(b - a for a, b in zip(times, times[1:])) * 1e3}
-    del engine
+    del engine, model
     gc.collect()  # whatever cycle still holds part of the engine: its GPU memory is the served app's to take
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -117,9 +118,10 @@ async def single(url: str, prompt: list[int], n: int) -> dict:
 
 
 def served(model_dir: str, device: str, config: EngineConfig, requests, *, num_cpus: int,
-           load_format: str = "auto") -> dict:
+           load_format: str = "auto", bf16_expert_copy: bool = False) -> dict:
     n = len(requests)
     app = {"model": model_dir, "load_format": load_format, "num_gpus_per_replica": 1 if device == "cuda" else 0,
+           "bf16_expert_copy": bf16_expert_copy,
            "engine": config.model_dump(), "max_ongoing_requests": n + 8, "max_queued_requests": 0,
            "max_waiting_per_replica": n + 8}
     with local_app(app, num_cpus=num_cpus) as url:
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
                    default=EngineConfig.model_fields["mixed_step_graph_tokens"].default,
                    help="engine.mixed_step_graph_tokens: mixed steps up to this size replay piecewise graphs (0: "
                         "eagerly)")
+    p.add_argument("--bf16-expert-copy", action="store_true",
+                   help="MXFP4 experts also held as bf16 for many-token steps (the load option bf16_expert_copy)")
     p.add_argument("--num-cpus", type=int, default=4, help="Ray CPUs for the app")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
@@ -159,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           mixed_step_graph_tokens=args.mixed_step_graph_tokens)
     requests = workload(args.burst, tuple(args.prompt_lens), tuple(args.output_lens))
-    alone = engine_alone(model_dir, args.device, dtype, config, requests, load_format=args.load_format)
+    alone = engine_alone(model_dir, args.device, dtype, config, requests, load_format=args.load_format,
+                         bf16_expert_copy=args.bf16_expert_copy)
     serve_figures = served(model_dir, args.device, config, requests, num_cpus=args.num_cpus,
-                           load_format=args.load_format)
+                           load_format=args.load_format, bf16_expert_copy=args.bf16_expert_copy)
     figures = {"engine": alone, "served": serve_figures, "ratio": serve_figures["tok_s"] / alone["tok_s"],
                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                "requests": args.burst, "prompt_lens": args.prompt_lens, "output_lens": args.output_lens}

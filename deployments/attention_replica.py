@@ -53,7 +53,8 @@ def build_engine(args: AppArgs, *, expert_workers: list | None = None, link_name
                           timeout_s=args.expert_timeout_s, name=link_name, find_workers=find_workers)
         factory, micro_batches = (lambda layer: RemoteExperts(layer, link)), args.micro_batches
     model = load_model(args.resolved_model_dir(), device=device, dtype=args.torch_dtype, experts_factory=factory,
-                       dequantize_experts=args.dequantize_experts, load_format=args.load_format)
+                       dequantize_experts=args.dequantize_experts, bf16_expert_copy=args.bf16_expert_copy,
+                       load_format=args.load_format)
     # text and stop strings are decoded beside the core, by the replica (see AttentionReplica._on_step)
     engine = LLMEngine(model, load_tokenizer(), args.engine, micro_batches=micro_batches, detokenize=False)
     # llguidance's view of the vocabulary (about 1 s, 140 MB) now, not when the first request with a structured output

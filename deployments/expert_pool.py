@@ -103,7 +103,8 @@ class ExpertPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
                 runtime_env={"env_vars": NCCL_ENV},
             ).remote(self.checkpoint, index=i, num_workers=n, device=device, dtype=args.torch_dtype,
-                     dequantize_experts=args.dequantize_experts, load_format=args.load_format,
+                     dequantize_experts=args.dequantize_experts, bf16_expert_copy=args.bf16_expert_copy,
+                     load_format=args.load_format,
                      max_num_batched_tokens=args.engine.max_num_batched_tokens,
                      enforce_eager=args.engine.enforce_eager)
             for i in range(n)]

@@ -130,15 +130,21 @@ GEMV_PER_EXPERT = 0.5
 # the default is kernels/NOTES-mxfp4-moe.md's prediction for 20b: ~4 ms a layer against ~7 at 8,192 tokens
 WIDEN_PER_EXPERT = float(os.environ.get("GPTOSS_MOE_WIDEN_PER_EXPERT", "inf"))
 WIDEN_MAX_BYTES = 5 << 28  # 1.25 GiB
+# experts that hold a bf16 copy beside the packed one (Mxfp4Experts.keep_bf16_copy) need no widening a call, so the
+# grouped products win sooner: once the fused kernels are bound by their products more than the copy's bytes (3.75x
+# the packed ones) cost. Predicted from the H100 tables in kernels/NOTES-mxfp4-moe.md ("A resident bf16 copy"), to
+# be checked by `bench.moe_kernel --bf16-expert-copy`; GPTOSS_MOE_RESIDENT_WIDEN_PER_EXPERT moves it.
+RESIDENT_WIDEN_PER_EXPERT = float(os.environ.get("GPTOSS_MOE_RESIDENT_WIDEN_PER_EXPERT", "64"))
 # above this many pairs the fused kernels' pairs are sorted by torch (moe_sort.py) rather than by _route
 SORT_ROUTE_PAIRS = 4096
 
 
-def pick_tiles(num_pairs: int, num_experts: int, *, widened_bytes: int | None = None) -> Tiles:
+def pick_tiles(num_pairs: int, num_experts: int, *, widened_bytes: int | None = None,
+               resident: bool = False) -> Tiles:
     """Tiles for a call routing num_pairs (token, expert) pairs over num_experts experts (host numbers only; the
     whole layer's, so that every expert-parallel shard picks what the whole layer would). widened_bytes: what
-    widening the layer's experts would hold (None: not an option). The thresholds follow the H100 sweeps in
-    kernels/NOTES-mxfp4-moe.md."""
+    widening the layer's experts would hold (None: not an option). resident: the experts hold a bf16 copy and the
+    device has the grouped products. The thresholds follow the H100 sweeps in kernels/NOTES-mxfp4-moe.md."""
     per_expert = num_pairs / num_experts
     if per_expert <= GEMV_PER_EXPERT:
         name = "gemv_h2"
@@ -146,6 +152,8 @@ def pick_tiles(num_pairs: int, num_experts: int, *, widened_bytes: int | None = 
         name = "decode"
     elif per_expert <= 16:
         name = "decode_wide"
+    elif resident and per_expert > RESIDENT_WIDEN_PER_EXPERT:
+        name = "widened"
     elif per_expert <= 64:
         name = "medium"
     elif per_expert <= WIDEN_PER_EXPERT or widened_bytes is None or widened_bytes > WIDEN_MAX_BYTES:
@@ -188,12 +196,17 @@ class PackedExperts:
     down_blocks: torch.Tensor  # int32 [E, H, I / 32, 4]
     down_scales: torch.Tensor  # uint8 [E, H, I / 32]
     down_bias: torch.Tensor  # float32 or bf16 [E, H]
+    # the same weights widened to bf16, held beside the packed ones (Mxfp4Experts.keep_bf16_copy), or None
+    gate_up_widened: torch.Tensor | None = None  # bf16 [E, 2I, H]
+    down_widened: torch.Tensor | None = None  # bf16 [E, H, I]
 
     @classmethod
     def of(cls, gate_up_blocks: torch.Tensor, gate_up_scales: torch.Tensor, gate_up_bias: torch.Tensor,
-           down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor) -> PackedExperts:
+           down_blocks: torch.Tensor, down_scales: torch.Tensor, down_bias: torch.Tensor, *,
+           gate_up_widened: torch.Tensor | None = None, down_widened: torch.Tensor | None = None) -> PackedExperts:
         """A view of a shard's checkpoint tensors (shapes in moe_reference.py): nothing copied when they are
-        contiguous; the uint8 blocks are read as 32-bit words."""
+        contiguous; the uint8 blocks are read as 32-bit words. gate_up_widened / down_widened: a bf16 copy of the
+        weights ([E, 2I, H] / [E, H, I], both or neither), which the widened path then multiplies as it is."""
         E, two_i, h_groups, _ = gate_up_blocks.shape
         _, hidden, i_groups, _ = down_blocks.shape
         inter = two_i // 2
@@ -202,6 +215,14 @@ class PackedExperts:
             "down_blocks": (down_blocks, (E, hidden, inter // GROUP, 16)),
             "down_scales": (down_scales, (E, hidden, i_groups)), "down_bias": (down_bias, (E, hidden)),
         }
+        if (gate_up_widened is None) != (down_widened is None):
+            raise ValueError("a bf16 copy of the experts needs both gate_up_widened and down_widened")
+        if gate_up_widened is not None:
+            expect |= {"gate_up_widened": (gate_up_widened, (E, two_i, hidden)),
+                       "down_widened": (down_widened, (E, hidden, inter))}
+            if gate_up_widened.dtype != torch.bfloat16 or down_widened.dtype != torch.bfloat16:
+                raise ValueError(f"the experts' copy must be bf16, got {gate_up_widened.dtype} and "
+                                 f"{down_widened.dtype}")
         for name, (tensor, shape) in expect.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -211,11 +232,18 @@ class PackedExperts:
         return cls(gate_up_blocks=gate_up_blocks.contiguous().view(torch.int32),
                    gate_up_scales=gate_up_scales.contiguous(), gate_up_bias=gate_up_bias.contiguous(),
                    down_blocks=down_blocks.contiguous().view(torch.int32), down_scales=down_scales.contiguous(),
-                   down_bias=down_bias.contiguous())
+                   down_bias=down_bias.contiguous(),
+                   gate_up_widened=None if gate_up_widened is None else gate_up_widened.contiguous(),
+                   down_widened=None if down_widened is None else down_widened.contiguous())
 
     @property
     def count(self) -> int:
         return self.gate_up_blocks.shape[0]
+
+    @property
+    def resident(self) -> bool:
+        """Whether a bf16 copy of the weights is held (the widened path then skips widening)."""
+        return self.gate_up_widened is not None
 
     @property
     def hidden(self) -> int:
@@ -248,8 +276,9 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
     if layer_experts < first + count:
         raise ValueError(f"experts [{first}, {first + count}) do not fit in a layer of {layer_experts}")
     if tiles is None:
-        tiles = pick_tiles(P, layer_experts, widened_bytes=widened_bytes(layer_experts, H, I)
-                           if grouped_mm_supported(hidden) else None)
+        grouped = grouped_mm_supported(hidden)
+        tiles = pick_tiles(P, layer_experts, widened_bytes=widened_bytes(layer_experts, H, I) if grouped else None,
+                           resident=grouped and experts.resident)
         if tiles.half2 and not act_fits_fp16(limit):  # a SwiGLU clamped far above gpt-oss's: float32 products
             tiles = PRESETS["gemv"]
     ws = workspace or new_workspace(N, K, experts, device=hidden.device, tiles=tiles)

@@ -12,7 +12,8 @@ with the fused kernels lives in mxfp4_moe.WIDEN_PER_EXPERT, off until `bench.moe
 One call, none of it waiting on the host (so it can be captured in a CUDA graph):
   sort       the (token, slot) pairs by local expert (moe_sort.py: torch's stable sort, each expert's end by a search)
   gather     the sorted pairs' token rows of hidden
-  _widen     gate_up's blocks and scales -> bf16 [E, 2I, H], the checkpoint's row order
+  _widen     gate_up's blocks and scales -> bf16 [E, 2I, H], the checkpoint's row order (skipped where the experts
+             hold a bf16 copy beside the packed weights: Mxfp4Experts.keep_bf16_copy, 3x their memory)
   gate_up    torch._grouped_mm(x, widened^T) -> [pairs, 2I] bf16
   _bias_swiglu   + bias of the row's expert, clamped SwiGLU -> act [pairs, I]
   _widen     down's -> bf16 [E, H, I] (in the memory gate_up's widened weights just left)
@@ -62,7 +63,8 @@ def grouped_moe(hidden: torch.Tensor, ids: torch.Tensor, route: torch.Tensor, ex
     sorted_keys, order = sort_by_expert(ids, first, count)
     ends = expert_ends(sorted_keys, count)  # [E]
     x = hidden.index_select(0, order // top_k)  # [P, H], sorted order
-    weights = widen(experts.gate_up_blocks, experts.gate_up_scales)  # [E, 2I, H]
+    resident = experts.gate_up_widened is not None  # a bf16 copy held beside the packed weights: no widening
+    weights = experts.gate_up_widened if resident else widen(experts.gate_up_blocks, experts.gate_up_scales)
     gate_up = torch._grouped_mm(x, weights.transpose(1, 2), offs=ends)  # [P, 2I]: both operands K-major
     del x, weights  # the allocator hands this memory to down's widened weights
     rows = 16
@@ -70,7 +72,7 @@ def grouped_moe(hidden: torch.Tensor, ids: torch.Tensor, route: torch.Tensor, ex
         gate_up, experts.gate_up_bias, sorted_keys, act, P, I, count, alpha, limit, ROWS=rows, BLOCK=256,
         num_warps=4)
     del gate_up
-    weights = widen(experts.down_blocks, experts.down_scales)  # [E, H, I]
+    weights = experts.down_widened if resident else widen(experts.down_blocks, experts.down_scales)  # [E, H, I]
     out = torch._grouped_mm(act, weights.transpose(1, 2), offs=ends)  # [P, H]
     del weights
     _scatter_rows[(triton.cdiv(P, rows), triton.cdiv(H, 256))](

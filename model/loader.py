@@ -11,7 +11,7 @@ from gptoss_serve.model.checkpoint import CheckpointReader
 from gptoss_serve.model.errors import CheckpointError
 from gptoss_serve.model.experts import ExpertsFactory, ExpertShard
 from gptoss_serve.model.hub import resolve_checkpoint
-from gptoss_serve.model.packed_experts import expert_shard_class
+from gptoss_serve.model.packed_experts import Mxfp4Experts, expert_shard_class
 from gptoss_serve.model.transformer import GptOssForCausalLM
 
 # auto: the checkpoint's safetensors files; dummy: random weights of the config's shapes, made on the device
@@ -30,16 +30,18 @@ def open_checkpoint(directory: Path, *, device: torch.device | str, load_format:
 
 def load_model(path_or_hub_id: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, *,
                experts_factory: ExpertsFactory | None = None, dequantize_experts: bool = False,
-               load_format: LoadFormat = "auto") -> GptOssForCausalLM:
+               bf16_expert_copy: bool = False, load_format: LoadFormat = "auto") -> GptOssForCausalLM:
     """Builds the model on the meta device, allocates it once on `device` and copies the tensors in one by one.
 
     dtype defaults to the checkpoint's (bf16 for gpt-oss). MXFP4 experts stay packed (Mxfp4Experts), unless
-    `dequantize_experts` widens them to dtype at load. With an `experts_factory` whose experts are not an
-    ExpertShard, no expert weights are read at all. load_format "dummy" fills the weights with random values.
+    `dequantize_experts` widens them to dtype at load; `bf16_expert_copy` keeps them packed and also holds a bf16
+    copy for the GPU's many-token steps (Mxfp4Experts.keep_bf16_copy). With an `experts_factory` whose experts are
+    not an ExpertShard, no expert weights are read at all. load_format "dummy" fills the weights with random values.
     """
     directory = resolve_checkpoint(path_or_hub_id)
     with open_checkpoint(directory, device=device, load_format=load_format) as reader:
         config = reader.config
+        check_bf16_expert_copy(bf16_expert_copy, config, dequantize_experts=dequantize_experts)
         if experts_factory is None:
             shard_class = expert_shard_class(config, dequantize=dequantize_experts)
             experts_factory = lambda layer: shard_class(config)  # noqa: E731
@@ -50,9 +52,28 @@ def load_model(path_or_hub_id: str | Path, device: torch.device | str = "cpu", d
             if hasattr(module, "init_buffers"):
                 module.init_buffers()
         load_weights(model, reader)
+    if bf16_expert_copy:
+        keep_bf16_copies(model.model.layers[layer].mlp.experts for layer in range(config.num_hidden_layers))
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # what reading left cached goes back, so the KV cache can be sized from it
     return model.eval().requires_grad_(False)
+
+
+def check_bf16_expert_copy(wanted: bool, config, *, dequantize_experts: bool) -> None:
+    """A bf16 copy beside packed experts needs packed (MXFP4) experts: a clear error otherwise, before any loading."""
+    if wanted and config.quantization != "mxfp4":
+        raise ValueError("bf16_expert_copy keeps a bf16 copy beside MXFP4 experts, but this checkpoint's experts are "
+                         "not MXFP4 (they are dense already)")
+    if wanted and dequantize_experts:
+        raise ValueError("bf16_expert_copy and dequantize_experts both widen the experts: dequantize_experts keeps only "
+                         "the bf16 weights, bf16_expert_copy keeps the packed ones too; choose one")
+
+
+def keep_bf16_copies(experts) -> None:
+    """Each shard of packed experts in this process also keeps its bf16 copy (experts held elsewhere: nothing)."""
+    for shard in experts:
+        if isinstance(shard, Mxfp4Experts):
+            shard.keep_bf16_copy()
 
 
 def load_weights(model: GptOssForCausalLM, reader: CheckpointReader) -> None:

@@ -5,7 +5,9 @@ one 80 GB GPU), and a decode step reads a quarter of the bytes. On a CUDA GPU wi
 kernels in kernels/mxfp4_moe.py decode FP4 inside the matrix products; anywhere else (the CPU, float32) the
 PyTorch reference in kernels/moe_reference.py decodes each expert while it is used. With hundreds of tokens an
 expert (prefill), gpt-oss-20b's layers can be widened to bf16 for the call instead (kernels/mxfp4_moe_widened.py,
-~1.6 GB of transient GPU memory at an 8,192-token step; off until timed on a GPU, see kernels/mxfp4_moe.py).
+~1.6 GB of transient GPU memory at an 8,192-token step; off until timed on a GPU, see kernels/mxfp4_moe.py), or
+multiplied from a bf16 copy kept beside the packed weights (`keep_bf16_copy`: the load option bf16_expert_copy,
+3x the packed experts' memory), which costs no widening a call.
 """
 
 from __future__ import annotations
@@ -44,6 +46,25 @@ class Mxfp4Experts(ExpertShard):
             self.register_buffer(name, torch.empty(shape, dtype=dtype))
         self._dense_shapes = {"gate_up_proj": (E, H, 2 * I), "down_proj": (E, I, H)}
         self._kernel_view = None  # the kernels' view of the buffers, made on the first GPU call
+        for name in ("gate_up_widened", "down_widened"):  # keep_bf16_copy's [E, 2I, H] and [E, H, I], if asked for
+            self.register_buffer(name, None, persistent=False)
+
+    PACKED = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
+
+    def keep_bf16_copy(self) -> None:
+        """Also holds the weights widened to bf16 ([E, 2I, H] and [E, H, I]: the checkpoint's rows, exactly
+        mxfp4.dequantize's values), beside the packed ones: steps of many tokens an expert then multiply these
+        (kernels/mxfp4_moe_widened.py) with no widening a call, and the fused kernels still take the few-token steps.
+        Costs 3x the packed experts' memory again (gpt-oss-20b: +38 GB). Widened one expert at a time (transients
+        of one expert). The copies are not part of the state dict (nothing is saved twice)."""
+        for part in ("gate_up", "down"):
+            blocks, scales = getattr(self, f"{part}_blocks"), getattr(self, f"{part}_scales")
+            copy = torch.empty(blocks.shape[:2] + (blocks.shape[2] * mxfp4.BLOCK_SIZE,), dtype=torch.bfloat16,
+                               device=blocks.device)
+            for e in range(self.count):
+                copy[e] = mxfp4.dequantize(blocks[e], scales[e])
+            self.register_buffer(f"{part}_widened", copy, persistent=False)
+        self._kernel_view = None
 
     def load_weights(self, reader: CheckpointReader, layer: int) -> None:
         """Copies this shard's rows of the layer's stored blocks, scales and biases in, as they are."""
@@ -107,14 +128,15 @@ class Mxfp4Experts(ExpertShard):
         return calls
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The six buffers by name (moe_reference's keyword arguments)."""
-        return dict(self.named_buffers())
+        """The six packed buffers by name (moe_reference's keyword arguments)."""
+        return {name: getattr(self, name) for name in self.PACKED}
 
     def kernel_view(self):
         if self._kernel_view is None:
             from gptoss_serve.kernels.mxfp4_moe import PackedExperts  # Triton: only ever called on a GPU
 
-            self._kernel_view = PackedExperts.of(**self.packed_tensors())
+            self._kernel_view = PackedExperts.of(**self.packed_tensors(), gate_up_widened=self.gate_up_widened,
+                                                 down_widened=self.down_widened)
         return self._kernel_view
 
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), to_empty(): the buffers move, so any view made is stale

@@ -103,6 +103,11 @@ def test_only_many_tokens_an_expert_widen_the_experts_and_only_where_they_fit(mo
     assert not mxfp4_moe.pick_tiles(128 * 32, 32, widened_bytes=twenty).widened  # at the threshold: fused kernels
     assert not mxfp4_moe.pick_tiles(step, 32).widened  # no grouped products on this device
     assert not mxfp4_moe.pick_tiles(step, 128, widened_bytes=one_twenty).widened  # 120b's layer would take 4.2 GB
+    # a bf16 copy held beside the packed experts: no widening a call, no memory to find, so from 64 pairs an expert,
+    # 120b included; few tokens an expert keep the fused kernels
+    assert mxfp4_moe.pick_tiles(65 * 128, 128, resident=True).widened
+    assert not mxfp4_moe.pick_tiles(64 * 128, 128, resident=True).widened
+    assert mxfp4_moe.pick_tiles(16 * 32, 32, resident=True) == mxfp4_moe.PRESETS["decode_wide"]
 
 
 @pytest.mark.parametrize("first, count", [(0, 8), (2, 3)])
@@ -133,8 +138,9 @@ def test_random_packed_values_stay_order_one():
 def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter: int = 256, top_k: int = 4,
              first: int = 0, count: int | None = None, ids: torch.Tensor | None = None, tiles=None,
              use_asm: bool = True, seed: int = 0, out_dtype: torch.dtype = torch.bfloat16,
-             layer_experts: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU."""
+             layer_experts: int | None = None, resident: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel (poisoned buffers) and the float32 reference on the same fresh random inputs, on the GPU.
+    resident: the experts hold a bf16 copy beside the packed weights (Mxfp4Experts.keep_bf16_copy)."""
     from gptoss_serve.kernels.mxfp4_moe import PackedExperts, mxfp4_moe, new_workspace, pick_tiles
 
     gen = torch.Generator().manual_seed(seed)
@@ -144,8 +150,10 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     route_ids, weights = routing(num_tokens, num_experts, top_k, gen)
     ids = (route_ids if ids is None else ids).cuda()
     weights = weights.cuda()
-    view = PackedExperts.of(**packed)
-    tiles = tiles or pick_tiles(num_tokens * top_k, layer_experts or count)  # the call's own choice, made here
+    copy = dict(gate_up_widened=mxfp4.dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
+                down_widened=mxfp4.dequantize(packed["down_blocks"], packed["down_scales"])) if resident else {}
+    view = PackedExperts.of(**packed, **copy)
+    tiles = tiles or pick_tiles(num_tokens * top_k, layer_experts or count, resident=resident)  # the call's choice
     workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"), tiles=tiles)
     workspace.act.fill_(float("nan"))
     workspace.y.fill_(float("nan"))
@@ -304,6 +312,20 @@ def test_a_prefetch_window_must_be_whole_lines_and_steps():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [700, 1100])
+def test_a_resident_bf16_copy_multiplies_what_widening_would(num_tokens):
+    """Experts holding a bf16 copy take the widened path from 64 pairs an expert (here 87 and 137) with no widening
+    a call: bit for bit the output of widening the packed weights in the call, at gpt-oss-20b's shape."""
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS, pick_tiles
+
+    assert pick_tiles(num_tokens * 4, 32, resident=True).widened
+    resident, ref = run_case(num_tokens, num_experts=32, hidden=2880, inter=2880, seed=21, resident=True)
+    check(resident, ref)
+    widened, _ = run_case(num_tokens, num_experts=32, hidden=2880, inter=2880, seed=21, tiles=PRESETS["widened"])
+    assert torch.equal(resident, widened)
+
+
+@pytest.mark.gpu
 def test_widened_experts_are_the_checkpoints_values_exactly():
     """widen gives mxfp4_reference.dequantize's bf16 values bit for bit, at a size whose blocks do not fill the last
     program (2,016 blocks, WIDEN_BLOCKS a program), and leaves nothing unwritten (the output starts as NaN)."""
@@ -386,6 +408,24 @@ INTERPRETED = textwrap.dedent("""
         whole = layer(0, 8, tiles=tiles)
         shares = [layer(first, 2, layer_experts=8, tiles=tiles) for first in (0, 2, 4, 6)]
         assert torch.equal(add_as_groups(shares), whole)
+    # a bf16 copy held beside the packed weights: the widened path multiplies it, the very values a call widens; and
+    # where the device has grouped products the call picks it above RESIDENT_WIDEN_PER_EXPERT (75 pairs an expert
+    # here, under WIDEN_PER_EXPERT's 128: without the copy the fused prefill kernels would run)
+    from gptoss_serve.kernels.mxfp4_reference import dequantize
+    packed = shard(experts, 1, 6, "cpu")
+    copy = dict(gate_up_widened=dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
+                down_widened=dequantize(packed["down_blocks"], packed["down_scales"]))
+    x = torch.randn(150, 64, generator=gen).bfloat16()
+    ids, weights = routing(150, 8, 4, gen)
+    def call(with_copy, **kwargs):
+        view = PackedExperts.of(**packed, **(copy if with_copy else {}))
+        return mxfp4_moe(x, ids, weights, view, first=1, alpha=ALPHA, limit=LIMIT, use_asm=False, layer_experts=8,
+                         **kwargs)
+    widened = call(False, tiles=PRESETS["widened"])
+    assert torch.equal(call(True, tiles=PRESETS["widened"]), widened)
+    launcher.grouped_mm_supported = lambda hidden: True
+    assert launcher.pick_tiles(600, 8, resident=True).widened and not launcher.pick_tiles(600, 8).widened
+    assert torch.equal(call(True), widened)
     # a SwiGLU clamped so high that act could overflow fp16: the call picks the float32 matrix-vector kernels
     x = torch.randn(1, 64, generator=gen).bfloat16()
     ids, weights = routing(1, 8, 4, gen)

@@ -85,6 +85,42 @@ def test_moe_worker_holds_packed_shards(tiny_mxfp4):
     assert isinstance(widened.experts[0], LocalExperts)
 
 
+def test_a_bf16_copy_beside_the_packed_experts(tiny_mxfp4):
+    """bf16_expert_copy: every layer's experts keep their packed buffers and also hold the checkpoint's values
+    widened to bf16 (mxfp4.dequantize's, exactly), outside the state dict; the model computes the same logits (the
+    copy is for the GPU's many-token steps), and the copy moves with the module."""
+    from gptoss_serve.model import mxfp4
+
+    plain, copied = load_model(tiny_mxfp4), load_model(tiny_mxfp4, bf16_expert_copy=True)
+    assert set(copied.state_dict()) == set(plain.state_dict())
+    for layer in copied.model.layers:
+        experts = layer.mlp.experts
+        assert experts.gate_up_widened.dtype == experts.down_widened.dtype == torch.bfloat16
+        assert torch.equal(experts.gate_up_widened, mxfp4.dequantize(experts.gate_up_blocks, experts.gate_up_scales))
+        assert torch.equal(experts.down_widened, mxfp4.dequantize(experts.down_blocks, experts.down_scales))
+        assert set(experts.packed_tensors()) == set(Mxfp4Experts.PACKED)
+    assert plain.model.layers[0].mlp.experts.gate_up_widened is None
+    tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(copied(tokens), plain(tokens))
+    assert copied.float().model.layers[1].mlp.experts.down_widened.dtype == torch.float32  # a buffer: it moves
+    workers = MoEWorker(str(tiny_mxfp4), index=1, num_workers=2, bf16_expert_copy=True)
+    assert all(e.gate_up_widened.shape == (4, 128, 64) for e in workers.experts)  # its shard's 4 experts
+
+
+def test_a_bf16_copy_needs_packed_experts(tiny_bf16, tiny_mxfp4):
+    from gptoss_serve.deployments.args import AppArgs
+
+    with pytest.raises(ValueError, match="not MXFP4"):
+        load_model(tiny_bf16, bf16_expert_copy=True)
+    with pytest.raises(ValueError, match="choose one"):
+        load_model(tiny_mxfp4, bf16_expert_copy=True, dequantize_experts=True)
+    with pytest.raises(ValueError, match="choose one"):
+        MoEWorker(str(tiny_mxfp4), index=0, num_workers=1, bf16_expert_copy=True, dequantize_experts=True)
+    with pytest.raises(ValueError, match="choose one"):
+        AppArgs(bf16_expert_copy=True, dequantize_experts=True)
+    assert AppArgs(bf16_expert_copy=True).bf16_expert_copy
+
+
 def test_read_packed_needs_an_mxfp4_weight(tiny_bf16, tiny_mxfp4):
     with CheckpointReader(tiny_bf16) as reader, pytest.raises(CheckpointError, match="not stored as MXFP4"):
         reader.read_packed("model.layers.0.mlp.experts.down_proj", expect=(8, 64, 64))
@@ -169,16 +205,19 @@ def test_expert_layers_never_wait_for_the_host(tiny_mxfp4, tiny_bf16):
 
 
 @pytest.mark.gpu
-def test_gpu_logits_agree_with_the_float32_cpu_reference(tiny_mxfp4):
+@pytest.mark.parametrize("bf16_expert_copy", [False, True])
+def test_gpu_logits_agree_with_the_float32_cpu_reference(tiny_mxfp4, bf16_expert_copy):
     """bf16 activations and the packed kernels on the GPU against the float32 PyTorch path on the CPU: no further
     from it than bf16 with dense experts on the CPU is (on this random 64-wide model bf16 alone costs about 4% of
-    the logits and flips about 8% of top-1 choices, whose margins are small)."""
+    the logits and flips about 8% of top-1 choices, whose margins are small). With a bf16 copy of the experts the
+    400 positions' 200 pairs an expert take the widened path."""
     from gptoss_serve.bench.logit_agreement import agreement
 
     ids = torch.randint(0, 201088, (4, 100), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         reference = load_model(tiny_mxfp4, dtype=torch.float32)(ids)
-        gpu = agreement(load_model(tiny_mxfp4, device="cuda")(ids.cuda()).cpu(), reference)
+        model = load_model(tiny_mxfp4, device="cuda", bf16_expert_copy=bf16_expert_copy)
+        gpu = agreement(model(ids.cuda()).cpu(), reference)
         cpu_bf16 = agreement(load_model(tiny_mxfp4, dequantize_experts=True)(ids), reference)
     print(f"GPU packed bf16: {gpu}; CPU dense bf16: {cpu_bf16}")
     assert gpu["relative_error"] < 1.25 * cpu_bf16["relative_error"]

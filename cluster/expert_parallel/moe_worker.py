@@ -17,7 +17,7 @@ import torch
 from gptoss_serve.cluster.expert_parallel.exchange import Link, make_link
 from gptoss_serve.cluster.expert_parallel.worker_steps import serve_replica
 from gptoss_serve.model.hub import resolve_checkpoint
-from gptoss_serve.model.loader import LoadFormat, open_checkpoint
+from gptoss_serve.model.loader import LoadFormat, check_bf16_expert_copy, keep_bf16_copies, open_checkpoint
 from gptoss_serve.model.packed_experts import expert_shard_class
 
 
@@ -30,20 +30,24 @@ def shard_of(num_experts: int, num_workers: int, index: int) -> tuple[int, int]:
 class MoEWorker:
     def __init__(self, checkpoint: str, *, index: int, num_workers: int, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, dequantize_experts: bool = False,
-                 load_format: LoadFormat = "auto", max_num_batched_tokens: int = 2048,
-                 enforce_eager: bool = False) -> None:
+                 bf16_expert_copy: bool = False, load_format: LoadFormat = "auto",
+                 max_num_batched_tokens: int = 2048, enforce_eager: bool = False) -> None:
         """checkpoint: a directory or a hub id, resolved on this worker's own node. MXFP4 experts stay packed
-        (the same kernels as colocated experts) unless dequantize_experts. max_num_batched_tokens: the most tokens
+        (the same kernels as colocated experts) unless dequantize_experts; bf16_expert_copy: a bf16 copy beside
+        them for many-token steps (model/loader.load_model's option). max_num_batched_tokens: the most tokens
         a replica's step sends (the kernels are compiled up to it before the worker says it is ready).
         enforce_eager: no CUDA graphs (every step's kernels launched one by one), as the engine's option."""
         self.index, self.device, self.enforce_eager = index, torch.device(device), enforce_eager
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: every thread's stack, to the log
         with open_checkpoint(resolve_checkpoint(checkpoint), device=self.device, load_format=load_format) as reader:
             self.config = reader.config
+            check_bf16_expert_copy(bf16_expert_copy, self.config, dequantize_experts=dequantize_experts)
             self.first, self.count = shard_of(self.config.num_local_experts, num_workers, index)
             shard_class = expert_shard_class(self.config, dequantize=dequantize_experts)
             self.experts = [shard_class.from_checkpoint(reader, layer, first=self.first, count=self.count, dtype=dtype)
                             for layer in range(self.config.num_hidden_layers)]
+        if bf16_expert_copy:
+            keep_bf16_copies(self.experts)
         self.experts[0].warm_up(max_num_batched_tokens, self.config.num_experts_per_tok)
         self.links: dict[str, threading.Thread] = {}
         self.link_of_replica: dict[str, Link] = {}  # each replica's current link (a reconnect ends the old one)
