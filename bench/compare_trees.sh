@@ -13,9 +13,9 @@
 #             and the engine's prefill at 2,048- and 8,192-token steps (~8 minutes)
 #     w2      the new tree alone: the W2 burst (bench.served_vs_engine, max_num_seqs 512) without, then with the
 #             bf16 copy of the experts (~6 minutes)
-#     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE layer with and without
-#             L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens), and the engine's
-#             decode at batch 1 / 4 / 64 / 256 with the picked presets, then with their *_prefetch twins
+#     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE
+#             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens),
+#             and the engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -71,7 +71,7 @@ widened)
 w2)
   shapes
   w2=(--model /tmp/c20 --load-format dummy --device cuda --burst 1000 --prompt-lens 32 400 --output-lens 32 368
-      --max-model-len 1024 --num-cpus 16)
+      --max-model-len 1024 --num-cpus 16 --max-num-seqs 512)
   for copy in "" --bf16-expert-copy; do
     echo "== W2 $copy"
     new python3 -m gptoss_serve.bench.served_vs_engine "${w2[@]}" $copy --json "$out/w2${copy:+-copy}.json" 2>&1 \
