@@ -15,7 +15,8 @@
 #             bf16 copy of the experts (~6 minutes)
 #     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE
 #             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens),
-#             and the engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins
+#             the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
+#             engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -84,6 +85,7 @@ reads)
   new python3 -m gptoss_serve.bench.weight_stream --json "$out/weight-stream.json" 2>&1 | tail -16
   new python3 -m gptoss_serve.bench.moe_kernel --tokens 1 4 16 64 256 1024 --prefetch \
     --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14
+  new python3 -m gptoss_serve.bench.small_linear --rows 1 4 16 --sweep --json "$out/small-linear.json" 2>&1 | tail -20
   twins=gemv_h2=gemv_h2_prefetch,decode=decode_prefetch,decode_wide=decode_wide_prefetch,medium=medium_prefetch
   for presets in "" "$twins"; do
     echo "== GPTOSS_MOE_PRESETS=$presets"

@@ -25,7 +25,11 @@ TILES = {"n32-k256-s4-w4": dict(block_n=32, block_k=256, num_stages=4, num_warps
          "n16-k512-s3-w4": dict(block_n=16, block_k=512, num_stages=3, num_warps=4),
          "n64-k128-s4-w4": dict(block_n=64, block_k=128, num_stages=4, num_warps=4),
          "n32-k128-s6-w4": dict(block_n=32, block_k=128, num_stages=6, num_warps=4),
-         "n16-k128-s8-w2": dict(block_n=16, block_k=128, num_stages=8, num_warps=2)}
+         "n16-k128-s8-w2": dict(block_n=16, block_k=128, num_stages=8, num_warps=2),
+         # each program's whole weight tile asked of L2 first (kernels/l2_prefetch.py)
+         "n32-k256-s4-w4-prefetch": dict(block_n=32, block_k=256, num_stages=4, num_warps=4, prefetch=True),
+         "n64-k128-s4-w4-prefetch": dict(block_n=64, block_k=128, num_stages=4, num_warps=4, prefetch=True),
+         "n16-k256-s2-w4-prefetch": dict(block_n=16, block_k=256, num_stages=2, num_warps=4, prefetch=True)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,10 @@ o_proj against ~13 µs of bytes (BENCHMARKS.md, issue 14's profile). Here one pr
 the whole reduction: its weight tile [BLOCK_N, BLOCK_K] streams through Triton's multi-stage pipeline (NUM_STAGES
 tiles in flight, enough bytes to cover the memory latency with a few programs an SM) and meets the tokens, padded to
 the matrix unit's 16 rows, in tl.dot with float32 accumulation; the bias is added before the one store. No split, so
-no second launch and a fixed summation order.
+no second launch and a fixed summation order. With prefetch, each program first asks L2 for its whole weight tile (one
+contiguous run of BLOCK_N rows: kernels/l2_prefetch.py), so that the weights stream from device memory as whole runs
+however few programs an SM runs; for weights that fit L2 beside everything else (QKV's 29.5 MB, o_proj's 23.6 MB),
+not the unembedding's 1.2 GB.
 
     y = small_linear(x, weight, bias)   # x [M, K] bf16, weight [N, K], bias [N] or None -> [M, N]
 
@@ -14,17 +17,26 @@ The reference is small_linear_reference.py (F.linear). Triton: imported on GPUs 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from gptoss_serve.kernels.l2_prefetch import prefetch_l2_span
+
 MAX_ROWS = 64  # more tokens than this: a GEMM, cuBLAS's own business
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _small_linear(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                  PREFETCH: tl.constexpr = False):
+    n0 = tl.program_id(0) * BLOCK_N
+    if PREFETCH:  # the tile's rows, contiguous (the launcher checks stride_w == K): one run
+        prefetch_l2_span(w_ptr + n0.to(tl.int64) * stride_w, tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * 2)
+    n = n0 + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + n.to(tl.int64)[:, None] * stride_w + k[None, :]  # [BN, BK]
@@ -41,8 +53,9 @@ def _small_linear(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, strid
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = 32,
-                 block_k: int = 256, num_stages: int = 4, num_warps: int = 4) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype."""
+                 block_k: int = 256, num_stages: int = 4, num_warps: int = 4, prefetch: bool = False) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T + bias [N] -> [M, N] in x's dtype. prefetch: each program asks L2
+    for its weight tile first (for 16-bit weights with contiguous rows; the Triton interpreter runs no PTX)."""
     M, K = x.shape
     N = weight.shape[0]
     if M > MAX_ROWS or weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
@@ -56,5 +69,6 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _small_linear[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
+        PREFETCH=prefetch and weight.stride(0) == K and weight.element_size() == 2 and not _INTERPRET,
         num_warps=num_warps)
     return y

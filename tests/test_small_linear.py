@@ -47,6 +47,36 @@ def test_a_strided_row_view_and_too_many_rows():
         small_linear(torch.zeros(MAX_ROWS + 1, 256, device="cuda").bfloat16(), weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_asking_l2_for_the_weights_first_changes_nothing_but_the_time(rows, shape):
+    """prefetch is a hint: bit for bit the output without it, including the last, partial tile of features."""
+    from gptoss_serve.kernels.small_linear import small_linear
+
+    n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(rows + n)
+    x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+    weight = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).bfloat16()
+    bias = torch.randn(n, device="cuda", generator=gen).bfloat16()
+    for tiles in (dict(), dict(block_n=64, block_k=128)):
+        fetched = small_linear(x, weight, bias, prefetch=True, **tiles)
+        assert torch.equal(fetched, small_linear(x, weight, bias, **tiles))
+
+
+def test_the_prefetching_kernel_compiles_for_sm90_with_one_bulk_prefetch():
+    pytest.importorskip("triton")
+    from gptoss_serve.bench.kernel_sass import compile_for_sm90, disassemble
+    from gptoss_serve.kernels.small_linear import _small_linear
+
+    constants = dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, NUM_STAGES=4)
+    pointers = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")
+    fetching = disassemble(compile_for_sm90(_small_linear, constants | dict(PREFETCH=True), 4, pointers).asm["cubin"])
+    plain = disassemble(compile_for_sm90(_small_linear, constants | dict(PREFETCH=False), 4, pointers).asm["cubin"])
+    assert fetching.count("UBLKPF.L2") == 1 and "UBLKPF" not in plain
+
+
 INTERPRETED = textwrap.dedent("""
     import torch
     from gptoss_serve.kernels.small_linear import small_linear
@@ -56,7 +86,7 @@ INTERPRETED = textwrap.dedent("""
         x = torch.randn(rows, k, generator=gen)  # float32: the interpreter's bf16 dot is not exact
         weight = torch.randn(n, k, generator=gen)
         b = torch.randn(n, generator=gen) if bias else None
-        got = small_linear(x, weight, b, block_n=16, block_k=64)
+        got = small_linear(x, weight, b, block_n=16, block_k=64, prefetch=True)  # (no PTX here: ignored)
         want = small_linear_reference(x, weight, b)
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-3), (rows, n, k, (got - want).abs().max())
     print("ok")
