@@ -104,11 +104,12 @@ def loop_figures(preset: str, which: str) -> dict:
     else:
         kernel, n, groups, rows = kernels._down, tiles.down_n, tiles.down_groups, tiles.down_n
         constants = dict(common, BLOCK_N=n, GROUPS=groups)
-    compiled = compile_for_sm90(kernel, constants, tiles.num_warps, pointers)
+    warps = tiles.down_warps or tiles.num_warps if which == "down" else tiles.num_warps
+    compiled = compile_for_sm90(kernel, constants, warps, pointers)
     sass = disassemble(compiled.asm["cubin"])
     loop = largest_loop(sass)
     values = rows * groups * 32  # weight values a program decodes per step
-    threads = 32 * tiles.num_warps
+    threads = 32 * warps
     mix = collections.Counter(op.split(".")[0] for op in loop)
     return dict(preset=preset, kernel=which, loop_instructions=len(loop), values_per_step=values,
                 per_value=len(loop) * threads / values, mix=mix, sass=sass)

@@ -225,6 +225,11 @@ def sweep_variants(num_tokens: int) -> dict:
     for name in ("decode_wide", "medium"):
         variants[f"{name}-d1"] = (replace(PRESETS[name], depth=1), True)
     variants["prefill-d3"] = (replace(PRESETS["prefill"], depth=3), True)
+    # down over 128 columns a program: the activation tile serves twice the weight rows (sm_90 machine code, Triton
+    # 3.6: medium's down 11.25 -> 7.53 instructions a value with 8 warps, which it needs not to spill; decode_wide's
+    # 7.02 -> 6.12), for half as many programs
+    variants["medium-dn128-dw8"] = (replace(PRESETS["medium"], down_n=128, down_warps=8), True)
+    variants["decode_wide-dn128"] = (replace(PRESETS["decode_wide"], down_n=128), True)
     for m, n, groups, down_n, warps, stages in ((16, 32, 4, 64, 4, 4), (16, 64, 4, 128, 4, 6), (16, 64, 8, 128, 4, 3),
                                                 (16, 128, 2, 256, 8, 4), (16, 64, 2, 64, 4, 4),
                                                 (32, 64, 4, 128, 4, 6), (64, 64, 4, 128, 4, 3), (64, 128, 2, 128, 8, 3)):

@@ -80,6 +80,7 @@ class Tiles:
     widened: bool = False
     prefetch: int = 0
     prefetch_bulk: bool = False
+    down_warps: int = 0  # the down kernel's warps, where they differ from num_warps (0: the same)
 
     def __post_init__(self) -> None:
         if self.prefetch and (self.prefetch % 128 or self.prefetch % (16 * self.gate_up_groups)
@@ -311,7 +312,8 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         _down_gemv[(P, triton.cdiv(H, tiles.down_n))](
             ws.act.view(torch.int32) if tiles.half2 else ws.act, experts.down_blocks, experts.down_scales,
             experts.down_bias, ids, route, ws.y, first, count, I, H, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups,
-            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=gemv_prefetch, num_warps=tiles.num_warps)
+            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=gemv_prefetch,
+            num_warps=tiles.down_warps or tiles.num_warps)
         return combine(1)
     pad = max(16, triton.next_power_of_2(count))
     if P > SORT_ROUTE_PAIRS:  # the one-program counting sort's time grows with P: torch's sort, the same order
@@ -333,7 +335,8 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         _down_scaled[(grid_m, triton.cdiv(H, tiles.down_n))](
             ws.act, experts.down_blocks.view(torch.uint8), experts.down_scales, experts.down_bias, ws.sorted_pairs,
             ws.expert_start, route, ws.y, count, I, H, P, BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n,
-            STEP=_whole_step(tiles.down_groups, I), STAGES=tiles.stages, EXPERTS_PAD=pad, num_warps=tiles.num_warps)
+            STEP=_whole_step(tiles.down_groups, I), STAGES=tiles.stages, EXPERTS_PAD=pad,
+            num_warps=tiles.down_warps or tiles.num_warps)
         return combine(1)
     gate_up_share = _groups_per_split(H // GROUP, split, tiles.gate_up_groups)
     # (Triton's interpreter runs no PTX; a row shorter than the window is not worth it)
@@ -354,7 +357,7 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         route, ws.y, count, I, H, P, _groups_per_split(I // GROUP, split, tiles.down_groups),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups, DEPTH=tiles.depth, SPLIT_K=split,
         EXPERTS_PAD=pad, USE_ASM=asm, INTERPRET=_INTERPRET, PREFETCH=prefetch, BULK=tiles.prefetch_bulk,
-        num_warps=tiles.num_warps)
+        num_warps=tiles.down_warps or tiles.num_warps)
     return combine(split)
 
 

@@ -192,6 +192,18 @@ def test_every_tile_preset(preset, num_tokens):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset, changes", [("medium", dict(down_n=128, down_warps=8)),
+                                             ("decode_wide", dict(down_n=128)), ("gemv_h2", dict(down_warps=2))])
+def test_the_down_kernels_own_tiles_and_warps(preset, changes):
+    """The sweep's down variants (bench.moe_kernel): wider down tiles, and the down kernel's own warp count."""
+    from dataclasses import replace
+
+    from gptoss_serve.kernels.mxfp4_moe import PRESETS
+
+    check(*run_case(200, num_experts=8, hidden=2880, inter=2880, tiles=replace(PRESETS[preset], **changes), seed=13))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 4])
 def test_fp16_pair_products_cost_little_accuracy_at_the_real_shape(num_tokens, poisoned_allocations):
     """gemv_h2 sums each block's products in fp16 pairs and holds act in fp16 scaled by 2**10: at gpt-oss's own
