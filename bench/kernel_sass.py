@@ -24,7 +24,8 @@ import tempfile
 HIDDEN = INTER = 2880  # gpt-oss's
 EXPERTS_PAD = 32
 POINTERS = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", b_ptr="*fp32", pair_ptr="*i32", start_ptr="*i32",
-                act_ptr="*bf16", part_ptr="*fp32", route_ptr="*fp32", y_ptr="*fp32", ids_ptr="*i64")
+                act_ptr="*bf16", part_ptr="*fp32", route_ptr="*fp32", y_ptr="*fp32", ids_ptr="*i64",
+                down_w_ptr="*i32", down_s_ptr="*u8")
 FLOATS = {"alpha", "limit"}
 
 
@@ -91,6 +92,8 @@ def loop_figures(preset: str, which: str) -> dict:
     if tiles.gemv:  # one token a program: its rows times one vector (HALF2: act as f16x2 words)
         shift = act_shift(GptOssConfig.swiglu_limit) if tiles.half2 else 0  # what the launcher passes for gpt-oss
         half2 = dict(HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=tiles.prefetch > 0)
+        if which == "gate_up":
+            half2["PREFETCH_DOWN"] = tiles.prefetch_down
         if which == "gate_up":
             kernel, n, groups, rows = gemv._gate_up_gemv, tiles.gate_up_n, tiles.gate_up_groups, 2 * tiles.gate_up_n
             constants = dict(TOP_K=4, BLOCK_N=n, GROUPS=groups, USE_ASM=True, **half2)

@@ -201,8 +201,10 @@ def prefetch_variants(picked: dict) -> dict:
     if tiles.scaled or tiles.widened:
         return {}
     variants = {"as picked": (tiles, True)}
-    if tiles.gemv:  # one contiguous row tile a program: the whole of it, first
+    if tiles.gemv:  # one contiguous row tile a program: the whole of it, first (and down's share, once done)
         variants["whole tile"] = (replace(tiles, prefetch=128, prefetch_bulk=True), True)
+        variants["whole tile + down's"] = (replace(tiles, prefetch=128, prefetch_bulk=True, prefetch_down=True), True)
+        variants["down's only"] = (replace(tiles, prefetch_down=True), True)
         return variants
     for window in (128, 256, 512):
         for bulk in (False, True):

@@ -81,6 +81,7 @@ class Tiles:
     prefetch: int = 0
     prefetch_bulk: bool = False
     down_warps: int = 0  # the down kernel's warps, where they differ from num_warps (0: the same)
+    prefetch_down: bool = False  # matrix-vector kernels: each gate_up program, done, asks L2 for down rows it maps to
 
     def __post_init__(self) -> None:
         if self.prefetch and (self.prefetch % 128 or self.prefetch % (16 * self.gate_up_groups)
@@ -307,8 +308,9 @@ def mxfp4_moe(hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Ten
         gemv_prefetch = tiles.prefetch > 0 and not _INTERPRET  # (the interpreter runs no PTX)
         _gate_up_gemv[(P, triton.cdiv(I, tiles.gate_up_n))](
             hidden, hidden.stride(0), experts.gate_up_blocks, experts.gate_up_scales, experts.gate_up_bias, ids,
-            ws.act, first, count, H, I, alpha, limit, TOP_K=K, BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups,
-            USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift, PREFETCH=gemv_prefetch, num_warps=tiles.num_warps)
+            ws.act, experts.down_blocks, experts.down_scales, first, count, H, I, alpha, limit, TOP_K=K,
+            BLOCK_N=tiles.gate_up_n, GROUPS=tiles.gate_up_groups, USE_ASM=asm, HALF2=tiles.half2, ACT_SHIFT=shift,
+            PREFETCH=gemv_prefetch, PREFETCH_DOWN=tiles.prefetch_down and not _INTERPRET, num_warps=tiles.num_warps)
         _down_gemv[(P, triton.cdiv(H, tiles.down_n))](
             ws.act.view(torch.int32) if tiles.half2 else ws.act, experts.down_blocks, experts.down_scales,
             experts.down_bias, ids, route, ws.y, first, count, I, H, BLOCK_N=tiles.down_n, GROUPS=tiles.down_groups,

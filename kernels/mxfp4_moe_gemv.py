@@ -249,8 +249,9 @@ def _prefetch_tile(w_ptr, s_ptr, first_row, num_rows, n_groups, PREFETCH: tl.con
     """With PREFETCH: asks L2 for a program's whole row tile before its loop, blocks and exponents (each one
     contiguous run: the tile's rows are consecutive), so that the loop's loads find them there (l2_prefetch.py)."""
     if PREFETCH:
-        prefetch_l2_span(w_ptr + first_row * (n_groups * 4), num_rows * n_groups * 16)
-        prefetch_l2_span(s_ptr + first_row * n_groups, num_rows * n_groups)
+        if num_rows > 0:
+            prefetch_l2_span(w_ptr + first_row * (n_groups * 4), num_rows * n_groups * 16)
+            prefetch_l2_span(s_ptr + first_row * n_groups, num_rows * n_groups)
 
 
 @triton.jit
@@ -260,13 +261,18 @@ def _pair_order(cols):
 
 
 @triton.jit(do_not_specialize=["first"])
-def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first, count, hidden, inter, alpha, limit,
+def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, down_w_ptr, down_s_ptr, first, count,
+                  hidden, inter, alpha, limit,
                   TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_ASM: tl.constexpr,
-                  HALF2: tl.constexpr = False, ACT_SHIFT: tl.constexpr = 0, PREFETCH: tl.constexpr = False):
+                  HALF2: tl.constexpr = False, ACT_SHIFT: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+                  PREFETCH_DOWN: tl.constexpr = False):
     """act[p, cols] = swiglu(x[p // TOP_K] @ gate_up[expert(p)] + bias) for one tile of BLOCK_N act columns: the
     2 * BLOCK_N consecutive weight rows of gate (even) and up (odd). Pairs of experts outside the shard are skipped.
     HALF2: the products in fp16 pairs, act stored as fp16 times 2**ACT_SHIFT, in pair order (the module's doc).
-    PREFETCH: the tile's weights asked of L2 first (_prefetch_tile)."""
+    PREFETCH: the tile's weights asked of L2 first (_prefetch_tile). PREFETCH_DOWN: once done, the program asks L2
+    for its share of the same expert's down rows (down_w_ptr / down_s_ptr: [E, hidden, inter / 32] blocks and
+    exponents), so that _down_gemv finds them there: program j of the n along axis 1 takes rows
+    [j * ceil(hidden / n), ...)."""
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int32) - first
     if (expert < 0) | (expert >= count):
@@ -292,6 +298,11 @@ def _gate_up_gemv(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, ids_ptr, act_ptr, first,
         tl.store(act_ptr + pair.to(tl.int64) * inter + _pair_order(cols), half, mask=cols < inter)
     else:
         tl.store(act_ptr + pair.to(tl.int64) * inter + cols, act.to(tl.bfloat16), mask=cols < inter)
+    if PREFETCH_DOWN:
+        share = tl.cdiv(hidden, tl.num_programs(1))
+        down0 = tl.program_id(1) * share
+        _prefetch_tile(down_w_ptr, down_s_ptr, expert.to(tl.int64) * hidden + down0,
+                       tl.maximum(tl.minimum(share, hidden - down0), 0), inter // 32, True)
 
 
 @triton.jit(do_not_specialize=["first"])

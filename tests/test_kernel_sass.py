@@ -89,3 +89,20 @@ def test_the_matrix_vector_kernels_ask_for_their_tile_once_before_the_loop():
         assert fetching["sass"].count("UBLKPF.L2") == 2 and "UBLKPF" not in plain["sass"]
         assert fetching["mix"]["UBLKPF"] == 0
         assert abs(fetching["loop_instructions"] - plain["loop_instructions"]) < 0.1 * plain["loop_instructions"]
+
+
+def test_gate_up_can_ask_for_the_down_rows_once_done():
+    """prefetch_down: the matrix-vector gate_up issues two more bulk prefetches (down's blocks and exponents), after
+    its loop."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from gptoss_serve.bench.kernel_sass import loop_figures
+    from gptoss_serve.kernels import mxfp4_moe
+
+    mxfp4_moe.PRESETS["_test_down_prefetch"] = replace(mxfp4_moe.PRESETS["gemv_h2_prefetch"], prefetch_down=True)
+    try:
+        figures = loop_figures("_test_down_prefetch", "gate_up")
+    finally:
+        del mxfp4_moe.PRESETS["_test_down_prefetch"]
+    assert figures["sass"].count("UBLKPF.L2") == 4 and figures["mix"]["UBLKPF"] == 0

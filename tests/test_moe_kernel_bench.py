@@ -43,5 +43,6 @@ def test_prefetch_variants_are_the_pick_with_each_window():
     assert {(t.prefetch, t.prefetch_bulk) for t, _ in variants.values()} == \
         {(0, False)} | {(w, b) for w in (128, 256, 512) for b in (False, True)}
     # the matrix-vector kernels ask for each program's whole row tile; the scaled-dot and widened paths, nothing
-    assert set(prefetch_variants(PRESETS["gemv_h2"].__dict__)) == {"as picked", "whole tile"}
+    assert set(prefetch_variants(PRESETS["gemv_h2"].__dict__)) == {"as picked", "whole tile", "whole tile + down's",
+                                                                   "down's only"}
     assert all(prefetch_variants(PRESETS[name].__dict__) == {} for name in ("scaled_decode", "widened"))

@@ -297,7 +297,7 @@ def test_l2_prefetches_change_nothing_but_the_time(num_tokens, preset, window, b
     """A prefetch is a hint: each tensor-core preset with its weight rows' bytes asked of L2 ahead (bulk or line by
     line, windows from a step's bytes to over a third of a row) gives its twin's output bit for bit, at gpt-oss's
     shape (1,440-byte rows: the last window is clamped inside the row); so do the matrix-vector kernels asking for
-    their whole row tiles first (any window: a tile is one run)."""
+    their whole row tiles first (any window: a tile is one run) and gate_up's programs asking for down's rows."""
     from dataclasses import replace
 
     from gptoss_serve.kernels.mxfp4_moe import PRESETS
@@ -306,7 +306,7 @@ def test_l2_prefetches_change_nothing_but_the_time(num_tokens, preset, window, b
     plain, ref = run_case(num_tokens, num_experts=8, hidden=2880, inter=2880, seed=12, tiles=tiles)
     check(plain, ref)
     fetched, _ = run_case(num_tokens, num_experts=8, hidden=2880, inter=2880, seed=12,
-                          tiles=replace(tiles, prefetch=window, prefetch_bulk=bulk))
+                          tiles=replace(tiles, prefetch=window, prefetch_bulk=bulk, prefetch_down=tiles.gemv))
     assert torch.equal(fetched, plain)
 
 
