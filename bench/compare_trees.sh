@@ -16,7 +16,8 @@
 #     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE
 #             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens),
 #             the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
-#             engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins
+#             engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins, then
+#             also the projections through small_linear (GPTOSS_KERNEL_OPS=small_linear); ~9 minutes
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -87,11 +88,13 @@ reads)
     --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14
   new python3 -m gptoss_serve.bench.small_linear --rows 1 4 16 --sweep --json "$out/small-linear.json" 2>&1 | tail -20
   twins=gemv_h2=gemv_h2_prefetch,decode=decode_prefetch,decode_wide=decode_wide_prefetch,medium=medium_prefetch
-  for presets in "" "$twins"; do
-    echo "== GPTOSS_MOE_PRESETS=$presets"
-    name=${presets:+prefetch}
-    GPTOSS_MOE_PRESETS=$presets new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
-      --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-${name:-picked}.json" 2>&1 | tail -6
+  for run in picked prefetch prefetch+small_linear; do  # the MoE presets' prefetching twins, then small_linear too
+    presets=$([ "$run" = picked ] || echo "$twins")
+    kernels=$([ "$run" = prefetch+small_linear ] && echo small_linear)
+    echo "== $run: GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels"
+    GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels new python3 -m gptoss_serve.bench.engine_throughput \
+      --model /tmp/c20 --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-$run.json" 2>&1 \
+      | tail -5
   done ;;
 *) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|reads" >&2; exit 2 ;;
 esac

@@ -26,6 +26,9 @@ KERNELS_PACKAGE = __name__.rpartition(".")[0]  # gptoss_serve.kernels
 # kernels to leave out, for A/B measurements and for ruling a kernel out when chasing a bug: comma-separated names as
 # given to TritonOp ("small_linear.small_linear") or their modules ("small_linear"); read when an op is made
 REFERENCE_OPS_VARIABLE = "GPTOSS_REFERENCE_OPS"
+# kernels made opt_in (written, not yet shown faster than their reference on a GPU) run only when named here, the
+# same way: for the A/B run that decides whether they become the default
+KERNEL_OPS_VARIABLE = "GPTOSS_KERNEL_OPS"
 
 
 class TritonOp(Generic[R]):
@@ -33,6 +36,7 @@ class TritonOp(Generic[R]):
 
     kernel: "module.function" under gptoss_serve.kernels. reference: the PyTorch function. when: a further condition
     on the deciding tensor for the kernel to run (e.g. 3-D inputs only, bf16 only); other inputs take the reference.
+    opt_in: the kernel runs only where GPTOSS_KERNEL_OPS names it (or its module).
 
     `op(x, ...)` decides on its first argument and calls the kernel or the reference with the same arguments, for the
     ops whose two functions share a signature; callers whose two calls differ ask `op.uses_kernel(x)` and call
@@ -40,7 +44,7 @@ class TritonOp(Generic[R]):
     """
 
     def __init__(self, kernel: str, *, reference: Callable[..., R],
-                 when: Callable[[torch.Tensor], bool] | None = None) -> None:
+                 when: Callable[[torch.Tensor], bool] | None = None, opt_in: bool = False) -> None:
         module, _, function = kernel.rpartition(".")
         if not module or not function:
             raise ValueError(f"kernel must be 'module.function' under {KERNELS_PACKAGE}, got {kernel!r}")
@@ -48,8 +52,8 @@ class TritonOp(Generic[R]):
         self.reference = reference
         self.when = when
         self._kernel: Callable[..., R] | None = None  # imported by the first call that takes it
-        left_out = {name.strip() for name in os.environ.get(REFERENCE_OPS_VARIABLE, "").split(",")}
-        self.enabled = not left_out & {kernel, module}
+        left_out, asked_for = (_named(variable) for variable in (REFERENCE_OPS_VARIABLE, KERNEL_OPS_VARIABLE))
+        self.enabled = not left_out & {kernel, module} and (not opt_in or bool(asked_for & {kernel, module}))
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> R:
         return (self.kernel if self.uses_kernel(x) else self.reference)(x, *args, **kwargs)
@@ -73,6 +77,10 @@ class TritonOp(Generic[R]):
 
     def __repr__(self) -> str:
         return f"TritonOp({self.kernel_module}.{self.kernel_function}, reference={self.reference.__qualname__})"
+
+
+def _named(variable: str) -> set[str]:
+    return {name.strip() for name in os.environ.get(variable, "").split(",")} - {""}
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:

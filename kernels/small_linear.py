@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from gptoss_serve.kernels.l2_prefetch import prefetch_l2_span
+from gptoss_serve.kernels.small_linear_reference import MAX_ROWS
 
-MAX_ROWS = 64  # more tokens than this: a GEMM, cuBLAS's own business
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -72,3 +72,14 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         PREFETCH=prefetch and weight.stride(0) == K and weight.element_size() == 2 and not _INTERPRET,
         num_warps=num_warps)
     return y
+
+
+# weights at most this large are asked of L2 whole (QKV 29.5 MB, o_proj 23.6 MB, the router's 0.2-0.7 MB); larger ones
+# (the unembedding, 1.2 GB) would only push each other out of it
+PREFETCH_MAX_BYTES = 32 << 20
+
+
+def projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's projections of a handful of tokens (model/projection.py): small_linear with its default tiles,
+    each program asking L2 for its weight tile first where the weight fits it."""
+    return small_linear(x, weight, bias, prefetch=weight.numel() * weight.element_size() <= PREFETCH_MAX_BYTES)

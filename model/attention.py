@@ -9,6 +9,7 @@ from torch import nn
 
 from gptoss_serve.kernels.sink_attention_reference import sink_attention
 from gptoss_serve.model.config import GptOssConfig
+from gptoss_serve.model.projection import project
 from gptoss_serve.model.rotary import rotate_qk
 
 
@@ -68,7 +69,7 @@ class Attention(nn.Module):
     def _project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self._fused_still_holds():
-            q, k, v = nn.functional.linear(x, *self.qkv).split([p.out_features for p in projections], dim=-1)
+            q, k, v = project(x, *self.qkv).split([p.out_features for p in projections], dim=-1)
         else:
             q, k, v = (p(x) for p in projections)
         return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
@@ -86,4 +87,4 @@ class Attention(nn.Module):
         """x [..., hidden], cos/sin [..., D/2] for the same tokens -> [..., hidden]."""
         q, k, v = self._project_qkv(x)
         out = attend(self, *rotate_qk(q, k, cos, sin), v)  # [..., Hq, D]
-        return self.o_proj(out.flatten(-2))
+        return project(out.flatten(-2), self.o_proj.weight, self.o_proj.bias)

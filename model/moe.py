@@ -9,6 +9,7 @@ from gptoss_serve.kernels.dispatch import TritonOp
 from gptoss_serve.kernels.router_reference import top_k_softmax_reference
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import Experts
+from gptoss_serve.model.projection import project
 
 _top_k_softmax = TritonOp("router.top_k_softmax", reference=top_k_softmax_reference)
 
@@ -24,7 +25,7 @@ class ExpertRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> expert ids [N, K], weights [N, K] (softmax over the K selected logits)."""
-        logits = nn.functional.linear(x, self.weight, self.bias)  # [N, E]
+        logits = project(x, self.weight, self.bias)  # [N, E]
         return _top_k_softmax(logits, self.top_k)
 
 

@@ -82,6 +82,28 @@ def test_ops_named_in_the_variable_take_the_reference(monkeypatch, named):
     assert TritonOp("router_reference.top_k_softmax_reference", reference=reference).uses_kernel(OnGpu(dims=3))
 
 
+@pytest.mark.parametrize("named", ["small_linear.projection", "small_linear", " norm , small_linear "])
+def test_an_opt_in_kernel_runs_only_where_the_variable_names_it(monkeypatch, named):
+    monkeypatch.delenv("GPTOSS_KERNEL_OPS", raising=False)
+    assert not TritonOp("small_linear.projection", reference=reference, opt_in=True).uses_kernel(OnGpu(2))
+    monkeypatch.setenv("GPTOSS_KERNEL_OPS", "router,")  # another op: still the reference
+    assert not TritonOp("small_linear.projection", reference=reference, opt_in=True).uses_kernel(OnGpu(2))
+    monkeypatch.setenv("GPTOSS_KERNEL_OPS", named)
+    op = TritonOp("small_linear.projection", reference=reference, opt_in=True)
+    assert op.uses_kernel(OnGpu(2))
+    monkeypatch.setenv("GPTOSS_REFERENCE_OPS", "small_linear")  # leaving out wins over asking for
+    assert not TritonOp("small_linear.projection", reference=reference, opt_in=True).uses_kernel(OnGpu(2))
+
+
+def test_the_model_projections_are_opt_in():
+    """model/projection.py: without GPTOSS_KERNEL_OPS the model's projections stay cuBLAS's on a GPU too."""
+    from gptoss_serve.model.projection import project
+
+    if "small_linear" not in os.environ.get("GPTOSS_KERNEL_OPS", ""):
+        assert not project.enabled
+    assert project.reference is torch.nn.functional.linear
+
+
 def test_a_kernel_is_named_module_dot_function():
     with pytest.raises(ValueError, match="module.function"):
         TritonOp("top_k_softmax", reference=reference)

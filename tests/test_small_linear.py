@@ -65,6 +65,31 @@ def test_asking_l2_for_the_weights_first_changes_nothing_but_the_time(rows, shap
         assert torch.equal(fetched, small_linear(x, weight, bias, **tiles))
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_allocations")
+def test_the_model_projections_through_the_kernel(tiny_mxfp4, monkeypatch):
+    """GPTOSS_KERNEL_OPS=small_linear: a decode step's QKV, o_proj and router run small_linear's projection (2-D bf16
+    inputs of at most 64 rows), close to cuBLAS's; the engine decodes with it inside its CUDA graphs."""
+    from gptoss_serve.cluster.engine import LLMEngine
+    from gptoss_serve.cluster.sampling_params import SamplingParams
+    from gptoss_serve.model.loader import load_model
+    from gptoss_serve.model.projection import project
+    from gptoss_serve.model.tokenizer import load_tokenizer
+
+    model = load_model(tiny_mxfp4, device="cuda")
+    attention, router = model.model.layers[0].self_attn, model.model.layers[0].mlp.router
+    x = torch.randn(7, model.config.hidden_size, device="cuda").bfloat16()
+    cublas = [t.float() for t in attention._project_qkv(x)] + [router(x)[1].float()]
+    monkeypatch.setattr(project, "enabled", True)
+    assert project.uses_kernel(x) and not project.uses_kernel(x.float()) and not project.uses_kernel(x[None])
+    ours = [t.float() for t in attention._project_qkv(x)] + [router(x)[1].float()]
+    for a, b in zip(ours, cublas):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
+    engine = LLMEngine(model, load_tokenizer())
+    [out] = engine.generate([list(range(1000, 1040))], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert len(out.token_ids) == 16
+
+
 def test_the_prefetching_kernel_compiles_for_sm90_with_one_bulk_prefetch():
     pytest.importorskip("triton")
     from gptoss_serve.bench.kernel_sass import compile_for_sm90, disassemble
