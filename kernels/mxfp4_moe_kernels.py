@@ -146,14 +146,18 @@ def _load_acts(a_ptrs, k, length, row_ok, STEP: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_first(row_ptrs, g0, n_groups, ok, PREFETCH: tl.constexpr, BULK: tl.constexpr):
+def _prefetch_first(row_ptrs, scale_ptrs, g0, n_groups, ok, PREFETCH: tl.constexpr, BULK: tl.constexpr):
     """With PREFETCH > 0 (bytes), before the reduction loop: asks L2 for the first two windows of PREFETCH bytes of
-    each weight row from block g0 (l2_prefetch.py), kept inside the row. row_ptrs: int32 [BN] pointers to row
-    starts; ok: rows that exist."""
+    each weight row from block g0 (l2_prefetch.py), kept inside the row, and for the row's exponents (one byte a
+    block: the lines holding the first and the last, all of them up to 129 blocks a row; gpt-oss has 90), which a
+    step would otherwise miss in L2 every 32 blocks. row_ptrs: int32 [BN] pointers to row starts; scale_ptrs: uint8
+    [BN] pointers to the rows' exponents; ok: rows that exist."""
     if PREFETCH > 0:
         last = n_groups * 16 - PREFETCH  # the last window's start (the launcher keeps PREFETCH within a row)
         prefetch_l2(row_ptrs + tl.minimum(g0 * 16, last) // 4, PREFETCH, ok, BULK)
         prefetch_l2(row_ptrs + tl.minimum(g0 * 16 + PREFETCH, last) // 4, PREFETCH, ok, BULK)
+        prefetch_l2(scale_ptrs, 128, ok, False)
+        prefetch_l2(scale_ptrs + (n_groups - 1), 128, ok, False)
 
 
 @triton.jit
@@ -206,8 +210,8 @@ def _gate_up(x_ptr, stride_x, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, act_ptr,
     x_ptrs = x_ptr + token.to(tl.int64)[None, :] * stride_x + tl.arange(0, STEP)[:, None]  # [STEP, BM]
     pg_ptrs = w_ptr + gate_row * (n_groups * 4)  # [BN] row starts, for the L2 prefetches
     pu_ptrs = pg_ptrs + n_groups * 4
-    _prefetch_first(pg_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
-    _prefetch_first(pu_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
+    _prefetch_first(pg_ptrs, s_ptr + gate_row * n_groups, g0, n_groups, col_ok, PREFETCH, BULK)
+    _prefetch_first(pu_ptrs, s_ptr + (gate_row + 1) * n_groups, g0, n_groups, col_ok, PREFETCH, BULK)
 
     acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -311,7 +315,7 @@ def _down(act_ptr, w_ptr, s_ptr, b_ptr, pair_ptr, start_ptr, route_ptr, y_ptr,
     s_ptrs = s_ptr + w_row[:, None, None] * n_groups + tl.arange(0, GROUPS)[None, :, None]  # [BN, GROUPS, 1]
     a_ptrs = act_ptr + rows.to(tl.int64)[None, :] * inter + tl.arange(0, STEP)[:, None]  # [STEP, BM]
     p_ptrs = w_ptr + w_row * (n_groups * 4)  # [BN] row starts, for the L2 prefetches
-    _prefetch_first(p_ptrs, g0, n_groups, col_ok, PREFETCH, BULK)
+    _prefetch_first(p_ptrs, s_ptr + w_row * n_groups, g0, n_groups, col_ok, PREFETCH, BULK)
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if DEPTH == 1:
