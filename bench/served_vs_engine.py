@@ -50,9 +50,11 @@ def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: Engine
                        bf16_expert_copy=bf16_expert_copy)
     engine = LLMEngine(model, load_tokenizer(), config)
     engine.generate([requests[0][0]], params(4))  # warm-up
+    steps = StepClock(engine)  # each step's wall time and tokens, for where the offline burst's time went
     compiles, start = engine.kernel_compiles, time.perf_counter()
     done = engine.generate([p for p, _ in requests], [params(n) for _, n in requests])
     wall = time.perf_counter() - start
+    steps.stop()
     # Triton variants first needed in the burst (compiled here; the served app, started after, loads them from
     # Triton's disk cache): each stalls the offline steps by seconds
     compiles = engine.kernel_compiles - compiles
@@ -65,6 +67,7 @@ def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: Engine
         if engine.step():
             times.append(time.perf_counter())
     result = {"tokens": tokens, "seconds": wall, "tok_s": tokens / wall, "kernel_compiles": compiles,
+              "steps": steps.figures(),
               "ttft_ms": (times[0] - start) * 1e3,
               "tpot_ms": statistics.mean(b - a for a, b in zip(times, times[1:])) * 1e3}
     del engine, model
@@ -72,6 +75,37 @@ def engine_alone(model_dir: str, device: str, dtype: torch.dtype, config: Engine
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+class StepClock:
+    """Times each `step` of an engine (generate calls it) until stopped: how many steps the burst took, how long they
+    took, and the slow ones (a kernel compiled mid-burst stalls a step by seconds)."""
+
+    SLOW_S = 0.5
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine, self.seconds, self.tokens = engine, [], []
+
+        def step():
+            start = time.perf_counter()
+            outputs = LLMEngine.step(engine)
+            self.seconds.append(time.perf_counter() - start)
+            self.tokens.append(engine.step_tokens)
+            return outputs
+
+        engine.step = step
+
+    def stop(self) -> None:
+        del self.engine.step  # the class's own again
+
+    def figures(self) -> dict:
+        if not self.seconds:
+            return {"count": 0}
+        ordered = sorted(self.seconds)
+        slow = [s for s in self.seconds if s > self.SLOW_S]
+        return {"count": len(ordered), "mean_ms": statistics.mean(ordered) * 1e3,
+                "p50_ms": ordered[len(ordered) // 2] * 1e3, "max_ms": ordered[-1] * 1e3,
+                "slow": len(slow), "slow_s": sum(slow), "mean_tokens": statistics.mean(self.tokens)}
 
 
 async def stream_completion(client, url: str, prompt: list[int], output_len: int) -> dict:
@@ -178,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'conc. 1 TPOT ms':24}{alone['tpot_ms']:>14.2f}{serve_figures['tpot_ms']:>16.2f}")
     print(f"statuses of the burst: {serve_figures['statuses']}   tokens: engine {alone['tokens']}, "
           f"served {serve_figures['tokens']}   kernel compiles in the offline burst: {alone['kernel_compiles']}")
+    steps = alone["steps"]
+    if steps["count"]:
+        print(f"offline steps: {steps['count']}, {steps['mean_tokens']:.0f} tokens a step, {steps['mean_ms']:.2f} ms "
+              f"mean, {steps['p50_ms']:.2f} ms median, {steps['max_ms']:.1f} ms longest, {steps['slow']} over "
+              f"{StepClock.SLOW_S:g} s ({steps['slow_s']:.1f} s in all)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

@@ -19,3 +19,6 @@ def test_the_offline_burst_runs_every_request_to_its_length_and_counts_compiles(
     assert figures["seconds"] > 0 and figures["tok_s"] == figures["tokens"] / figures["seconds"]
     assert figures["kernel_compiles"] == 0  # no Triton on the CPU
     assert figures["ttft_ms"] > 0 and figures["tpot_ms"] > 0
+    steps = figures["steps"]  # every step of the burst timed, tokens counted (prefill and decode)
+    assert steps["count"] >= max(n for _, n in requests) and steps["mean_tokens"] > 0
+    assert 0 < steps["p50_ms"] <= steps["max_ms"] and steps["mean_ms"] * steps["count"] <= figures["seconds"] * 1e3
