@@ -18,6 +18,8 @@
 #             the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
 #             engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins, then
 #             also the projections through small_linear (GPTOSS_KERNEL_OPS=small_linear); ~9 minutes
+#     reads-120b  gpt-oss-120b's decode at batch 1 / 16 / 64, the picked kernels then the prefetching ones with
+#             small_linear (~5 minutes)
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
 set -u
 root=$PWD
@@ -96,5 +98,16 @@ reads)
       --model /tmp/c20 --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-$run.json" 2>&1 \
       | tail -5
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|reads" >&2; exit 2 ;;
+reads-120b)
+  new python3 -m gptoss_serve.model.synthetic --preset 120b --mxfp4 --config-only --out /tmp/c120 >/dev/null
+  twins=gemv_h2=gemv_h2_prefetch,decode=decode_prefetch,decode_wide=decode_wide_prefetch,medium=medium_prefetch
+  for run in picked prefetch+small_linear; do
+    presets=$([ "$run" = picked ] || echo "$twins")
+    kernels=$([ "$run" = prefetch+small_linear ] && echo small_linear)
+    echo "== 120b $run"
+    GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels new python3 -m gptoss_serve.bench.engine_throughput \
+      --model /tmp/c120 --load-format dummy --batches 1 16 64 --output-len 64 --json "$out/engine-120b-$run.json" \
+      2>&1 | tail -4
+  done ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|reads|reads-120b" >&2; exit 2 ;;
 esac
