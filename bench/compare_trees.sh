@@ -12,7 +12,7 @@
 #             with a bf16 copy of the experts (bf16_expert_copy): one layer at 256-8,192 tokens (bench.moe_kernel)
 #             and the engine's prefill at 2,048- and 8,192-token steps (~8 minutes)
 #     w2      the new tree alone: the W2 burst (bench.served_vs_engine, max_num_seqs 512) without, then with the
-#             bf16 copy of the experts (~6 minutes)
+#             bf16 copy of the experts (~6 minutes); w2-8k the same with 8,192-token steps
 #     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE
 #             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens),
 #             the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
@@ -72,14 +72,15 @@ widened)
       --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens $step \
       --json "$out/prefill-copy-$step.json" 2>&1 | grep "engine \["
   done ;;
-w2)
+w2|w2-8k)  # w2-8k: the same with 8,192-token steps (engine.max_num_batched_tokens)
   shapes
+  step=$([ "$1" = w2-8k ] && echo 8192 || echo 2048)
   w2=(--model /tmp/c20 --load-format dummy --device cuda --burst 1000 --prompt-lens 32 400 --output-lens 32 368
-      --max-model-len 1024 --num-cpus 16 --max-num-seqs 512)
+      --max-model-len 1024 --num-cpus 16 --max-num-seqs 512 --max-num-batched-tokens "$step")
   for copy in "" --bf16-expert-copy; do
-    echo "== W2 $copy"
-    new python3 -m gptoss_serve.bench.served_vs_engine "${w2[@]}" $copy --json "$out/w2${copy:+-copy}.json" 2>&1 \
-      | tail -7
+    echo "== W2, $step-token steps $copy"
+    new python3 -m gptoss_serve.bench.served_vs_engine "${w2[@]}" $copy \
+      --json "$out/w2-$step${copy:+-copy}.json" 2>&1 | tail -8
   done ;;
 reads)
   shapes
@@ -109,5 +110,5 @@ reads-120b)
       --model /tmp/c120 --load-format dummy --batches 1 16 64 --output-len 64 --json "$out/engine-120b-$run.json" \
       2>&1 | tail -4
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|reads|reads-120b" >&2; exit 2 ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|w2-8k|reads|reads-120b" >&2; exit 2 ;;
 esac
