@@ -3,10 +3,14 @@
 The MXFP4 experts are read in the checkpoint's layout: a row of weights is a contiguous run of bytes (1,440 at
 gpt-oss's shapes), but a kernel's reduction step takes only 32-64 bytes of each of its 64-256 rows, so each step's
 loads are hundreds of short pieces spread over the layer's weights, and each load holds registers until its bytes
-arrive. `prefetch_l2` hands one thread's run of bytes (several steps of one row) to the memory system in a single
-`cp.async.bulk.prefetch.L2` instruction: nothing waits for it and no register holds it, and the kernel's own loads
-then find their bytes in L2 (~2-3x nearer than device memory) instead of each going out to it.
-kernels/NOTES-mxfp4-moe.md says when it pays (bench/weight_stream.py measures the access patterns alone).
+arrive. A prefetch hands a run of bytes to the memory system ahead of those loads: nothing waits for it, no register
+holds it, and the loads then find their bytes in L2 (~2-3x nearer than device memory). Three forms:
+  prefetch_l2(ptrs, NBYTES, ok, BULK=True)   one `cp.async.bulk.prefetch.L2` a pointer (a row's next window)
+  prefetch_l2(ptrs, NBYTES, ok, BULK=False)  one `prefetch.global.L2` (a 128-byte line) every 128 bytes
+  prefetch_l2_span(ptr, nbytes)              one bulk prefetch of one contiguous span, issued once a warp
+kernels/NOTES-mxfp4-moe.md ("Weight reads") says why and when; bench/weight_stream.py measures the access patterns
+alone. A prefetch changes nothing a kernel computes: the GPU tests compare each prefetching kernel with its twin bit
+for bit.
 
 This module imports Triton: import it only where a CUDA GPU is.
 """
@@ -29,9 +33,9 @@ LINE = tl.constexpr(128)
 
 @triton.jit
 def prefetch_l2(ptrs, NBYTES: tl.constexpr, ok, BULK: tl.constexpr):
-    """Fetches NBYTES (a multiple of 128) from each of ptrs (128-byte aligned for whole lines) where ok, into L2: in
-    one bulk instruction a pointer (BULK; its address must pass through the warp's uniform registers, so ptxas
-    loops over the distinct addresses of a warp), or one line prefetch a 128 bytes."""
+    """Asks L2 for NBYTES (a multiple of 128) from each of ptrs where ok: with BULK in one bulk instruction a pointer
+    (the pointers 16-byte aligned; the address passes through the warp's uniform registers, so ptxas loops over a
+    warp's distinct addresses), else one line prefetch every 128 bytes (the lines holding ptrs, ptrs + 128, ...)."""
     if BULK:
         tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r",
                                   [ptrs.to(tl.int64), tl.full(ptrs.shape, NBYTES, tl.int32), ok.to(tl.int32)],
