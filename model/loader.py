@@ -70,10 +70,24 @@ def check_bf16_expert_copy(wanted: bool, config, *, dequantize_experts: bool) ->
 
 
 def keep_bf16_copies(experts) -> None:
-    """Each shard of packed experts in this process also keeps its bf16 copy (experts held elsewhere: nothing)."""
-    for shard in experts:
-        if isinstance(shard, Mxfp4Experts):
-            shard.keep_bf16_copy()
+    """Each shard of packed experts in this process also keeps its bf16 copy (experts held elsewhere: nothing). On a
+    GPU without the room for all of them, a clear error before any is made (120b's copy alone is 229 GB)."""
+    shards = [shard for shard in experts if isinstance(shard, Mxfp4Experts)]
+    if not shards:
+        return
+    device = shards[0].gate_up_blocks.device
+    if device.type == "cuda":
+        check_room_for_bf16_copies(shards, free_bytes=torch.cuda.mem_get_info(device)[0], device=device)
+    for shard in shards:
+        shard.keep_bf16_copy()
+
+
+def check_room_for_bf16_copies(shards: list[Mxfp4Experts], *, free_bytes: int, device: torch.device) -> None:
+    """A clear error where the shards' bf16 copies would not fit the device's free bytes."""
+    needed = sum(shard.bf16_copy_bytes for shard in shards)
+    if needed > free_bytes:
+        raise ValueError(f"bf16_expert_copy needs {needed / 1e9:.1f} GB on {device} for the experts' bf16 copy, but "
+                         f"{free_bytes / 1e9:.1f} GB are free: leave it off, or spread the experts over MoE workers")
 
 
 def load_weights(model: GptOssForCausalLM, reader: CheckpointReader) -> None:

@@ -51,6 +51,11 @@ class Mxfp4Experts(ExpertShard):
 
     PACKED = ("gate_up_blocks", "gate_up_scales", "gate_up_bias", "down_blocks", "down_scales", "down_bias")
 
+    @property
+    def bf16_copy_bytes(self) -> int:
+        """What keep_bf16_copy holds: every packed value as two bytes."""
+        return sum(getattr(self, f"{part}_blocks").numel() * 2 * 2 for part in ("gate_up", "down"))
+
     def keep_bf16_copy(self) -> None:
         """Also holds the weights widened to bf16 ([E, 2I, H] and [E, H, I]: the checkpoint's rows, exactly
         mxfp4.dequantize's values), beside the packed ones: steps of many tokens an expert then multiply these

@@ -107,6 +107,21 @@ def test_a_bf16_copy_beside_the_packed_experts(tiny_mxfp4):
     assert all(e.gate_up_widened.shape == (4, 128, 64) for e in workers.experts)  # its shard's 4 experts
 
 
+def test_a_bf16_copy_is_two_bytes_a_value_and_must_fit_the_gpu(tiny_mxfp4):
+    """20b's copy is 38.2 GB; one that cannot fit the GPU's free memory is refused before any copy is made, naming
+    the option and the sizes (the check the loader makes with the GPU's free bytes, given them here)."""
+    from gptoss_serve.model import loader
+
+    with torch.device("meta"):
+        experts = Mxfp4Experts(preset_config("20b"))
+    assert experts.bf16_copy_bytes * 24 == 24 * 32 * (5760 * 2880 + 2880 * 2880) * 2
+    shards = [layer.mlp.experts for layer in load_model(tiny_mxfp4).model.layers]
+    needed = sum(shard.bf16_copy_bytes for shard in shards)
+    loader.check_room_for_bf16_copies(shards, free_bytes=needed, device=torch.device("cuda"))
+    with pytest.raises(ValueError, match="bf16_expert_copy needs 0.0 GB on cuda for .* but 0.0 GB are free"):
+        loader.check_room_for_bf16_copies(shards, free_bytes=needed - 1, device=torch.device("cuda"))
+
+
 def test_a_bf16_copy_needs_packed_experts(tiny_bf16, tiny_mxfp4):
     from gptoss_serve.deployments.args import AppArgs
 
