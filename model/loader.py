@@ -77,6 +77,7 @@ def keep_bf16_copies(experts) -> None:
         return
     device = shards[0].gate_up_blocks.device
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # what loading left cached counts as free
         check_room_for_bf16_copies(shards, free_bytes=torch.cuda.mem_get_info(device)[0], device=device)
     for shard in shards:
         shard.keep_bf16_copy()
