@@ -8,7 +8,8 @@
 #     gpu     pytest -m gpu on the new tree
 #     engine  bench.engine_throughput (20b shapes, random MXFP4, batch 1 / 64 / 256), old then new, ROUNDS times
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
-#     widened the new tree alone, its MoE prefill path off then on (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128), then
+#     widened the new tree alone: the widened path's GPU tests, its MoE prefill path off then on
+#             (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128), then
 #             with a bf16 copy of the experts (bf16_expert_copy): one layer at 256-8,192 tokens (bench.moe_kernel)
 #             and the engine's prefill at 2,048- and 8,192-token steps (~8 minutes)
 #     w2      the new tree alone: the W2 burst (bench.served_vs_engine, max_num_seqs 512) without, then with the
@@ -56,6 +57,8 @@ served)
   done ;;
 widened)
   shapes
+  new python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mxfp4_moe_kernel.py tests/test_packed_experts.py \
+    -k "widen or resident or bf16_copy or logits_agree" 2>&1 | tail -4
   for w in inf 128; do
     echo "== GPTOSS_MOE_WIDEN_PER_EXPERT=$w"
     GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.moe_kernel --tokens 1024 2048 4096 8192 \
