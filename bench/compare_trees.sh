@@ -8,17 +8,18 @@
 #     gpu     pytest -m gpu on the new tree
 #     engine  bench.engine_throughput (20b shapes, random MXFP4, batch 1 / 64 / 256), old then new, ROUNDS times
 #     served  bench.served_vs_engine, the W2 burst (1,000 requests), old then new
-#     widened the new tree alone: the widened path's GPU tests, its MoE prefill path off then on
-#             (GPTOSS_MOE_WIDEN_PER_EXPERT=inf, then 128), then
-#             with a bf16 copy of the experts (bf16_expert_copy): one layer at 256-8,192 tokens (bench.moe_kernel)
-#             and the engine's prefill at 2,048- and 8,192-token steps (~8 minutes)
+#     widened the new tree alone: the widened path's GPU tests; one layer at 2,048 and 8,192 tokens with the fused
+#             kernels, widened each call (GPTOSS_MOE_WIDEN_PER_EXPERT=128), and with a bf16 copy of the experts
+#             (bf16_expert_copy, also at 512); the engine's prefill at 8,192-token steps (STEP=2048: 2,048) packed,
+#             then with the copy (~9 minutes)
 #     w2      the new tree alone: the W2 burst (bench.served_vs_engine, max_num_seqs 512) without, then with the
 #             bf16 copy of the experts (~6 minutes); w2-8k the same with 8,192-token steps
 #     reads   the new tree alone: the prefetch GPU tests, the weight-read patterns (bench.weight_stream), the MoE
-#             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-1,024 tokens),
-#             the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
-#             engine's decode at batch 1 / 4 / 64 / 256 with the picked presets, then their *_prefetch twins, then
-#             also the projections through small_linear (GPTOSS_KERNEL_OPS=small_linear); ~9 minutes
+#             layer with and without L2 prefetches of its weight rows (bench.moe_kernel --prefetch, 1-256 tokens);
+#             ~9 minutes
+#     reads-engine  the dense projections' kernel with its tile prefetched (bench.small_linear --sweep), and the
+#             engine's decode at batch 1 / 64 / 256 with the picked presets, then their *_prefetch twins, then
+#             also the projections through small_linear (GPTOSS_KERNEL_OPS=small_linear); ~7 minutes
 #     reads-120b  gpt-oss-120b's decode at batch 1 / 16 / 64, the picked kernels then the prefetching ones with
 #             small_linear (~5 minutes)
 # Each tree's folders are mapped under gptoss_serve.* by symlinks (nothing is pip-installed on that machine).
@@ -57,24 +58,19 @@ served)
   done ;;
 widened)
   shapes
-  new python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mxfp4_moe_kernel.py tests/test_packed_experts.py \
-    -k "widen or resident or bf16_copy or logits_agree" 2>&1 | tail -4
-  for w in inf 128; do
+  new timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mxfp4_moe_kernel.py \
+    tests/test_packed_experts.py -k "widen or resident or bf16_copy or logits_agree" 2>&1 | tail -4
+  for w in inf 128; do  # the fused kernels, then the experts widened each call
     echo "== GPTOSS_MOE_WIDEN_PER_EXPERT=$w"
-    GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.moe_kernel --tokens 1024 2048 4096 8192 \
-      --json "$out/moe-widen-$w.json" 2>&1 | grep -v "^ *kernels" | tail -6
-    GPTOSS_MOE_WIDEN_PER_EXPERT=$w new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 \
-      --load-format dummy --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens 8192 \
-      --json "$out/prefill-widen-$w.json" 2>&1 | tail -4
+    GPTOSS_MOE_WIDEN_PER_EXPERT=$w new timeout 100 python3 -m gptoss_serve.bench.moe_kernel --tokens 2048 8192 \
+      --json "$out/moe-widen-$w.json" 2>&1 | grep -v "^ *kernels" | tail -3
   done
   echo "== bf16_expert_copy"
-  new python3 -m gptoss_serve.bench.moe_kernel --bf16-expert-copy --tokens 256 512 1024 2048 8192 \
-    --json "$out/moe-copy.json" 2>&1 | grep -v "^ *kernels" | tail -7
-  for step in 2048 8192; do
-    new python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 --load-format dummy --experts packed copy \
-      --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens $step \
-      --json "$out/prefill-copy-$step.json" 2>&1 | grep "engine \["
-  done ;;
+  new timeout 120 python3 -m gptoss_serve.bench.moe_kernel --bf16-expert-copy --tokens 512 2048 8192 \
+    --json "$out/moe-copy.json" 2>&1 | grep -v "^ *kernels" | tail -4
+  new timeout 230 python3 -m gptoss_serve.bench.engine_throughput --model /tmp/c20 --load-format dummy \
+    --experts packed copy --batches 1 4 --prompt-len 8192 --output-len 4 --max-num-batched-tokens "${STEP:-8192}" \
+    --json "$out/prefill-copy.json" 2>&1 | grep "engine \[\|loaded" ;;
 w2|w2-8k)  # w2-8k: the same with 8,192-token steps (engine.max_num_batched_tokens)
   shapes
   step=$([ "$1" = w2-8k ] && echo 8192 || echo 2048)
@@ -87,20 +83,24 @@ w2|w2-8k)  # w2-8k: the same with 8,192-token steps (engine.max_num_batched_toke
   done ;;
 reads)
   shapes
-  new python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_stream.py tests/test_mxfp4_moe_kernel.py \
-    -k "prefetch or every_variant" 2>&1 | tail -4
-  new python3 -m gptoss_serve.bench.weight_stream --json "$out/weight-stream.json" 2>&1 | tail -16
-  new python3 -m gptoss_serve.bench.moe_kernel --tokens 1 4 16 64 256 1024 --prefetch \
-    --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14
-  new python3 -m gptoss_serve.bench.small_linear --rows 1 4 16 --sweep --json "$out/small-linear.json" 2>&1 | tail -20
+  new timeout 210 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_stream.py \
+    tests/test_mxfp4_moe_kernel.py tests/test_small_linear.py \
+    -k "prefetch or every_variant or down_kernels or asking_l2 or projections" 2>&1 | tail -8
+  new timeout 130 python3 -m gptoss_serve.bench.weight_stream --json "$out/weight-stream.json" 2>&1 | tail -16
+  new timeout 200 python3 -m gptoss_serve.bench.moe_kernel --tokens 1 4 64 256 --prefetch \
+    --json "$out/moe-prefetch.json" 2>&1 | grep -v "^ *kernels" | tail -14 ;;
+reads-engine)
+  shapes
+  new timeout 100 python3 -m gptoss_serve.bench.small_linear --rows 1 16 --sweep --json "$out/small-linear.json" 2>&1 \
+    | tail -12
   twins=gemv_h2=gemv_h2_prefetch,decode=decode_prefetch,decode_wide=decode_wide_prefetch,medium=medium_prefetch
   for run in picked prefetch prefetch+small_linear; do  # the MoE presets' prefetching twins, then small_linear too
     presets=$([ "$run" = picked ] || echo "$twins")
     kernels=$([ "$run" = prefetch+small_linear ] && echo small_linear)
     echo "== $run: GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels"
-    GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels new python3 -m gptoss_serve.bench.engine_throughput \
-      --model /tmp/c20 --load-format dummy --batches 1 4 64 256 --output-len 64 --json "$out/engine-$run.json" 2>&1 \
-      | tail -5
+    GPTOSS_MOE_PRESETS=$presets GPTOSS_KERNEL_OPS=$kernels new timeout 150 python3 -m \
+      gptoss_serve.bench.engine_throughput --model /tmp/c20 --load-format dummy --batches 1 64 256 --output-len 64 \
+      --json "$out/engine-$run.json" 2>&1 | grep "engine \["
   done ;;
 reads-120b)
   new python3 -m gptoss_serve.model.synthetic --preset 120b --mxfp4 --config-only --out /tmp/c120 >/dev/null
@@ -113,5 +113,6 @@ reads-120b)
       --model /tmp/c120 --load-format dummy --batches 1 16 64 --output-len 64 --json "$out/engine-120b-$run.json" \
       2>&1 | tail -4
   done ;;
-*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|w2-8k|reads|reads-120b" >&2; exit 2 ;;
+*) echo "usage: bash bench/compare_trees.sh gpu|engine|served|widened|w2|w2-8k|reads|reads-engine|reads-120b" >&2
+   exit 2 ;;
 esac
