@@ -8,6 +8,7 @@ holds it, and the loads then find their bytes in L2 (~2-3x nearer than device me
   prefetch_l2(ptrs, NBYTES, ok, BULK=True)   one `cp.async.bulk.prefetch.L2` a pointer (a row's next window)
   prefetch_l2(ptrs, NBYTES, ok, BULK=False)  one `prefetch.global.L2` (a 128-byte line) every 128 bytes
   prefetch_l2_span(ptr, nbytes)              one bulk prefetch of one contiguous span, issued once a warp
+and, for a reduction loop over rows, its windows: prefetch_first_windows before the loop, prefetch_next_window in it.
 kernels/NOTES-mxfp4-moe.md ("Weight reads") says why and when; bench/weight_stream.py measures the access patterns
 alone. A prefetch changes nothing a kernel computes: the GPU tests compare each prefetching kernel with its twin bit
 for bit.
@@ -58,3 +59,24 @@ def prefetch_l2_span(ptr, nbytes):
     tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r,r", [tl.full([1], 0, tl.int64) + aligned,
                                                           tl.full([1], 0, tl.int32) + size, tl.full([1], 1, tl.int32)],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_first_windows(row_ptrs, g0, n_groups, ok, WINDOW: tl.constexpr, BULK: tl.constexpr):
+    """Before a reduction loop over 16-byte blocks [g0, n_groups) of rows: the first two WINDOW-byte windows of each
+    row from block g0, kept inside the row (rows at least WINDOW bytes long). row_ptrs: int32 [BN] row starts."""
+    last = n_groups * 16 - WINDOW  # the last window's start
+    prefetch_l2(row_ptrs + tl.minimum(g0 * 16, last) // 4, WINDOW, ok, BULK)
+    prefetch_l2(row_ptrs + tl.minimum(g0 * 16 + WINDOW, last) // 4, WINDOW, ok, BULK)
+
+
+@triton.jit
+def prefetch_next_window(row_ptrs, g, g0, n_groups, ok, WINDOW: tl.constexpr, GROUPS: tl.constexpr,
+                         BULK: tl.constexpr):
+    """At the top of the loop's step at block g (GROUPS blocks a step): on the first step of each window, the window
+    two on, so that each row's bytes are asked for 1-2 windows before the loads that use them."""
+    WINDOW_GROUPS: tl.constexpr = WINDOW // 16
+    tl.static_assert(WINDOW_GROUPS % GROUPS == 0)
+    if (g - g0) % WINDOW_GROUPS == 0:
+        ahead = tl.minimum((g + 2 * WINDOW_GROUPS) * 16, n_groups * 16 - WINDOW)
+        prefetch_l2(row_ptrs + ahead // 4, WINDOW, ok, BULK)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.l2_prefetch import prefetch_l2
+from gptoss_serve.kernels.l2_prefetch import prefetch_first_windows, prefetch_l2, prefetch_next_window
 
 GROUP = 32  # values per MXFP4 block (one scale)
 # _combine adds a token's slots in 8 groups of experts, then the groups up a fixed tree: the order an expert-parallel
@@ -148,28 +148,21 @@ def _load_acts(a_ptrs, k, length, row_ok, STEP: tl.constexpr):
 @triton.jit
 def _prefetch_first(row_ptrs, scale_ptrs, g0, n_groups, ok, PREFETCH: tl.constexpr, BULK: tl.constexpr):
     """With PREFETCH > 0 (bytes), before the reduction loop: asks L2 for the first two windows of PREFETCH bytes of
-    each weight row from block g0 (l2_prefetch.py), kept inside the row, and for the row's exponents (one byte a
-    block: the lines holding the first and the last, all of them up to 129 blocks a row; gpt-oss has 90), which a
-    step would otherwise miss in L2 every 32 blocks. row_ptrs: int32 [BN] pointers to row starts; scale_ptrs: uint8
-    [BN] pointers to the rows' exponents; ok: rows that exist."""
+    each weight row from block g0 (l2_prefetch.py; the launcher keeps PREFETCH within a row), and for the row's
+    exponents (one byte a block: the lines holding the first and the last, all of them up to 129 blocks a row;
+    gpt-oss has 90), which a step would otherwise miss in L2 every 32 blocks. row_ptrs: int32 [BN] pointers to row
+    starts; scale_ptrs: uint8 [BN] pointers to the rows' exponents; ok: rows that exist."""
     if PREFETCH > 0:
-        last = n_groups * 16 - PREFETCH  # the last window's start (the launcher keeps PREFETCH within a row)
-        prefetch_l2(row_ptrs + tl.minimum(g0 * 16, last) // 4, PREFETCH, ok, BULK)
-        prefetch_l2(row_ptrs + tl.minimum(g0 * 16 + PREFETCH, last) // 4, PREFETCH, ok, BULK)
+        prefetch_first_windows(row_ptrs, g0, n_groups, ok, PREFETCH, BULK)
         prefetch_l2(scale_ptrs, 128, ok, False)
         prefetch_l2(scale_ptrs + (n_groups - 1), 128, ok, False)
 
 
 @triton.jit
 def _prefetch_next(row_ptrs, g, g0, n_groups, ok, PREFETCH: tl.constexpr, GROUPS: tl.constexpr, BULK: tl.constexpr):
-    """At the top of the step at block g: on the first step of each window, asks L2 for the window two on, so that
-    each row's bytes are asked for 1-2 windows before the loads that use them."""
+    """With PREFETCH > 0, at the top of the step at block g: the window two on (l2_prefetch.prefetch_next_window)."""
     if PREFETCH > 0:
-        WINDOW_GROUPS: tl.constexpr = PREFETCH // 16
-        tl.static_assert(WINDOW_GROUPS % GROUPS == 0)
-        if (g - g0) % WINDOW_GROUPS == 0:
-            ahead = tl.minimum((g + 2 * WINDOW_GROUPS) * 16, n_groups * 16 - PREFETCH)
-            prefetch_l2(row_ptrs + ahead // 4, PREFETCH, ok, BULK)
+        prefetch_next_window(row_ptrs, g, g0, n_groups, ok, PREFETCH, GROUPS, BULK)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_serve.kernels.l2_prefetch import prefetch_l2
+from gptoss_serve.kernels.l2_prefetch import prefetch_first_windows, prefetch_next_window
 
 TILE_ROWS, TILE_GROUPS = 16, 2  # the tiled layout's runs: 16 rows x 2 blocks of 16 bytes
 
@@ -53,8 +53,6 @@ def _stream(w_ptr, out_ptr, n_rows, n_groups, num_tiles,
     else:
         group_words = groups * 4
         step_words: tl.constexpr = 4
-    window_groups: tl.constexpr = WINDOW // 16
-    row_bytes = n_groups * 16
     for t in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         expert = t // tiles_per_expert
         rows = (t % tiles_per_expert) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -65,17 +63,14 @@ def _stream(w_ptr, out_ptr, n_rows, n_groups, num_tiles,
         else:
             row_words = rows.to(tl.int64) * n_groups * 4
         ptrs = base + row_words[:, None, None] + group_words[None, :, None] + words[None, None, :]
-        if PREFETCH:
+        if PREFETCH:  # the MoE kernels' own windows (l2_prefetch.py), from block 0
             row_start = base + row_words
-            prefetch_l2(row_start, WINDOW, row_ok, BULK)
-            prefetch_l2(row_start + tl.minimum(WINDOW, row_bytes - WINDOW) // 4, WINDOW, row_ok, BULK)
+            prefetch_first_windows(row_start, 0, n_groups, row_ok, WINDOW, BULK)
         acc = tl.zeros([BLOCK_R, GROUPS, 4], dtype=tl.int32)
         w = tl.load(ptrs, mask=row_ok[:, None, None] & (groups < n_groups)[None, :, None], other=0)
         for g in range(0, n_groups, GROUPS):
             if PREFETCH:
-                if g % window_groups == 0:  # two windows on, kept inside the row
-                    ahead = tl.minimum((g + 2 * window_groups) * 16, row_bytes - WINDOW)
-                    prefetch_l2(row_start + ahead // 4, WINDOW, row_ok, BULK)
+                prefetch_next_window(row_start, g, 0, n_groups, row_ok, WINDOW, GROUPS, BULK)
             nxt = g + GROUPS
             mask = row_ok[:, None, None] & ((nxt + groups) < n_groups)[None, :, None]
             w_next = tl.load(ptrs + nxt * step_words, mask=mask, other=0)  # the next step's loads go out first
@@ -96,9 +91,10 @@ def stream_checksums(words: torch.Tensor, *, block_rows: int, groups: int, tiled
         n_rows, n_groups = r_tiles * TILE_ROWS, g_tiles * TILE_GROUPS
     else:
         E, n_rows, n_groups, _ = words.shape
-    if prefetch_bytes and (tiled or prefetch_bytes % 128 or prefetch_bytes > n_groups * 16):
-        raise ValueError(f"prefetch_bytes {prefetch_bytes}: checkpoint layout only, a multiple of 128 and at most a "
-                         f"row ({n_groups * 16} bytes)")
+    if prefetch_bytes and (tiled or prefetch_bytes % 128 or prefetch_bytes % (16 * groups)
+                           or prefetch_bytes > n_groups * 16):
+        raise ValueError(f"prefetch_bytes {prefetch_bytes}: checkpoint layout only, a multiple of 128 and of a step "
+                         f"({16 * groups} bytes a row), at most a row ({n_groups * 16} bytes)")
     num_tiles = E * triton.cdiv(n_rows, block_rows)
     out = torch.empty(num_tiles, dtype=torch.int32, device=words.device) if out is None else out
     _stream[(min(programs or num_tiles, num_tiles),)](
