@@ -33,7 +33,7 @@ from gptoss_serve.kernels.moe_reference import packed_bytes_per_expert, relative
 from gptoss_serve.model import mxfp4
 from gptoss_serve.model.config import GptOssConfig
 from gptoss_serve.model.experts import LocalExperts
-from gptoss_serve.model.packed_experts import random_packed_experts
+from gptoss_serve.model.packed_experts import bf16_copy, random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
 
 INPUT_SETS = 4  # routings in rotation, so repeated runs do not find one batch's experts in L2
@@ -315,9 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     packed = {k: v.cuda() for k, v in random_packed_experts(
         config.num_local_experts, config.hidden_size, config.intermediate_size, generator=gen).items()}
-    copy = dict(gate_up_widened=mxfp4.dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
-                down_widened=mxfp4.dequantize(packed["down_blocks"], packed["down_scales"])
-                ) if args.bf16_expert_copy else {}
+    copy = bf16_copy(packed) if args.bf16_expert_copy else {}
     experts = functools.partial(mxfp4_moe, experts=PackedExperts.of(**packed, **copy), first=0, alpha=1.702,
                                 limit=7.0)
     dense = bf16_experts(packed, config)

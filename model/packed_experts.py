@@ -62,13 +62,8 @@ class Mxfp4Experts(ExpertShard):
         (kernels/mxfp4_moe_widened.py) with no widening a call, and the fused kernels still take the few-token steps.
         Costs 3x the packed experts' memory again (gpt-oss-20b: +38 GB). Widened one expert at a time (transients
         of one expert). The copies are not part of the state dict (nothing is saved twice)."""
-        for part in ("gate_up", "down"):
-            blocks, scales = getattr(self, f"{part}_blocks"), getattr(self, f"{part}_scales")
-            copy = torch.empty(blocks.shape[:2] + (blocks.shape[2] * mxfp4.BLOCK_SIZE,), dtype=torch.bfloat16,
-                               device=blocks.device)
-            for e in range(self.count):
-                copy[e] = mxfp4.dequantize(blocks[e], scales[e])
-            self.register_buffer(f"{part}_widened", copy, persistent=False)
+        for name, copy in bf16_copy(self.packed_tensors()).items():
+            self.register_buffer(name, copy, persistent=False)
         self._kernel_view = None
 
     def load_weights(self, reader: CheckpointReader, layer: int) -> None:
@@ -147,6 +142,21 @@ class Mxfp4Experts(ExpertShard):
     def _apply(self, fn, recurse=True):  # .to(), .cuda(), to_empty(): the buffers move, so any view made is stale
         self._kernel_view = None
         return super()._apply(fn, recurse)
+
+
+def bf16_copy(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed experts (Mxfp4Experts' buffer names) -> their weights widened to bf16, exactly mxfp4.dequantize's
+    values: {"gate_up_widened": [E, 2I, H], "down_widened": [E, H, I]}, PackedExperts.of's keyword arguments. One
+    expert at a time, so the transients are one expert's."""
+    copies = {}
+    for part in ("gate_up", "down"):
+        blocks, scales = packed[f"{part}_blocks"], packed[f"{part}_scales"]
+        copy = torch.empty(blocks.shape[:2] + (blocks.shape[2] * mxfp4.BLOCK_SIZE,), dtype=torch.bfloat16,
+                           device=blocks.device)
+        for e in range(blocks.shape[0]):
+            copy[e] = mxfp4.dequantize(blocks[e], scales[e])
+        copies[f"{part}_widened"] = copy
+    return copies
 
 
 def random_packed_experts(num_experts: int, hidden: int, inter: int, *, generator: torch.Generator,

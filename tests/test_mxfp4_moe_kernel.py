@@ -14,7 +14,7 @@ import torch
 from gptoss_serve.kernels.moe_reference import PACKED_NAMES, moe_reference, relative_error
 from gptoss_serve.model import mxfp4
 from gptoss_serve.model.experts import LocalExperts, add_as_groups
-from gptoss_serve.model.packed_experts import random_packed_experts
+from gptoss_serve.model.packed_experts import bf16_copy, random_packed_experts
 from gptoss_serve.model.synthetic import preset_config
 from tests.interpreter import assert_runs_in_interpreter
 
@@ -150,9 +150,7 @@ def run_case(num_tokens: int, *, num_experts: int = 16, hidden: int = 256, inter
     route_ids, weights = routing(num_tokens, num_experts, top_k, gen)
     ids = (route_ids if ids is None else ids).cuda()
     weights = weights.cuda()
-    copy = dict(gate_up_widened=mxfp4.dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
-                down_widened=mxfp4.dequantize(packed["down_blocks"], packed["down_scales"])) if resident else {}
-    view = PackedExperts.of(**packed, **copy)
+    view = PackedExperts.of(**packed, **(bf16_copy(packed) if resident else {}))
     tiles = tiles or pick_tiles(num_tokens * top_k, layer_experts or count, resident=resident)  # the call's choice
     workspace = new_workspace(num_tokens, top_k, view, device=torch.device("cuda"), tiles=tiles)
     workspace.act.fill_(float("nan"))
@@ -423,10 +421,9 @@ INTERPRETED = textwrap.dedent("""
     # a bf16 copy held beside the packed weights: the widened path multiplies it, the very values a call widens; and
     # where the device has grouped products the call picks it above RESIDENT_WIDEN_PER_EXPERT (75 pairs an expert
     # here, under WIDEN_PER_EXPERT's 128: without the copy the fused prefill kernels would run)
-    from gptoss_serve.kernels.mxfp4_reference import dequantize
+    from gptoss_serve.model.packed_experts import bf16_copy
     packed = shard(experts, 1, 6, "cpu")
-    copy = dict(gate_up_widened=dequantize(packed["gate_up_blocks"], packed["gate_up_scales"]),
-                down_widened=dequantize(packed["down_blocks"], packed["down_scales"]))
+    copy = bf16_copy(packed)
     x = torch.randn(150, 64, generator=gen).bfloat16()
     ids, weights = routing(150, 8, 4, gen)
     def call(with_copy, **kwargs):
