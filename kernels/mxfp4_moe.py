@@ -117,8 +117,8 @@ PRESETS = {
     "widened": Tiles(block_m=128, gate_up_n=128, gate_up_groups=2, down_n=128, down_groups=2, num_warps=8, depth=1,
                      widened=True),
 }
-# the tensor-core presets with each weight row's next bytes asked of L2 ahead of the loads: not picked by any call
-# until timed (kernels/NOTES-mxfp4-moe.md, "Weight reads"); GPTOSS_MOE_PRESETS=decode_wide=decode_wide_prefetch,...
+# the presets with their weights asked of L2 ahead of the loads (the tensor-core ones each row's next 256 bytes,
+# gemv_h2 its whole row tile): not picked by any call until timed (kernels/NOTES-mxfp4-moe.md, "Weight reads"); GPTOSS_MOE_PRESETS=decode_wide=decode_wide_prefetch,...
 # runs them in the engine
 PRESETS |= {f"{name}_prefetch": replace(PRESETS[name], prefetch=256)
             for name in ("gemv_h2", "decode", "decode_wide", "medium", "prefill")}
